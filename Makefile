@@ -1,0 +1,55 @@
+# posttrain: `make stage=sft` runs one stage on the embedded world; `make test` runs the suite.
+PY      := .venv/bin/python
+BIN     := .venv/bin
+STAMP   := .venv/.installed
+ARGS    ?=
+
+.PHONY: default setup test test-fast stage pipeline report bench claims list clean
+
+ifdef stage
+default: stage
+else ifdef config
+default: pipeline
+else
+default: help
+endif
+
+help:
+	@echo "make setup | make test | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench"
+
+# Idempotent: reinstalls only when pyproject.toml changed. torch is pinned (==2.13.0) so pip never pulls CUDA builds.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" tests
+
+stage: setup
+	$(BIN)/posttrain stage $(stage) $(ARGS)
+
+pipeline: setup
+	$(BIN)/posttrain run $(config) $(ARGS)
+
+report: setup
+	$(BIN)/posttrain report $(run)
+
+list: setup
+	$(BIN)/posttrain list
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+claims: setup
+	$(PY) -m benchmarks.claims
+
+clean:
+	rm -rf runs .pytest_cache

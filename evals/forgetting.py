@@ -1,0 +1,244 @@
+"""Forgetting metrics over a pipeline's per-stage eval scores: pure functions, no I/O.
+
+Input is a list of stage records in pipeline order, base first::
+
+    [{"name": "base", "model": "<path>",
+      "scores": {"<task>/<metric>": {"value": float, "stderr": float | None}},
+      "trains_on": ["<task>", ...]},          # optional; may be empty
+     ...]
+
+A key's task is everything before its first "/". Every matrix below has shape (n_stages, n_keys), rows in
+pipeline order and columns in the order of ``score_matrix``'s keys (sorted); a missing score is NaN.
+
+Metrics and where they depart from their papers:
+
+- ``forgetting``: Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning" (RWalk), eq. for f_j^k:
+  the best score on a task at any earlier stage minus its score now. The paper measures it only for tasks
+  learned before stage k; here it is measured for every evaluated key at every stage (base included as an
+  earlier stage), because a post-training pipeline cares about held-out capabilities it never trained on.
+  Like the paper it is not clipped at 0, so a key that keeps improving has negative forgetting.
+- ``backward_transfer``: Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning" (GEM),
+  BWT = 1/(T-1) sum_{i<T} (R_{T,i} - R_{i,i}). The tasks are the stages that name ``trains_on``; R_{j,i} is
+  the mean score over task i's keys after stage j. Departures: R_{T,i} is read at the *final* stage of the
+  pipeline (the model it delivers), which is GEM exactly when a training stage comes last but also counts a
+  trailing merge; terms whose task has no score at either stage are dropped and the mean is over the rest.
+- Every metric assumes higher is better; a lower-is-better metric (perplexity, loss) reads with its sign
+  flipped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+Stage = dict[str, Any]
+
+
+def task_of(key: str) -> str:
+    """The task part of a "task/metric" key: everything before the first "/" (the whole key if none)."""
+    return key.split("/", 1)[0]
+
+
+def _check(stages: list[Stage]) -> None:
+    if not stages:
+        raise ValueError("forgetting metrics need at least one stage (the base)")
+
+
+def score_matrix(stages: list[Stage]) -> tuple[list[str], np.ndarray]:
+    """Sorted keys seen in any stage and the (n_stages, n_keys) matrix of values; missing scores are NaN."""
+    _check(stages)
+    keys = sorted({k for s in stages for k in s.get("scores", {})})
+    matrix = np.full((len(stages), len(keys)), np.nan)
+    for i, stage in enumerate(stages):
+        for j, key in enumerate(keys):
+            score = stage.get("scores", {}).get(key)
+            if score is not None and score.get("value") is not None:
+                matrix[i, j] = float(score["value"])
+    return keys, matrix
+
+
+def stderr_matrix(stages: list[Stage]) -> tuple[list[str], np.ndarray]:
+    """Like ``score_matrix`` for stderrs, with a missing stderr read as 0 (no sampling noise known)."""
+    keys, _ = score_matrix(stages)
+    matrix = np.zeros((len(stages), len(keys)))
+    for i, stage in enumerate(stages):
+        for j, key in enumerate(keys):
+            score = stage.get("scores", {}).get(key) or {}
+            if score.get("stderr") is not None:
+                matrix[i, j] = float(score["stderr"])
+    return keys, matrix
+
+
+def deltas_vs_base(stages: list[Stage]) -> np.ndarray:
+    """Score minus the base's score, per stage and key; row 0 is 0 (NaN where the base lacks the key)."""
+    _, m = score_matrix(stages)
+    return m - m[0]
+
+
+def deltas_vs_previous(stages: list[Stage]) -> np.ndarray:
+    """Score minus the previous stage's score; row 0 is NaN because the base has no previous stage."""
+    _, m = score_matrix(stages)
+    out = np.full_like(m, np.nan)
+    out[1:] = m[1:] - m[:-1]
+    return out
+
+
+def forgetting(stages: list[Stage]) -> np.ndarray:
+    """RWalk forgetting (Chaudhry et al. 2018): best score at any earlier stage minus the current score.
+
+    Row 0 (base) is 0. NaN where the current score is missing or no earlier stage has one.
+    """
+    _, m = score_matrix(stages)
+    # fmax ignores NaN unless both sides are NaN, so a missing stage does not hide earlier scores.
+    best_so_far = np.fmax.accumulate(m, axis=0)
+    out = np.empty_like(m)
+    out[0] = m[0] - m[0]
+    out[1:] = best_so_far[:-1] - m[1:]
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def average_forgetting(stages: list[Stage]) -> float | None:
+    """Mean over keys of the forgetting at the last stage (RWalk's F_k at k = last); None if no key has one."""
+    return _nanmean(forgetting(stages)[-1])
+
+
+def max_drop(stages: list[Stage]) -> dict[str, Any]:
+    """The largest fall below base over all later stages and keys.
+
+    Returns ``{"drop": base - value, "stage": name, "key": key}``; ties go to the earliest stage, then the
+    first key. When nothing falls below base the drop is 0.0 and stage and key are None; when no later stage
+    shares a key with the base, all three are None.
+    """
+    keys, m = score_matrix(stages)
+    drops = m[0] - m[1:]  # (n_stages - 1, n_keys); positive means below base
+    if drops.size == 0 or np.all(np.isnan(drops)):
+        return {"drop": None, "stage": None, "key": None}
+    flat = int(np.nanargmax(drops))  # row-major, so the first maximum is the earliest stage
+    i, j = divmod(flat, len(keys))
+    if drops[i, j] <= 0:
+        return {"drop": 0.0, "stage": None, "key": None}
+    return {"drop": float(drops[i, j]), "stage": stages[i + 1]["name"], "key": keys[j]}
+
+
+def _task_mean(m_row: np.ndarray, m_ref: np.ndarray, cols: list[int]) -> tuple[float, float] | None:
+    """Means of two rows over the columns where both have a score, so both average the same keys."""
+    both = [c for c in cols if not (np.isnan(m_row[c]) or np.isnan(m_ref[c]))]
+    if not both:
+        return None
+    return float(m_row[both].mean()), float(m_ref[both].mean())
+
+
+def backward_transfer(stages: list[Stage]) -> float | None:
+    """GEM backward transfer (Lopez-Paz & Ranzato 2017): 1/(T-1) sum_{i<T} (R_{T,i} - R_{i,i}).
+
+    Task i is the keys whose task is in the i-th training stage's ``trains_on``; R_{T,i} is read at the final
+    stage (see module docstring). None when fewer than two stages name ``trains_on`` or no term has scores.
+    """
+    keys, m = score_matrix(stages)
+    trained = [i for i, s in enumerate(stages) if s.get("trains_on")]
+    if len(trained) < 2:
+        return None
+    terms = []
+    for i in trained[:-1]:  # i < T: every training stage but the last
+        tasks = set(stages[i]["trains_on"])
+        cols = [c for c, k in enumerate(keys) if task_of(k) in tasks]
+        means = _task_mean(m[-1], m[i], cols)
+        if means is not None:
+            terms.append(means[0] - means[1])
+    return float(sum(terms) / len(terms)) if terms else None
+
+
+def _drop_record(stages, keys, m, se, cur: int, ref: int, j: int, z: float, against: str) -> dict | None:
+    drop = m[ref, j] - m[cur, j]
+    threshold = z * math.sqrt(se[ref, j] ** 2 + se[cur, j] ** 2)
+    if np.isnan(drop) or not drop > threshold:
+        return None
+    return {"stage": stages[cur]["name"], "key": keys[j], "against": against,
+            "reference": stages[ref]["name"], "drop": float(drop), "threshold": float(threshold)}
+
+
+def significant_drops(stages: list[Stage], z: float = 2.0) -> list[dict[str, Any]]:
+    """Drops larger than z * sqrt(stderr_a^2 + stderr_b^2), a two-sample z-test on independent evals.
+
+    Each stage after the base is compared with the base (``against="base"``) and, from the second stage on,
+    with the stage just before it (``against="previous"``; for the first stage that is the base, so it is
+    not repeated). A missing stderr counts as 0, so without stderrs any drop at all is flagged.
+    Records: ``{"stage", "key", "against", "reference", "drop", "threshold"}``.
+    """
+    keys, m = score_matrix(stages)
+    _, se = stderr_matrix(stages)
+    flagged = []
+    for cur in range(1, len(stages)):
+        for j in range(len(keys)):
+            refs = [(0, "base")] + ([(cur - 1, "previous")] if cur > 1 else [])
+            for ref, against in refs:
+                rec = _drop_record(stages, keys, m, se, cur, ref, j, z, against)
+                if rec is not None:
+                    flagged.append(rec)
+    return flagged
+
+
+def check_gate(stages: list[Stage], max_drop: dict[str, float]) -> list[str]:
+    """One message per gated key whose score at the LAST stage is more than its allowance below base.
+
+    A gate name with a "/" matches that full key; a bare task name matches all its metrics; a full-key entry
+    overrides its task's entry. A gate name that matches no evaluated key, or a gated key that the last stage
+    did not score, is also reported: a typo in a gate must not pass silently. Empty list means pass.
+    """
+    keys, m = score_matrix(stages)
+    last = stages[-1]["name"]
+    messages = []
+    for name in max_drop:
+        matched = name in keys if "/" in name else any(task_of(k) == name for k in keys)
+        if not matched:
+            messages.append(f"gate names {name!r} but no evaluated key matches it")
+    for j, key in enumerate(keys):
+        allowed = max_drop.get(key, max_drop.get(task_of(key)))
+        if allowed is None:
+            continue
+        base, now = m[0, j], m[-1, j]
+        if np.isnan(base) or np.isnan(now):
+            messages.append(f"stage {last!r}: {key} cannot be gated (no score at base or at this stage)")
+        elif base - now > allowed:
+            messages.append(f"stage {last!r}: {key} fell {base - now:.3f} below base "
+                            f"({base:.3f} -> {now:.3f}), more than the allowed {allowed:.3f}")
+    return messages
+
+
+def _json_safe(obj: Any) -> Any:
+    """Recursively turn NaN/inf into None, and numpy values and paths into plain Python, for strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, os.PathLike):  # a stage's "model" may arrive as a pathlib.Path
+        return os.fspath(obj)
+    return obj
+
+
+def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
+    """Everything the forgetting report shows, JSON-serialisable (NaN -> None).
+
+    ``{"stages": [...as given...], "tasks": {key: {"delta_vs_base": [...], "delta_vs_previous": [...],
+    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer"},
+    "significant_drops": [...]}``; each per-task list has one entry per stage.
+    """
+    keys, _ = score_matrix(stages)
+    d_base, d_prev, forg = deltas_vs_base(stages), deltas_vs_previous(stages), forgetting(stages)
+    tasks = {key: {"delta_vs_base": d_base[:, j], "delta_vs_previous": d_prev[:, j],
+                   "forgetting": forg[:, j]} for j, key in enumerate(keys)}
+    summary = {"average_forgetting": average_forgetting(stages), "max_drop": max_drop(stages),
+               "backward_transfer": backward_transfer(stages)}
+    return _json_safe({"stages": stages, "tasks": tasks, "summary": summary,
+                       "significant_drops": significant_drops(stages, z=z)})

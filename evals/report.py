@@ -1,0 +1,187 @@
+"""Render the forgetting report of a run: ``<run-dir>/report/forgetting.{json,md,png}``.
+
+::
+
+    <out_dir>/                 usually <run-dir>/report/
+      forgetting.json          build_report(stages): stages as given, per-key deltas and forgetting, summary
+      forgetting.md            scores table, forgetting table, flagged drops, summary, extra sections
+      forgetting.png           one line per key across stages, error bars where stderrs are known
+
+Each file is written to a temporary file in ``out_dir`` and renamed into place, so a reader never sees a
+half-written report. The metrics themselves live in ``evals.forgetting``; this module only formats them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+# The Figure API with an explicit Agg canvas renders headless without pyplot, so importing this module never
+# switches the backend of the caller's process (a notebook, say) and leaves no global figures open.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from evals.forgetting import Stage, build_report, forgetting, score_matrix, stderr_matrix
+
+NA = "n/a"
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace`` (atomic on POSIX)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fmt_value(x: float | None) -> str:
+    """A score with 3 decimals, or "n/a" when missing."""
+    return NA if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def fmt_delta(x: float | None) -> str:
+    """A signed change with 3 decimals; a change that rounds to zero reads "+0.000", never "-0.000"."""
+    if x is None or math.isnan(x):
+        return NA
+    return "+0.000" if round(x, 3) == 0 else f"{x:+.3f}"
+
+
+def score_cell(value: float, stderr: float | None, delta: float | None) -> str:
+    """ "0.512 ± 0.020 (+0.130)"; the ± part is left out without a stderr, the (delta) part when None."""
+    if math.isnan(value):
+        return NA
+    cell = fmt_value(value)
+    if stderr is not None:
+        cell += f" ± {stderr:.3f}"
+    if delta is not None and not math.isnan(delta):
+        cell += f" ({fmt_delta(delta)})"
+    return cell
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub pipe table padded to equal column widths so it also reads in a terminal."""
+    cells = [[c.replace("|", "\\|") for c in row] for row in [header] + rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _stderr_of(stage: Stage, key: str) -> float | None:
+    return (stage.get("scores", {}).get(key) or {}).get("stderr")
+
+
+def scores_table(stages: list[Stage]) -> str:
+    """Stage x key table of "value ± stderr (delta vs base)"; the base row carries no delta."""
+    keys, m = score_matrix(stages)
+    rows = []
+    for i, stage in enumerate(stages):
+        cells = [score_cell(m[i, j], _stderr_of(stage, k), None if i == 0 else m[i, j] - m[0, j])
+                 for j, k in enumerate(keys)]
+        rows.append([stage["name"], ", ".join(stage.get("trains_on") or []) or "–"] + cells)
+    return md_table(["stage", "trains on"] + keys, rows)
+
+
+def forgetting_table(stages: list[Stage]) -> str:
+    """Stage x key table of RWalk forgetting (best earlier score minus current)."""
+    keys, _ = score_matrix(stages)
+    f = forgetting(stages)
+    rows = [[s["name"]] + [fmt_delta(f[i, j]) for j in range(len(keys))] for i, s in enumerate(stages)]
+    return md_table(["stage"] + keys, rows)
+
+
+def drops_list(drops: list[dict[str, Any]]) -> str:
+    """One bullet per flagged drop, or a line saying there are none."""
+    if not drops:
+        return "No significant drops."
+    return "\n".join(f"- `{d['stage']}` {d['key']}: {fmt_delta(-d['drop'])} vs {d['against']} "
+                     f"(`{d['reference']}`), threshold {d['threshold']:.3f}" for d in drops)
+
+
+def summary_list(summary: dict[str, Any]) -> str:
+    """The three headline figures as bullets."""
+    md = summary["max_drop"]
+    if md["drop"] is None:
+        drop = NA
+    elif md["stage"] is None:
+        drop = "0.000 (nothing fell below base)"
+    else:
+        drop = f"{md['drop']:.3f} ({md['key']} after `{md['stage']}`)"
+    bwt = summary["backward_transfer"]
+    bwt_s = NA + " (fewer than two stages name trains_on)" if bwt is None else fmt_delta(bwt)
+    return "\n".join([
+        f"- Average forgetting at the last stage: {fmt_delta(summary['average_forgetting'])}",
+        f"- Largest drop below base: {drop}",
+        f"- Backward transfer (GEM): {bwt_s}",
+    ])
+
+
+def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
+                    extra_sections: list[str] | None = None) -> str:
+    """The whole ``forgetting.md``: scores, forgetting, flagged drops, summary, then ``extra_sections``."""
+    parts = [
+        "# Forgetting report",
+        "Scores after each stage as value ± stderr (change vs base). Higher is better.",
+        scores_table(stages),
+        "## Forgetting per stage",
+        "Best earlier score minus the current one (Chaudhry et al. 2018); positive means forgotten.",
+        forgetting_table(stages),
+        f"## Significant drops (z = {z:g})",
+        "A drop larger than `z · sqrt(stderr_a² + stderr_b²)`; a missing stderr counts as 0.",
+        drops_list(report["significant_drops"]),
+        "## Summary",
+        summary_list(report["summary"]),
+    ]
+    parts += list(extra_sections or [])
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+
+def render_png(stages: list[Stage]) -> bytes:
+    """One line per key across stages (x ticks = stage names), with stderr bars; PNG bytes."""
+    keys, m = score_matrix(stages)
+    _, se = stderr_matrix(stages)
+    fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(stages))
+    for j, key in enumerate(keys):
+        ax.errorbar(x, m[:, j], yerr=se[:, j], marker="o", capsize=3, label=key)
+    ax.set_xticks(x, [s["name"] for s in stages], rotation=30 if len(stages) > 6 else 0)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("score")
+    ax.set_title("Scores across stages")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | None = None,
+                 z: float = 2.0) -> dict[str, Any]:
+    """Write ``forgetting.{json,md,png}`` into ``out_dir`` (created if needed); return the JSON report.
+
+    ``extra_sections`` are markdown strings appended to ``forgetting.md`` (e.g. the HFT masks per stage).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    report = build_report(stages, z=z)
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"  # allow_nan=False: strict JSON or fail
+    atomic_write(os.path.join(out_dir, "forgetting.json"), text.encode())
+    md = render_markdown(stages, report, z, extra_sections)
+    atomic_write(os.path.join(out_dir, "forgetting.md"), md.encode())
+    atomic_write(os.path.join(out_dir, "forgetting.png"), render_png(stages))
+    return report

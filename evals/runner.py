@@ -1,0 +1,177 @@
+"""Evaluate model folders with lm-evaluation-harness and keep the results beside each stage.
+
+lm-eval does the prompting, generation and metrics (`simple_evaluate` with the `hf` model on CPU, `vllm` on
+GPU). This module only renders the world's task YAMLs with the local data path, calls lm-eval with the same
+suite and settings for every model, records provenance, reuses an eval whose model and task hashes match, and
+turns lm-eval's results into `{"<task>/<metric>": {"value", "stderr"}}` for the forgetting report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from posttrain.config import ConfigError, EvalConfig, Strict, read_yaml
+from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
+
+HERE = Path(__file__).resolve().parent
+WORLD_TASKS_DIR = HERE / "tasks" / "world"
+SUITES_DIR = HERE / "suites"
+
+
+class Suite(Strict):
+    name: str
+    tasks: list[str] = Field(min_length=1)
+    apply_chat_template: bool = True
+    limit: int | None = None
+
+
+def load_suite(name_or_path: str) -> Suite:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        from posttrain.registry import did_you_mean
+
+        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+        raise ConfigError(f"eval.suite: unknown suite {name_or_path!r}{did_you_mean(name_or_path, known)}; known: {', '.join(known)}")
+    try:
+        return Suite.model_validate(read_yaml(path))
+    except Exception as e:  # noqa: BLE001 - pydantic error -> one line naming the file
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def render_world_tasks(log: Callable[[str], None] = print) -> tuple[Path, dict[str, str]]:
+    """Write the world task YAMLs with the data path filled in; returns (include dir, task -> sha256)."""
+    from posttrain.world import world_dir
+
+    world = world_dir(log)
+    out = world / "lm_eval_tasks"
+    out.mkdir(exist_ok=True)
+    hashes = {}
+    for src in sorted(WORLD_TASKS_DIR.glob("*.yaml")):
+        text = src.read_text().replace("__WORLD_DATA__", str(world / "data"))
+        dest = out / src.name
+        if not dest.is_file() or dest.read_text() != text:
+            dest.write_text(text)
+        hashes[src.stem] = sha256_json(text)
+    return out, hashes
+
+
+def _backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+def scores_from_results(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lm-eval's {"task": {"metric,filter": v, "metric_stderr,filter": se}} -> {"task/metric": {value, stderr}}."""
+    scores = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, flt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{flt}")
+            name = f"{task}/{metric}" if flt in ("none", "") else f"{task}/{metric}@{flt}"
+            scores[name] = {"value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return scores
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("lm_eval", "transformers", "torch", "posttrain", "vllm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate_model(
+    model_dir: str,
+    suite: str = "world",
+    limit: int | None = None,
+    out: str | Path | None = None,
+    settings: EvalConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate one model folder; reuse `out` when it holds the same model hash, task hashes and settings."""
+    settings = settings or EvalConfig(suite=suite, limit=limit)
+    spec = load_suite(settings.suite)
+    include, task_hashes = render_world_tasks(log) if any(t.startswith("world_") for t in spec.tasks) else (None, {})
+    task_hashes = {t: task_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks}
+    model_path = Path(model_dir)
+    model_hash = sha256_json(hash_folder(model_path)) if model_path.is_dir() else f"hub:{model_dir}"
+    limit = settings.limit if settings.limit is not None else spec.limit
+    key = {"model_sha256": model_hash, "task_hashes": task_hashes, "limit": limit, "seed": settings.seed,
+           "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens}
+    if out and Path(out).is_file():
+        old = json.loads(Path(out).read_text())
+        if old.get("key") == key:
+            log(f"eval: reusing {out}")
+            return old
+    record = _run_lm_eval(model_dir, spec, include, limit, settings, log)
+    record.update(model=str(model_dir), key=key, **key, versions=_versions())
+    if out:
+        atomic_write_json(Path(out), record)
+    return record
+
+
+def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, log) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    backend = _backend(settings.backend)
+    if backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ConfigError("eval.backend: vllm is not installed; pip install -e .[gpu]") from None
+        model_args = {"pretrained": model_dir, "dtype": "auto", "seed": settings.seed}
+    else:
+        model_args = {"pretrained": model_dir, "dtype": "float32", "device": _device()}
+    log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
+    start = time.time()
+    results = lm_eval.simple_evaluate(
+        model=backend,
+        model_args=model_args,
+        tasks=list(spec.tasks),
+        task_manager=TaskManager(include_path=str(include) if include else None),
+        num_fewshot=settings.num_fewshot or None,
+        batch_size=settings.batch_size,
+        limit=limit,
+        apply_chat_template=spec.apply_chat_template,
+        gen_kwargs={"max_gen_toks": settings.max_new_tokens},
+        random_seed=settings.seed,
+        numpy_random_seed=settings.seed,
+        torch_random_seed=settings.seed,
+        fewshot_random_seed=settings.seed,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
+    seconds = round(time.time() - start, 1)
+    scores = scores_from_results(results)
+    log("eval: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in sorted(scores.items())) + f" ({seconds}s)")
+    keep = {k: results.get(k) for k in ("results", "versions", "n-samples", "higher_is_better")}
+    return {"scores": scores, "seconds": seconds, "backend": backend, "lm_eval": keep,
+            "task_configs": {t: _config_hash(c) for t, c in (results.get("configs") or {}).items()}}
+
+
+def _config_hash(cfg: Any) -> str:
+    return sha256_json(cfg)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

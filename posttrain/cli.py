@@ -1,0 +1,165 @@
+"""posttrain command line: run | stage | eval | report | list.
+
+Exit codes: 0 success, 2 bad input (config, data, model reference), 1 a failed run. Errors print one line;
+the traceback of a failed run goes to <run-dir>/error.log. The last line `stage` and `run` print is the run
+directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from posttrain.config import ConfigError
+    from posttrain.data import DataError
+    from posttrain.models import ModelError
+    from posttrain.registry import RegistryError
+
+    return (ConfigError, DataError, ModelError, RegistryError)
+
+
+def _default_stage_file(kind: str) -> Path | None:
+    path = REPO_CONFIGS / "stages" / f"{kind}.yaml"
+    return path if path.is_file() else None
+
+
+def _pipeline_defaults() -> dict:
+    from posttrain.config import read_yaml
+
+    path = REPO_CONFIGS / "default.yaml"
+    return read_yaml(path) if path.is_file() else {}
+
+
+def _load(args: argparse.Namespace):
+    import posttrain.stages  # noqa: F401  (registers stage kinds)
+    from posttrain.config import load_pipeline, stage_pipeline
+
+    if args.command == "stage":
+        path = args.config or _default_stage_file(args.kind)
+        return stage_pipeline(args.kind, path, args.set, base=_pipeline_defaults())
+    return load_pipeline(args.pipeline, args.set)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from posttrain.pipeline import run_pipeline
+    from posttrain.rundir import RunDirLocked, default_run_dir, point_latest
+
+    cfg = _load(args)  # config errors surface here, before any model loads
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.run_dir:
+        point_latest(run_dir)
+    try:
+        run_pipeline(cfg, run_dir, _log)
+    except _bad_input_types() as e:
+        _log(f"error: {e}")
+        return 2
+    except RunDirLocked as e:
+        _log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _log("interrupted; rerun the same command to resume")
+        return 130
+    except Exception as e:  # noqa: BLE001 - a failed run: one line here, the traceback in error.log
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _log(f"error: {first} (traceback in {run_dir / 'error.log'})")
+        return 1
+    print(run_dir)
+    return 0
+
+
+def _list(_: argparse.Namespace) -> int:
+    import posttrain.stages  # noqa: F401
+    from posttrain.registry import STAGES
+
+    for kind in STAGES.names():
+        spec = STAGES.get(kind)
+        print(f"{kind}: {spec.doc}")
+        for line in _fields(spec.config(), "  "):
+            print(line)
+    return 0
+
+
+def _fields(obj, indent: str) -> list[str]:
+    from pydantic import BaseModel
+
+    lines = []
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines += _fields(value, indent + "  ")
+        else:
+            shown = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value] \
+                if isinstance(value, list) else value
+            lines.append(f"{indent}{name}: {shown!r}")
+    return lines
+
+
+def _report(args: argparse.Namespace) -> int:
+    from evals.runner import rerender_report
+
+    out = rerender_report(Path(args.run_dir))
+    print(out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from evals.runner import evaluate_model
+
+    result = evaluate_model(args.model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
+    for key, score in sorted(result["scores"].items()):
+        stderr = score.get("stderr")
+        print(f"{key}: {score['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a pipeline YAML")
+    r.add_argument("pipeline")
+    s = sub.add_parser("stage", help="run one stage on the embedded default (or --config)")
+    s.add_argument("kind")
+    s.add_argument("--config", help="stage config YAML (default: configs/stages/<kind>.yaml)")
+    for q in (r, s):
+        q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
+        q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>")
+    sub.add_parser("list", help="registered stage kinds with their config fields and defaults")
+    rep = sub.add_parser("report", help="re-render the forgetting report of a run dir")
+    rep.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate one model folder with an eval suite")
+    e.add_argument("model")
+    e.add_argument("--suite", default="world")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--out", help="write eval.json here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
+    try:
+        return handlers[args.command](args)
+    except _bad_input_types() as e:
+        _log(f"error: {e}")
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        _log(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

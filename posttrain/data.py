@@ -1,0 +1,213 @@
+"""Training data: world tasks, local JSONL/JSON/parquet files and hub datasets, checked row by row.
+
+Each stage kind asks for one shape of row; every row is checked before training starts. A malformed row
+(bad JSON, non-UTF-8 bytes, a missing column, an empty or mistyped field) fails with the file and the row
+number (1-based, as an editor shows it), or with `on_bad_rows: skip` is dropped and counted.
+
+Shapes:
+  sft         {"messages": [{"role", "content"}, ...]}  or  {"prompt": str, "completion": str}
+  preference  {"prompt", "chosen", "rejected"}: strings, or message lists (conversational)
+  prompt      {"prompt": str | messages, "answer": str}   (verifiable problems for GRPO)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from pydantic import Field
+
+from posttrain.config import Strict
+
+
+class DataError(ValueError):
+    """Bad data the user must fix; the message names the file and row."""
+
+
+class DataSource(Strict):
+    source: str = Field(description="world task name | local .jsonl/.json/.parquet | hub dataset name")
+    split: str = "train"
+    subset: str | None = Field(None, description="hub dataset config name")
+    columns: dict[str, str] = Field(default_factory=dict, description="our column -> dataset column")
+    limit: int | None = Field(None, ge=1)
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(m, dict) for m in v)
+
+
+def _check_messages(v: Any, field: str) -> str | None:
+    if not _is_messages(v):
+        return f"'{field}' must be a non-empty list of {{role, content}} messages"
+    for j, m in enumerate(v):
+        if m.get("role") not in ROLES:
+            return f"'{field}[{j}].role' must be one of {sorted(ROLES)}, got {m.get('role')!r}"
+        if not isinstance(m.get("content"), str):
+            return f"'{field}[{j}].content' must be a string"
+    return None
+
+
+def _check_text(row: dict, field: str, allow_messages: bool = True) -> str | None:
+    if field not in row or row[field] is None:
+        return f"missing column '{field}'"
+    v = row[field]
+    if allow_messages and isinstance(v, list):
+        return _check_messages(v, field)
+    if not isinstance(v, str):
+        return f"'{field}' must be a string, got {type(v).__name__}"
+    if not v.strip():
+        return f"'{field}' is empty"
+    return None
+
+
+def check_sft(row: dict) -> str | None:
+    if "messages" in row:
+        err = _check_messages(row["messages"], "messages")
+        if err:
+            return err
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+            return "'messages' has no non-empty assistant turn"
+        return None
+    if "prompt" in row or "completion" in row:
+        return _check_text(row, "prompt") or _check_text(row, "completion")
+    return "missing column 'messages' (or 'prompt' and 'completion')"
+
+
+def check_preference(row: dict) -> str | None:
+    return _check_text(row, "prompt") or _check_text(row, "chosen") or _check_text(row, "rejected")
+
+
+def check_prompt(row: dict) -> str | None:
+    err = _check_text(row, "prompt")
+    if err:
+        return err
+    if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
+        return "missing column 'answer'" if "answer" not in row else "'answer' is empty"
+    return None
+
+
+CHECKS: dict[str, Callable[[dict], str | None]] = {"sft": check_sft, "preference": check_preference, "prompt": check_prompt}
+KEEP = {
+    "sft": ("messages", "prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt", "answer", "tests"),
+}
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"not valid UTF-8 (byte {e.start})"
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, None, f"bad JSON ({e.msg} at column {e.colno})"
+                continue
+            yield (n, row, None) if isinstance(row, dict) else (n, None, "expected a JSON object")
+
+
+def _iter_table(rows: Any) -> Iterator[tuple[int, dict | None, str | None]]:
+    for n, row in enumerate(rows, start=1):
+        yield (n, dict(row), None) if isinstance(row, dict) else (n, None, "expected an object")
+
+
+def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iterator]:
+    """(name for messages, iterator of (row number, row or None, error or None))."""
+    from posttrain.world.tasks import TASKS
+
+    if src.source in TASKS:
+        from posttrain.world import task_file
+
+        path = task_file(src.source, src.split, log)
+        return str(path), _iter_jsonl(path)
+    path = Path(src.source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        if path.suffix == ".jsonl":
+            return str(path), _iter_jsonl(path)
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: not valid JSON ({e})") from None
+            if isinstance(data, dict) and src.split in data:
+                data = data[src.split]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows (or {{split: rows}})")
+            return str(path), _iter_table(data)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return str(path), _iter_table(pq.read_table(path).to_pylist())
+        raise DataError(f"{path}: unsupported data file type (use .jsonl, .json or .parquet)")
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(src.source, src.subset, split=src.split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
+        raise DataError(f"dataset {src.source!r} (split {src.split!r}) could not be loaded: {str(e).splitlines()[0]}") from None
+    return f"{src.source}[{src.split}]", _iter_table(ds)
+
+
+def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Read, rename (`columns`), check and trim rows; returns (rows, stats with bad-row counts)."""
+    check = CHECKS[shape]
+    name, it = _open_source(src, log)
+    rows: list[dict] = []
+    bad: list[str] = []
+    for n, row, err in it:
+        if row is not None:
+            for ours, theirs in src.columns.items():
+                if theirs in row:
+                    row[ours] = row.pop(theirs)
+            err = check(row)
+        if err:
+            if src.on_bad_rows == "error":
+                raise DataError(f"{name} row {n}: {err} (set on_bad_rows: skip to drop bad rows)")
+            bad.append(f"row {n}: {err}")
+            continue
+        rows.append({k: row[k] for k in KEEP[shape] if k in row})
+        if src.limit and len(rows) >= src.limit:
+            break
+    if not rows:
+        raise DataError(f"{name}: no usable rows" + (f" ({len(bad)} bad, first: {bad[0]})" if bad else ""))
+    if bad:
+        log(f"data: skipped {len(bad)} bad rows in {name} (first: {bad[0]})")
+    return rows, {"source": name, "rows": len(rows), "bad_rows": len(bad), "bad_examples": bad[:5]}
+
+
+def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
+    """Concatenate sources into one `datasets.Dataset` (uniform columns) plus per-source stats."""
+    from datasets import Dataset
+
+    all_rows: list[dict] = []
+    stats = []
+    for src in sources:
+        rows, st = load_rows(src, shape, log)
+        all_rows += rows
+        stats.append(st)
+    keys = sorted({k for r in all_rows for k in r})
+    if shape == "sft" and "messages" in keys and len(keys) > 1:
+        # Mixed formats: turn prompt/completion rows into chat so one collator serves all.
+        all_rows = [r if "messages" in r else _to_messages(r) for r in all_rows]
+        keys = ["messages"]
+    return Dataset.from_list([{k: r.get(k) for k in keys} for r in all_rows]), stats
+
+
+def _to_messages(row: dict) -> dict:
+    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    completion = row["completion"] if isinstance(row["completion"], list) else [
+        {"role": "assistant", "content": row["completion"]}
+    ]
+    return {"messages": prompt + completion}

@@ -1,0 +1,152 @@
+"""Run a pipeline's stages in order: resolve inputs, skip what is done, run, mark done, evaluate, report.
+
+A stage is skipped when its DONE marker matches the stage's config hash and inputs hash and every model file
+still has the hash DONE recorded. The inputs hash chains the previous stage's DONE key, so a changed stage
+reruns itself and every stage after it, never those before it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from posttrain.config import PipelineConfig
+from posttrain.models import resolve_model
+from posttrain.registry import STAGES, did_you_mean
+from posttrain.rundir import RunDir, atomic_write_text, hash_folder, sha256_file, sha256_json
+from posttrain.stages.base import StageContext
+from posttrain.stages.common import ensure_clean_work_dir
+
+_STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or a gate stopped the run; one line for the user."""
+
+
+def _input_identity(ref: str, resolved: str, done_keys: dict[str, str]) -> str:
+    """What the stage's input *is*: a stage's DONE key, a folder's file hashes, or a hub name."""
+    if ref in done_keys:
+        return done_keys[ref]
+    path = Path(resolved)
+    return sha256_json(hash_folder(path)) if path.is_dir() else f"hub:{resolved}"
+
+
+def _data_identity(stage: Any) -> list[Any]:
+    from posttrain.world import VERSION
+    from posttrain.world.tasks import TASKS
+
+    out = []
+    for src in getattr(stage, "data", None) or []:
+        path = Path(src.source).expanduser()
+        if src.source in TASKS:
+            out.append(f"world-{VERSION}:{src.source}:{src.split}")
+        elif path.is_file():
+            out.append(sha256_file(path))
+        else:
+            out.append(f"hub:{src.source}:{src.subset}:{src.split}")
+    return out
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.rd = RunDir(run_dir)
+        self.log = log
+        self.outputs: dict[str, Path] = {}  # stage name -> finished model folder
+        self.done_keys: dict[str, str] = {}  # "stage:<name>" -> DONE key
+        self.records: list[dict] = []  # one per evaluated model, base first (for the report)
+
+    def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
+        """(identity key for hashing, loadable ref) of the stage's input model."""
+        ref = stage.model
+        if ref is None:
+            if i == 0:
+                ref = "world"
+            else:
+                prev = self.cfg.stages[i - 1].name
+                return f"stage:{prev}", str(self.outputs[prev] / "model")
+        m = _STAGE_REF.match(ref)
+        if m:
+            name = m.group(1)
+            if name not in self.outputs:
+                earlier = list(self.outputs)
+                raise PipelineError(
+                    f"stages.{stage.name}.model: {ref} names no earlier stage{did_you_mean(name, earlier)}"
+                )
+            return f"stage:{name}", str(self.outputs[name] / "model")
+        return ref, resolve_model(ref, self.log)
+
+    def run(self) -> Path:
+        self.rd.lock()
+        try:
+            atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
+            self._evaluate(None, "base", self._base_model())
+            for i, stage in enumerate(self.cfg.stages):
+                self._run_stage(i, stage)
+        finally:
+            self.rd.unlock()
+        return self.rd.root
+
+    def _base_model(self) -> str:
+        first = self.cfg.stages[0]
+        ref = first.model or "world"
+        return "" if _STAGE_REF.match(ref) else resolve_model(ref, self.log)
+
+    def _dump(self) -> dict:
+        return {**self.cfg.model_dump(exclude={"stages"}), "stages": [s.model_dump() for s in self.cfg.stages]}
+
+    def _run_stage(self, i: int, stage: Any) -> None:
+        index = i + 1
+        spec = STAGES.get(stage.kind)
+        identity_ref, input_model = self._resolve_input(i, stage)
+        config_hash = sha256_json(stage.model_dump())
+        inputs_hash = sha256_json(
+            [_input_identity(identity_ref, input_model, self.done_keys), _data_identity(stage), self.cfg.seed]
+        )
+        final = self.rd.stage_dir(index, stage.name)
+        done, why = RunDir.check_done(final, config_hash, inputs_hash)
+        if done:
+            self.log(f"[{index:02d} {stage.name}] done already; skipping")
+        else:
+            if final.exists():
+                self.log(f"[{index:02d} {stage.name}] rerunning: {why}")
+            done = self._execute(index, stage, spec, input_model, config_hash, inputs_hash, final)
+        self.outputs[stage.name] = final
+        self.done_keys[f"stage:{stage.name}"] = done["key"]
+        self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+
+    def _execute(self, index, stage, spec, input_model, config_hash, inputs_hash, final) -> dict:
+        work = self.rd.work_dir(index, stage.name)
+        ensure_clean_work_dir(work, config_hash)
+        atomic_write_text(work / "config.yaml", yaml.safe_dump(stage.model_dump(), sort_keys=False))
+        ctx = StageContext(
+            run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
+            input_model=input_model, resolve=lambda r: resolve_model(r, self.log), log=self.log,
+        )
+        self.log(f"[{index:02d} {stage.name}] {stage.kind} from {input_model}")
+        start = time.time()
+        result = spec.run(stage, ctx)
+        if Path(result.model_dir) != work / "model":
+            raise PipelineError(f"stage {stage.name} wrote its model outside {work / 'model'}")
+        (work / "ATTEMPT.json").unlink(missing_ok=True)
+        self.rd.finalize(work, final)
+        seconds = round(time.time() - start, 1)
+        done = RunDir.write_done(final, config_hash, inputs_hash, {"seconds": seconds, "metrics": result.metrics})
+        self.log(f"[{index:02d} {stage.name}] done in {seconds}s -> {final / 'model'}")
+        return done
+
+    def _evaluate(self, stage: Any, folder: str, model_dir: str) -> None:
+        """Evaluate a model with the pipeline's eval block and rewrite the report (no-op when disabled)."""
+        if not self.cfg.eval.enabled or not model_dir:
+            return
+        from evals.runner import evaluate_into_run
+
+        evaluate_into_run(self, stage, folder, model_dir)
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print) -> Path:
+    return Pipeline(cfg, run_dir, log).run()

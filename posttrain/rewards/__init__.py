@@ -1,0 +1,258 @@
+"""Verifiable rewards for the GRPO stage: config (``RewardSpec``), name checks, and TRL reward callables.
+
+A reward is named either by a registered builtin (``exact_match``, ``numeric_match``, ``math_verify``,
+``format_regex``, ``code_exec``, ``length_penalty``; see ``builtin.py``) or as ``path/to/file.py:function``,
+a user function with TRL's signature ``f(prompts, completions, **kwargs) -> list[float | None]``.
+
+``build_reward_funcs`` returns callables that ``trl.GRPOTrainer(reward_funcs=...)`` accepts, plus the weights
+for ``GRPOConfig(reward_weights=...)``::
+
+    stats = RewardStats()
+    funcs, weights = build_reward_funcs(cfg.rewards, stats)
+    ...
+    metrics.update(stats.as_metrics())  # error counts by kind: timeout, memory, crash, fork_limit, exception
+
+A reward never raises into the trainer: a failing call scores 0 for its rows and is counted in ``stats``.
+Builtins get completions as text (the last message's content for conversational completions); user
+functions get exactly what TRL passes. With ``sandbox: true`` a user function runs in ``run_sandboxed``, one
+child process per row, so one hostile completion cannot zero its whole group; TRL's live objects
+(``trainer_state``, ``log_metric``, ...) are not sent there.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from posttrain.registry import REWARDS, RegistryError, did_you_mean
+from posttrain.rewards import builtin  # importing it registers the builtin rewards
+from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, run_sandboxed
+
+__all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "build_reward_funcs", "completion_text",
+           "run_sandboxed", "validate_reward_name"]
+
+log = logging.getLogger(__name__)
+
+# Arguments TRL passes that are live Python objects: they cannot cross into a sandboxed child.
+_TRL_RUNTIME_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
+
+
+class RewardStats:
+    """Counts reward failures by reward name and error kind, so a stage can log them with its metrics."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()  # reward calls may come from a thread pool
+
+    def record(self, reward: str, kind: str) -> None:
+        with self._lock:
+            self._counts[(reward, kind)] += 1
+
+    def count(self, kind: str | None = None, reward: str | None = None) -> int:
+        """Failures matching ``kind`` and ``reward`` (None matches any)."""
+        with self._lock:
+            return sum(n for (r, k), n in self._counts.items()
+                       if (kind is None or k == kind) and (reward is None or r == reward))
+
+    def by_kind(self) -> dict[str, int]:
+        """Every error kind, zero included, so logged series never have gaps."""
+        return {kind: self.count(kind) for kind in ERROR_KINDS}
+
+    def as_metrics(self, prefix: str = "rewards/errors") -> dict[str, float]:
+        """``{prefix}/{kind}`` totals plus ``{prefix}/{reward}/{kind}`` for every non-zero pair."""
+        out = {f"{prefix}/{kind}": float(n) for kind, n in self.by_kind().items()}
+        with self._lock:
+            out.update({f"{prefix}/{r}/{k}": float(n) for (r, k), n in self._counts.items()})
+        return out
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    def __getstate__(self) -> dict[str, Any]:  # pickles without its lock (TRL may ship rewards to a process)
+        return {"_counts": Counter(self._counts)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._counts, self._lock = state["_counts"], threading.Lock()
+
+
+class RewardSpec(BaseModel):
+    """One reward of a GRPO stage, as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a registered reward, or path/to/file.py:function")
+    weight: float = 1.0
+    sandbox: bool = Field(False, description="run a user reward in the sandbox; code_exec always does")
+    timeout_s: float = Field(5.0, gt=0, description="per sandboxed run: one completion")
+    memory_mb: int = Field(512, ge=64, description="address-space limit of a sandboxed run (a Python needs ~30)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        validate_reward_name(name)
+        return name
+
+    @model_validator(mode="after")
+    def _params_fit(self) -> "RewardSpec":
+        if _file_ref(self.name) is None:
+            builtin.check_params(self.name, REWARDS.get(self.name), self.params)
+            if self.sandbox and self.name != "code_exec":
+                raise ValueError(f"reward {self.name!r} runs no model output; sandbox applies to user rewards")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"reward {self.name!r}: weight must be finite")
+        return self
+
+
+def _file_ref(name: str) -> tuple[str, str] | None:
+    """``("path/to/file.py", "function")`` for a user reward name, else None."""
+    path, sep, func = name.rpartition(":")
+    return (path, func) if sep and path.endswith(".py") else None
+
+
+def validate_reward_name(name: str) -> None:
+    """Raise ValueError (with "did you mean") unless ``name`` is a registered reward or a ``file.py:function``
+    whose file exists and defines ``function`` at top level. The file is parsed, never run."""
+    ref = _file_ref(name)
+    if ref is None:
+        try:
+            REWARDS.get(name)
+        except RegistryError as e:
+            hint = " (a user reward is written path/to/file.py:function)" if ":" in name else ""
+            raise ValueError(f"{e}{hint}") from None
+        return
+    path, func = ref
+    if not os.path.isfile(path):
+        raise ValueError(f"reward file {path!r} not found (from {name!r}; relative to {os.getcwd()})")
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise ValueError(f"reward file {path!r} does not parse: {e}") from None
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    if func not in defined:
+        hint = did_you_mean(func, defined)
+        raise ValueError(f"reward file {path!r} defines no function {func!r}{hint}; defines: "
+                         f"{', '.join(defined) or 'none'}")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: strings as they are; for a conversation (list of {"role", "content"}), the
+    content of its last message, with the text parts of multimodal content joined."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image"}, ...]
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "" if content is None else str(content)
+    return "" if completion is None else str(completion)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_user_function(path: str, func: str) -> Callable[..., Any]:
+    """Import a user's reward file by path (trusted code: the user's own) and return ``func`` from it."""
+    module_name = f"posttrain_user_reward_{abs(hash(path))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import reward file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, func)
+
+
+class RewardFunc:
+    """One reward as TRL calls it: ``f(prompts=..., completions=..., **columns) -> list[float | None]``.
+
+    A class rather than a closure so that it pickles (TRL's async GRPO ships reward functions to a spawned
+    process; there ``stats`` is a copy). It holds the spec, not the user's function, for the same reason.
+    """
+
+    def __init__(self, spec: RewardSpec, label: str, stats: RewardStats):
+        self.spec, self.stats, self.__name__ = spec, stats, label  # TRL logs rewards/<__name__>/mean
+        self._warned: set[str] = set()
+
+    def __call__(self, prompts: list[Any] | None = None, completions: list[Any] | None = None,
+                 **kwargs: Any) -> list[float | None]:
+        completions = list(completions or [])
+        n = len(completions)
+        prompts = list(prompts) if prompts is not None else [None] * n
+        try:
+            values = list(self._score(prompts, completions, kwargs))
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} rewards for {n} completions")
+            return [None if v is None else float(v) for v in values]
+        except Exception as e:  # a reward bug must cost one batch's score, never the training run
+            self.stats.record(self.__name__, EXCEPTION)
+            if type(e).__name__ not in self._warned:  # once per kind of failure, not once per step
+                self._warned.add(type(e).__name__)
+                log.warning("reward %r failed; scoring its batch 0", self.__name__, exc_info=True)
+            return [0.0] * n
+
+    def _score(self, prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+        spec, ref = self.spec, _file_ref(self.spec.name)
+        if ref is None:  # builtin: text completions, params and the spec's sandbox settings bound
+            fn = REWARDS.get(spec.name)
+            own = {"timeout_s": spec.timeout_s, "memory_mb": spec.memory_mb, "stats": self.stats}
+            accepted = inspect.signature(fn).parameters
+            fixed = {**spec.params, **{k: v for k, v in own.items() if k in accepted}}
+            texts = [completion_text(c) for c in completions]
+            return fn(**{**kwargs, "prompts": prompts, "completions": texts, **fixed})  # params beat columns
+        path = os.path.abspath(ref[0])
+        if spec.sandbox:
+            return self._score_sandboxed(FileFunction(path, ref[1]), prompts, completions, kwargs)
+        fn = _load_user_function(path, ref[1])
+        return fn(**{**kwargs, "prompts": prompts, "completions": completions, **spec.params})
+
+    def _score_sandboxed(self, target: FileFunction, prompts: list[Any], completions: list[Any],
+                         kwargs: dict[str, Any]) -> list[float | None]:
+        """One child process per row: a hostile completion zeroes its own row, not its group."""
+        n = len(completions)
+        columns = {k: v for k, v in kwargs.items() if k not in _TRL_RUNTIME_KWARGS}
+        out: list[float | None] = []
+        for i in range(n):
+            row = {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in columns.items()}
+            row.update(self.spec.params, prompts=[prompts[i]], completions=[completions[i]])
+            value, kind = run_sandboxed(target, (), timeout_s=self.spec.timeout_s, memory_mb=self.spec.memory_mb,
+                                        kwargs=row)
+            if kind is None and not (isinstance(value, list) and len(value) == 1
+                                     and (value[0] is None or isinstance(value[0], (int, float)))):
+                kind = EXCEPTION  # the function broke TRL's contract: one number (or None) per completion
+            if kind is not None:
+                self.stats.record(self.__name__, kind)
+            out.append(value[0] if kind is None else 0.0)
+        return out
+
+
+def build_reward_funcs(
+    specs: Iterable[RewardSpec | Mapping[str, Any]], stats: RewardStats | None = None
+) -> tuple[list[RewardFunc], list[float]]:
+    """TRL reward callables and their weights (``GRPOConfig.reward_weights``) for ``specs``.
+
+    Failures are counted in ``stats``. Each callable's ``__name__`` is the builtin's name or the user
+    function's name, suffixed ``_2``, ``_3`` ... when a name repeats, so TRL's per-reward logs stay apart.
+    """
+    stats = stats if stats is not None else RewardStats()
+    funcs, weights, seen = [], [], {}
+    for raw in specs:
+        spec = raw if isinstance(raw, RewardSpec) else RewardSpec.model_validate(raw)
+        ref = _file_ref(spec.name)
+        if ref and not spec.sandbox:  # import now: a broken reward file should stop the stage, not zero it
+            _load_user_function(os.path.abspath(ref[0]), ref[1])
+        base = ref[1] if ref else spec.name
+        seen[base] = seen.get(base, 0) + 1
+        funcs.append(RewardFunc(spec, base if seen[base] == 1 else f"{base}_{seen[base]}", stats))
+        weights.append(spec.weight)
+    return funcs, weights

@@ -1,0 +1,180 @@
+"""The run directory: layout, lock, atomic writes and DONE markers.
+
+    <run-dir>/
+      pipeline.yaml            the resolved pipeline config
+      LOCK                     pid of the process that holds the run dir (flock'ed while it runs)
+      stages/
+        00_base/eval.json      the base model's eval (issue "Evals after every stage")
+        01_<name>/             a finished stage, renamed into place from .01_<name>.tmp/
+          model/               a complete HF folder: config.json, *.safetensors, tokenizer files, generation_config.json
+          config.yaml          the stage's resolved config
+          metrics.jsonl        training log, one JSON object a line
+          eval.json            the stage model's eval
+          DONE                 written last: sha256 of every model file, of the config and of the inputs
+        .02_<name>.tmp/        a stage in progress (its checkpoints/ let a rerun resume)
+      report/forgetting.{json,md,png}
+
+A stage counts as done only when its folder has a DONE whose hashes match what is on disk and what the
+pipeline asks for now; anything else reruns.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+class RunDirLocked(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_folder(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path (sorted)."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{stamp}-{name}"
+
+
+def point_latest(run_dir: Path) -> None:
+    """Make `<parent>/latest` a symlink to run_dir (replaced atomically)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        pass  # a file system without symlinks keeps working, just without `latest`
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.stages = self.root / "stages"
+        self._lock_fd: int | None = None
+
+    # ---- lock -------------------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive flock on LOCK for this process's life; a second process fails at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "LOCK"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirLocked(f"run dir {self.root} is in use by another posttrain process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---- stage folders ----------------------------------------------------------------------------------------
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.stages / f"{index:02d}_{name}"
+
+    def work_dir(self, index: int, name: str) -> Path:
+        return self.stages / f".{index:02d}_{name}.tmp"
+
+    def finalize(self, work: Path, final: Path) -> None:
+        """Rename the finished work folder into place, replacing an older (not done) folder of the same name."""
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, final)
+        _fsync_dir(final.parent)
+
+    @staticmethod
+    def write_done(final: Path, config_hash: str, inputs_hash: str, extra: dict | None = None) -> dict:
+        done = {
+            "config_sha256": config_hash,
+            "inputs_sha256": inputs_hash,
+            "model_files": hash_folder(final / "model"),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            **(extra or {}),
+        }
+        done["key"] = sha256_json([config_hash, inputs_hash, done["model_files"]])
+        atomic_write_json(final / "DONE", done)
+        return done
+
+    @staticmethod
+    def check_done(final: Path, config_hash: str, inputs_hash: str) -> tuple[dict | None, str]:
+        """(DONE record, "") when the stage is done and intact, else (None, why it must run)."""
+        path = final / "DONE"
+        if not path.is_file():
+            return None, "not done"
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, "DONE marker unreadable"
+        if done.get("config_sha256") != config_hash:
+            return None, "config changed"
+        if done.get("inputs_sha256") != inputs_hash:
+            return None, "inputs changed"
+        model = final / "model"
+        on_disk = hash_folder(model) if model.is_dir() else {}
+        for rel, digest in done.get("model_files", {}).items():
+            if on_disk.get(rel) != digest:
+                return None, f"model file {model / rel} changed or missing since it was written"
+        return done, ""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,77 @@
+"""What every stage shares: the spec in the registry, the base config, the context and the result.
+
+A stage is a config class plus one function `run(cfg, ctx) -> StageResult`, registered under its kind with
+`@stage("sft", SFTStageConfig)`. It reads its inputs through `ctx`, writes one HF model folder at
+`ctx.work_dir / "model"`, and appends its training log to `ctx.work_dir / "metrics.jsonl"`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from posttrain.config import Strict
+from posttrain.registry import STAGES
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: type
+    run: Callable[[Any, "StageContext"], "StageResult"]
+    doc: str = ""
+
+
+def stage(kind: str, config: type) -> Callable:
+    """Register `fn` as the runner of stage kind `kind` with config class `config`."""
+
+    def deco(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        STAGES.register(kind, StageSpec(kind, config, fn, doc[0] if doc else ""))
+        return fn
+
+    return deco
+
+
+class StageBase(Strict):
+    """Fields every stage has. `model` defaults to the previous stage's output (the world base for the first)."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: str
+    model: str | None = Field(None, description="world | <local folder> | <hub name> | ${stages.<name>.model}")
+    trains_on: list[str] = Field(default_factory=list, description="eval tasks this stage trains for (for BWT)")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    work_dir: Path
+    index: int
+    seed: int
+    input_model: str | None
+    resolve: Callable[[str], str]
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.work_dir / "metrics.jsonl"
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line; non-finite floats become null so the file stays valid JSON."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(clean, default=str) + "\n")
+            f.flush()
+
+
+@dataclass
+class StageResult:
+    model_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)

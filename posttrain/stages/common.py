@@ -1,0 +1,204 @@
+"""Plumbing the trainable stages (sft, dpo, grpo) share around TRL's trainers.
+
+Nothing here trains: TRL's trainers own the loss and the loop. This module turns our strict config into
+TRL's config, decides which parameters train (HFT), writes metrics, stops on a non-finite loss, resumes from
+the work folder's last checkpoint, and saves the HF folder (merging LoRA adapters when asked).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from posttrain.config import Strict
+from posttrain.hft import TrainableConfig, apply_trainable, lora_target_modules, write_trainable_json
+from posttrain.registry import did_you_mean
+from posttrain.stages.base import StageBase, StageContext
+
+
+class TrainerConfig(Strict):
+    """The knobs every TRL trainer shares; anything else of TRL's config goes in `extra` (checked by name)."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int = Field(-1, description="-1: train num_train_epochs")
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (a rerun resumes from the last)")
+    save_total_limit: int = Field(2, ge=1)
+    max_length: int | None = Field(256, ge=8)
+    gradient_checkpointing: bool = False
+    bf16: bool | None = Field(None, description="None: bf16 on a GPU that supports it, float32 on CPU")
+    seed: int | None = Field(None, description="None: the pipeline's seed")
+    extra: dict[str, Any] = Field(default_factory=dict, description="more fields of TRL's config, passed as-is")
+
+
+class LoraSpec(Strict):
+    """LoRA via peft (Hu et al. 2021). The stage writes the adapter and a merged HF folder as model/."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainableStage(StageBase):
+    """Fields every training stage has on top of StageBase."""
+
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    lora: LoraSpec | None = None
+    trainable: TrainableConfig = Field(default_factory=TrainableConfig)
+
+    @field_validator("trainer")
+    @classmethod
+    def _no_reserved_extra(cls, v: TrainerConfig) -> TrainerConfig:
+        reserved = {"output_dir", "report_to", "resume_from_checkpoint"} & set(v.extra)
+        if reserved:
+            raise ValueError(f"trainer.extra.{sorted(reserved)[0]} is set by posttrain and cannot be overridden")
+        return v
+
+
+def trl_args(config_cls: type, stage: TrainableStage, ctx: StageContext, **kind_specific: Any):
+    """Build TRL's config dataclass; unknown `extra` names fail with a did-you-mean before any model loads."""
+    import torch
+
+    t = stage.trainer
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in t.extra:
+        if key not in fields:
+            raise ValueError(f"trainer.extra.{key}: not a field of {config_cls.__name__}{did_you_mean(key, fields)}")
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        learning_rate=t.learning_rate,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=bf16,
+        seed=t.seed if t.seed is not None else ctx.seed,
+        report_to=[],
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    if "max_length" in fields:
+        kwargs["max_length"] = t.max_length
+    kwargs.update(kind_specific)
+    kwargs.update(t.extra)
+    return config_cls(**kwargs)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def metrics_callback(ctx: StageContext):
+    """A TrainerCallback that appends every log record to metrics.jsonl and stops on a NaN/inf loss."""
+    from transformers import TrainerCallback
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            ctx.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
+            loss = logs.get("loss")
+            if isinstance(loss, (int, float)) and not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss became {loss} at step {state.global_step}; the last good checkpoint is kept in "
+                    f"{ctx.work_dir / 'checkpoints'} (lower trainer.learning_rate or check the data)"
+                )
+
+    return _Metrics()
+
+
+def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
+    """Apply `trainable:` (HFT / patterns) and LoRA; returns (model, peft_config or None, summary)."""
+    names = [n for n, _ in model.named_parameters()]
+    summary = apply_trainable(model, stage.trainable, ctx.index)
+    peft_config = None
+    if stage.lora is not None:
+        from peft import LoraConfig
+
+        targets: Any = stage.lora.target_modules
+        if stage.trainable.mode != "all":
+            targets = lora_target_modules(names, summary["parameters"])
+            if not targets:
+                raise ValueError("trainable: selects no attention or MLP module to put LoRA adapters on")
+        peft_config = LoraConfig(
+            r=stage.lora.r,
+            lora_alpha=stage.lora.alpha,
+            lora_dropout=stage.lora.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        summary["lora_target_modules"] = targets
+    write_trainable_json(summary, ctx.work_dir / "trainable.json")
+    return model, peft_config, summary
+
+
+def last_checkpoint(ctx: StageContext) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = ctx.work_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
+    """Run trainer.train (resuming when a checkpoint exists), then write model/ (merged if LoRA)."""
+    from posttrain.models import save_model_folder
+
+    resume = last_checkpoint(ctx)
+    if resume:
+        ctx.log(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    model = trainer.model
+    if lora:
+        model.save_pretrained(ctx.work_dir / "adapter")
+        model = model.merge_and_unload()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    save_model_folder(model, tokenizer, ctx.work_dir / "model")
+    shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # the model folder supersedes them
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["global_step"] = result.global_step
+    (ctx.work_dir / "train_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def optimizer_param_names(trainer: Any) -> set[str]:
+    """Names of the parameters in the trainer's optimizer groups (HFT: frozen ones get no optimizer state)."""
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    return {names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"] if id(p) in names}
+
+
+def ensure_clean_work_dir(work: Path, config_hash: str) -> None:
+    """Keep a half-done work folder only when it was started by the same config (so resuming is valid)."""
+    marker = work / "ATTEMPT.json"
+    if work.exists():
+        try:
+            same = json.loads(marker.read_text()).get("config_sha256") == config_hash
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config_sha256": config_hash}) + "\n")

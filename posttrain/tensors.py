@@ -1,0 +1,341 @@
+"""Streaming safetensors reader and writer shared by the merge and transfer stages.
+
+A Hugging Face model folder holds its weights either in one ``model.safetensors`` or in shards listed by
+``model.safetensors.index.json``::
+
+    model/
+      config.json
+      model.safetensors                        # one shard, or:
+      model.safetensors.index.json             # {"metadata": {"total_size": N}, "weight_map": {name: file}}
+      model-00001-of-00003.safetensors
+      model-00002-of-00003.safetensors
+      model-00003-of-00003.safetensors
+
+``ShardedReader`` loads one tensor at a time through ``safetensors.safe_open`` (memory-mapped; the header is
+read once per shard), so merging N models of size S needs about N tensors of memory, not N·S, as in
+mergekit. ``ShardedWriter`` buffers tensors up to ``max_shard_bytes`` and writes a shard each time the buffer
+would overflow; the index and the final shard names are written at ``close()``, when the shard count is known.
+
+Pickle weights (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when loaded, so they are refused unless
+the caller opts in with ``allow_pickle=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = [
+    "SINGLE_FILE",
+    "INDEX_FILE",
+    "PickleRefused",
+    "MergeMismatch",
+    "ShardedReader",
+    "ShardedWriter",
+    "sha256_file",
+    "check_compatible",
+    "is_vocab_tensor",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+# safetensors header dtype codes -> torch dtypes (the codes safetensors' own torch backend writes).
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class PickleRefused(ValueError):
+    """The folder holds only pickle weights and the caller did not pass ``allow_pickle=True``."""
+
+
+class MergeMismatch(ValueError):
+    """Two models cannot be merged tensor by tensor; the message names the first offending tensor."""
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+class ShardedReader:
+    """Read the tensors of one Hugging Face model folder, one at a time.
+
+    Looks for ``model.safetensors`` first, then ``model.safetensors.index.json`` (transformers' order). Pickle
+    weights are read only with ``allow_pickle=True``, and then as a whole file (pickle cannot be streamed),
+    through ``torch.load(weights_only=True, mmap=True)``.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, Tensor] | None = None
+        self._file_of: dict[str, str] = {}  # tensor name -> file name inside the folder
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if (self.folder / SINGLE_FILE).is_file():
+            self._index_safetensors([SINGLE_FILE])
+        elif (self.folder / INDEX_FILE).is_file():
+            weight_map = json.loads((self.folder / INDEX_FILE).read_text())["weight_map"]
+            self._index_safetensors(sorted(set(weight_map.values())), weight_map)
+        else:
+            self._open_pickle(allow_pickle)
+
+    def _index_safetensors(self, files: list[str], weight_map: dict[str, str] | None = None) -> None:
+        for file in files:
+            if not (self.folder / file).is_file():
+                raise FileNotFoundError(f"{self.folder / INDEX_FILE} lists {file}, which is missing")
+            f = self._handle(file)
+            for name in f.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # a tensor the index places elsewhere (or leaves out) is not part of the model
+                sl = f.get_slice(name)
+                self._file_of[name] = file
+                self._meta[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._file_of))
+            if missing:
+                raise FileNotFoundError(f"{missing[0]!r} is in {INDEX_FILE} but not in {weight_map[missing[0]]}")
+
+    def _open_pickle(self, allow_pickle: bool) -> None:
+        files = sorted(p.name for p in self.folder.glob("*") if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.folder}")
+        if not allow_pickle:
+            raise PickleRefused(
+                f"{self.folder} holds pickle weights ({', '.join(files)}), which can run code when loaded; "
+                "pass allow_pickle=True to load them anyway"
+            )
+        self._pickled = {}
+        for file in files:
+            state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in state.items():
+                self._pickled[name] = t
+                self._file_of[name] = file
+                self._meta[name] = (tuple(t.shape), t.dtype)
+
+    def _handle(self, file: str) -> Any:
+        # Handles stay open (memory maps, cheap) so that get() does not re-parse a shard header per tensor.
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        """All tensor names, sorted (so every model is walked in the same order)."""
+        return sorted(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[self._known(name)][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[self._known(name)][1]
+
+    def file_of(self, name: str) -> str:
+        """The file (inside the folder) that holds ``name``."""
+        return self._file_of[self._known(name)]
+
+    def get(self, name: str) -> Tensor:
+        """Load one tensor into memory (a fresh CPU tensor; the rest of the shard stays on disk)."""
+        self._known(name)
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def _known(self, name: str) -> str:
+        if name not in self._meta:
+            raise KeyError(f"no tensor {name!r} in {self.folder}")
+        return name
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled = None
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+class ShardedWriter:
+    """Write tensors into a Hugging Face model folder as they come, in shards of at most ``max_shard_bytes``.
+
+    A shard is written when the next tensor would push the buffer past ``max_shard_bytes`` (a single tensor
+    larger than that gets a shard of its own, as in transformers). ``close()`` writes the last shard, renames
+    the shards to ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors`` when there is only one) and
+    writes ``model.safetensors.index.json``. Every file carries ``{"format": "pt"}``, which transformers needs.
+    The default of 5 GB is transformers' ``save_pretrained`` default.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, max_shard_bytes: int = 5_000_000_000):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in self.folder.glob("model*.safetensors*"))
+        if stale:
+            raise FileExistsError(f"{self.folder} already holds weights ({stale[0]}); write to an empty folder")
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.files: list[str] = []  # final file names, filled by close()
+        self._buffer: dict[str, Tensor] = {}
+        self._buffer_bytes = 0
+        self._parts: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names in it)
+        self._seen: set[str] = set()
+        self._total = 0  # bytes
+        self._numel = 0
+        self._closed = False
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Buffer one tensor; writes a shard first if this tensor would overflow the current one."""
+        if self._closed:
+            raise ValueError(f"{self.folder}: add({name!r}) after close()")
+        if name in self._seen:
+            raise ValueError(f"tensor {name!r} was added twice")
+        # Always a private contiguous CPU copy: safetensors refuses tensors that share storage (tied
+        # embeddings, views), and the caller may modify its tensor in place before the shard is written.
+        t = tensor.detach().to("cpu", copy=True).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._seen.add(name)
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self._total += nbytes
+        self._numel += t.numel()
+
+    def _flush(self) -> None:
+        part = f"model-part-{len(self._parts) + 1:05d}.safetensors"
+        save_file(self._buffer, str(self.folder / part), metadata={"format": "pt"})
+        self._parts.append((part, sorted(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, final names and the index; return the weight files written."""
+        if self._closed:
+            return self.files
+        if self._buffer:
+            self._flush()
+        if not self._parts:
+            raise ValueError(f"{self.folder}: no tensors were added")
+        self._closed = True
+        n = len(self._parts)
+        weight_map: dict[str, str] = {}
+        for i, (part, names) in enumerate(self._parts, start=1):
+            final = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / part, self.folder / final)
+            self.files.append(final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            # total_parameters: transformers 5 writes it too; readers that predate it ignore unknown keys.
+            meta = {"total_parameters": self._numel, "total_size": self._total}
+            index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return self.files
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On an error leave the partial shards for inspection; no index means no reader mistakes them
+        # for a finished model.
+        if exc_type is None:
+            self.close()
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+_VOCAB_RE = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings)(?:\.|$)")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """True for tensors with one row per vocabulary entry (input embeddings and the output head)."""
+    return bool(_VOCAB_RE.search(name))
+
+
+def check_compatible(
+    readers: list[ShardedReader], names: bool = True, shapes: bool = True, dtypes: bool = True
+) -> None:
+    """Raise :class:`MergeMismatch` naming the first tensor that stops a tensor-by-tensor merge.
+
+    Compares every reader with the first: tensor names (both directions), then, tensor by tensor in sorted
+    order, shapes and dtypes. A row-count difference on an embedding or output head is reported as a
+    vocabulary mismatch, because the fix is the transfer stage, not the merge.
+    """
+    if len(readers) < 2:
+        return
+    ref = readers[0]
+    for other in readers[1:]:
+        if names:
+            _compare_names(ref, other)
+        for name in ref.names():
+            if name not in other:
+                continue
+            if shapes:
+                _compare_shapes(name, ref, other)
+            if dtypes and ref.dtype(name) != other.dtype(name):
+                raise MergeMismatch(
+                    f"tensor {name!r} is {_dt(ref.dtype(name))} in {ref.folder} but {_dt(other.dtype(name))} "
+                    f"in {other.folder}"
+                )
+
+
+def _compare_names(ref: ShardedReader, other: ShardedReader) -> None:
+    a, b = set(ref.names()), set(other.names())
+    only = sorted((a - b) | (b - a))
+    if only:
+        first = only[0]
+        has, lacks = (ref, other) if first in a else (other, ref)
+        raise MergeMismatch(f"tensor {first!r} is in {has.folder} but not in {lacks.folder}")
+
+
+def _compare_shapes(name: str, ref: ShardedReader, other: ShardedReader) -> None:
+    sa, sb = ref.shape(name), other.shape(name)
+    if sa == sb:
+        return
+    if is_vocab_tensor(name) and len(sa) == len(sb) and sa[1:] == sb[1:]:
+        raise MergeMismatch(
+            f"tensor {name!r}: vocabulary sizes differ ({sa[0]} vs {sb[0]}); "
+            "use the transfer stage to align vocabularies"
+        )
+    raise MergeMismatch(f"tensor {name!r} has shape {list(sa)} in {ref.folder} but {list(sb)} in {other.folder}")
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,80 @@
+"""The embedded default world: tokenizer, tiny base model and task data, built locally on first use.
+
+No hub is reachable on the machines this project targets, so the world is generated deterministically and
+cached under `$POSTTRAIN_CACHE` (default `~/.cache/posttrain`), in a folder keyed by the generator's version:
+
+    <cache>/world-<VERSION>/
+      world.json               manifest: version, seed, row counts, pretraining stats
+      base/                    HF folder of the tiny Llama base, tokenizer with chat template
+      data/<task>/{train,dev,test}.jsonl
+
+Two processes that build at once are safe: the builder holds a file lock, builds into a temporary folder and
+renames it into place; the waiter finds the finished folder when it gets the lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+# Bump when anything that changes the generated world changes (data, tokenizer, model shape, pretraining).
+VERSION = "1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def _cached(key: str, build: Callable[[Path], dict], log: Callable[[str], None] = print) -> Path:
+    """Return <cache>/<key>, building it once under a lock with build(tmp_dir) -> manifest."""
+    root = cache_root()
+    final = root / key
+    if (final / "world.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "world.json").is_file():  # built by another process while we waited
+            return final
+        tmp = root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        start = time.time()
+        log(f"world: building {key} into {final} (once; cached afterwards)")
+        try:
+            manifest = build(tmp)
+            manifest.update(key=key, version=VERSION, build_seconds=round(time.time() - start, 1))
+            (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"world: {key} built in {time.time() - start:.0f}s")
+    return final
+
+
+def world_dir(log: Callable[[str], None] = print) -> Path:
+    from posttrain.world.build import build_world
+
+    return _cached(f"world-{VERSION}", lambda tmp: build_world(tmp, log=log), log)
+
+
+def base_model(log: Callable[[str], None] = print) -> Path:
+    return world_dir(log) / "base"
+
+
+def task_file(task: str, split: str, log: Callable[[str], None] = print) -> Path:
+    from posttrain.world.tasks import TASKS
+
+    if task not in TASKS:
+        from posttrain.registry import did_you_mean
+
+        raise ValueError(f"unknown world task {task!r}{did_you_mean(task, TASKS)}; known: {', '.join(TASKS)}")
+    path = world_dir(log) / "data" / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"world task {task!r} has no split {split!r} (train, dev, test)")
+    return path

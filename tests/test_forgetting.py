@@ -1,0 +1,208 @@
+"""Forgetting metrics against a hand-computed score matrix, and the report files they render.
+
+Every score is a multiple of 1/8, so every difference, mean and sum below is exact in binary floating point
+and the expected numbers can be written literally and compared with ==.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from evals.forgetting import (average_forgetting, backward_transfer, build_report, check_gate,
+                              deltas_vs_base, deltas_vs_previous, forgetting, max_drop, score_matrix,
+                              significant_drops)
+from evals.report import write_report
+
+# Hand-made pipeline. Keys sort as chat/win, code/pass, math/acc, math/em; math has two metrics.
+#
+#   stage  trains_on   chat/win  code/pass  math/acc  math/em
+#   base   -           0.500     0.250      0.375     0.250
+#   sft    math        0.375     0.250      0.750     0.625
+#   dpo    chat        0.750     0.000      0.625     0.500
+#   grpo   code        0.375     0.500      0.500     0.125
+TABLE = {
+    "base": (None, [0.500, 0.250, 0.375, 0.250]),
+    "sft": (["math"], [0.375, 0.250, 0.750, 0.625]),
+    "dpo": (["chat"], [0.750, 0.000, 0.625, 0.500]),
+    "grpo": (["code"], [0.375, 0.500, 0.500, 0.125]),
+}
+KEYS = ["chat/win", "code/pass", "math/acc", "math/em"]
+
+
+def make_stages() -> list[dict]:
+    stages = []
+    for name, (trains_on, values) in TABLE.items():
+        # Only chat/win has a stderr, so the md must show both the "± stderr" and the bare form.
+        scores = {k: {"value": v, "stderr": 0.02 if k == "chat/win" else None} for k, v in zip(KEYS, values)}
+        stage = {"name": name, "model": f"runs/x/{name}", "scores": scores}
+        if trains_on:
+            stage["trains_on"] = trains_on
+        stages.append(stage)
+    return stages
+
+
+def test_score_matrix_and_deltas():
+    keys, m = score_matrix(make_stages())
+    assert keys == KEYS
+    assert m.tolist() == [values for _, values in TABLE.values()]
+    # grpo - base: 0.375-0.5, 0.5-0.25, 0.5-0.375, 0.125-0.25
+    assert deltas_vs_base(make_stages())[-1].tolist() == [-0.125, 0.25, 0.125, -0.125]
+    assert deltas_vs_base(make_stages())[0].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # grpo - dpo: 0.375-0.75, 0.5-0.0, 0.5-0.625, 0.125-0.5
+    d_prev = deltas_vs_previous(make_stages())
+    assert d_prev[-1].tolist() == [-0.375, 0.5, -0.125, -0.375]
+    assert np.isnan(d_prev[0]).all()
+
+
+def test_forgetting_by_hand():
+    # f[k, j] = max(score[0..k-1, j]) - score[k, j]
+    # sft : chat 0.5-0.375=0.125   code 0.25-0.25=0     acc 0.375-0.75=-0.375  em 0.25-0.625=-0.375
+    # dpo : chat 0.5-0.75=-0.25    code 0.25-0=0.25     acc 0.75-0.625=0.125   em 0.625-0.5=0.125
+    # grpo: chat 0.75-0.375=0.375  code 0.25-0.5=-0.25  acc 0.75-0.5=0.25      em 0.625-0.125=0.5
+    assert forgetting(make_stages()).tolist() == [
+        [0.0, 0.0, 0.0, 0.0],
+        [0.125, 0.0, -0.375, -0.375],
+        [-0.25, 0.25, 0.125, 0.125],
+        [0.375, -0.25, 0.25, 0.5],
+    ]
+    # (0.375 - 0.25 + 0.25 + 0.5) / 4 = 0.875 / 4
+    assert average_forgetting(make_stages()) == 0.21875
+
+
+def test_max_drop_by_hand():
+    # base - score over later stages; the largest is code/pass at dpo: 0.25 - 0.0.
+    # (next: chat/win at sft and grpo, math/em at grpo, all 0.125)
+    assert max_drop(make_stages()) == {"drop": 0.25, "stage": "dpo", "key": "code/pass"}
+    # Nothing below base -> 0.0 with no stage; base only -> nothing to compare.
+    up = make_stages()[:1] + [{"name": "up", "scores": {"chat/win": {"value": 0.625}}}]
+    assert max_drop(up) == {"drop": 0.0, "stage": None, "key": None}
+    assert max_drop(make_stages()[:1]) == {"drop": None, "stage": None, "key": None}
+
+
+def test_backward_transfer_by_hand():
+    # Training stages: sft (math), dpo (chat), grpo (code); T = grpo, the final stage.
+    # math: R_T = mean(0.5, 0.125) = 0.3125, R_sft = mean(0.75, 0.625) = 0.6875 -> -0.375
+    # chat: R_T = 0.375, R_dpo = 0.75                                           -> -0.375
+    # BWT = (-0.375 - 0.375) / 2
+    assert backward_transfer(make_stages()) == -0.375
+
+
+def test_backward_transfer_reads_final_stage_and_needs_two_training_stages():
+    # A trailing merge (no trains_on) is where R_T is read:
+    # math: mean(0.75, 0.5) - 0.6875 = -0.0625; chat: 0.5 - 0.75 = -0.25; BWT = -0.3125 / 2
+    merge = {"name": "merge", "scores": {k: {"value": v} for k, v in zip(KEYS, [0.5, 0.5, 0.75, 0.5])}}
+    assert backward_transfer(make_stages() + [merge]) == -0.15625
+    assert backward_transfer(make_stages()[:2]) is None
+    no_trains = [dict(s, trains_on=[]) for s in make_stages()]
+    assert backward_transfer(no_trains) is None
+
+
+def test_missing_score_is_nan_and_null_in_json():
+    stages = make_stages()
+    del stages[2]["scores"]["math/em"]  # dpo did not score math/em
+    keys, m = score_matrix(stages)
+    assert math.isnan(m[2, 3])
+    f = forgetting(stages)
+    assert math.isnan(f[2, 3])
+    # the missing stage must not hide sft's 0.625 from grpo: 0.625 - 0.125
+    assert f[3, 3] == 0.5
+    report = build_report(stages)
+    assert report["tasks"]["math/em"]["delta_vs_base"] == [0.0, 0.375, None, -0.125]
+    json.dumps(report, allow_nan=False)  # strict JSON: no NaN left anywhere
+
+
+def sig_stages() -> list[dict]:
+    # stderrs 3/64 and 4/64 make sqrt(a^2 + b^2) = 5/64 exactly, so z=2 gives a threshold of 0.15625.
+    a, b = 0.046875, 0.0625
+    return [
+        {"name": "base", "scores": {"x/acc": {"value": 0.75, "stderr": a}, "y/acc": {"value": 0.75, "stderr": a},
+                                    "z/acc": {"value": 0.5, "stderr": None}}},
+        {"name": "s1", "scores": {"x/acc": {"value": 0.5, "stderr": b}, "y/acc": {"value": 0.625, "stderr": b},
+                                  "z/acc": {"value": 0.375}}},
+        {"name": "s2", "scores": {"x/acc": {"value": 0.375, "stderr": a}, "y/acc": {"value": 0.75, "stderr": a},
+                                  "z/acc": {"value": 0.375, "stderr": None}}},
+    ]
+
+
+def test_significant_drops():
+    flags = significant_drops(sig_stages())
+    got = [(d["stage"], d["key"], d["against"], d["drop"]) for d in flags]
+    assert got == [
+        ("s1", "x/acc", "base", 0.25),   # 0.25 > 2 * 5/64 = 0.15625
+        ("s1", "z/acc", "base", 0.125),  # no stderrs: threshold 0
+        ("s2", "x/acc", "base", 0.375),  # threshold 2 * sqrt(2) * 3/64
+        ("s2", "z/acc", "base", 0.125),
+    ]
+    # Not flagged: y/acc at s1 (0.125 < 0.15625); x/acc s2 vs s1 (0.125 < 0.15625); z/acc s2 vs s1 (0 > 0 is false).
+    assert flags[0]["threshold"] == 0.15625 and flags[1]["threshold"] == 0.0
+    assert flags[2]["threshold"] == pytest.approx(2 * math.sqrt(2) * 0.046875)
+    # A looser z drops x/acc at s1 (threshold 0.3125 > 0.25) but keeps it at s2 vs base.
+    assert [(d["stage"], d["key"]) for d in significant_drops(sig_stages(), z=4.0)] == [
+        ("s1", "z/acc"), ("s2", "x/acc"), ("s2", "z/acc")]
+
+
+def test_significant_drop_against_previous():
+    stages = sig_stages()
+    stages[2]["scores"]["y/acc"] = {"value": 0.375, "stderr": 0.0}  # 0.625 -> 0.375 after s1
+    prev = [d for d in significant_drops(stages) if d["against"] == "previous"]
+    assert [(d["stage"], d["key"], d["reference"], d["drop"]) for d in prev] == [("s2", "y/acc", "s1", 0.25)]
+    assert prev[0]["threshold"] == 0.125  # 2 * sqrt(0.0625^2 + 0)
+
+
+def test_gate():
+    # Last stage grpo vs base: chat/win -0.125, code/pass +0.25, math/acc +0.125, math/em -0.125.
+    msgs = check_gate(make_stages(), {"chat": 0.1, "math/em": 0.125, "code": 0.0, "math/acc": 0.0})
+    assert len(msgs) == 1  # math/em sits exactly at its allowance, which passes
+    assert "'grpo'" in msgs[0] and "chat/win" in msgs[0] and "0.125" in msgs[0]
+    # A task name gates all its metrics; a full key overrides its task.
+    msgs = check_gate(make_stages(), {"math": 0.1})
+    assert len(msgs) == 1 and "math/em" in msgs[0]
+    assert check_gate(make_stages(), {"math": 0.1, "math/em": 0.2}) == []
+    assert check_gate(make_stages(), {}) == []
+    # A gate that names nothing evaluated is reported, not passed.
+    msgs = check_gate(make_stages(), {"maths": 0.1, "chat/acc": 0.1})
+    assert len(msgs) == 2 and "'maths'" in msgs[0] and "'chat/acc'" in msgs[1]
+
+
+def test_build_report_shape():
+    report = build_report(make_stages())
+    assert report["stages"] == make_stages()
+    assert list(report["tasks"]) == KEYS
+    assert report["tasks"]["code/pass"]["forgetting"] == [0.0, 0.0, 0.25, -0.25]
+    assert report["tasks"]["code/pass"]["delta_vs_previous"] == [None, 0.0, -0.25, 0.5]
+    assert report["summary"] == {"average_forgetting": 0.21875, "backward_transfer": -0.375,
+                                 "max_drop": {"drop": 0.25, "stage": "dpo", "key": "code/pass"}}
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    """Rows of the markdown tables in ``md`` as {first cell: other cells}; header and rule rows included."""
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.splitlines() if line.startswith("| ")}
+
+
+def test_write_report(tmp_path):
+    out = tmp_path / "report"
+    returned = write_report(make_stages(), str(out), extra_sections=["## HFT masks\n\nsft: half per layer"])
+    assert sorted(os.listdir(out)) == ["forgetting.json", "forgetting.md", "forgetting.png"]  # no temp left
+    assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    loaded = json.loads((out / "forgetting.json").read_text())
+    assert loaded == returned == build_report(make_stages())
+
+    md = (out / "forgetting.md").read_text()
+    scores_md, forgetting_md = md.split("## Forgetting per stage")
+    rows = table_rows(scores_md)
+    # The scores table: every input value, its stderr where given, and its delta vs base.
+    assert rows["base"][1:] == ["0.500 ± 0.020", "0.250", "0.375", "0.250"]
+    assert rows["dpo"] == ["chat", "0.750 ± 0.020 (+0.250)", "0.000 (-0.250)", "0.625 (+0.250)", "0.500 (+0.250)"]
+    for name, (_, values) in TABLE.items():
+        for v in values:
+            assert f"{v:.3f}" in md
+    assert table_rows(forgetting_md.split("##")[0])["grpo"] == ["+0.375", "-0.250", "+0.250", "+0.500"]
+    assert "- `dpo` code/pass: -0.250 vs base (`base`), threshold 0.000" in md
+    assert "Backward transfer (GEM): -0.375" in md
+    assert md.rstrip().endswith("sft: half per layer")
