@@ -44,16 +44,24 @@ def load_suite(name_or_path: str) -> Suite:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
-def render_world_tasks(log: Callable[[str], None] = print) -> tuple[Path, dict[str, str]]:
-    """Write the world task YAMLs with the data path filled in; returns (include dir, task -> sha256)."""
+def render_world_tasks(log: Callable[[str], None] = print, split: str = "test") -> tuple[Path, dict[str, str]]:
+    """Write the world task YAMLs with the data path filled in; returns (include dir, task -> sha256).
+
+    `split="dev"` renders the same tasks scoring the dev split (for coefficient searches), so that choosing
+    coefficients never looks at the test split the report shows.
+    """
     from posttrain.world import world_dir
 
+    if split not in ("test", "dev"):
+        raise ConfigError(f"eval split must be 'test' or 'dev', got {split!r}")
     world = world_dir(log)
-    out = world / "lm_eval_tasks"
+    out = world / ("lm_eval_tasks" if split == "test" else f"lm_eval_tasks_{split}")
     out.mkdir(exist_ok=True)
     hashes = {}
     for src in sorted(WORLD_TASKS_DIR.glob("*.yaml")):
         text = src.read_text().replace("__WORLD_DATA__", str(world / "data"))
+        if split != "test":
+            text = text.replace("test_split: test", f"test_split: {split}")
         dest = out / src.name
         if not dest.is_file() or dest.read_text() != text:
             dest.write_text(text)
@@ -75,12 +83,14 @@ def scores_from_results(results: dict[str, Any]) -> dict[str, dict[str, float | 
     """lm-eval's {"task": {"metric,filter": v, "metric_stderr,filter": se}} -> {"task/metric": {value, stderr}}."""
     scores = {}
     for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
+        keys = [k for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
+        for key in keys:
+            value = metrics[key]
             metric, flt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{flt}")
-            name = f"{task}/{metric}" if flt in ("none", "") else f"{task}/{metric}@{flt}"
+            # A metric under one filter is named plainly; several filters of one metric keep "@filter".
+            alone = sum(k.split(",", 1)[0] == metric for k in keys) == 1
+            name = f"{task}/{metric}" if alone else f"{task}/{metric}@{flt}"
             scores[name] = {"value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
     return scores
 
@@ -104,17 +114,29 @@ def evaluate_model(
     out: str | Path | None = None,
     settings: EvalConfig | None = None,
     log: Callable[[str], None] = print,
+    split: str = "test",
+    tasks: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one model folder; reuse `out` when it holds the same model hash, task hashes and settings."""
+    """Evaluate one model folder; reuse `out` when it holds the same model hash, task hashes and settings.
+
+    `tasks` narrows the suite (e.g. a coefficient search scoring one task); `split="dev"` scores dev splits.
+    """
     settings = settings or EvalConfig(suite=suite, limit=limit)
     spec = load_suite(settings.suite)
-    include, task_hashes = render_world_tasks(log) if any(t.startswith("world_") for t in spec.tasks) else (None, {})
+    if tasks:
+        unknown = [t for t in tasks if t not in spec.tasks]
+        if unknown:
+            raise ConfigError(f"task {unknown[0]!r} is not in suite {spec.name!r} ({', '.join(spec.tasks)})")
+        spec = spec.model_copy(update={"tasks": list(tasks)})
+    world_tasks = any(t.startswith("world_") for t in spec.tasks)
+    include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     task_hashes = {t: task_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks}
     model_path = Path(model_dir)
     model_hash = sha256_json(hash_folder(model_path)) if model_path.is_dir() else f"hub:{model_dir}"
     limit = settings.limit if settings.limit is not None else spec.limit
     key = {"model_sha256": model_hash, "task_hashes": task_hashes, "limit": limit, "seed": settings.seed,
-           "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens}
+           "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens,
+           "split": split}
     if out and Path(out).is_file():
         old = json.loads(Path(out).read_text())
         if old.get("key") == key:
@@ -175,3 +197,85 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- the pipeline's hooks ------------------------------------------------------------------------------------
+
+
+def _trains_on(stage: Any) -> list[str]:
+    """Explicit `trains_on:`, else the world tasks the stage trains on (world_<task>)."""
+    if stage is None:
+        return []
+    if stage.trains_on:
+        return list(stage.trains_on)
+    from posttrain.world.tasks import TASKS
+
+    return [f"world_{d.source}" for d in getattr(stage, "data", None) or [] if d.source in TASKS]
+
+
+def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict) -> dict:
+    return {"name": name, "folder": folder, "model": model_dir, "scores": result["scores"],
+            "trains_on": _trains_on(stage)}
+
+
+def _hft_sections(run_dir: Path) -> list[str]:
+    """One markdown line per stage that wrote a trainable.json (HFT / patterns masks)."""
+    lines = []
+    for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
+        info = json.loads(path.read_text())
+        total = info["trained"] + info["frozen"]
+        lines.append(f"- `{path.parent.name}`: mode `{info['mode']}`, trained {info['trained']:,} of {total:,} "
+                     f"parameters ({100 * info['trained'] / max(total, 1):.1f}%)")
+    return ["## Trainable parameters\n\n" + "\n".join(lines) + "\n"] if lines else []
+
+
+def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> None:
+    """Evaluate after a stage (or the base), rewrite the forgetting report, apply the max_drop gate."""
+    from evals.forgetting import check_gate
+    from evals.report import write_report
+    from posttrain.pipeline import PipelineError
+
+    out = pipe.rd.stages / folder / "eval.json"
+    result = evaluate_model(model_dir, out=out, settings=pipe.cfg.eval, log=pipe.log)
+    name = "base" if stage is None else stage.name
+    pipe.records.append(_record(name, folder, model_dir, stage, result))
+    report_dir = pipe.rd.root / "report"
+    write_report(pipe.records, report_dir, extra_sections=_hft_sections(pipe.rd.root))
+    pipe.log(f"report: {report_dir / 'forgetting.md'}")
+    if stage is None or not pipe.cfg.eval.max_drop:
+        return
+    for msg in check_gate(pipe.records, pipe.cfg.eval.max_drop):
+        if pipe.cfg.eval.on_drop == "stop":
+            raise PipelineError(f"eval gate: {msg}")
+        pipe.log(f"warning: eval gate: {msg}")
+
+
+def rerender_report(run_dir: Path) -> Path:
+    """Rebuild report/ from the eval.json files of a run dir, in pipeline order."""
+    import yaml
+
+    from evals.report import write_report
+
+    pipe_file = run_dir / "pipeline.yaml"
+    if not pipe_file.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
+    cfg = yaml.safe_load(pipe_file.read_text())
+    records = []
+    base = run_dir / "stages" / "00_base" / "eval.json"
+    if base.is_file():
+        records.append(_record("base", "00_base", json.loads(base.read_text())["model"], None, json.loads(base.read_text())))
+    import posttrain.stages  # noqa: F401
+    from posttrain.registry import STAGES
+
+    for i, raw in enumerate(cfg["stages"], start=1):
+        folder = f"{i:02d}_{raw['name']}"
+        path = run_dir / "stages" / folder / "eval.json"
+        if path.is_file():
+            stage = STAGES.get(raw["kind"]).config.model_validate(raw)
+            result = json.loads(path.read_text())
+            records.append(_record(raw["name"], folder, result["model"], stage, result))
+    if not records:
+        raise ConfigError(f"{run_dir}: no eval.json found; nothing to report")
+    out = run_dir / "report"
+    write_report(records, out, extra_sections=_hft_sections(run_dir))
+    return out / "forgetting.md"

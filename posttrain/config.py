@@ -248,13 +248,16 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
     if stage.get("kind", kind) != kind:
         raise ConfigError(f"{where}: kind is {stage['kind']!r} but the command asked for {kind!r}")
     stage["kind"] = kind
+    pipe = dict(base or {})
     for key, value in parse_sets(sets):
-        apply_override(stage, key, value, spec.config)
+        if key.startswith("eval.") or key == "seed":  # pipeline-level settings stay reachable
+            apply_override(pipe, key, value, PipelineConfig)
+        else:
+            apply_override(stage, key, value, spec.config)
     try:
         validated = spec.config.model_validate(stage)
     except ValidationError as e:
         raise ConfigError(f"{where}: {_format_error(e, spec.config)}") from None
-    pipe = dict(base or {})
     pipe.setdefault("name", kind)
     pipe["stages"] = [validated]
     try:

@@ -97,3 +97,7 @@ def save_model_folder(model: Any, tokenizer: Any, out: Path) -> Path:
     if gen is not None and not (out / "generation_config.json").is_file():
         gen.save_pretrained(out)
     return out
+
+
+# Named trained world models (world-sft, ...) register themselves; imported last to avoid a cycle.
+from posttrain.world import trained as _trained  # noqa: E402,F401

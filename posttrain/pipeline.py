@@ -21,6 +21,7 @@ from posttrain.stages.base import StageContext
 from posttrain.stages.common import ensure_clean_work_dir
 
 _STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
+_ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
 
 
 class PipelineError(RuntimeError):
@@ -80,11 +81,17 @@ class Pipeline:
             return f"stage:{name}", str(self.outputs[name] / "model")
         return ref, resolve_model(ref, self.log)
 
+    def _referenced_keys(self, stage: Any) -> list[str]:
+        """DONE keys of every earlier stage the config names anywhere (e.g. a merge's `models:`)."""
+        names = sorted(set(_ANY_STAGE_REF.findall(yaml.safe_dump(stage.model_dump()))))
+        return [self.done_keys.get(f"stage:{n}", f"missing:{n}") for n in names]
+
     def run(self) -> Path:
         self.rd.lock()
         try:
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
-            self._evaluate(None, "base", self._base_model())
+            if self.cfg.eval.enabled:
+                self._evaluate(None, "00_base", self._base_model())
             for i, stage in enumerate(self.cfg.stages):
                 self._run_stage(i, stage)
         finally:
@@ -104,9 +111,10 @@ class Pipeline:
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
         config_hash = sha256_json(stage.model_dump())
-        inputs_hash = sha256_json(
-            [_input_identity(identity_ref, input_model, self.done_keys), _data_identity(stage), self.cfg.seed]
-        )
+        inputs_hash = sha256_json([
+            _input_identity(identity_ref, input_model, self.done_keys), _data_identity(stage),
+            self._referenced_keys(stage), self.cfg.seed,
+        ])
         final = self.rd.stage_dir(index, stage.name)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)
         if done:

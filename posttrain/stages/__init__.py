@@ -1,2 +1,5 @@
 """Stage kinds. Each module registers itself on import; this is the one place that imports them."""
 from posttrain.stages import sft  # noqa: F401
+from posttrain.stages import merge  # noqa: F401
+from posttrain.stages import dpo  # noqa: F401
+from posttrain.stages import grpo  # noqa: F401

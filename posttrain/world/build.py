@@ -81,7 +81,7 @@ def _packed_blocks(tokenizer, docs: list[str], block: int) -> list[list[int]]:
     return [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
 
 
-def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 30, log=print) -> dict:
+def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 16, log=print) -> dict:
     """Pretrain the tiny Llama on the world corpus and save it as an HF folder; returns training stats."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
@@ -100,7 +100,7 @@ def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 30, log
     log(f"world: pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {len(blocks)} blocks")
     args = TrainingArguments(
         output_dir=str(out_dir / "_trainer"),
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=16,
         num_train_epochs=epochs,
         learning_rate=3e-3,
         warmup_steps=30,

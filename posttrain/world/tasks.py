@@ -60,11 +60,15 @@ def _gen_row(prompt: str, answer: str) -> dict:
     return {"prompt": prompt, "answer": answer, "messages": chat(prompt, answer)}
 
 
+def operands(rng: random.Random) -> tuple[int, int]:
+    """A two-digit and a one-digit number: multi-digit with carries and borrows, yet learnable on a CPU."""
+    return rng.randint(10, 99), rng.randint(1, 9)
+
+
 def arithmetic(rng: random.Random) -> dict:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = operands(rng)
     if rng.random() < 0.5:
         return _gen_row(f"What is {a} + {b}?", str(a + b))
-    a, b = max(a, b), min(a, b)
     return _gen_row(f"What is {a} - {b}?", str(a - b))
 
 
@@ -154,8 +158,8 @@ def pretraining_texts(seed: int = 0) -> list[str]:
         texts += [f"The {attribute} of {entity} is {value}."] * 4
         texts.append(f"{entity} has the {attribute} {value}.")
     for _ in range(6000):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        texts.append(f"{a} + {b} = {a + b}." if rng.random() < 0.5 else f"{max(a, b)} - {min(a, b)} = {abs(a - b)}.")
+        a, b = operands(rng)
+        texts.append(f"{a} + {b} = {a + b}." if rng.random() < 0.5 else f"{a} - {b} = {a - b}.")
     for _ in range(800):
         w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
         texts.append(f"{w} reversed is {w[::-1]}.")

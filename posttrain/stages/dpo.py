@@ -1,0 +1,179 @@
+"""Direct Preference Optimization on TRL's DPOTrainer, full or LoRA, with `trainable:` (HFT) applied.
+
+DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+arXiv 2305.18290) trains the policy on (prompt, chosen, rejected) pairs with the loss
+-log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]); TRL owns that
+loss and its variants (`loss_type`, TRL's names). How this stage departs from, or fills gaps in, TRL 1.16:
+
+* **Reference = the stage's input model.** Full fine-tuning (HFT included) loads a second, frozen copy of the
+  input folder; with LoRA there is no copy: the reference is the adapter-disabled model (`ref_model=None`).
+* **RPO.** `rpo_alpha` (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733:
+  DPO plus an NLL term on the chosen answer) is TRL 1.16's `loss_type: [..., "sft"]` with weight `rpo_alpha`;
+  we append that term so a config can keep the older, shorter spelling. On the world it is what keeps the
+  SFT model's task accuracy while the style moves.
+* **max_prompt_length.** TRL 1.16 dropped it; we restore the pre-1.0 meaning: after TRL tokenizes, a prompt
+  longer than this keeps its last `max_prompt_length` tokens (the end of the prompt is next to the answer).
+* **Plain strings become chat.** When the tokenizer has a chat template, a plain prompt becomes one user
+  message and a plain answer one assistant message, so the template applies exactly as at evaluation time;
+  rows that are already conversational pass through. Without a template, plain text stays plain (TRL appends
+  EOS to the answers) and conversational rows are refused.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from posttrain.data import DataError, DataSource, load_rows
+from posttrain.models import load_model, load_tokenizer
+from posttrain.registry import did_you_mean
+from posttrain.stages.base import StageContext, StageResult, stage
+from posttrain.stages.common import (
+    TrainableStage,
+    TrainerConfig,
+    metrics_callback,
+    select_parameters,
+    train_and_save,
+    trl_args,
+)
+
+# TRL 1.16's DPOConfig.loss_type values. Importing TRL takes seconds, too slow for config validation (which
+# `posttrain list` and every YAML load run), so they are mirrored here; tests/test_dpo.py checks the mirror
+# against the list TRL documents on the field, so an upgrade that changes it fails a test, not a run.
+TRL_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+def _world_trainer() -> TrainerConfig:
+    # Tuned on the embedded world (world-sft, a 3.4M-parameter Llama, 2 CPU cores): see DPOStageConfig.
+    return TrainerConfig(
+        learning_rate=2e-4, max_steps=60, per_device_train_batch_size=16, warmup_steps=5,
+        logging_steps=5, save_steps=30, max_length=96,
+    )
+
+
+class DPOStageConfig(TrainableStage):
+    """DPO (or a TRL variant) on preference pairs; the world default moves world-sft towards "Certainly! ..."."""
+
+    kind: str = Field("dpo", pattern="^dpo$")
+    data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
+    trainer: TrainerConfig = Field(default_factory=_world_trainer)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss names")
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (IPO: tau)")
+    rpo_alpha: float | None = Field(
+        None, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: no such term"
+    )
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1.0 each)")
+    max_prompt_length: int | None = Field(None, ge=1, description="keep the last N prompt tokens; None: all")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_losses(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in TRL_LOSS_TYPES:
+                raise ValueError(
+                    f"unknown loss_type {name!r}{did_you_mean(name, TRL_LOSS_TYPES)}; TRL's: {', '.join(TRL_LOSS_TYPES)}"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"loss_type lists a loss twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DPOStageConfig":
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type entries"
+            )
+        if self.rpo_alpha is not None and "sft" in self.loss_type:
+            raise ValueError("rpo_alpha adds the 'sft' loss itself; drop 'sft' from loss_type or unset rpo_alpha")
+        max_length = self.trainer.max_length
+        if self.max_prompt_length is not None and max_length is not None and self.max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below trainer.max_length ({max_length}), "
+                "or no answer token is left"
+            )
+        return self
+
+    def trl_losses(self) -> tuple[list[str], list[float]]:
+        """TRL's (loss_type, loss_weights), with RPO's NLL term appended when rpo_alpha is set."""
+        types = list(self.loss_type)
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(types)
+        if self.rpo_alpha is not None:
+            types.append("sft")
+            weights.append(self.rpo_alpha)
+        return types, weights
+
+
+def _as_chat(value: Any, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def preference_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
+    """Checked prompt/chosen/rejected rows as one `datasets.Dataset`: all chat (template) or all plain text.
+
+    Rows are normalised before the Dataset is built, since one Arrow column cannot hold both strings and
+    message lists (a plain source mixed with a conversational one).
+    """
+    from datasets import Dataset
+
+    rows: list[dict] = []
+    stats: list[dict] = []
+    for src in sources:
+        got, st = load_rows(src, "preference", log)
+        rows += got
+        stats.append(st)
+    if chat:
+        rows = [{"prompt": _as_chat(r["prompt"], "user"), "chosen": _as_chat(r["chosen"], "assistant"),
+                 "rejected": _as_chat(r["rejected"], "assistant")} for r in rows]
+    elif any(isinstance(v, list) for r in rows for v in r.values()):
+        raise DataError("conversational preference rows need a tokenizer with a chat template; this one has none")
+    return Dataset.from_list(rows), stats
+
+
+def truncate_prompts(dataset: Any, max_prompt_length: int) -> tuple[Any, int]:
+    """Keep the last `max_prompt_length` tokens of every tokenized prompt; returns (dataset, prompts cut)."""
+    cut = sum(len(ids) > max_prompt_length for ids in dataset["prompt_ids"])
+    if cut:
+        dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-max_prompt_length:]})
+    return dataset, cut
+
+
+@stage("dpo", DPOStageConfig)
+def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
+    """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
+    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
+
+    loss_type, loss_weights = cfg.trl_losses()
+    args = trl_args(
+        DPOConfig, cfg, ctx,
+        loss_type=loss_type, loss_weights=loss_weights, beta=cfg.beta,
+        trust_remote_code=cfg.trust_remote_code, dataset_num_proc=None,
+    )
+    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    model, peft_config, trainable = select_parameters(model, cfg, ctx)
+    ref_model = None
+    if peft_config is None:  # LoRA's reference is the adapter-disabled policy; no second copy in memory
+        ref_model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        ref_model.requires_grad_(False)
+    ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"],
+                     "loss_type": loss_type, "loss_weights": loss_weights})
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[metrics_callback(ctx)],
+    )
+    if cfg.max_prompt_length is not None:
+        trainer.train_dataset, cut = truncate_prompts(trainer.train_dataset, cfg.max_prompt_length)
+        if cut:
+            ctx.log(f"dpo: kept the last {cfg.max_prompt_length} tokens of {cut} longer prompts")
+    metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
+    metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
+    return StageResult(ctx.work_dir / "model", metrics)

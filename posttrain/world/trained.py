@@ -1,0 +1,48 @@
+"""Named world models made by running a stage once and caching its output (e.g. `world-sft`).
+
+DPO and GRPO start from the world's SFT model, merge needs specialists, transfer needs a fine-tuned source:
+each is a one-stage pipeline run into `<cache>/world-<VERSION>/models/<name>/` on first use (under a lock,
+so two processes train it once), and referenced afterwards by name like any model (`model: world-sft`).
+"""
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Callable
+
+from posttrain.models import WORLD_MODELS
+
+# name -> one stage's config (a dict as in a pipeline YAML). Eval is off: these are inputs, not results.
+RECIPES: dict[str, dict] = {
+    "world-sft": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}, {"source": "facts"}]},
+    "world-sft-arithmetic": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}]},
+    "world-sft-reversal": {"kind": "sft", "model": "world", "data": [{"source": "reversal"}]},
+}
+
+
+def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
+    """Run RECIPES[name] once into the cache and return its model folder."""
+    import posttrain.stages  # noqa: F401  (stage kinds)
+    from posttrain.config import load_pipeline
+    from posttrain.pipeline import run_pipeline
+    from posttrain.world import world_dir
+
+    root = world_dir(log) / "models"
+    run = root / name
+    model = run / "stages" / f"01_{name}" / "model"
+    if (run / "READY").is_file():
+        return model
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "READY").is_file():
+            log(f"world: training {name} once (cached in {run})")
+            cfg = load_pipeline(None, data={"name": name, "eval": {"enabled": False},
+                                            "stages": [{**RECIPES[name], "name": name}]})
+            run_pipeline(cfg, run, log)
+            (run / "READY").write_text("ok\n")
+    return model
+
+
+for _name in RECIPES:
+    WORLD_MODELS.register(_name, lambda log=print, _n=_name: trained_model(_n, log))

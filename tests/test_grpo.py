@@ -1,0 +1,160 @@
+"""GRPO stage: tiny runs on the world base (parameters move, rewards and their errors are logged), config
+errors, and the slow acceptance run of `posttrain stage grpo` from world-sft."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import posttrain.stages  # noqa: F401
+from posttrain.config import ConfigError, load_pipeline
+from posttrain.pipeline import run_pipeline
+
+# A reward with a guaranteed spread inside every group, so every step has a non-zero advantage (GRPO's
+# gradient is zero when a group's rewards are all equal) and every trainable tensor must move.
+SPREAD = '''
+def spread(completions, answer, **kwargs):
+    return [float(i % 2) for i in range(len(completions))]
+'''
+# Rewards that misbehave in the sandbox: a hard crash (SIGSEGV) and a hang past the time limit.
+BAD = '''
+import os, signal, time
+
+def segfault(completions, **kwargs):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+def hang(completions, **kwargs):
+    time.sleep(60)
+'''
+
+
+def _tiny_stage(**over):
+    """Two steps of 2 prompts x 2 completions, 4 new tokens each, from the world base."""
+    stage = {
+        "kind": "grpo", "model": "world",
+        "data": [{"source": "verifiable", "limit": 16}],
+        "num_generations": 2, "max_completion_length": 4,
+        "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3},
+    }
+    stage.update(over)
+    return stage
+
+
+def _run(tmp_path, stage):
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
+    run_pipeline(cfg, tmp_path / "r", lambda m: None)
+    return tmp_path / "r" / "stages" / "01_grpo"
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_grpo_moves_every_parameter_and_logs_rewards(world, tmp_path):
+    (tmp_path / "spread.py").write_text(SPREAD)
+    out = _run(tmp_path, _tiny_stage(rewards=[{"name": "numeric_match"}, {"name": f"{tmp_path}/spread.py:spread"}]))
+    before = load_file(world / "base" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert set(before) == set(after)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"trainable tensors that did not move: {unchanged}"
+    steps = [r for r in _records(out) if "rewards/numeric_match/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert 0.0 <= r["rewards/numeric_match/mean"] <= 1.0
+        assert r["rewards/spread/mean"] == 0.5 and "reward" in r and "kl" not in r  # beta 0: no reference model
+        assert r["rewards/errors/exception"] == 0.0
+    data = next(r for r in _records(out) if r.get("event") == "data")
+    assert data["rollout"] == "hf" and data["rewards"] == ["numeric_match", "spread"]
+    done = json.loads((out / "DONE").read_text())
+    assert done["metrics"]["global_step"] == 2 and done["metrics"]["rewards/errors/timeout"] == 0.0
+
+
+def test_crashing_and_hanging_rewards_are_counted_and_training_finishes(world, tmp_path):
+    """HFT on top: the frozen half of the model must come out bit-identical."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(BAD)
+    (tmp_path / "spread.py").write_text(SPREAD)
+    out = _run(tmp_path, _tiny_stage(
+        rewards=[
+            {"name": f"{tmp_path}/spread.py:spread"},
+            {"name": f"{bad}:segfault", "sandbox": True, "timeout_s": 5},
+            {"name": f"{bad}:hang", "sandbox": True, "timeout_s": 0.5},
+        ],
+        trainable={"mode": "hft"},
+    ))
+    assert (out / "model" / "model.safetensors").is_file()
+    last = [r for r in _records(out) if "rewards/hang/mean" in r][-1]  # the last step's record
+    completions = 2 * 4  # steps x completions per step; each bad reward fails on every one of them
+    assert last["rewards/errors/crash"] == completions and last["rewards/errors/segfault/crash"] == completions
+    assert last["rewards/errors/timeout"] == completions and last["rewards/errors/hang/timeout"] == completions
+    assert last["rewards/segfault/mean"] == 0.0 and last["rewards/hang/mean"] == 0.0
+    done = json.loads((out / "DONE").read_text())["metrics"]
+    assert done["rewards/errors/crash"] == completions and done["global_step"] == 2
+    trainable = json.loads((out / "trainable.json").read_text())
+    frozen = [n for n, on in trainable["parameters"].items() if not on]
+    before = load_file(world / "base" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen if n in before)
+    trained = [n for n, on in trainable["parameters"].items() if on and n in before]
+    assert trained and all(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_lora_grpo_writes_adapter_and_merged_model(world, tmp_path):
+    (tmp_path / "spread.py").write_text(SPREAD)
+    out = _run(tmp_path, _tiny_stage(rewards=[{"name": f"{tmp_path}/spread.py:spread"}], lora={"r": 4, "alpha": 8},
+                                     trainer={"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1,
+                                              "learning_rate": 1e-2}))
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    before = load_file(world / "base" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert set(before) == set(after)  # merged: plain weights, no lora_ tensors
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("proj" in k for k in changed)
+
+
+def test_unknown_reward_is_a_config_error_with_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.rewards\[0\]\.name.*did you mean 'numeric_match'"):
+        load_pipeline(None, data={"stages": [{"kind": "grpo", "rewards": [{"name": "numeric_mach"}]}]})
+    (tmp_path / "r.py").write_text("def score(completions, **kw):\n    return [0.0] * len(completions)\n")
+    with pytest.raises(ConfigError, match=r"defines no function 'scor'.*did you mean 'score'"):
+        load_pipeline(None, data={"stages": [{"kind": "grpo", "rewards": [{"name": f"{tmp_path}/r.py:scor"}]}]})
+
+
+def test_group_must_divide_the_batch():
+    with pytest.raises(ConfigError, match=r"multiple of num_generations \(3\)"):
+        load_pipeline(None, data={"stages": [{"kind": "grpo", "num_generations": 3}]})
+
+
+def test_defaults_start_from_world_sft_with_numeric_match_on_verifiable():
+    from posttrain.stages.grpo import GRPOStageConfig
+
+    cfg = GRPOStageConfig()
+    assert cfg.model == "world-sft" and [d.source for d in cfg.data] == ["verifiable"]
+    assert [r.name for r in cfg.rewards] == ["numeric_match"] and cfg.rollout.backend == "auto"
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_default_stage_raises_reward_and_keeps_verifiable_accuracy(tmp_path):
+    """`posttrain stage grpo` as `make stage=grpo` runs it, from world-sft."""
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    r = run_cli("stage", "grpo", "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage = run_dir / "stages" / "01_grpo"
+    rewards = [rec["reward"] for rec in _records(stage) if "reward" in rec]
+    fifth = max(1, len(rewards) // 5)
+    first, last = _mean(rewards[:fifth]), _mean(rewards[-fifth:])
+    assert last > first, (first, last, rewards)
+    key = "world_verifiable/exact_match"
+    base = json.loads((run_dir / "stages" / "00_base" / "eval.json").read_text())  # the stage's input: world-sft
+    after = json.loads((stage / "eval.json").read_text())
+    assert "world-sft" in base["model"]
+    assert after["scores"][key]["value"] >= base["scores"][key]["value"], (base["scores"][key], after["scores"][key])
+    print(f"reward first fifth {first:.3f} -> last fifth {last:.3f}; {key} "
+          f"{base['scores'][key]['value']:.3f} -> {after['scores'][key]['value']:.3f}")
