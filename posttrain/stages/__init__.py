@@ -3,3 +3,4 @@ from posttrain.stages import sft  # noqa: F401
 from posttrain.stages import merge  # noqa: F401
 from posttrain.stages import dpo  # noqa: F401
 from posttrain.stages import grpo  # noqa: F401
+from posttrain.stages import transfer  # noqa: F401

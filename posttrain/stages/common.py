@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,8 @@ def trl_args(config_cls: type, stage: TrainableStage, ctx: StageContext, **kind_
         report_to=[],
         use_cpu=not cuda,
         dataloader_num_workers=0,
+        # Log NaN/inf losses as they are (transformers would average them away) so the stage can stop on them.
+        logging_nan_inf_filter=False,
     )
     if "max_length" in fields:
         kwargs["max_length"] = t.max_length
@@ -116,7 +120,21 @@ def metrics_callback(ctx: StageContext):
     """A TrainerCallback that appends every log record to metrics.jsonl and stops on a NaN/inf loss."""
     from transformers import TrainerCallback
 
+    # Fault injection for the reliability tests: SIGKILL ourselves after step N, exactly like `kill -9`.
+    # With POSTTRAIN_FAULT_MID_ACCUMULATION=1 the kill lands after a micro-batch of step N+1 instead, halfway
+    # through a gradient accumulation.
+    crash_at = int(os.environ.get("POSTTRAIN_FAULT_KILL_AT_STEP", "0"))
+    mid_accum = os.environ.get("POSTTRAIN_FAULT_MID_ACCUMULATION") == "1"
+
     class _Metrics(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if crash_at and not mid_accum and state.global_step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_substep_end(self, args, state, control, **kw):
+            if crash_at and mid_accum and state.global_step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
             ctx.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})

@@ -1,0 +1,401 @@
+"""Transfer stage: carry a fine-tuning from one base version to another by adding its diff vector.
+
+Fine-tuning transfer (Lin et al. 2025, "Efficient Model Development through Fine-tuning Transfer"): the diff
+vector Δ = source_finetuned − source_base is added to a different base, ``target_base + λ·Δ``, so a new base
+version gains the old fine-tuning without training; a pipeline that fine-tunes the result next is their
+"recycling-then-finetuning". Departures from the paper:
+
+- vocabularies may differ: embedding and LM-head rows are matched by token string between the source and
+  target tokenizers (the paper uses model pairs that share a vocabulary); a target token absent from the source
+  gets a zero diff (its row stays the target's); rows of source tokens absent from the target are dropped;
+- λ may differ per block (``per_block``, blocks of :func:`posttrain.merge_methods.block_of`) and may be searched
+  on a dev split (``search``, :mod:`posttrain.merge_search`); the paper uses λ = 1.
+
+Everything is checked before anything is written: architecture (config.json ``model_type``, ``architectures``),
+tensor names in all three models, shapes (source base = source fine-tuned exactly; target = source except the
+row count of vocabulary tensors), identical source vocabularies, and that the special tokens of the chosen
+tokenizer exist in the target's vocabulary. A refusal raises :class:`TransferRefused` (a ``ValueError`` and a
+``ModelError``: the CLI exits 2) naming the tensor or token, and leaves no ``model/``.
+
+Tensors stream one name at a time from the three models' safetensors (``ShardedReader``) into a
+``ShardedWriter``; the diff is computed in float32 (float64 on request) and the sum cast to the target's dtype.
+
+Work folder (``ctx.work_dir``)::
+
+    inputs/<i>/           LoRA adapters merged into their base (removed when the stage ends)
+    search/trial_NNN/     candidates of a λ search (only the best survives; it becomes model/)
+    search.jsonl          one line per trial, then the best (see posttrain.merge_search)
+    .model.partial/       the transfer being written, renamed to model/ once complete
+    model/                target + λ·Δ: the target's config.json and generation_config.json (special token ids
+                          rewritten to match the tokenizer written), the tokenizer of ``tokenizer_from``
+    transfer.json         λ, per-block λ, vocabulary alignment counts and the resolved inputs
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+import posttrain.world.v2  # noqa: F401  (registers the world model `world-v2`, the default target)
+from posttrain import merge_search
+from posttrain.config import ConfigError
+from posttrain.merge_methods import block_of, coefficients_for
+from posttrain.merge_search import Coefficients, SearchConfig
+from posttrain.models import ModelError
+from posttrain.registry import did_you_mean
+from posttrain.stages.base import StageBase, StageContext, StageResult, stage
+from posttrain.stages.merge import _BLOCK_RE, _check_blocks, _copy_base_files, _input_folder
+from posttrain.tensors import MergeMismatch, ShardedReader, ShardedWriter, check_compatible, is_vocab_tensor
+
+
+class TransferRefused(MergeMismatch, ModelError):
+    """The inputs cannot be transferred (architecture, names, shapes, source vocabularies, special tokens)."""
+
+
+_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+_CONFIG_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class TransferStageConfig(StageBase):
+    kind: str = Field("transfer", pattern="^transfer$")
+    source_base: str = Field("world", description="the base the fine-tuning started from")
+    source_finetuned: str = Field("world-sft", description="the fine-tuned model whose diff is carried")
+    target_base: str | None = Field(None, description="the new base; default: the stage input (`model:`)")
+    scale: float = Field(1.0, description="λ in target + λ·(source_finetuned − source_base)")
+    per_block: dict[str, float] | None = Field(
+        None, description="{layers.<i> | embed | lm_head | norm | other: λ}; blocks not named take `scale`")
+    tokenizer_from: Literal["target", "source_finetuned"] = Field(
+        "target", description="chat template and special tokens; the vocabulary is always the target's")
+    dtype: Literal["float32", "float64"] = Field("float32", description="diff math; output keeps the target dtype")
+    search: SearchConfig | None = Field(None, description="search λ on a dev split (scope shared or per_block)")
+    max_shard_bytes: int = Field(5_000_000_000, gt=0)
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"scale must be finite, got {v}")
+        return v
+
+    @field_validator("per_block")
+    @classmethod
+    def _known_blocks(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (v or {}).items():
+            if not _BLOCK_RE.match(key):
+                raise ValueError(f"unknown block {key!r}{did_you_mean(key, ['embed', 'lm_head', 'norm', 'other'])}; "
+                                 "blocks are layers.<i>, embed, lm_head, norm, other")
+            if not math.isfinite(value):
+                raise ValueError(f"per_block.{key} must be finite, got {value}")
+        return v
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> TransferStageConfig:
+        if self.search is None:
+            return self
+        if self.per_block:
+            raise ValueError("per_block and search exclude each other; search per block with search.scope: per_block")
+        if self.search.scope != "per_block":
+            try:
+                merge_search.check_grid(self.search, 1)  # one λ: per_model and shared are the same search
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- math
+
+
+def transfer_tensor(target: Tensor, source_base: Tensor, source_finetuned: Tensor, scale: float, *,
+                    rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fine-tuning transfer of one tensor (Lin et al. 2025): ``target + scale·(source_finetuned − source_base)``.
+
+    The diff and the sum are computed in `dtype`, the result cast to the target's dtype. `rows` (vocabulary
+    tensors, shape [V_target]) gives for each target row the source row whose diff it takes, −1 for none (a
+    zero diff). λ = 0 and non-float tensors (integer buffers) return the target unchanged, bit for bit.
+    """
+    if scale == 0.0 or not target.is_floating_point():
+        return target
+    delta = source_finetuned.to(dtype) - source_base.to(dtype)  # [V_source, H] for vocabulary tensors
+    if rows is not None:
+        delta = delta.index_select(0, rows.clamp(min=0))  # [V_target, H]
+        delta[rows < 0] = 0
+    return (target.to(dtype) + scale * delta).to(target.dtype)
+
+
+def align_rows(source_vocab: dict[str, int], target_vocab: dict[str, int], source_rows: int,
+               target_rows: int) -> tuple[Tensor, dict[str, int]]:
+    """Match vocabulary rows by token string: for each target row, the source row of the same token or −1.
+
+    Ids at or past a tensor's row count are ignored (a tokenizer may know fewer ids than a padded embedding
+    has rows; rows without a token also get −1). Returns the index [target_rows] and the alignment counts.
+    """
+    rows = torch.full((target_rows,), -1, dtype=torch.long)
+    unmatched = 0
+    for token, tid in target_vocab.items():
+        if tid >= target_rows:
+            continue
+        sid = source_vocab.get(token)
+        if sid is not None and sid < source_rows:
+            rows[tid] = sid
+        else:
+            unmatched += 1
+    matched = int((rows >= 0).sum())
+    covered = {tid for tid in target_vocab.values() if tid < target_rows}
+    source_only = sum(1 for t, sid in source_vocab.items() if sid < source_rows and t not in target_vocab)
+    return rows, {"matched_tokens": matched, "unmatched_tokens": unmatched, "source_only_tokens": source_only,
+                  "rows_without_token": target_rows - len(covered)}
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Plan:
+    """Everything a transfer needs except λ (a search writes several transfers from one plan)."""
+
+    target: ShardedReader
+    source_base: ShardedReader
+    source_finetuned: ShardedReader
+    rows: dict[str, Tensor]  # vocabulary tensor name -> source row per target row
+    dtype: torch.dtype
+    max_shard_bytes: int
+    tokenizer: Any | None  # None: copy the target's tokenizer files; else save this one
+    config_ids: dict[str, Any] = field(default_factory=dict)  # config.json special-token ids
+    generation_ids: dict[str, Any] = field(default_factory=dict)  # generation_config.json special-token ids
+    target_dir: Path = Path()
+    vocab: dict[str, int] = field(default_factory=dict)  # alignment counts (metrics)
+
+    def close(self) -> None:
+        for r in (self.target, self.source_base, self.source_finetuned):
+            r.close()
+
+
+def _check_architectures(target: Path, sources: list[Path]) -> None:
+    ref = json.loads((target / "config.json").read_text())
+    for folder in sources:
+        cfg = json.loads((folder / "config.json").read_text())
+        for key in ("model_type", "architectures"):
+            if cfg.get(key) != ref.get(key):
+                raise TransferRefused(f"config.json {key} is {cfg.get(key)!r} in {folder} but {ref.get(key)!r} in "
+                                      f"{target}: a diff cannot be carried across architectures")
+
+
+def _check_shapes(target: ShardedReader, source_base: ShardedReader, source_finetuned: ShardedReader) -> list[str]:
+    """Refuse any shape difference except vocabulary row counts between source and target; return the
+    names of the vocabulary tensors whose rows must be aligned."""
+    vocab = []
+    for name in target.names():
+        sb, sf, t = source_base.shape(name), source_finetuned.shape(name), target.shape(name)
+        if sb != sf:
+            raise TransferRefused(f"tensor {name!r} has shape {list(sb)} in {source_base.folder} but {list(sf)} in "
+                                  f"{source_finetuned.folder}: the source models must share every shape")
+        if is_vocab_tensor(name) and len(t) == len(sb) == 2 and t[1:] == sb[1:]:
+            vocab.append(name)
+        elif t != sb:
+            raise TransferRefused(f"tensor {name!r} has shape {list(t)} in {target.folder} but {list(sb)} in "
+                                  f"{source_base.folder}")
+    return vocab
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder}: no loadable tokenizer ({type(e).__name__}); the transfer matches vocabulary "
+                         "rows by token string") from None
+
+
+def _check_same_vocab(a: dict[str, int], b: dict[str, int], fa: Path, fb: Path) -> None:
+    if a == b:
+        return
+    diff = sorted(set(a.items()) ^ set(b.items()))
+    token = diff[0][0]
+    raise TransferRefused(f"source vocabularies differ: token {token!r} is id {a.get(token)} in {fa} but "
+                          f"{b.get(token)} in {fb}; source_base and source_finetuned must share a vocabulary")
+
+
+def _plan(cfg: TransferStageConfig, ctx: StageContext, target: Path, source_base: Path,
+          source_finetuned: Path) -> _Plan:
+    """Open the three models and refuse what cannot be transferred, before anything is written."""
+    _check_architectures(target, [source_base, source_finetuned])
+    readers = [ShardedReader(f, allow_pickle=cfg.allow_pickle) for f in (target, source_base, source_finetuned)]
+    try:
+        check_compatible(readers, names=True, shapes=False, dtypes=False)  # names only; shapes below
+        vocab_names = _check_shapes(*readers)
+        toks = [_load_tokenizer(f, cfg.trust_remote_code) for f in (target, source_base, source_finetuned)]
+        t_vocab, sb_vocab, sf_vocab = (t.get_vocab() for t in toks)
+        _check_same_vocab(sb_vocab, sf_vocab, source_base, source_finetuned)
+        rows: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        for name in vocab_names:
+            rows[name], counts = align_rows(sb_vocab, t_vocab, readers[1].shape(name)[0], readers[0].shape(name)[0])
+        chosen = (target, toks[0]) if cfg.tokenizer_from == "target" else (source_finetuned, toks[2])
+        out_tok = None if cfg.tokenizer_from == "target" else _carry_specials(toks[0], chosen[1], source_finetuned)
+        written = out_tok if out_tok is not None else toks[0]
+        config_ids = _special_ids(chosen[0] / "config.json", chosen[1], written, ctx)
+        gen = chosen[0] / "generation_config.json"  # a folder without one generates with config.json's ids
+        generation_ids = _special_ids(gen if gen.is_file() else chosen[0] / "config.json", chosen[1], written, ctx)
+    except BaseException as e:
+        for r in readers:
+            r.close()
+        if isinstance(e, MergeMismatch) and not isinstance(e, TransferRefused):  # check_compatible's names
+            raise TransferRefused(str(e)) from None
+        raise
+    return _Plan(target=readers[0], source_base=readers[1], source_finetuned=readers[2], rows=rows,
+                 dtype=torch.float64 if cfg.dtype == "float64" else torch.float32,
+                 max_shard_bytes=cfg.max_shard_bytes, tokenizer=out_tok, config_ids=config_ids,
+                 generation_ids=generation_ids, target_dir=target, vocab=counts)
+
+
+def _carry_specials(target_tok: Any, source_tok: Any, source_dir: Path) -> Any:
+    """The target's tokenizer (its vocabulary fits the target's rows) with the source's chat template and
+    special-token roles; every special token of the source must be a token of the target."""
+    import copy
+
+    vocab = target_tok.get_vocab()
+    for token in source_tok.all_special_tokens:
+        if token not in vocab:
+            raise TransferRefused(f"tokenizer_from: source_finetuned: special token {token!r} of {source_dir} is "
+                                  "not in the target's vocabulary (the output keeps the target's rows)")
+    out = copy.deepcopy(target_tok)
+    for attr in _SPECIAL:
+        setattr(out, attr, getattr(source_tok, attr))
+    out.chat_template = source_tok.chat_template
+    return out
+
+
+def _special_ids(path: Path, chosen_tok: Any, written_tok: Any, ctx: StageContext) -> dict[str, Any]:
+    """bos/eos/pad ids of `path` (a config written for `chosen_tok`) in the written tokenizer's ids.
+
+    The written tokenizer's own bos/pad win; its eos comes first among eos ids (a config may list several,
+    e.g. end-of-text and end-of-turn) so generation stops where the chat template ends a turn.
+    """
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text())
+    inverse = {i: t for t, i in chosen_tok.get_vocab().items()}
+    vocab = written_tok.get_vocab()
+    out: dict[str, Any] = {}
+    for key in _CONFIG_IDS:
+        value = cfg.get(key)
+        ids = [] if value is None else list(value) if isinstance(value, list) else [value]
+        mapped = []
+        for i in ids:
+            token = inverse.get(i)
+            if token in vocab:
+                mapped.append(vocab[token])
+            else:
+                ctx.log(f"transfer: {path.name} {key} {i} has no token in the written tokenizer; dropped")
+        own = getattr(written_tok, key)
+        if own is not None:
+            mapped = [own] + [i for i in mapped if i != own] if key == "eos_token_id" else [own]
+        out[key] = None if not mapped else mapped[0] if len(mapped) == 1 else mapped
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- write
+
+
+def write_transfer(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
+    """Stream target + λ·Δ tensor by tensor into `out` (a partial folder renamed when complete)."""
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes) as writer:
+            for name in plan.target.names():
+                scale = coefficients_for(name, coeffs.weights, coeffs.per_block)[0]
+                t = plan.target.get(name)
+                if scale != 0.0 and t.is_floating_point():
+                    t = transfer_tensor(t, plan.source_base.get(name), plan.source_finetuned.get(name), scale,
+                                        rows=plan.rows.get(name), dtype=plan.dtype)
+                writer.add(name, t)
+        _write_files(plan, partial)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _write_files(plan: _Plan, folder: Path) -> None:
+    """The target's configs with special-token ids matching the tokenizer written next to them."""
+    if plan.tokenizer is None:
+        _copy_base_files(plan.target_dir, folder)
+    else:
+        for name in ("config.json", "generation_config.json"):
+            if (plan.target_dir / name).is_file():
+                shutil.copy2(plan.target_dir / name, folder / name)
+        plan.tokenizer.save_pretrained(folder)
+    for name, ids in (("config.json", plan.config_ids), ("generation_config.json", plan.generation_ids)):
+        path = folder / name
+        if ids and path.is_file():
+            cfg = json.loads(path.read_text())
+            if any(cfg.get(k) != v for k, v in ids.items()):
+                cfg.update(ids)
+                path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+@stage("transfer", TransferStageConfig)
+def run(cfg: TransferStageConfig, ctx: StageContext) -> StageResult:
+    """Fine-tuning transfer: target_base + λ·(source_finetuned − source_base), vocabularies aligned by token."""
+    out = ctx.work_dir / "model"
+    shutil.rmtree(out, ignore_errors=True)  # left by an interrupted attempt of the same config
+    scratch = ctx.work_dir / "inputs"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    plan = None
+    target_ref = cfg.target_base or ctx.input_model or "world"
+    refs = {"target_base": target_ref, "source_base": cfg.source_base, "source_finetuned": cfg.source_finetuned}
+    try:
+        folders = {k: _input_folder(ref, ctx, cfg, scratch) for k, ref in refs.items()}  # type: ignore[arg-type]
+        plan = _plan(cfg, ctx, folders["target_base"], folders["source_base"], folders["source_finetuned"])
+        blocks = sorted({block_of(n) for n in plan.target.names()})
+        per_block = {k: [v] for k, v in (cfg.per_block or {}).items()} or None
+        _check_blocks(per_block, blocks)
+        ctx.log(f"transfer: {folders['target_base']} + λ·({folders['source_finetuned']} − "
+                f"{folders['source_base']}), vocabulary {plan.vocab or 'not aligned (no vocabulary tensor)'}")
+        metrics: dict[str, Any] = {"tensors": len(plan.target), "vocab_tensors": len(plan.rows), **plan.vocab,
+                                   "tokenizer_from": cfg.tokenizer_from}
+        if cfg.search is None:
+            coeffs = Coefficients([cfg.scale], per_block)
+            write_transfer(plan, coeffs, out)
+        else:
+            coeffs = _search(cfg.search, plan, ctx, blocks, out, metrics)
+    finally:
+        if plan is not None:
+            plan.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    lam = {"scale": coeffs.weights[0], "per_block": {k: v[0] for k, v in (coeffs.per_block or {}).items()} or None}
+    summary = {**metrics, **lam, "dtype": cfg.dtype,
+               "inputs": {k: {"ref": refs[k], "folder": str(folders[k])} for k in refs}}
+    (ctx.work_dir / "transfer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics.update(lam)
+    ctx.log_metrics({"event": "transfer", **metrics})
+    return StageResult(out, metrics)
+
+
+def _search(search: SearchConfig, plan: _Plan, ctx: StageContext, blocks: list[str], out: Path,
+            metrics: dict[str, Any]) -> Coefficients:
+    """Search λ with merge_search (one "model": the diff) and move the best candidate to `out`; the scorer is
+    injectable through ctx.extra["transfer_scorer"] (a callable: model folder -> score)."""
+    points = merge_search.candidates(search, 1, blocks, ctx.seed)
+    scorer = ctx.extra.get("transfer_scorer") or merge_search.eval_scorer(search, ctx.log)
+    best = merge_search.run_search(search, points, lambda c, d: write_transfer(plan, c, d), scorer, ctx.work_dir,
+                                   ctx.log)
+    os.replace(best.model_dir, out)
+    shutil.rmtree(ctx.work_dir / "search", ignore_errors=True)
+    metrics.update(search_trials=len(points), search_best_trial=best.index, search_metric=search.metric,
+                   search_best_score=best.score if math.isfinite(best.score) else None)
+    return best.coefficients
