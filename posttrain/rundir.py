@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,10 @@ class RunDir:
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
             **(extra or {}),
         }
-        done["key"] = sha256_json([config_hash, inputs_hash, done["model_files"]])
+        # A fresh id per run: a stage that ran again hands later stages a new key, so they run again too,
+        # even when deterministic training reproduced the same bytes.
+        done["run_id"] = uuid.uuid4().hex
+        done["key"] = sha256_json([config_hash, inputs_hash, done["model_files"], done["run_id"]])
         atomic_write_json(final / "DONE", done)
         return done
 

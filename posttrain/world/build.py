@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 16, log
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     log(f"world: pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {len(blocks)} blocks")
     args = TrainingArguments(
-        output_dir=str(out_dir / "_trainer"),
+        output_dir=str(out_dir.parent / "_trainer"),  # outside the model folder: nothing of it is kept
         per_device_train_batch_size=16,
         num_train_epochs=epochs,
         learning_rate=3e-3,
@@ -119,6 +120,7 @@ def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 16, log
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    shutil.rmtree(out_dir.parent / "_trainer", ignore_errors=True)
     return {"train_loss": result.training_loss, "steps": result.global_step, "blocks": len(blocks)}
 
 
