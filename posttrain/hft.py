@@ -100,7 +100,12 @@ class TrainableConfig(BaseModel):
             raise ValueError(f"trainable.train/freeze apply only with mode 'patterns', not mode {self.mode!r}")
         if self.mode == "patterns" and not (self.train or self.freeze):
             raise ValueError("trainable mode 'patterns' needs at least one 'train' or 'freeze' regex")
-        switches = {"embeddings", "norms", "lm_head"} & self.model_fields_set
+        # Only a switch moved off its default is an error: a resolved config (every field written out) must
+        # validate again when read back.
+        switches = {
+            f for f in ("embeddings", "norms", "lm_head")
+            if f in self.model_fields_set and getattr(self, f) != type(self).model_fields[f].default
+        }
         if self.mode != "hft" and switches:
             raise ValueError(
                 f"trainable.{'/'.join(sorted(switches))} apply only with mode 'hft', not mode {self.mode!r}"

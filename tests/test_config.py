@@ -92,3 +92,13 @@ def test_cli_misspelled_key_exits_2_with_one_line(cli):
     assert "trainer.learning_rat" in lines[0] and "learning_rate" in lines[0]
     assert "Traceback" not in r.stderr
     assert time.time() - start < 60  # generous: the contract (10 s) is measured by `make bench`
+
+
+def test_every_stage_config_round_trips():
+    """The resolved config written beside each stage (config.yaml, pipeline.yaml) validates when read back."""
+    from posttrain.registry import STAGES
+
+    for kind in STAGES.names():
+        cls = STAGES.get(kind).config
+        dumped = cls().model_dump()
+        assert cls.model_validate(dumped).model_dump() == dumped, kind

@@ -39,7 +39,7 @@ def test_report_number_equals_lm_eval_command_line(world, tmp_path):
     ours = evaluate_model(str(world / "base"), settings=EvalConfig(limit=30), tasks=["world_facts"], log=lambda m: None)
     out = tmp_path / "cli"
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
-           f"pretrained={world / 'base'},dtype=float32,device=cpu", "--tasks", "world_facts",
+           f"pretrained={world / 'base'},dtype=float32", "--device", "cpu", "--tasks", "world_facts",
            "--include_path", str(include), "--limit", "30", "--batch_size", "32", "--apply_chat_template",
            "--output_path", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
