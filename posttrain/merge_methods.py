@@ -30,7 +30,6 @@ import math
 import re
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from torch import Tensor
 
 from posttrain.registry import MERGE_METHODS
@@ -202,6 +201,9 @@ def _sign_consensus(taus: list[Tensor], weights: list[float]) -> Tensor:
     """TIES steps 2-3 on the weighted task vectors w_i·τ_i: elect the sign with the larger total magnitude,
     then average the entries that agree with it (zeros, i.e. trimmed or dropped entries, never count)."""
     stacked = torch.stack([tau * w for tau, w in zip(taus, weights)], dim=0)
+    # Imported here: peft pulls in transformers' modeling code, seconds of start-up for every CLI call.
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+
     mask = calculate_majority_sign_mask(stacked, method="total")
     return disjoint_merge(stacked, mask)
 
