@@ -36,8 +36,9 @@ def test_nan_loss_stops_without_done(world, tmp_path, cli):
             "--set", "trainer.max_steps=6", "--set", "trainer.logging_steps=1", "--set", "trainer.save_steps=1",
             "--set", "trainer.max_grad_norm=1e30", "--set", "trainer.learning_rate=1e30")
     assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert "loss became" in last and "checkpoint" in last
+    errors = [line[line.index("error:"):] for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "loss became" in errors[0] and "checkpoint" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
     assert not (run_dir / "stages" / "01_sft").exists()
     assert (run_dir / "stages" / ".01_sft.tmp" / "checkpoints").is_dir()
 
