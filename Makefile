@@ -4,7 +4,7 @@ BIN     := .venv/bin
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: default setup test test-fast stage pipeline report bench claims list clean
+.PHONY: default help setup test test-fast stage pipeline report bench list clean
 
 ifdef stage
 default: stage
@@ -47,9 +47,6 @@ list: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
-
-claims: setup
-	$(PY) -m benchmarks.claims
 
 clean:
 	rm -rf runs .pytest_cache
