@@ -10,6 +10,14 @@ Input is a list of stage records in pipeline order, base first::
 A key's task is everything before its first "/". Every matrix below has shape (n_stages, n_keys), rows in
 pipeline order and columns in the order of ``score_matrix``'s keys (sorted); a missing score is NaN.
 
+Reference rows: a record with ``"reference": true`` is a model a stage reads but that is not a stage of the
+run (a merge's specialists, a transfer's fine-tuned source), evaluated with the same suite so that the report
+can show it beside the stages. ``score_matrix``, ``stderr_matrix`` and ``deltas_vs_base`` cover every row;
+every other metric (forgetting, deltas vs previous, max drop, BWT, significant drops, the gate) is computed
+over ``measured(stages)``, the base and the stages only, and its matrices have one row per measured stage
+(``to_rows`` spreads them back over all rows, NaN at the references). A reference is not an earlier point of
+the pipeline, so letting it count as "best earlier score" or "previous stage" would measure the wrong thing.
+
 Metrics and where they depart from their papers:
 
 - ``forgetting``: Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning" (RWalk), eq. for f_j^k:
@@ -46,6 +54,32 @@ def _check(stages: list[Stage]) -> None:
         raise ValueError("forgetting metrics need at least one stage (the base)")
 
 
+def is_reference(stage: Stage) -> bool:
+    """A reference row: an input model shown for comparison, not a stage of the run."""
+    return bool(stage.get("reference"))
+
+
+def measured(stages: list[Stage]) -> list[Stage]:
+    """The base and the stages of the run, in order: the rows every forgetting metric is computed over."""
+    return [s for s in stages if not is_reference(s)]
+
+
+def _measured_rows(stages: list[Stage]) -> list[int]:
+    _check(stages)
+    rows = [i for i, s in enumerate(stages) if not is_reference(s)]
+    if not rows:
+        raise ValueError("forgetting metrics need the base among the rows; all of them are references")
+    return rows
+
+
+def to_rows(stages: list[Stage], matrix: np.ndarray) -> np.ndarray:
+    """A matrix with one row per measured stage spread over all rows of `stages`; reference rows are NaN."""
+    out = np.full((len(stages), matrix.shape[1]), np.nan)
+    rows = _measured_rows(stages)
+    out[rows] = matrix
+    return out
+
+
 def score_matrix(stages: list[Stage]) -> tuple[list[str], np.ndarray]:
     """Sorted keys seen in any stage and the (n_stages, n_keys) matrix of values; missing scores are NaN."""
     _check(stages)
@@ -71,15 +105,30 @@ def stderr_matrix(stages: list[Stage]) -> tuple[list[str], np.ndarray]:
     return keys, matrix
 
 
+def measured_matrices(stages: list[Stage]) -> tuple[list[str], np.ndarray, np.ndarray, list[Stage]]:
+    """(keys of all rows, scores, stderrs, stages) restricted to the measured rows; the keys stay those of
+    every row so that columns line up with ``score_matrix``."""
+    rows = _measured_rows(stages)
+    keys, m = score_matrix(stages)
+    _, se = stderr_matrix(stages)
+    return keys, m[rows], se[rows], [stages[i] for i in rows]
+
+
+def base_index(stages: list[Stage]) -> int:
+    """Row of the base: the first row that is not a reference (the pipeline puts it first)."""
+    return _measured_rows(stages)[0]
+
+
 def deltas_vs_base(stages: list[Stage]) -> np.ndarray:
-    """Score minus the base's score, per stage and key; row 0 is 0 (NaN where the base lacks the key)."""
+    """Score minus the base's score, per row and key, references included; the base row is 0 (NaN where
+    the base lacks the key)."""
     _, m = score_matrix(stages)
-    return m - m[0]
+    return m - m[base_index(stages)]
 
 
 def deltas_vs_previous(stages: list[Stage]) -> np.ndarray:
-    """Score minus the previous stage's score; row 0 is NaN because the base has no previous stage."""
-    _, m = score_matrix(stages)
+    """Score minus the previous stage's score over measured rows; row 0 is NaN (the base has no previous)."""
+    _, m, _, _ = measured_matrices(stages)
     out = np.full_like(m, np.nan)
     out[1:] = m[1:] - m[:-1]
     return out
@@ -88,9 +137,9 @@ def deltas_vs_previous(stages: list[Stage]) -> np.ndarray:
 def forgetting(stages: list[Stage]) -> np.ndarray:
     """RWalk forgetting (Chaudhry et al. 2018): best score at any earlier stage minus the current score.
 
-    Row 0 (base) is 0. NaN where the current score is missing or no earlier stage has one.
+    Over measured rows; row 0 (base) is 0. NaN where the current score is missing or no earlier stage has one.
     """
-    _, m = score_matrix(stages)
+    _, m, _, _ = measured_matrices(stages)
     # fmax ignores NaN unless both sides are NaN, so a missing stage does not hide earlier scores.
     best_so_far = np.fmax.accumulate(m, axis=0)
     out = np.empty_like(m)
@@ -114,9 +163,9 @@ def max_drop(stages: list[Stage]) -> dict[str, Any]:
 
     Returns ``{"drop": base - value, "stage": name, "key": key}``; ties go to the earliest stage, then the
     first key. When nothing falls below base the drop is 0.0 and stage and key are None; when no later stage
-    shares a key with the base, all three are None.
+    shares a key with the base, all three are None. Reference rows are left out.
     """
-    keys, m = score_matrix(stages)
+    keys, m, _, stages = measured_matrices(stages)
     drops = m[0] - m[1:]  # (n_stages - 1, n_keys); positive means below base
     if drops.size == 0 or np.all(np.isnan(drops)):
         return {"drop": None, "stage": None, "key": None}
@@ -140,8 +189,9 @@ def backward_transfer(stages: list[Stage]) -> float | None:
 
     Task i is the keys whose task is in the i-th training stage's ``trains_on``; R_{T,i} is read at the final
     stage (see module docstring). None when fewer than two stages name ``trains_on`` or no term has scores.
+    Reference rows are left out.
     """
-    keys, m = score_matrix(stages)
+    keys, m, _, stages = measured_matrices(stages)
     trained = [i for i, s in enumerate(stages) if s.get("trains_on")]
     if len(trained) < 2:
         return None
@@ -169,11 +219,10 @@ def significant_drops(stages: list[Stage], z: float = 2.0) -> list[dict[str, Any
 
     Each stage after the base is compared with the base (``against="base"``) and, from the second stage on,
     with the stage just before it (``against="previous"``; for the first stage that is the base, so it is
-    not repeated). A missing stderr counts as 0, so without stderrs any drop at all is flagged.
-    Records: ``{"stage", "key", "against", "reference", "drop", "threshold"}``.
+    not repeated). A missing stderr counts as 0, so without stderrs any drop at all is flagged. Reference rows
+    are left out. Records: ``{"stage", "key", "against", "reference", "drop", "threshold"}``.
     """
-    keys, m = score_matrix(stages)
-    _, se = stderr_matrix(stages)
+    keys, m, se, stages = measured_matrices(stages)
     flagged = []
     for cur in range(1, len(stages)):
         for j in range(len(keys)):
@@ -191,8 +240,9 @@ def check_gate(stages: list[Stage], max_drop: dict[str, float]) -> list[str]:
     A gate name with a "/" matches that full key; a bare task name matches all its metrics; a full-key entry
     overrides its task's entry. A gate name that matches no evaluated key, or a gated key that the last stage
     did not score, is also reported: a typo in a gate must not pass silently. Empty list means pass.
+    Reference rows are left out: the gate compares the last stage with the base.
     """
-    keys, m = score_matrix(stages)
+    keys, m, _, stages = measured_matrices(stages)
     last = stages[-1]["name"]
     messages = []
     for name in max_drop:
@@ -232,10 +282,12 @@ def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
 
     ``{"stages": [...as given...], "tasks": {key: {"delta_vs_base": [...], "delta_vs_previous": [...],
     "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer"},
-    "significant_drops": [...]}``; each per-task list has one entry per stage.
+    "significant_drops": [...]}``; each per-task list has one entry per row of ``stages``, references
+    included: their ``delta_vs_base`` is measured, their ``delta_vs_previous`` and ``forgetting`` are None.
     """
     keys, _ = score_matrix(stages)
-    d_base, d_prev, forg = deltas_vs_base(stages), deltas_vs_previous(stages), forgetting(stages)
+    d_base = deltas_vs_base(stages)
+    d_prev, forg = to_rows(stages, deltas_vs_previous(stages)), to_rows(stages, forgetting(stages))
     tasks = {key: {"delta_vs_base": d_base[:, j], "delta_vs_previous": d_prev[:, j],
                    "forgetting": forg[:, j]} for j, key in enumerate(keys)}
     summary = {"average_forgetting": average_forgetting(stages), "max_drop": max_drop(stages),

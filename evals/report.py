@@ -25,7 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evals.forgetting import Stage, build_report, forgetting, score_matrix, stderr_matrix
+from evals.forgetting import (Stage, base_index, build_report, forgetting, is_reference, measured, score_matrix,
+                              stderr_matrix)
 
 NA = "n/a"
 
@@ -83,23 +84,41 @@ def _stderr_of(stage: Stage, key: str) -> float | None:
     return (stage.get("scores", {}).get(key) or {}).get("stderr")
 
 
+def _trains_on_cell(stage: Stage) -> str:
+    if is_reference(stage):
+        return f"input of {stage['input_of']}" if stage.get("input_of") else "input"
+    return ", ".join(stage.get("trains_on") or []) or "–"
+
+
 def scores_table(stages: list[Stage]) -> str:
-    """Stage x key table of "value ± stderr (delta vs base)"; the base row carries no delta."""
+    """Row x key table of "value ± stderr (delta vs base)"; the base row carries no delta, reference rows do."""
     keys, m = score_matrix(stages)
+    b = base_index(stages)
     rows = []
     for i, stage in enumerate(stages):
-        cells = [score_cell(m[i, j], _stderr_of(stage, k), None if i == 0 else m[i, j] - m[0, j])
+        cells = [score_cell(m[i, j], _stderr_of(stage, k), None if i == b else m[i, j] - m[b, j])
                  for j, k in enumerate(keys)]
-        rows.append([stage["name"], ", ".join(stage.get("trains_on") or []) or "–"] + cells)
+        rows.append([stage["name"], _trains_on_cell(stage)] + cells)
     return md_table(["stage", "trains on"] + keys, rows)
 
 
 def forgetting_table(stages: list[Stage]) -> str:
-    """Stage x key table of RWalk forgetting (best earlier score minus current)."""
+    """Stage x key table of RWalk forgetting (best earlier score minus current); base and stages only."""
     keys, _ = score_matrix(stages)
     f = forgetting(stages)
-    rows = [[s["name"]] + [fmt_delta(f[i, j]) for j in range(len(keys))] for i, s in enumerate(stages)]
+    rows = [[s["name"]] + [fmt_delta(f[i, j]) for j in range(len(keys))] for i, s in enumerate(measured(stages))]
     return md_table(["stage"] + keys, rows)
+
+
+def references_note(stages: list[Stage]) -> str:
+    """Why the `input:` rows are in the scores table and nowhere else; empty when there are none."""
+    names = [f"`{s['name']}`" for s in stages if is_reference(s)]
+    if not names:
+        return ""
+    return (f"Reference rows ({', '.join(names)}) are input models a stage reads without being a stage of this run "
+            "(a merge's `models:`, a transfer's `source_finetuned`), evaluated with the same suite and settings and "
+            "placed before the stage that reads them. Forgetting, significant drops, the summary and the eval gate "
+            "are computed over the base and the stages only.")
 
 
 def drops_list(drops: list[dict[str, Any]]) -> str:
@@ -135,6 +154,7 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
         "# Forgetting report",
         "Scores after each stage as value ± stderr (change vs base). Higher is better.",
         scores_table(stages),
+        references_note(stages),
         "## Forgetting per stage",
         "Best earlier score minus the current one (Chaudhry et al. 2018); positive means forgotten.",
         forgetting_table(stages),
@@ -145,19 +165,24 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
         summary_list(report["summary"]),
     ]
     parts += list(extra_sections or [])
-    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+    return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
 def render_png(stages: list[Stage]) -> bytes:
-    """One line per key across stages (x ticks = stage names), with stderr bars; PNG bytes."""
+    """One line per key across the base and stages (x ticks = row names), with stderr bars; reference rows
+    are unjoined hollow markers at their own ticks, since no line runs through a model outside the run. PNG."""
     keys, m = score_matrix(stages)
     _, se = stderr_matrix(stages)
     fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(stages))
+    ref = np.array([is_reference(s) for s in stages])
     for j, key in enumerate(keys):
-        ax.errorbar(x, m[:, j], yerr=se[:, j], marker="o", capsize=3, label=key)
+        line = ax.errorbar(x[~ref], m[~ref, j], yerr=se[~ref, j], marker="o", capsize=3, label=key)
+        if ref.any():
+            ax.errorbar(x[ref], m[ref, j], yerr=se[ref, j], fmt="D", mfc="none", capsize=3,
+                        color=line.lines[0].get_color())
     ax.set_xticks(x, [s["name"] for s in stages], rotation=30 if len(stages) > 6 else 0)
     ax.set_xlabel("stage")
     ax.set_ylabel("score")

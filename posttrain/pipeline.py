@@ -3,6 +3,16 @@
 A stage is skipped when its DONE marker matches the stage's config hash and inputs hash and every model file
 still has the hash DONE recorded. The inputs hash chains the previous stage's DONE key, so a changed stage
 reruns itself and every stage after it, never those before it.
+
+Evals (when `eval.enabled`): the base, then every stage, each into its stage folder's eval.json. A stage may
+also name input models that are not stages of this run (`reference_models()` on its config: a merge's
+`models:`, a transfer's `source_finetuned`); each is evaluated once, with the same eval block and the same
+reuse of a matching eval.json, into::
+
+    <run-dir>/inputs/<ref with / as _>/eval.json
+
+and the report shows it as a reference row `input:<ref>` just before the first stage that reads it. Reference
+rows carry `"reference": true`; the forgetting metrics leave them out (see evals.forgetting).
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from posttrain.stages.common import ensure_clean_work_dir
 
 _STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
 _ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class PipelineError(RuntimeError):
@@ -60,6 +71,7 @@ class Pipeline:
         self.outputs: dict[str, Path] = {}  # stage name -> finished model folder
         self.done_keys: dict[str, str] = {}  # "stage:<name>" -> DONE key
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
+        self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model."""
@@ -91,7 +103,9 @@ class Pipeline:
         try:
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
             if self.cfg.eval.enabled:
-                self._evaluate(None, "00_base", self._base_model())
+                base = self._base_model()
+                self._evaluate(None, "00_base", base)
+                self.shown.add(base)
             for i, stage in enumerate(self.cfg.stages):
                 self._run_stage(i, stage)
         finally:
@@ -125,7 +139,9 @@ class Pipeline:
             done = self._execute(index, stage, spec, input_model, config_hash, inputs_hash, final)
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
+        self._evaluate_inputs(stage)
         self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+        self.shown.add(str(final / "model"))
 
     def _execute(self, index, stage, spec, input_model, config_hash, inputs_hash, final) -> dict:
         work = self.rd.work_dir(index, stage.name)
@@ -154,6 +170,31 @@ class Pipeline:
         from evals.runner import evaluate_into_run
 
         evaluate_into_run(self, stage, folder, model_dir)
+
+    def _evaluate_inputs(self, stage: Any) -> None:
+        """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each
+        becomes a reference row before the stage's own row (the report is rewritten with the stage's eval)."""
+        names = getattr(stage, "reference_models", None)
+        if not self.cfg.eval.enabled or names is None:
+            return
+        from evals.runner import evaluate_model
+
+        for ref in names():
+            if _ANY_STAGE_REF.search(ref):
+                continue  # an earlier stage: it has its own row
+            if (Path(ref).expanduser() / "adapter_config.json").is_file():
+                self.log(f"eval: {ref} is a LoRA adapter; no reference row (its merged weights are not kept)")
+                continue
+            model_dir = resolve_model(ref, self.log)
+            if model_dir in self.shown:
+                continue
+            self.shown.add(model_dir)
+            folder = Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
+            result = evaluate_model(model_dir, out=self.rd.root / folder / "eval.json", settings=self.cfg.eval,
+                                    log=self.log)
+            self.records.append({"name": f"input:{ref}", "folder": str(folder), "model": model_dir,
+                                 "scores": result["scores"], "trains_on": [], "reference": True,
+                                 "input_of": stage.name})
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print) -> Path:

@@ -206,3 +206,50 @@ def test_write_report(tmp_path):
     assert "- `dpo` code/pass: -0.250 vs base (`base`), threshold 0.000" in md
     assert "Backward transfer (GEM): -0.375" in md
     assert md.rstrip().endswith("sft: half per layer")
+
+
+def with_reference() -> list[dict]:
+    """make_stages() with a reference row (an input of dpo) between sft and dpo that beats every stage."""
+    stages = make_stages()
+    ref = {"name": "input:spec", "model": "/models/spec", "reference": True, "input_of": "dpo", "trains_on": [],
+           "scores": {k: {"value": 1.0, "stderr": None} for k in KEYS} | {"extra/acc": {"value": 0.5}}}
+    return stages[:2] + [ref] + stages[2:]
+
+
+def test_reference_rows_are_shown_but_not_measured():
+    stages, plain = with_reference(), make_stages()
+    report, want = build_report(stages), build_report(plain)
+    # A reference at 1.0 everywhere would be the "best earlier score" of dpo and grpo, and dpo's "previous":
+    # left out, every metric equals the run without it.
+    assert report["summary"] == want["summary"]
+    assert report["significant_drops"] == want["significant_drops"]
+    keys, _ = score_matrix(stages)
+    assert keys == ["chat/win", "code/pass", "extra/acc", "math/acc", "math/em"]
+    assert np.delete(forgetting(stages), 2, axis=1).tolist() == forgetting(plain).tolist()
+    assert check_gate(stages, {"chat": 0.1}) == check_gate(plain, {"chat": 0.1})
+    assert report["stages"][2]["name"] == "input:spec" and len(report["stages"]) == 5
+    # Per-key lists keep one entry per row: the reference has its delta vs base, no forgetting, no previous.
+    code = report["tasks"]["code/pass"]
+    assert code["delta_vs_base"] == [0.0, 0.0, 0.75, -0.25, 0.25]
+    assert code["forgetting"] == [0.0, 0.0, None, 0.25, -0.25]
+    assert code["delta_vs_previous"] == [None, 0.0, None, -0.25, 0.5]
+    # A key only the reference scores is a column with nothing to measure.
+    assert report["tasks"]["extra/acc"]["forgetting"] == [None] * 5
+
+
+def test_report_md_shows_reference_rows_in_scores_only(tmp_path):
+    write_report(with_reference(), str(tmp_path))
+    md = (tmp_path / "forgetting.md").read_text()
+    scores_md, forgetting_md = md.split("## Forgetting per stage")
+    rows = table_rows(scores_md)
+    assert rows["input:spec"][:2] == ["input of dpo", "1.000 (+0.500)"]
+    assert list(rows).index("sft") < list(rows).index("input:spec") < list(rows).index("dpo")
+    assert "input:spec" not in forgetting_md
+    assert "computed over the base and the stages only" in scores_md
+    assert "computed over the base and the stages only" not in write_report_md(make_stages(), tmp_path / "plain")
+    assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def write_report_md(stages: list[dict], out) -> str:
+    write_report(stages, str(out))
+    return (out / "forgetting.md").read_text()

@@ -332,9 +332,21 @@ def test_cli_merges_the_world_specialists(cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    r = cli("stage", "merge", "--run-dir", str(run_dir), "--set", "max_shard_bytes=1000000", timeout=1800)
+    r = cli("stage", "merge", "--run-dir", str(run_dir), "--set", "max_shard_bytes=1000000", "--set", "eval.limit=40",
+            timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     stage_dir = run_dir / "stages" / "01_merge"
     assert (stage_dir / "DONE").is_file()
     assert len(list((stage_dir / "model").glob("*.safetensors"))) > 1
     assert AutoModelForCausalLM.from_pretrained(stage_dir / "model") is not None
+    # The report shows the base, each specialist (a reference row with its own eval.json) and the merge.
+    rows = json.loads((run_dir / "report" / "forgetting.json").read_text())["stages"]
+    specialists = ["world-sft-arithmetic", "world-sft-reversal"]
+    assert [r["name"] for r in rows] == ["base"] + [f"input:{m}" for m in specialists] + ["merge"]
+    for row, name in zip(rows[1:3], specialists):
+        measured = json.loads((run_dir / "inputs" / name / "eval.json").read_text())
+        assert row["reference"] and row["scores"] == measured["scores"]
+    key = "world_arithmetic/exact_match"
+    assert rows[1]["scores"][key]["value"] > rows[0]["scores"][key]["value"]  # the arithmetic specialist
+    md = (run_dir / "report" / "forgetting.md").read_text()
+    assert all(f"| input:{m} " in md for m in specialists)

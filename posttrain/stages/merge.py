@@ -82,6 +82,10 @@ class MergeStageConfig(StageBase):
     max_shard_bytes: int = Field(5_000_000_000, gt=0)
     seed: int | None = Field(None, description="DARE drop masks; None: the pipeline's seed")
 
+    def reference_models(self) -> list[str]:
+        """Inputs the forgetting report shows as reference rows when they are not stages of the run."""
+        return [m.model for m in self.models]
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:

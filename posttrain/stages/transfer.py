@@ -78,6 +78,10 @@ class TransferStageConfig(StageBase):
     search: SearchConfig | None = Field(None, description="search λ on a dev split (scope shared or per_block)")
     max_shard_bytes: int = Field(5_000_000_000, gt=0)
 
+    def reference_models(self) -> list[str]:
+        """Inputs the forgetting report shows as reference rows when they are not stages of the run."""
+        return [self.source_finetuned]
+
     @field_validator("scale")
     @classmethod
     def _finite(cls, v: float) -> float:
