@@ -125,15 +125,20 @@ class RunDir:
         return self.stages / f".{index:02d}_{name}.tmp"
 
     def finalize(self, work: Path, final: Path) -> None:
-        """Rename the finished work folder into place, replacing an older (not done) folder of the same name."""
+        """Rename the finished work folder into place, replacing an older (not done) folder of the same name.
+
+        The older folder is moved aside first (`.NN_<name>.old-<pid>`): a kill between the two renames
+        leaves it there, so older leftovers of this stage are removed here too.
+        """
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(work, final)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(work, final)
         _fsync_dir(final.parent)
+        for leftover in final.parent.glob(f".{final.name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
     def write_done(final: Path, config_hash: str, inputs_hash: str, extra: dict | None = None) -> dict:
