@@ -174,7 +174,8 @@ class RunDir:
         on_disk = hash_folder(model) if model.is_dir() else {}
         for rel, digest in done.get("model_files", {}).items():
             if on_disk.get(rel) != digest:
-                return None, f"model file {model / rel} changed or missing since it was written"
+                state = "is missing" if rel not in on_disk else "no longer matches the sha256 in DONE"
+                return None, f"model file {model / rel} {state}"
         return done, ""
 
 

@@ -1,6 +1,5 @@
-"""Pipeline runner: content-hash reruns, stage references, tampering, run-dir layout (tiny training runs)."""
-import json
-
+"""Pipeline runner: stage references (tiny training runs). Reruns, tampering and the run-dir layout are tested in
+tests/reliability/test_rerun.py."""
 import pytest
 
 import posttrain.stages  # noqa: F401
@@ -8,55 +7,6 @@ from posttrain.config import load_pipeline
 from posttrain.pipeline import PipelineError, run_pipeline
 
 TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}
-
-
-def _cfg(**over):
-    stages = [
-        {"name": "a", "kind": "sft", "data": [{"source": "arithmetic", "limit": 16}], "trainer": dict(TINY)},
-        {"name": "b", "kind": "sft", "data": [{"source": "reversal", "limit": 16}], "trainer": dict(TINY)},
-    ]
-    for i, extra in over.items():
-        stages[int(i[1:])]["trainer"].update(extra)
-    return load_pipeline(None, data={"name": "t", "eval": {"enabled": False}, "stages": stages})
-
-
-def _run(cfg, run_dir):
-    logs = []
-    run_pipeline(cfg, run_dir, logs.append)
-    return [line for line in logs if "done already" in line or "] sft from" in line]
-
-
-def test_rerun_skips_and_changes_rerun_downstream_only(world, tmp_path):
-    run_dir = tmp_path / "run"
-    first = _run(_cfg(), run_dir)
-    assert sum("] sft from" in line for line in first) == 2
-    layout = run_dir / "stages" / "01_a"
-    for rel in ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json",
-                "model/generation_config.json", "config.yaml", "metrics.jsonl", "DONE", "trainable.json"]:
-        assert (layout / rel).is_file(), rel
-    assert not list((run_dir / "stages").glob(".*"))  # no temporary folder left behind
-    assert [json.loads(x)["loss"] for x in (layout / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-
-    assert all("done already" in line for line in _run(_cfg(), run_dir))
-
-    again = _run(_cfg(s1={"learning_rate": 5e-4}), run_dir)
-    assert "done already" in again[0] and "] sft from" in again[1]
-
-    again = _run(_cfg(s0={"learning_rate": 5e-4}, s1={"learning_rate": 5e-4}), run_dir)
-    assert all("] sft from" in line for line in again)
-
-
-def test_tampered_model_reruns_stage_and_after(world, tmp_path):
-    run_dir = tmp_path / "run"
-    _run(_cfg(), run_dir)
-    weights = run_dir / "stages" / "01_a" / "model" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    logs = []
-    run_pipeline(_cfg(), run_dir, logs.append)
-    assert any("rerunning" in line and "model.safetensors" in line for line in logs)
-    assert sum("] sft from" in line for line in logs) == 2
 
 
 def test_stage_reference_and_unknown_reference(world, tmp_path):

@@ -1,0 +1,95 @@
+"""Items 3 and 4: what a rerun of a finished pipeline reruns.
+
+3. A changed byte in a finished stage's model is found on rerun (its sha256 no longer matches DONE): that stage
+   and every stage after it rerun, those before it do not, and the log names the file.
+4. A finished pipeline rerun skips every stage; a changed config of one stage reruns it and the stages after
+   it, not those before it.
+
+One three-stage pipeline (a -> b -> c, tiny SFT runs in this process) is run once per module; each test works
+on a copy of it.
+"""
+import json
+import shutil
+
+import pytest
+
+import posttrain.stages  # noqa: F401
+from posttrain.config import load_pipeline
+from posttrain.pipeline import run_pipeline
+
+TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}
+SOURCES = {"a": "arithmetic", "b": "reversal", "c": "facts"}
+
+
+def _cfg(changed: dict | None = None):
+    """The pipeline; `changed` maps a stage name to trainer fields that differ."""
+    stages = [{"name": n, "kind": "sft", "data": [{"source": src, "limit": 16}],
+               "trainer": {**TINY, **(changed or {}).get(n, {})}} for n, src in SOURCES.items()]
+    return load_pipeline(None, data={"name": "t", "eval": {"enabled": False}, "stages": stages})
+
+
+def _rerun(run_dir, changed=None) -> tuple[dict[str, str], list[str]]:
+    """Run the pipeline; ({stage: "ran" | "skipped"}, log lines)."""
+    logs = []
+    run_pipeline(_cfg(changed), run_dir, logs.append)
+    what = {}
+    for line in logs:
+        for name in SOURCES:
+            if line.startswith(f"[0{list(SOURCES).index(name) + 1} {name}] "):
+                if "done already" in line:
+                    what[name] = "skipped"
+                elif "] sft from" in line:
+                    what[name] = "ran"
+    return what, logs
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    what, _ = _rerun(run_dir)
+    assert what == {"a": "ran", "b": "ran", "c": "ran"}
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_finished_pipeline_is_skipped_and_layout_is_complete(run_dir):
+    layout = run_dir / "stages" / "01_a"
+    for rel in ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json",
+                "model/generation_config.json", "config.yaml", "metrics.jsonl", "DONE", "trainable.json"]:
+        assert (layout / rel).is_file(), rel
+    assert not list((run_dir / "stages").glob(".*"))  # no temporary folder left behind
+    assert [json.loads(x)["loss"] for x in (layout / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    before = {p: p.read_bytes() for p in (run_dir / "stages").rglob("DONE")}
+    what, _ = _rerun(run_dir)
+    assert what == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    assert {p: p.read_bytes() for p in (run_dir / "stages").rglob("DONE")} == before  # nothing rewritten
+
+
+def test_changed_config_reruns_that_stage_and_later_ones(run_dir):
+    a_done = (run_dir / "stages" / "01_a" / "DONE").read_bytes()
+    what, _ = _rerun(run_dir, {"b": {"learning_rate": 5e-4}})
+    assert what == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert (run_dir / "stages" / "01_a" / "DONE").read_bytes() == a_done
+    assert "learning_rate: 0.0005" in (run_dir / "stages" / "02_b" / "config.yaml").read_text()
+    what, _ = _rerun(run_dir, {"b": {"learning_rate": 5e-4}})
+    assert what == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    what, _ = _rerun(run_dir, {"b": {"learning_rate": 5e-4}, "c": {"learning_rate": 5e-4}})
+    assert what == {"a": "skipped", "b": "skipped", "c": "ran"}
+
+
+def test_tampered_model_reruns_that_stage_and_later_ones_naming_the_file(run_dir):
+    weights = run_dir / "stages" / "02_b" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte, in the middle of the tensors
+    weights.write_bytes(bytes(data))
+    what, logs = _rerun(run_dir)
+    assert what == {"a": "skipped", "b": "ran", "c": "ran"}
+    warning = [line for line in logs if line.startswith("[02 b] rerunning")]
+    assert len(warning) == 1 and str(weights) in warning[0] and "sha256" in warning[0], logs
+    what, _ = _rerun(run_dir)
+    assert what == {"a": "skipped", "b": "skipped", "c": "skipped"}
