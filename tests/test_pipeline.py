@@ -1,5 +1,7 @@
 """Pipeline runner: stage references (tiny training runs). Reruns, tampering and the run-dir layout are tested in
 tests/reliability/test_rerun.py."""
+import json
+
 import pytest
 
 import posttrain.stages  # noqa: F401
