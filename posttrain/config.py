@@ -232,9 +232,10 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
     for key, value in parse_sets(sets):
         apply_override(raw, key, value, PipelineConfig)
     try:
-        return PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{where}: {_format_error(e, PipelineConfig)}") from None
+    return _check_files(cfg, where)
 
 
 def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
@@ -261,6 +262,19 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
     pipe.setdefault("name", kind)
     pipe["stages"] = [validated]
     try:
-        return PipelineConfig.model_validate(pipe)
+        cfg = PipelineConfig.model_validate(pipe)
     except ValidationError as e:
         raise ConfigError(f"{where}: {_format_error(e, PipelineConfig)}") from None
+    return _check_files(cfg, where, prefix="")
+
+
+def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:
+    """Refuse local data files that do not exist now, not after the base model was loaded and evaluated."""
+    from posttrain.data import missing_file
+
+    for i, stage in enumerate(cfg.stages):
+        for j, src in enumerate(getattr(stage, "data", None) or []):
+            path = missing_file(src)
+            if path is not None:
+                raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].source: data file {path} not found")
+    return cfg

@@ -121,6 +121,20 @@ def _iter_table(rows: Any) -> Iterator[tuple[int, dict | None, str | None]]:
         yield (n, dict(row), None) if isinstance(row, dict) else (n, None, "expected an object")
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def missing_file(src: DataSource) -> Path | None:
+    """The local data file `src` names when it does not exist (so a config can be refused before any model
+    loads); None for world tasks, hub names and files that exist."""
+    from posttrain.world.tasks import TASKS
+
+    path = Path(src.source).expanduser()
+    if src.source in TASKS or path.suffix not in DATA_SUFFIXES:
+        return None
+    return None if path.is_file() else path
+
+
 def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iterator]:
     """(name for messages, iterator of (row number, row or None, error or None))."""
     from posttrain.world.tasks import TASKS
@@ -131,7 +145,7 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
         path = task_file(src.source, src.split, log)
         return str(path), _iter_jsonl(path)
     path = Path(src.source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+    if path.suffix in DATA_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
         if path.suffix == ".jsonl":
