@@ -1,4 +1,5 @@
-"""Bad rows fail naming the file and row, or are skipped and counted with on_bad_rows: skip."""
+"""Data sources: row shapes, file types, mixed formats (malformed rows, named or skipped and counted:
+tests/reliability/test_bad_rows.py)."""
 import json
 
 import pytest
@@ -12,32 +13,6 @@ def _write(tmp_path, lines: list[bytes], name="d.jsonl"):
     p = tmp_path / name
     p.write_bytes(b"\n".join(lines) + b"\n")
     return p
-
-
-@pytest.mark.parametrize(
-    "bad, why",
-    [
-        (b"{not json", "bad JSON"),
-        (b'{"messages": "oops"}', "'messages' must be a non-empty list"),
-        (json.dumps({"prompt": "q", "completion": ""}).encode(), "'completion' is empty"),
-        (json.dumps({"prompt": 3, "completion": "a"}).encode(), "'prompt' must be a string"),
-        (json.dumps({"text": "x"}).encode(), "missing column 'messages'"),
-        (b'{"prompt": "\xff\xfe", "completion": "a"}', "not valid UTF-8"),
-        (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}).encode(), "no non-empty assistant"),
-    ],
-)
-def test_bad_row_names_file_and_row(tmp_path, bad, why):
-    p = _write(tmp_path, [json.dumps(GOOD).encode(), json.dumps(GOOD).encode(), bad])
-    with pytest.raises(DataError) as e:
-        load_rows(DataSource(source=str(p)), "sft")
-    msg = str(e.value)
-    assert str(p) in msg and "row 3" in msg and why in msg and "\n" not in msg
-
-
-def test_skip_counts_bad_rows(tmp_path):
-    p = _write(tmp_path, [json.dumps(GOOD).encode(), b"{bad", b'{"prompt": "", "completion": "x"}', json.dumps(GOOD).encode()])
-    rows, stats = load_rows(DataSource(source=str(p), on_bad_rows="skip"), "sft", log=lambda m: None)
-    assert len(rows) == 2 and stats["bad_rows"] == 2 and stats["bad_examples"][0].startswith("row 2")
 
 
 def test_preference_and_prompt_shapes(tmp_path):
