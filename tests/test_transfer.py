@@ -354,3 +354,30 @@ def test_world_v2_plus_sft_diff_beats_world_v2_on_arithmetic(tmp_path):
     after = scores["v2+delta"]["world_arithmetic/exact_match"]["value"]
     print(f"world_arithmetic/exact_match: world-v2 {before:.3f}, world-v2 + Δ {after:.3f}")
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow  # a transfer, two 60-step SFTs and five evals: about a minute on two shared cores
+def test_recycle_then_finetune_pipeline_runs_to_a_report(world, tmp_path):
+    """configs/pipelines/recycle_then_finetune.yaml: world-v2 + Δ, then the same short SFT from it and from bare
+    world-v2, in one report whose base is world-v2 and which shows world-sft (the diff's source) for reference.
+    The recycled start keeps its lead after the same steps (Lin et al. 2025's recycling-then-finetuning)."""
+    import yaml
+
+    from posttrain.config import load_pipeline
+    from posttrain.pipeline import run_pipeline
+
+    path = Path(__file__).parent.parent / "configs" / "pipelines" / "recycle_then_finetune.yaml"
+    run_dir = run_pipeline(load_pipeline(path, ["eval.limit=40"]), tmp_path / "run", lambda m: None)
+    report = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    rows = {r["name"]: r for r in report["stages"]}
+    assert list(rows) == ["base", "input:world-sft", "transfer", "sft_recycled", "sft_from_v2"]
+    assert rows["base"]["model"] == resolve_model("world-v2") and rows["input:world-sft"]["reference"]
+    steps = [yaml.safe_load((run_dir / "stages" / folder / "config.yaml").read_text())["trainer"]["max_steps"]
+             for folder in ("02_sft_recycled", "03_sft_from_v2")]
+    assert steps[0] == steps[1] > 0
+
+    def arithmetic(row: str) -> float:
+        return rows[row]["scores"]["world_arithmetic/exact_match"]["value"]
+
+    assert arithmetic("transfer") >= arithmetic("base") + 0.2
+    assert arithmetic("sft_recycled") >= arithmetic("sft_from_v2") + 0.2
