@@ -45,8 +45,10 @@ report: setup
 list: setup
 	$(BIN)/posttrain list
 
+# Side-by-side ratios against raw TRL / safetensors / mergekit / lm-eval; writes benchmarks/results.json and
+# the README's table. About 15 minutes on 2 CPU cores; ARGS="--only merge" etc. for one group.
 bench: setup
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run --update-readme $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

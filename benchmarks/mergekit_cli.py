@@ -1,0 +1,64 @@
+"""mergekit's command line (`mergekit-yaml`) for the merge figures, installed for the benchmark only.
+
+mergekit is never a dependency of posttrain and never imported by it. It is pip-installed with --no-deps into
+benchmarks/_work/mergekit-<version>/ (git-ignored), together with the three small packages it needs that
+posttrain's environment lacks; everything else (torch, transformers, safetensors, pydantic, ...) is the
+environment's own, so pip can never pull a different torch. It runs as
+`python -c <mergekit-yaml main> config.yml out` with that folder on PYTHONPATH.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import WORK, bench_env, python
+
+VERSION = "0.1.5"
+TARGET = WORK / f"mergekit-{VERSION}"
+# Requirements of mergekit 0.1.5 absent from posttrain's environment (the rest are already installed).
+MISSING = ["immutables", "sentencepiece", "protobuf"]
+MAIN = "import sys; sys.argv[0] = 'mergekit-yaml'; from mergekit.scripts.run_yaml import main; main()"
+
+
+def install() -> str | None:
+    """Install once; returns None when usable, else the reason it is not (the figure says 'unavailable')."""
+    if not (TARGET / "mergekit").is_dir():
+        cmd = [python(), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target",
+               str(TARGET), f"mergekit=={VERSION}", *MISSING]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return f"pip install mergekit=={VERSION} failed: {r.stderr.strip().splitlines()[-1:]}"
+    check = subprocess.run([python(), "-c", "import torch, mergekit.merge; print(torch.__version__)"],
+                           capture_output=True, text=True, env=env(), timeout=300)
+    if check.returncode != 0:
+        return f"mergekit {VERSION} does not import here: {check.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def env() -> dict[str, str]:
+    e = bench_env()
+    e["PYTHONPATH"] = str(TARGET) + (":" + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+# posttrain method -> mergekit's name and parameters (same densities as posttrain's defaults).
+METHODS = {
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties": ("ties", {"density": 0.2}),
+    "dare_ties": ("dare_ties", {"density": 0.1}),
+}
+
+
+def command(method: str, inputs: list[Path], out: Path, shard_bytes: int, workdir: Path) -> list[str]:
+    """The mergekit-yaml command merging inputs[1:] onto inputs[0] in float32, shards of `shard_bytes`."""
+    name, params = METHODS[method]
+    cfg = {"merge_method": name, "base_model": str(inputs[0]), "dtype": "float32",
+           "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in inputs[1:]]}
+    if name != "task_arithmetic":
+        cfg["parameters"] = {"normalize": False}  # posttrain's TIES does not divide by the summed weights
+    path = workdir / f"mergekit-{method}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [python(), "-c", MAIN, str(path), str(out), "--out-shard-size", str(shard_bytes // 4),
+            "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]

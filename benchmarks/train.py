@@ -1,0 +1,115 @@
+"""Training overhead: a `posttrain stage` (sft, dpo) against the plain TRL script (benchmarks/plain_trl.py) on the
+same model, data, seed and TRL arguments.
+
+Two ratios per stage, each the median over back-to-back pairs:
+  * seconds per step: TRL's own train_runtime / global_step on both sides (the trainer loop only: posttrain's
+    callbacks, HFT bookkeeping and metrics file are inside it; goal <= 1.03);
+  * whole stage: wall seconds of the command, interpreter start, imports, data checks, model save, hashes and
+    the DONE marker included (goal <= 1.10). Evals are off on the posttrain side; the raw script has none.
+Before timing, the TRL config posttrain builds is compared field by field with the one the raw script builds,
+so the figure compares like with like (the comparison lands in results.json).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import REPO, Figure, bench_env, paired, python, ratio_figure, timed
+
+# The world defaults of each stage (posttrain/stages/{sft,dpo}.py), with max_steps set by the bench.
+TRAINERS = {
+    "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, warmup_steps=10, logging_steps=20,
+                save_steps=100, max_length=128),
+    "dpo": dict(learning_rate=2e-4, per_device_train_batch_size=16, warmup_steps=5, logging_steps=5,
+                save_steps=30, max_length=96),
+}
+MODELS = {"sft": "world", "dpo": "world-sft"}
+DATA = {"sft": "arithmetic", "dpo": "style"}
+KIND_ARGS = {
+    "sft": dict(assistant_only_loss=True, packing=False, dataset_num_proc=None),
+    "dpo": dict(loss_type=["sigmoid"], loss_weights=[1.0], beta=0.1, trust_remote_code=False, dataset_num_proc=None),
+}
+
+
+def plain_args(kind: str, steps: int) -> dict[str, Any]:
+    """The TRL config fields the raw script passes (posttrain.stages.common.trl_args passes the same)."""
+    t = TRAINERS[kind]
+    return dict(
+        learning_rate=t["learning_rate"], max_steps=steps, num_train_epochs=1.0,
+        per_device_train_batch_size=t["per_device_train_batch_size"], gradient_accumulation_steps=1,
+        lr_scheduler_type="cosine", warmup_steps=t["warmup_steps"], weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=t["logging_steps"], save_strategy="steps", save_steps=t["save_steps"], save_total_limit=2,
+        gradient_checkpointing=False, bf16=False, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0,
+        logging_nan_inf_filter=False, max_length=t["max_length"], **KIND_ARGS[kind],
+    )
+
+
+def stage_yaml(kind: str, model_dir: str, steps: int) -> dict[str, Any]:
+    return {"kind": kind, "model": model_dir, "data": [{"source": DATA[kind]}],
+            "trainer": {**TRAINERS[kind], "max_steps": steps}}
+
+
+def args_differences(kind: str, stage: dict[str, Any], plain: dict[str, Any], work: Path) -> list[str]:
+    """Fields where posttrain's TRL config differs from the raw script's (output paths aside); [] = same."""
+    import posttrain.stages  # noqa: F401  (registers the kinds)
+    from posttrain.registry import STAGES
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.common import trl_args
+    from trl import DPOConfig, SFTConfig
+
+    cls = SFTConfig if kind == "sft" else DPOConfig
+    cfg = STAGES.get(kind).config.model_validate(stage)
+    ctx = StageContext(run_dir=work, work_dir=work, index=1, seed=0, input_model=stage["model"], resolve=str)
+    ours = trl_args(cls, cfg, ctx, **KIND_ARGS[kind]).to_dict()
+    raw = cls(output_dir=str(work / "checkpoints"), **plain).to_dict()
+    skip = {"output_dir", "logging_dir"}
+    return sorted(k for k in ours.keys() | raw.keys() if k not in skip and ours.get(k) != raw.get(k))
+
+
+def _setup(kind: str, steps: int, tmp: Path) -> tuple[list[str], list[str], dict[str, Any]]:
+    from posttrain.models import resolve_model
+    from posttrain.world import task_file
+
+    quiet = lambda m: None  # noqa: E731
+    model_dir = resolve_model(MODELS[kind], quiet)
+    data = str(task_file(DATA[kind], "train", quiet))
+    stage, plain = stage_yaml(kind, model_dir, steps), plain_args(kind, steps)
+    (tmp / "stage.yaml").write_text(yaml.safe_dump(stage))
+    (tmp / "args.json").write_text(json.dumps(plain))
+    ours = [python(), "-m", "posttrain", "stage", kind, "--config", str(tmp / "stage.yaml"),
+            "--set", "eval.enabled=false", "--run-dir"]
+    raw = [python(), str(REPO / "benchmarks" / "plain_trl.py"), kind, model_dir, data, str(tmp / "args.json")]
+    return ours, raw, {"differences": args_differences(kind, stage, plain, tmp / "check"), "steps": steps}
+
+
+def figures(kind: str, steps: int, runs: int) -> list[Figure]:
+    env = bench_env()
+    per_step: dict[str, list[float]] = {"ours": [], "raw": []}
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as d:
+        tmp = Path(d)
+        ours_cmd, raw_cmd, detail = _setup(kind, steps, tmp)
+        count = iter(range(10**6))
+
+        def ours() -> float:
+            run_dir = tmp / f"run{next(count)}"
+            seconds, _ = timed([*ours_cmd, str(run_dir)], env)
+            result = json.loads(next(run_dir.glob("stages/01_*/train_result.json")).read_text())
+            per_step["ours"].append(result["train_runtime"] / result["global_step"])
+            return seconds
+
+        def raw() -> float:
+            seconds, r = timed([*raw_cmd, str(tmp / f"raw{next(count)}")], env)
+            result = json.loads(r.stdout.strip().splitlines()[-1])
+            per_step["raw"].append(result["train_runtime"] / result["global_step"])
+            return seconds
+
+        whole_ours, whole_raw = paired(ours, raw, runs)
+    note = "" if not detail["differences"] else f"TRL args differ: {detail['differences']}"
+    return [
+        ratio_figure(f"{kind}: s/step vs plain TRL", per_step["ours"], per_step["raw"], 1.03, note, detail),
+        ratio_figure(f"{kind}: whole stage vs plain TRL", whole_ours, whole_raw, 1.10, note, detail),
+    ]
