@@ -2,8 +2,9 @@
 
 Installs one fault, then runs the posttrain CLI in this process, so the test sees the real exit code, stderr
 and run directory. Tests that need no kill install a fault in their own process instead, with
-`install(fault, monkeypatch.setattr)`, which pytest undoes afterwards. A kill is a real SIGKILL of this process (what `kill -9` does: no handler, no cleanup);
-a full disk is `OSError(ENOSPC)` raised after half of a file's bytes reached the disk, as a real one would.
+`install(fault, monkeypatch.setattr)`, which pytest undoes afterwards. A kill is a real SIGKILL of this
+process (what `kill -9` does: no handler, no cleanup); a full disk is `OSError(ENOSPC)` raised after half of
+a file's bytes reached the disk, as a real one would.
 
 FAULT is one of:
   kill-in-model-weights       model/model.safetensors half written, then SIGKILL
@@ -79,17 +80,20 @@ def _in_checkpoint(step: int, fail, patch) -> None:
 def _nan_at(step: int, patch) -> None:
     from transformers import Trainer
 
-    real = Trainer.compute_loss
+    real = Trainer.training_step
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        out = real(self, model, inputs, *args, **kwargs)
-        # global_step counts finished optimizer steps, so the one in progress is global_step + 1. The NaN
-        # reaches the backward pass too, as a real one would: the update of that step poisons the weights.
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        # global_step counts finished optimizer steps, so the one in progress is global_step + 1. The gradients
+        # turn NaN too, as a real NaN loss's would: the update of that step poisons the weights.
         if self.state.global_step + 1 != step:
-            return out
-        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+            return loss
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(float("nan"))
+        return loss * float("nan")
 
-    patch(Trainer, "compute_loss", compute_loss)
+    patch(Trainer, "training_step", training_step)
 
 
 def install(fault: str, patch=setattr) -> None:

@@ -38,7 +38,8 @@ def test_bad_row_names_file_and_row(tmp_path, bad, why):
 
 
 def test_skip_counts_bad_rows(tmp_path):
-    p = _write(tmp_path, [json.dumps(GOOD).encode(), b"{bad", b'{"prompt": "", "completion": "x"}', json.dumps(GOOD).encode()])
+    good = json.dumps(GOOD).encode()
+    p = _write(tmp_path, [good, b"{bad", b'{"prompt": "", "completion": "x"}', good])
     rows, stats = load_rows(DataSource(source=str(p), on_bad_rows="skip"), "sft", log=lambda m: None)
     assert len(rows) == 2 and stats["bad_rows"] == 2 and stats["bad_examples"][0].startswith("row 2")
 

@@ -10,7 +10,8 @@ from posttrain.rundir import RunDir
 from tests.conftest import REPO
 from tests.reliability.conftest import error_lines, sft_args
 
-HOLD = "import sys, time; from posttrain.rundir import RunDir; RunDir(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(300)"
+HOLD = ("import sys, time; from posttrain.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+        "print('locked', flush=True); time.sleep(300)")
 
 
 def test_second_process_fails_at_once_naming_the_holder(tmp_path, cli):
