@@ -6,6 +6,7 @@ transformers from its cache; offline machines need it cached already).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,9 +63,29 @@ def check_weights(folder: str, allow_pickle: bool) -> None:
         raise ModelError(f"{path}: no weights found (*.safetensors)")
 
 
+def check_remote_code(folder: str, trust_remote_code: bool) -> None:
+    """Refuse a folder whose config names its own Python code (`auto_map`) unless the config opts in."""
+    path = Path(folder)
+    if trust_remote_code or not path.is_dir():
+        return  # hub names: transformers refuses remote code itself while trust_remote_code is off
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+            modules = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in refs})
+            raise ModelError(
+                f"{path}: {name} names the model's own code ({', '.join(modules) or 'auto_map'}), which runs when "
+                "loaded; set trust_remote_code: true in the stage config if you trust it"
+            )
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_remote_code(ref, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # as TRL does when a tokenizer has no pad token
@@ -77,6 +98,7 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
     from transformers import AutoModelForCausalLM
 
     check_weights(ref, allow_pickle)
+    check_remote_code(ref, trust_remote_code)
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     return AutoModelForCausalLM.from_pretrained(
