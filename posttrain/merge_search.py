@@ -11,7 +11,8 @@
 Each trial writes a full candidate merge to ``<work_dir>/search/trial_NNN/``, scores it with the scorer (by
 default the eval suite through ``evals.runner.evaluate_model`` on the dev split, one task), appends one JSON
 line to ``<work_dir>/search.jsonl`` and keeps the folder only while it is the best so far; the last line of
-``search.jsonl`` is the best trial (``"best": true``). Ties keep the earlier trial; a NaN score never wins.
+``search.jsonl`` is the best trial (``"best": true``), whose folder becomes the stage's ``model/`` (merge and
+transfer both end this way). Ties keep the earlier trial; a NaN score never wins.
 
 Per-block search follows aTLAS (Zhang et al. 2024), one coefficient per model per block, but searches instead
 of learning the coefficients by gradient descent, so it only suits a few blocks or a random search.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -206,9 +208,13 @@ def run_search(
     build: Callable[[Coefficients, Path], None],
     score: Scorer,
     work_dir: Path,
+    out: Path,
     log: Callable[[str], None] = print,
-) -> Trial:
-    """Build, score and record every point; return the best trial (its folder is the only one left)."""
+) -> tuple[Coefficients, dict[str, Any]]:
+    """Build, score and record every point; move the best candidate to `out` and remove the trials' folder.
+
+    Returns the best coefficients and the metrics a stage records (trials, best trial, metric, best score).
+    """
     if not points:
         raise ConfigError("search: no coefficients to try")
     trials_dir = work_dir / "search"
@@ -218,23 +224,27 @@ def run_search(
     trials_dir.mkdir(parents=True)
     best: Trial | None = None
     for i, coeffs in enumerate(points):
-        out = trials_dir / f"trial_{i:03d}"
-        build(coeffs, out)
-        value = float(score(out))
+        candidate = trials_dir / f"trial_{i:03d}"
+        build(coeffs, candidate)
+        value = float(score(candidate))
         _append(record, {"trial": i, **coeffs.to_json(), "metric": search.metric, "split": search.split,
                          "score": value if math.isfinite(value) else None})
         log(f"merge search: trial {i + 1}/{len(points)} {coeffs.to_json()} -> {search.metric}={value:.4f}")
         if _better(value, best, search.mode):
             if best is not None:
                 shutil.rmtree(best.model_dir, ignore_errors=True)
-            best = Trial(i, coeffs, value, out)
+            best = Trial(i, coeffs, value, candidate)
         else:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(candidate, ignore_errors=True)
     assert best is not None
     _append(record, {"best": True, "trial": best.index, **best.coefficients.to_json(), "metric": search.metric,
                      "split": search.split, "score": best.score if math.isfinite(best.score) else None})
     log(f"merge search: best is trial {best.index + 1} ({search.metric}={best.score:.4f})")
-    return best
+    os.replace(best.model_dir, out)
+    shutil.rmtree(trials_dir, ignore_errors=True)
+    return best.coefficients, {"search_trials": len(points), "search_best_trial": best.index,
+                               "search_metric": search.metric,
+                               "search_best_score": best.score if math.isfinite(best.score) else None}
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

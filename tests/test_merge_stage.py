@@ -1,7 +1,8 @@
-"""Merge stage, run directly on tiny Llamas built here: identities (one model at weight 1 is that model, weight 0
-is the base bit for bit), sharded inputs equal the in-memory merge, the output loads and carries the base's
-tokenizer, every refusal leaves no model/, LoRA adapters are merged into their base first, config errors, and
-the coefficient search with an injected scorer. One slow test runs `posttrain stage merge` on the world."""
+"""Merge stage, run directly on tiny Llamas (tests/conftest.py): identities (one model at weight 1 is that model,
+weight 0 is the base bit for bit), sharded inputs equal the in-memory merge, the output loads and carries the
+base's tokenizer, LoRA adapters are merged into their base first, config errors, and the coefficient search with
+an injected scorer. The refusals are in tests/reliability/test_merge_transfer_refusals.py. Slow tests run
+`posttrain stage merge` and configs/pipelines/merge_specialists.yaml on the world."""
 from __future__ import annotations
 
 import json
@@ -10,77 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 import posttrain.stages  # noqa: F401  (registers the stage kinds)
 from posttrain import merge_search
 from posttrain.config import ConfigError, stage_pipeline
 from posttrain.merge_methods import dare_ties, task_arithmetic
 from posttrain.models import ModelError, resolve_model
 from posttrain.stages.base import StageContext
-from posttrain.stages.merge import MergeRefused, MergeStageConfig, run
-from posttrain.tensors import INDEX_FILE, MergeMismatch
-
-VOCAB = 64
-
-
-# ----------------------------------------------------------------------------------------------- fixtures
+from posttrain.stages.merge import MergeStageConfig, run
+from posttrain.tensors import INDEX_FILE
+from tests.conftest import load_tensors, make_tiny_llama
 
 
-def _llama_config(**over):
-    from transformers import LlamaConfig
-
-    kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, tie_word_embeddings=False)
-    return LlamaConfig(**{**kw, **over})
-
-
-def _tokenizer(vocab: int = VOCAB):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<pad>", "<eos>"] + [f"w{i}" for i in range(vocab - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-
-
-def make_model(folder: Path, seed: int = 0, dtype=torch.float32, tokenizer: bool = False, shard: str | None = None,
-               base: Path | None = None, scale: float = 0.05, **config) -> Path:
-    """A tiny Llama in `folder`: fresh from `seed`, or `base` plus seeded noise of size `scale` (a fine-tune)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if base is None:
-        model = LlamaForCausalLM(_llama_config(**config))
-    else:
-        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * scale)
-    kw = {"max_shard_size": shard} if shard else {}
-    model.to(dtype).save_pretrained(folder, safe_serialization=True, **kw)
-    if tokenizer:
-        _tokenizer(model.config.vocab_size).save_pretrained(folder)
-    return folder
-
-
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, single file or shards."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    """A base (with tokenizer) and two fine-tunes of it."""
-    root = tmp_path_factory.mktemp("trio")
-    base = make_model(root / "base", seed=0, tokenizer=True)
-    a = make_model(root / "a", seed=1, base=base)
-    b = make_model(root / "b", seed=2, base=base)
-    return base, a, b
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def make_ctx(tmp_path: Path, input_model: str | None = None, index: int = 1, **extra) -> StageContext:
@@ -104,11 +46,11 @@ def models_(*pairs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- identities
 
 
-def test_task_arithmetic_one_model_weight_one_is_that_model(trio, tmp_path):
-    base, a, _ = trio
+def test_task_arithmetic_one_model_weight_one_is_that_model(merge_trio, tmp_path):
+    base, a, _ = merge_trio
     out = merge(make_ctx(tmp_path), method="task_arithmetic", base=str(base), models=models_((a, 1.0)),
                 dtype="float64")
-    got, want = load_all(out), load_all(a)
+    got, want = load_tensors(out), load_tensors(a)
     assert sorted(got) == sorted(want)
     for name in want:
         # base + 1·(a − base) in float64 is exact for float32 inputs, so the cast back gives a bit for bit.
@@ -117,26 +59,26 @@ def test_task_arithmetic_one_model_weight_one_is_that_model(trio, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs"])
-def test_zero_coefficients_give_the_base_bit_exact(trio, tmp_path, method):
-    base, a, b = trio
+def test_zero_coefficients_give_the_base_bit_exact(merge_trio, tmp_path, method):
+    base, a, b = merge_trio
     out = merge(make_ctx(tmp_path, input_model=str(base)), method=method, models=models_((a, 0.0), (b, 0.0)))
-    got, want = load_all(out), load_all(base)
+    got, want = load_tensors(out), load_tensors(base)
     assert sorted(got) == sorted(want)
     for name in want:
         assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), name
 
 
 def test_sharded_inputs_equal_the_in_memory_merge(tmp_path):
-    base = make_model(tmp_path / "base", seed=0, tokenizer=True, shard="10KB")
-    a = make_model(tmp_path / "a", seed=1, base=base, shard="10KB")
-    b = make_model(tmp_path / "b", seed=2, base=base)  # one file: sharded and unsharded inputs mix
+    base = make_tiny_llama(tmp_path / "base", seed=0, tokenizer=True, shard="10KB")
+    a = make_tiny_llama(tmp_path / "a", seed=1, base=base, shard="10KB")
+    b = make_tiny_llama(tmp_path / "b", seed=2, base=base)  # one file: sharded and unsharded inputs mix
     assert len(list(base.glob("*.safetensors"))) > 1 and (base / INDEX_FILE).is_file()
     out = merge(make_ctx(tmp_path), method="dare_ties", base=str(base), models=models_((a, 0.7), (b, 0.4)),
                 params={"density": 0.5}, seed=3, max_shard_bytes=8_000)
 
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / INDEX_FILE).is_file()
-    got = load_all(out)
-    tb, ta, tbb = load_all(base), load_all(a), load_all(b)
+    got = load_tensors(out)
+    tb, ta, tbb = load_tensors(base), load_tensors(a), load_tensors(b)
     gen = torch.Generator().manual_seed(3)  # the stage's contract: one generator, tensors in sorted-name order
     for name in sorted(tb):
         want = dare_ties(tb[name], [ta[name], tbb[name]], [0.7, 0.4], generator=gen, density=0.5)
@@ -144,14 +86,14 @@ def test_sharded_inputs_equal_the_in_memory_merge(tmp_path):
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], tb["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_output_loads_and_has_the_base_config_and_tokenizer(trio, tmp_path):
+def test_output_loads_and_has_the_base_config_and_tokenizer(merge_trio, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, a, b = trio
+    base, a, b = merge_trio
     out = merge(make_ctx(tmp_path), method="ties", base=str(base), models=models_((a, 1.0), (b, 1.0)),
                 params={"density": 0.5})
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.vocab_size == VOCAB
+    assert model.config.vocab_size == 64
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] + \
              (["generation_config.json"] if (base / "generation_config.json").is_file() else []):
         assert (out / f).read_bytes() == (base / f).read_bytes(), f
@@ -161,70 +103,16 @@ def test_output_loads_and_has_the_base_config_and_tokenizer(trio, tmp_path):
     assert summary["method"] == "ties" and summary["weights"] == [1.0, 1.0]
 
 
-# ----------------------------------------------------------------------------------------------- refusals
+# ----------------------------------------------------------------------------------------------- stage refs
 
 
-def _renamed_tensor(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors["model.layers.1.mlp.gate_proj.extra"] = tensors.pop("model.layers.1.mlp.gate_proj.weight")
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def _other_architecture(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-@pytest.mark.parametrize("case, expect", [
-    ("names", "model.layers.1.mlp.gate_proj"),
-    ("shapes", "model.layers.0.mlp.down_proj.weight"),
-    ("vocab", "transfer stage"),
-    ("architecture", "model_type is 'mistral'"),
-    ("dtype", "bfloat16"),
-])
-def test_mismatch_is_refused_before_anything_is_written(trio, tmp_path, case, expect):
-    base, a, _ = trio
-    bad = {
-        "names": lambda d: _renamed_tensor(a, d),
-        "shapes": lambda d: make_model(d, seed=3, intermediate_size=48),
-        "vocab": lambda d: make_model(d, seed=3, vocab_size=VOCAB + 16),
-        "architecture": lambda d: _other_architecture(a, d),
-        "dtype": lambda d: make_model(d, seed=3, base=base, dtype=torch.bfloat16),
-    }[case](tmp_path / "bad")
-    ctx = make_ctx(tmp_path)
-    with pytest.raises(MergeRefused) as e:
-        merge(ctx, method="task_arithmetic", base=str(base), models=models_((a, 1.0), (bad, 1.0)))
-    msg = str(e.value)
-    assert isinstance(e.value, (ValueError, MergeMismatch, ModelError)) and "\n" not in msg
-    assert expect in msg, msg
-    assert not (ctx.work_dir / "model").exists()
-    assert not list(ctx.work_dir.glob(".model*")) and not (ctx.work_dir / "inputs").exists()
-
-
-def test_cli_exits_2_on_a_refusal_and_writes_no_model(trio, tmp_path, cli):
-    base, a, _ = trio
-    bad = make_model(tmp_path / "bad", seed=3, vocab_size=VOCAB + 16)
-    pipe = {"name": "m", "eval": {"enabled": False},
-            "stages": [{"kind": "merge", "model": str(base), "method": "ties", "models": models_((a, 1), (bad, 1))}]}
-    (tmp_path / "p.yaml").write_text(json.dumps(pipe))
-    r = cli("run", str(tmp_path / "p.yaml"), "--run-dir", str(tmp_path / "run"), timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "transfer stage" in r.stderr.strip().splitlines()[-1]
-    assert not list((tmp_path / "run").glob("stages/*/model"))
-
-
-def test_stage_ref_resolves_to_an_earlier_stage_and_unknown_names_are_refused(trio, tmp_path):
-    base, a, _ = trio
+def test_stage_ref_resolves_to_an_earlier_stage_and_unknown_names_are_refused(merge_trio, tmp_path):
+    base, a, _ = merge_trio
     earlier = tmp_path / "run" / "stages" / "01_spec_a" / "model"
     shutil.copytree(a, earlier)
     out = merge(make_ctx(tmp_path, index=2), method="task_arithmetic", base=str(base),
                 models=[{"model": "${stages.spec_a.model}", "weight": 1.0}], dtype="float64")
-    assert torch.equal(load_all(out)["lm_head.weight"], load_all(a)["lm_head.weight"])
+    assert torch.equal(load_tensors(out)["lm_head.weight"], load_tensors(a)["lm_head.weight"])
     with pytest.raises(ModelError, match="did you mean 'spec_a'"):
         merge(make_ctx(tmp_path, index=2), method="linear",
               models=[{"model": "${stages.spec_b.model}", "weight": 1.0}])
@@ -237,7 +125,7 @@ def test_lora_adapter_is_merged_into_its_base_first(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = make_model(tmp_path / "base", seed=0, tokenizer=True)
+    base = make_tiny_llama(tmp_path / "base", seed=0, tokenizer=True)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                                 LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(5)
@@ -252,7 +140,7 @@ def test_lora_adapter_is_merged_into_its_base_first(tmp_path):
 
     ctx = make_ctx(tmp_path)
     out = merge(ctx, method="task_arithmetic", base=str(base), models=models_((adapter, 1.0)), dtype="float64")
-    got, tb = load_all(out), load_all(base)
+    got, tb = load_tensors(out), load_tensors(base)
     assert sorted(got) == sorted(tb)
     changed = [n for n in got if not torch.equal(tb[n], want[n])]
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
@@ -283,16 +171,16 @@ def test_default_config_merges_the_world_specialists_with_ties():
 # ----------------------------------------------------------------------------------------------- search
 
 
-def test_grid_search_records_every_trial_and_keeps_the_best(trio, tmp_path, monkeypatch):
-    base, a, b = trio
-    tb, ta, tbb = load_all(base), load_all(a), load_all(b)
+def test_grid_search_records_every_trial_and_keeps_the_best(merge_trio, tmp_path, monkeypatch):
+    base, a, b = merge_trio
+    tb, ta, tbb = load_tensors(base), load_tensors(a), load_tensors(b)
     name = "model.layers.0.self_attn.q_proj.weight"
     target = task_arithmetic(tb[name], [ta[name], tbb[name]], [0.5, 0.5])
     scored: list[Path] = []
 
     def scorer(model_dir: Path) -> float:  # closeness to the c = 0.5 merge: trial 1 of [0, 0.5, 1] wins
         scored.append(model_dir)
-        return -float((load_all(model_dir)[name] - target).abs().sum())
+        return -float((load_tensors(model_dir)[name] - target).abs().sum())
 
     monkeypatch.setattr(merge_search, "eval_scorer", lambda search, log: scorer)
     ctx = make_ctx(tmp_path)
@@ -304,13 +192,13 @@ def test_grid_search_records_every_trial_and_keeps_the_best(trio, tmp_path, monk
     assert [x["weights"] for x in lines[:3]] == [[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]
     assert lines[1]["score"] == 0.0 and lines[0]["score"] < 0 and lines[2]["score"] < 0
     assert len(scored) == 3
-    torch.testing.assert_close(load_all(out)[name], target, rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_tensors(out)[name], target, rtol=0, atol=1e-6)
     assert not (ctx.work_dir / "search").exists()
     assert json.loads((ctx.work_dir / "merge.json").read_text())["search_best_trial"] == 1
 
 
-def test_random_per_block_search_draws_one_coefficient_per_model_and_block(trio, tmp_path):
-    base, a, b = trio
+def test_random_per_block_search_draws_one_coefficient_per_model_and_block(merge_trio, tmp_path):
+    base, a, b = merge_trio
     ctx = make_ctx(tmp_path, merge_scorer=lambda d: 0.0)  # injected through ctx.extra
     search = {"method": "random", "space": {"low": 0.0, "high": 1.0}, "scope": "per_block", "trials": 3,
               "metric": "world_arithmetic/exact_match"}

@@ -1,90 +1,31 @@
-"""Transfer stage on tiny Llamas and hand-built vocabularies: identities (λ = 0 is the target bit for bit; the
-source base as target gives the fine-tuned source), vocabulary rows matched by token string across reordered
-and added tokens, tokenizer_from both ways with consistent eos/pad ids, every refusal leaves no model/,
-per-block λ, and the λ search with an injected scorer. One slow test transfers world-sft's diff to world-v2."""
+"""Transfer stage on tiny Llamas and hand-built vocabularies (tests/conftest.py): identities (λ = 0 is the target
+bit for bit; the source base as target gives the fine-tuned source), vocabulary rows matched by token string
+across reordered and added tokens, tokenizer_from both ways with consistent eos/pad ids, per-block λ, and the λ
+search with an injected scorer. The refusals are in tests/reliability/test_merge_transfer_refusals.py. Slow
+tests transfer world-sft's diff to world-v2 and run configs/pipelines/recycle_then_finetune.yaml."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import posttrain.stages  # noqa: F401  (registers the stage kinds and world-v2)
 from posttrain.config import ConfigError, stage_pipeline
 from posttrain.merge_methods import block_of
-from posttrain.models import WORLD_MODELS, ModelError, resolve_model
+from posttrain.models import WORLD_MODELS, resolve_model
 from posttrain.stages.base import StageContext
-from posttrain.stages.transfer import TransferRefused, TransferStageConfig, align_rows, run
+from posttrain.stages.transfer import TransferStageConfig, align_rows, run
+from tests.conftest import TINY_SOURCE_WORDS as SOURCE_WORDS
+from tests.conftest import TINY_TARGET_WORDS as TARGET_WORDS
+from tests.conftest import TINY_TEMPLATE as TEMPLATE
+from tests.conftest import load_tensors
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-SPECIALS = ["<unk>", "<pad>", "<eos>", "<eot>"]
-# The source vocabulary, and a target one with the words reordered, two added and one dropped ("w9").
-SOURCE_WORDS = SPECIALS + [f"w{i}" for i in range(12)]
-TARGET_WORDS = SPECIALS + ["w3", "w1", "new_a", "w0", "w2", "w11", "w10", "new_b", "w4", "w5", "w6", "w7", "w8"]
-TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<eot>{% endfor %}"
 
 
-# ----------------------------------------------------------------------------------------------- fixtures
-
-
-def _tokenizer(words: list[str], eos: str = "<eos>", template: str | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token=eos)
-    if template:
-        fast.chat_template = template
-    return fast
-
-
-def make_model(folder: Path, words: list[str], seed: int = 0, base: Path | None = None, scale: float = 0.05,
-               tokenizer=None, shard: str | None = None, **config) -> Path:
-    """A tiny Llama with one embedding row per word: fresh from `seed`, or `base` plus seeded noise (a
-    fine-tune). config.json/generation_config.json carry the tokenizer's eos and pad ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tokenizer or _tokenizer(words)
-    torch.manual_seed(seed)
-    if base is None:
-        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
-        model = LlamaForCausalLM(LlamaConfig(**{**kw, **config}, vocab_size=len(words), eos_token_id=tok.eos_token_id,
-                                             pad_token_id=tok.pad_token_id, bos_token_id=None))
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-    else:
-        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * scale)
-    model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
-    tok.save_pretrained(folder)
-    return folder
-
-
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """source base, its fine-tune (chat template, eos <eot>), a target with another vocabulary, a target with
-    the source's vocabulary."""
-    root = tmp_path_factory.mktemp("transfer")
-    sb = make_model(root / "sb", SOURCE_WORDS, seed=0)
-    sf = make_model(root / "sf", SOURCE_WORDS, base=sb, seed=1,
-                    tokenizer=_tokenizer(SOURCE_WORDS, eos="<eot>", template=TEMPLATE))
-    tgt = make_model(root / "tgt", TARGET_WORDS, seed=2, shard="8KB")
-    same = make_model(root / "same", SOURCE_WORDS, base=sb, seed=3, scale=0.5)
-    return {"sb": sb, "sf": sf, "tgt": tgt, "same": same}
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def make_ctx(tmp_path: Path, input_model: str | None = None, **extra) -> StageContext:
@@ -104,7 +45,7 @@ def transfer(ctx: StageContext, m: dict, target: str = "tgt", **cfg):
 
 def expected(m: dict, target: str, scale_of=lambda name: 1.0, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """target + λ·Δ computed here, rows matched by hand through the word lists."""
-    tb, sb, sf = load_all(m[target]), load_all(m["sb"]), load_all(m["sf"])
+    tb, sb, sf = load_tensors(m[target]), load_tensors(m["sb"]), load_tensors(m["sf"])
     words = TARGET_WORDS if target == "tgt" else SOURCE_WORDS
     out = {}
     for name, t in tb.items():
@@ -120,18 +61,18 @@ def expected(m: dict, target: str, scale_of=lambda name: 1.0, dtype=torch.float6
 
 
 @pytest.mark.parametrize("target", ["tgt", "same"])
-def test_zero_scale_gives_the_target_bit_exact(models, tmp_path, target):
-    out = transfer(make_ctx(tmp_path), models, target, scale=0.0).model_dir
-    got, want = load_all(out), load_all(models[target])
+def test_zero_scale_gives_the_target_bit_exact(transfer_models, tmp_path, target):
+    out = transfer(make_ctx(tmp_path), transfer_models, target, scale=0.0).model_dir
+    got, want = load_tensors(out), load_tensors(transfer_models[target])
     assert sorted(got) == sorted(want)
     for name in want:
         assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), name
 
 
-def test_source_base_as_target_gives_the_finetuned_source(models, tmp_path):
-    got64 = load_all(transfer(make_ctx(tmp_path / "a"), models, "sb", dtype="float64").model_dir)
-    got32 = load_all(transfer(make_ctx(tmp_path / "b"), models, "sb").model_dir)
-    want = load_all(models["sf"])
+def test_source_base_as_target_gives_the_finetuned_source(transfer_models, tmp_path):
+    got64 = load_tensors(transfer(make_ctx(tmp_path / "a"), transfer_models, "sb", dtype="float64").model_dir)
+    got32 = load_tensors(transfer(make_ctx(tmp_path / "b"), transfer_models, "sb").model_dir)
+    want = load_tensors(transfer_models["sf"])
     assert sorted(got64) == sorted(want)
     for name in want:
         # sb + (sf − sb) in float64 is exact for float32 inputs; in float32 it is off by a rounding at most.
@@ -150,9 +91,10 @@ def test_align_rows_by_token_string():
     assert counts == {"matched_tokens": 15, "unmatched_tokens": 2, "source_only_tokens": 1, "rows_without_token": 2}
 
 
-def test_reordered_and_added_tokens_get_the_right_rows(models, tmp_path):
-    result = transfer(make_ctx(tmp_path), models, dtype="float64", max_shard_bytes=6_000)
-    got, want, tb = load_all(result.model_dir), expected(models, "tgt"), load_all(models["tgt"])
+def test_reordered_and_added_tokens_get_the_right_rows(transfer_models, tmp_path):
+    result = transfer(make_ctx(tmp_path), transfer_models, dtype="float64", max_shard_bytes=6_000)
+    got, want = load_tensors(result.model_dir), expected(transfer_models, "tgt")
+    tb = load_tensors(transfer_models["tgt"])
     assert len(list(result.model_dir.glob("*.safetensors"))) > 1  # streamed into several shards
     assert sorted(got) == sorted(want)
     for name in want:
@@ -169,10 +111,10 @@ def test_reordered_and_added_tokens_get_the_right_rows(models, tmp_path):
 
 
 @pytest.mark.parametrize("tokenizer_from", ["target", "source_finetuned"])
-def test_tokenizer_from_writes_consistent_eos_and_pad(models, tmp_path, tokenizer_from):
+def test_tokenizer_from_writes_consistent_eos_and_pad(transfer_models, tmp_path, tokenizer_from):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = transfer(make_ctx(tmp_path), models, tokenizer_from=tokenizer_from).model_dir
+    out = transfer(make_ctx(tmp_path), transfer_models, tokenizer_from=tokenizer_from).model_dir
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.get_vocab() == {w: i for i, w in enumerate(TARGET_WORDS)}  # rows stay the target's
     eos = "<eos>" if tokenizer_from == "target" else "<eot>"
@@ -189,84 +131,17 @@ def test_tokenizer_from_writes_consistent_eos_and_pad(models, tmp_path, tokenize
         assert c["pad_token_id"] == TARGET_WORDS.index("<pad>") == tok.pad_token_id
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(TARGET_WORDS)
     if tokenizer_from == "target":
-        assert (out / "tokenizer.json").read_bytes() == (models["tgt"] / "tokenizer.json").read_bytes()
-
-
-# ----------------------------------------------------------------------------------------------- refusals
-
-
-def _renamed_tensor(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors["model.layers.1.mlp.gate_proj.extra"] = tensors.pop("model.layers.1.mlp.gate_proj.weight")
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def _other_architecture(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-@pytest.mark.parametrize("case, role, expect", [
-    ("names", "target_base", "model.layers.1.mlp.gate_proj"),
-    ("shapes", "target_base", "model.layers.0.mlp.down_proj.weight"),
-    ("hidden", "target_base", "'lm_head.weight' has shape [17, 24]"),
-    ("source_vocab", "source_finetuned", "source vocabularies differ"),
-    ("source_rows", "source_finetuned", "the source models must share every shape"),
-    ("architecture", "target_base", "model_type is 'llama'"),
-    ("special_token", "source_finetuned", "special token 'w9'"),
-])
-def test_refusals_leave_no_output(models, tmp_path, case, role, expect):
-    renamed = SOURCE_WORDS[:-1] + ["w99"]
-    bad = {
-        "names": lambda d: _renamed_tensor(models["same"], d),
-        "shapes": lambda d: make_model(d, TARGET_WORDS, seed=3, intermediate_size=48),
-        "hidden": lambda d: make_model(d, TARGET_WORDS, seed=3, hidden_size=24, intermediate_size=32),
-        "source_vocab": lambda d: make_model(d, renamed, base=models["sb"], tokenizer=_tokenizer(renamed)),
-        "source_rows": lambda d: make_model(d, SOURCE_WORDS + ["w12"], seed=3),
-        "architecture": lambda d: _other_architecture(models["tgt"], d),
-        "special_token": lambda d: _with_eos(models["sf"], d, "w9"),  # a source word the target lacks
-    }[case](tmp_path / "bad")
-    ctx = make_ctx(tmp_path)
-    with pytest.raises(TransferRefused) as e:
-        transfer(ctx, models, **{role: str(bad)}, tokenizer_from="source_finetuned")
-    msg = str(e.value)
-    assert isinstance(e.value, ValueError) and isinstance(e.value, ModelError) and "\n" not in msg
-    assert expect in msg, msg
-    assert not (ctx.work_dir / "model").exists()
-    assert not list(ctx.work_dir.glob(".model*")) and not (ctx.work_dir / "inputs").exists()
-
-
-def _with_eos(src: Path, dst: Path, token: str) -> Path:
-    shutil.copytree(src, dst)
-    _tokenizer(SOURCE_WORDS, eos=token, template=TEMPLATE).save_pretrained(dst)
-    return dst
-
-
-def test_cli_exits_2_on_a_refusal(models, tmp_path, cli):
-    bad = make_model(tmp_path / "bad", TARGET_WORDS, seed=3, intermediate_size=48)
-    pipe = {"name": "t", "eval": {"enabled": False},
-            "stages": [{"kind": "transfer", "model": str(bad), "source_base": str(models["sb"]),
-                        "source_finetuned": str(models["sf"])}]}
-    (tmp_path / "p.yaml").write_text(json.dumps(pipe))
-    r = cli("run", str(tmp_path / "p.yaml"), "--run-dir", str(tmp_path / "run"), timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "down_proj" in r.stderr.strip().splitlines()[-1]
-    assert not list((tmp_path / "run").glob("stages/*/model"))
+        assert (out / "tokenizer.json").read_bytes() == (transfer_models["tgt"] / "tokenizer.json").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------- per block
 
 
-def test_per_block_scales(models, tmp_path):
+def test_per_block_scales(transfer_models, tmp_path):
     per_block = {"layers.0": 0.0, "embed": 2.0, "lm_head": -0.5}
-    result = transfer(make_ctx(tmp_path), models, scale=0.5, per_block=per_block, dtype="float64")
-    got, tb = load_all(result.model_dir), load_all(models["tgt"])
-    want = expected(models, "tgt", scale_of=lambda n: per_block.get(block_of(n), 0.5))
+    result = transfer(make_ctx(tmp_path), transfer_models, scale=0.5, per_block=per_block, dtype="float64")
+    got, tb = load_tensors(result.model_dir), load_tensors(transfer_models["tgt"])
+    want = expected(transfer_models, "tgt", scale_of=lambda n: per_block.get(block_of(n), 0.5))
     for name in want:
         assert torch.equal(got[name], want[name]), name
         if block_of(name) == "layers.0":
@@ -285,10 +160,10 @@ def test_config_errors():
         stage_pipeline("transfer", None, ["tokenizer_from=source"])
 
 
-def test_unknown_block_at_run_time_is_refused_before_writing(models, tmp_path):
+def test_unknown_block_at_run_time_is_refused_before_writing(transfer_models, tmp_path):
     ctx = make_ctx(tmp_path)
     with pytest.raises(ConfigError, match="layers.7"):
-        transfer(ctx, models, per_block={"layers.7": 1.0})
+        transfer(ctx, transfer_models, per_block={"layers.7": 1.0})
     assert not (ctx.work_dir / "model").exists()
 
 
@@ -302,31 +177,31 @@ def test_default_config_and_world_v2_registration():
 # ----------------------------------------------------------------------------------------------- search
 
 
-def test_search_records_every_trial_and_keeps_the_best(models, tmp_path):
-    want = expected(models, "tgt", scale_of=lambda n: 0.5, dtype=torch.float32)
+def test_search_records_every_trial_and_keeps_the_best(transfer_models, tmp_path):
+    want = expected(transfer_models, "tgt", scale_of=lambda n: 0.5, dtype=torch.float32)
 
     def scorer(model_dir: Path) -> float:  # closeness to the λ = 0.5 transfer: trial 1 of [0, 0.5, 1] wins
-        got = load_all(model_dir)
+        got = load_tensors(model_dir)
         return -sum(float((got[n] - want[n]).abs().sum()) for n in want)
 
     ctx = make_ctx(tmp_path, transfer_scorer=scorer)
     search = {"method": "grid", "space": [0.0, 0.5, 1.0], "metric": "world_arithmetic/exact_match"}
-    result = transfer(ctx, models, search=search)
+    result = transfer(ctx, transfer_models, search=search)
     lines = [json.loads(x) for x in (ctx.work_dir / "search.jsonl").read_text().splitlines()]
     assert [x["weights"] for x in lines[:3]] == [[0.0], [0.5], [1.0]] and all("score" in x for x in lines)
     assert lines[-1]["best"] and lines[-1]["trial"] == 1 and lines[1]["score"] == 0.0
-    got = load_all(result.model_dir)
+    got = load_tensors(result.model_dir)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
     assert result.metrics["search_trials"] == 3 and result.metrics["scale"] == 0.5
     assert not (ctx.work_dir / "search").exists()
 
 
-def test_per_block_random_search_draws_one_scale_per_block(models, tmp_path):
+def test_per_block_random_search_draws_one_scale_per_block(transfer_models, tmp_path):
     ctx = make_ctx(tmp_path, transfer_scorer=lambda d: 0.0)
     search = {"method": "random", "space": {"low": 0.0, "high": 1.0}, "scope": "per_block", "trials": 2,
               "metric": "world_arithmetic/exact_match"}
-    transfer(ctx, models, search=search)
+    transfer(ctx, transfer_models, search=search)
     lines = [json.loads(x) for x in (ctx.work_dir / "search.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     blocks = {"embed", "layers.0", "layers.1", "lm_head", "norm"}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -374,10 +373,7 @@ def _search(search: SearchConfig, plan: _Plan, ctx: StageContext, blocks: list[s
             except ValueError as e:
                 raise ConfigError(f"{e} (coefficients {point.to_json()})") from None
     scorer = ctx.extra.get("merge_scorer") or merge_search.eval_scorer(search, ctx.log)
-    best = merge_search.run_search(search, points, lambda c, d: write_merge(plan, c, d), scorer, ctx.work_dir,
-                                   ctx.log)
-    os.replace(best.model_dir, out)
-    shutil.rmtree(ctx.work_dir / "search", ignore_errors=True)
-    metrics.update(search_trials=len(points), search_best_trial=best.index, search_metric=search.metric,
-                   search_best_score=best.score if math.isfinite(best.score) else None)
-    return best.coefficients
+    coeffs, found = merge_search.run_search(search, points, lambda c, d: write_merge(plan, c, d), scorer,
+                                            ctx.work_dir, out, ctx.log)
+    metrics.update(found)
+    return coeffs

@@ -13,7 +13,8 @@ version gains the old fine-tuning without training; a pipeline that fine-tunes t
 
 Everything is checked before anything is written: architecture (config.json ``model_type``, ``architectures``),
 tensor names in all three models, shapes (source base = source fine-tuned exactly; target = source except the
-row count of vocabulary tensors), identical source vocabularies, and that the special tokens of the chosen
+row count of vocabulary tensors), dtypes (the two sources alike; the target's may differ), identical source
+vocabularies, and that the special tokens of the chosen
 tokenizer exist in the target's vocabulary. A refusal raises :class:`TransferRefused` (a ``ValueError`` and a
 ``ModelError``: the CLI exits 2) naming the tensor or token, and leaves no ``model/``.
 
@@ -192,15 +193,24 @@ def _check_architectures(target: Path, sources: list[Path]) -> None:
                                       f"{target}: a diff cannot be carried across architectures")
 
 
-def _check_shapes(target: ShardedReader, source_base: ShardedReader, source_finetuned: ShardedReader) -> list[str]:
-    """Refuse any shape difference except vocabulary row counts between source and target; return the
-    names of the vocabulary tensors whose rows must be aligned."""
+def _check_tensors(target: ShardedReader, source_base: ShardedReader, source_finetuned: ShardedReader) -> list[str]:
+    """Refuse any shape difference except vocabulary row counts between source and target, and any dtype
+    difference between the two sources; return the names of the vocabulary tensors whose rows must be aligned.
+
+    The target may have another dtype (the sum is cast to it); the sources may not: Δ between a float32 tensor
+    and its bfloat16 copy is mostly the cast's rounding (about 2^-9 of each weight), as large as many fine-tuning
+    updates, so it would carry noise rather than the fine-tuning."""
     vocab = []
     for name in target.names():
         sb, sf, t = source_base.shape(name), source_finetuned.shape(name), target.shape(name)
         if sb != sf:
             raise TransferRefused(f"tensor {name!r} has shape {list(sb)} in {source_base.folder} but {list(sf)} in "
                                   f"{source_finetuned.folder}: the source models must share every shape")
+        db, df = source_base.dtype(name), source_finetuned.dtype(name)
+        if db != df:
+            raise TransferRefused(f"tensor {name!r} is {str(db).removeprefix('torch.')} in {source_base.folder} but "
+                                  f"{str(df).removeprefix('torch.')} in {source_finetuned.folder}: a diff across "
+                                  "dtypes is mostly rounding; save both sources in one dtype")
         if is_vocab_tensor(name) and len(t) == len(sb) == 2 and t[1:] == sb[1:]:
             vocab.append(name)
         elif t != sb:
@@ -235,7 +245,7 @@ def _plan(cfg: TransferStageConfig, ctx: StageContext, target: Path, source_base
     readers = [ShardedReader(f, allow_pickle=cfg.allow_pickle) for f in (target, source_base, source_finetuned)]
     try:
         check_compatible(readers, names=True, shapes=False, dtypes=False)  # names only; shapes below
-        vocab_names = _check_shapes(*readers)
+        vocab_names = _check_tensors(*readers)
         toks = [_load_tokenizer(f, cfg.trust_remote_code) for f in (target, source_base, source_finetuned)]
         t_vocab, sb_vocab, sf_vocab = (t.get_vocab() for t in toks)
         _check_same_vocab(sb_vocab, sf_vocab, source_base, source_finetuned)
@@ -396,10 +406,7 @@ def _search(search: SearchConfig, plan: _Plan, ctx: StageContext, blocks: list[s
     injectable through ctx.extra["transfer_scorer"] (a callable: model folder -> score)."""
     points = merge_search.candidates(search, 1, blocks, ctx.seed)
     scorer = ctx.extra.get("transfer_scorer") or merge_search.eval_scorer(search, ctx.log)
-    best = merge_search.run_search(search, points, lambda c, d: write_transfer(plan, c, d), scorer, ctx.work_dir,
-                                   ctx.log)
-    os.replace(best.model_dir, out)
-    shutil.rmtree(ctx.work_dir / "search", ignore_errors=True)
-    metrics.update(search_trials=len(points), search_best_trial=best.index, search_metric=search.metric,
-                   search_best_score=best.score if math.isfinite(best.score) else None)
-    return best.coefficients
+    coeffs, found = merge_search.run_search(search, points, lambda c, d: write_transfer(plan, c, d), scorer,
+                                            ctx.work_dir, out, ctx.log)
+    metrics.update(found)
+    return coeffs
