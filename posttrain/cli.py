@@ -51,16 +51,24 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from posttrain import distributed as dist
     from posttrain.pipeline import run_pipeline
     from posttrain.rundir import RunDirLocked, default_run_dir, point_latest
 
-    cfg = _load(args)  # config errors surface here, before any model loads
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.run_dir:
-        point_latest(run_dir)
+    cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
+    if args.launcher == "accelerate" and not dist.launched():
+        return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(dist.agree(str(default_run_dir(cfg.name))))
+    log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not args.run_dir:
+            point_latest(run_dir)
     try:
-        run_pipeline(cfg, run_dir, _log)
+        if dist.launched():
+            dist.DistributedPipeline(cfg, run_dir, log).run()
+        else:
+            run_pipeline(cfg, run_dir, log)
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2
@@ -71,12 +79,36 @@ def _run(args: argparse.Namespace) -> int:
         _log("interrupted; rerun the same command to resume")
         return 130
     except Exception as e:  # noqa: BLE001 - a failed run: one line here, the traceback in error.log
-        (run_dir / "error.log").write_text(traceback.format_exc())
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not dist.is_main():
+            _log(f"error (rank {dist.rank()}): {first}")
+            return 1
+        (run_dir / "error.log").write_text(traceback.format_exc())
         _log(f"error: {first} (traceback in {run_dir / 'error.log'})")
         return 1
-    print(run_dir)
+    if dist.is_main():
+        print(run_dir)
     return 0
+
+
+def _quiet(msg: str) -> None:
+    return None
+
+
+_LAUNCH_OPTIONS = ("--launcher", "--num-processes", "--accelerate-config")
+
+
+def _strip_launcher_options(argv: list[str]) -> list[str]:
+    """The command line minus the launcher's own options (`--opt value` and `--opt=value`), for the child."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _LAUNCH_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in _LAUNCH_OPTIONS)):
+            out.append(a)
+    return out
 
 
 def _list(_: argparse.Namespace) -> int:
@@ -136,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (r, s):
         q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
         q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>")
+        q.add_argument("--launcher", choices=["none", "accelerate"], default="none",
+                       help="accelerate: re-run this command under `accelerate launch` (data-parallel training)")
+        q.add_argument("--num-processes", type=int, default=None, metavar="N",
+                       help="with --launcher accelerate: processes (GPUs) per machine; default: the config's")
+        q.add_argument("--accelerate-config", default=None, metavar="F",
+                       help="with --launcher accelerate: default configs/accelerate/ddp.yaml (ddp_cpu.yaml on CPU)")
     sub.add_parser("list", help="registered stage kinds with their config fields and defaults")
     rep = sub.add_parser("report", help="re-render the forgetting report of a run dir")
     rep.add_argument("run_dir")
@@ -149,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
     try:
         return handlers[args.command](args)

@@ -169,7 +169,10 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
             task_type="CAUSAL_LM",
         )
         summary["lora_target_modules"] = targets
-    write_trainable_json(summary, ctx.work_dir / "trainable.json")
+    from posttrain.distributed import is_main
+
+    if is_main():  # under accelerate launch every rank selects the same parameters; one writes them down
+        write_trainable_json(summary, ctx.work_dir / "trainable.json")
     return model, peft_config, summary
 
 
@@ -181,25 +184,54 @@ def last_checkpoint(ctx: StageContext) -> str | None:
 
 
 def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
-    """Run trainer.train (resuming when a checkpoint exists), then write model/ (merged if LoRA)."""
+    """Run trainer.train (resuming when a checkpoint exists), then write model/ (merged if LoRA).
+
+    Under `accelerate launch` every rank trains and calls this; only the main process writes. With FSDP or
+    DeepSpeed the weights live in shards, so every rank takes part in trainer.save_model, which gathers them.
+    """
+    from posttrain.distributed import is_main
     from posttrain.models import save_model_folder
 
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if sharded and lora:
+        raise ValueError("LoRA under FSDP/DeepSpeed: the adapter cannot be merged from shards; use DDP for LoRA")
     resume = last_checkpoint(ctx)
     if resume:
         ctx.log(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
-    if lora:
-        model.save_pretrained(ctx.work_dir / "adapter")
-        model = model.merge_and_unload()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    save_model_folder(model, tokenizer, ctx.work_dir / "model")
-    shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # the model folder supersedes them
+    if sharded:
+        _save_gathered(trainer, tokenizer, ctx.work_dir / "model")
+    elif is_main():
+        if lora:
+            model.save_pretrained(ctx.work_dir / "adapter")
+            model = model.merge_and_unload()
+        _set_generation_ids(model, tokenizer)
+        save_model_folder(model, tokenizer, ctx.work_dir / "model")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["global_step"] = result.global_step
-    (ctx.work_dir / "train_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_main():
+        shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # the model folder supersedes them
+        (ctx.work_dir / "train_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _save_gathered(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """FSDP / DeepSpeed: trainer.save_model gathers the full weights (a collective: every rank calls it) and
+    writes them on the main process (FULL_STATE_DICT, zero3_save_16bit_model in configs/accelerate/)."""
+    from posttrain.distributed import is_main
+
+    _set_generation_ids(trainer.model, tokenizer)
+    trainer.save_model(str(out))
+    if is_main():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; model folders hold safetensors only
+        tokenizer.save_pretrained(out)
+        trainer.model.generation_config.save_pretrained(out)
+
+
+def _set_generation_ids(model: Any, tokenizer: Any) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def optimizer_param_names(trainer: Any) -> set[str]:

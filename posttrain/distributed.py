@@ -1,0 +1,219 @@
+"""Data-parallel stages under `accelerate launch`: who trains, who writes, who waits.
+
+    accelerate launch [--config_file configs/accelerate/<f>.yaml] -m posttrain stage|run ...
+    posttrain stage|run ... --launcher accelerate --num-processes N [--accelerate-config F]   (re-executes the above)
+
+Every process runs the same pipeline. Trainable stages (sft, dpo, grpo: TRL's trainers, which shard the data
+and all-reduce the gradients through accelerate) run on every rank. Everything else happens on the main
+process only (rank 0): the run directory (lock, pipeline.yaml, work folders, finalize, DONE), world models
+built on first use, merges and transfers, evals and the report. The other ranks wait at barriers and exit 0.
+
+Per stage, on both sides, in the same order (every barrier of one side meets one of the other):
+
+    main                                       other ranks
+    resolve the input model (may build it)     -
+    -- barrier ----------------------------------------------------------- (input is on disk)
+    trainable: clean the work folder           trainable: -
+    -- barrier ----------------------------------------------------------- (work folder ready)
+    train with all ranks                       train with all ranks
+    save model/, finalize, DONE                -
+    not trainable: run the stage               -
+    -- barrier ----------------------------------------------------------- (DONE written; read it)
+    eval, report                               next stage
+
+The main process evaluates and builds world models in a single-process view (distributed environment
+variables and accelerate's shared state hidden), since lm-eval and transformers' Trainer would otherwise
+treat the other ranks, who are not evaluating, as partners in a collective and wait for them forever.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE), which `accelerate launch` sets for DDP, FSDP and
+DeepSpeed alike. Waiting uses accelerate's process group (gloo on CPU, nccl on GPU); its timeout is
+POSTTRAIN_DIST_TIMEOUT_S (default 4 h: the other ranks wait through the main process's evals).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from posttrain.pipeline import Pipeline
+from posttrain.stages.base import StageContext
+
+REPO_ACCELERATE = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+# Set by torchrun / accelerate launch; hidden while the main process works alone (see single_process_view).
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+               "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+_LAUNCH_PREFIXES = ("ACCELERATE_USE_", "FSDP_", "ACCELERATE_DEEPSPEED_")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True in a process started by a distributed launcher with more than one process."""
+    return world_size() > 1
+
+
+def _state():
+    import torch
+    from accelerate.state import PartialState
+
+    timeout = _dt.timedelta(seconds=float(os.environ.get("POSTTRAIN_DIST_TIMEOUT_S", 4 * 3600)))
+    # cpu= as transformers' TrainingArguments asks (use_cpu when CUDA is absent), so the Trainer reuses this state.
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+
+
+def barrier() -> None:
+    if launched():
+        _state().wait_for_everyone()
+
+
+def agree(value: Any) -> Any:
+    """The main process's `value` on every rank (e.g. a timestamped run directory name)."""
+    if not launched():
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    _state()
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def single_process_view() -> Iterator[None]:
+    """Let the main process run single-process code (lm-eval, a world model's own training) mid-launch."""
+    if not launched():
+        yield
+        return
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    hidden = {k: os.environ.pop(k) for k in list(os.environ)
+              if k in _LAUNCH_ENV or k.startswith(_LAUNCH_PREFIXES)}
+    shared = [(cls, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
+    for cls, _ in shared:
+        cls._shared_state.clear()
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+        for cls, saved in shared:
+            cls._shared_state.clear()
+            cls._shared_state.update(saved)
+
+
+class FollowerContext(StageContext):
+    """A stage context for ranks other than the main one: it trains but writes nothing to the run dir."""
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        return None
+
+
+def _trainable(spec: Any) -> bool:
+    from posttrain.stages.common import TrainableStage
+
+    return issubclass(spec.config, TrainableStage)
+
+
+class DistributedPipeline(Pipeline):
+    """Pipeline under `accelerate launch`; see the module docstring for who does what and where they meet."""
+
+    def run(self) -> Path:
+        if is_main():
+            return super().run()
+        for i, stage in enumerate(self.cfg.stages):
+            self._run_stage(i, stage)
+        return self.rd.root
+
+    def _base_model(self) -> str:
+        with single_process_view():
+            return super()._base_model()
+
+    def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
+        if is_main():
+            with single_process_view():
+                got = super()._resolve_input(i, stage)
+            barrier()
+            return got
+        barrier()
+        return super()._resolve_input(i, stage)
+
+    def _execute(self, index, stage, spec, input_model, config_hash, inputs_hash, final) -> dict:
+        trainable = _trainable(spec)
+        if is_main():
+            if trainable:
+                done = super()._execute(index, stage, _after_barrier(spec), input_model, config_hash,
+                                        inputs_hash, final)
+            else:
+                with single_process_view():
+                    done = super()._execute(index, stage, spec, input_model, config_hash, inputs_hash, final)
+            barrier()
+            return done
+        if trainable:
+            work = self.rd.work_dir(index, stage.name)
+            ctx = FollowerContext(run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
+                                  input_model=input_model, resolve=lambda r: r, log=self.log)
+            barrier()  # the main process has cleaned and created the work folder
+            spec.run(stage, ctx)
+        barrier()  # the main process has written DONE
+        return json.loads((final / "DONE").read_text())
+
+    def _evaluate(self, stage: Any, folder: str, model_dir: str) -> None:
+        if is_main():
+            with single_process_view():
+                super()._evaluate(stage, folder, model_dir)
+
+
+def _after_barrier(spec: Any) -> Any:
+    """The stage spec whose run first waits for every rank (they start training together)."""
+    import dataclasses
+
+    def run(cfg: Any, ctx: StageContext) -> Any:
+        barrier()
+        return spec.run(cfg, ctx)
+
+    return dataclasses.replace(spec, run=run)
+
+
+# ---- the launcher -------------------------------------------------------------------------------------------
+
+
+def default_accelerate_config() -> Path:
+    import torch
+
+    return REPO_ACCELERATE / ("ddp.yaml" if torch.cuda.is_available() else "ddp_cpu.yaml")
+
+
+def launch_command(child_argv: list[str], num_processes: int | None, config: str | None) -> list[str]:
+    """`accelerate launch ... -m posttrain <child_argv>`, with --multi_gpu for DDP configs (CPU included:
+    accelerate forks processes through torchrun only on that path; see configs/accelerate/ddp_cpu.yaml)."""
+    import yaml
+
+    path = Path(config) if config else default_accelerate_config()
+    if not path.is_file():
+        raise FileNotFoundError(f"--accelerate-config {path}: no such file")
+    dist = (yaml.safe_load(path.read_text()) or {}).get("distributed_type", "")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    if dist in ("MULTI_GPU", "MULTI_CPU"):
+        cmd.append("--multi_gpu")
+    return [*cmd, "-m", "posttrain", *child_argv]
+
+
+def relaunch(child_argv: list[str], num_processes: int | None, config: str | None) -> int:
+    """Run the command under accelerate launch and return its exit status (every rank's, as torchrun reports)."""
+    return subprocess.call(launch_command(child_argv, num_processes, config))
