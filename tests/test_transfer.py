@@ -20,7 +20,7 @@ from posttrain.stages.transfer import TransferStageConfig, align_rows, run
 from tests.conftest import TINY_SOURCE_WORDS as SOURCE_WORDS
 from tests.conftest import TINY_TARGET_WORDS as TARGET_WORDS
 from tests.conftest import TINY_TEMPLATE as TEMPLATE
-from tests.conftest import load_tensors
+from tests.conftest import load_tensors, make_tiny_llama
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -78,6 +78,18 @@ def test_source_base_as_target_gives_the_finetuned_source(transfer_models, tmp_p
         # sb + (sf − sb) in float64 is exact for float32 inputs; in float32 it is off by a rounding at most.
         assert torch.equal(got64[name], want[name]), name
         torch.testing.assert_close(got32[name], want[name], rtol=0, atol=1e-6)
+
+
+def test_a_target_in_another_dtype_gets_the_sum_in_its_dtype(transfer_models, tmp_path):
+    """Only the two sources must share a dtype (tests/reliability): a bfloat16 target gets target + Δ in bfloat16."""
+    t16 = make_tiny_llama(tmp_path / "same16", SOURCE_WORDS, base=transfer_models["same"], scale=0.0,
+                          dtype=torch.bfloat16)
+    models = {**transfer_models, "same16": t16}
+    got = load_tensors(transfer(make_ctx(tmp_path), models, "same16", dtype="float64").model_dir)
+    want = expected(models, "same16")
+    for name in want:
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want[name]), name
+    assert not torch.equal(got[HEAD], load_tensors(t16)[HEAD])
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary
