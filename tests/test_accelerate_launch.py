@@ -97,3 +97,24 @@ def test_sft_with_two_processes_trains_once_and_writes_once(tmp_path):
     again = _launch(tmp_path, run_dir)  # every rank sees DONE and skips; nobody trains
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done already; skipping" in again.stderr and "train_runtime" not in again.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_sft_then_merge_under_two_processes(tmp_path):
+    """A stage that does not train (merge) runs on the main process only; the other rank waits and follows."""
+    pipeline = {"name": "dp", "eval": {"enabled": False}, "stages": [
+        {"name": "sft", "kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 64}],
+         "trainer": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "max_length": 64}},
+        {"name": "merged", "kind": "merge", "method": "task_arithmetic", "base": "world",
+         "models": [{"model": "${stages.sft.model}", "weight": 0.5}]},
+    ]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "posttrain", "run", str(tmp_path / "p.yaml"), "--run-dir", str(run_dir),
+           "--launcher", "accelerate", "--num-processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("[02 merged] merge from") == 1  # logged (and run) by one process
+    merged = run_dir / "stages" / "02_merged"
+    assert (merged / "DONE").is_file() and json.loads((merged / "merge.json").read_text())["models"] == 1
