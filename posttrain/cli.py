@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         (run_dir / "error.log").write_text(traceback.format_exc())
         _log(f"error: {first} (traceback in {run_dir / 'error.log'})")
+        _log_server_tail(e)
         return 1
     if dist.is_main():
         print(run_dir)
@@ -109,6 +110,15 @@ def _strip_launcher_options(argv: list[str]) -> list[str]:
         elif not a.startswith(tuple(o + "=" for o in _LAUNCH_OPTIONS)):
             out.append(a)
     return out
+
+
+def _log_server_tail(e: Exception) -> None:
+    """A rollout server's failure carries its last log lines, which say why: show them below the error."""
+    from posttrain.rollout import RolloutServerError
+
+    if isinstance(e, RolloutServerError):
+        for line in str(e).strip().splitlines()[1:]:
+            _log(f"  | {line}")
 
 
 def _list(_: argparse.Namespace) -> int:
