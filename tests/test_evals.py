@@ -1,4 +1,5 @@
-"""Evals after every stage: lm-eval numbers, reuse, determinism, the report, the gate, real-model suites."""
+"""Evals after every stage: lm-eval numbers, the report, the gate, real-model suites (determinism and reuse:
+tests/reliability/test_eval_determinism.py)."""
 import json
 import subprocess
 import sys
@@ -19,18 +20,6 @@ def test_scores_from_results_names_metrics():
                              "acc,none": 0.25, "acc_stderr,none": "N/A"}}}
     assert scores_from_results(res) == {"t/exact_match": {"value": 0.5, "stderr": 0.1},
                                         "t/acc": {"value": 0.25, "stderr": None}}
-
-
-def test_world_suite_twice_is_identical_and_reused(world, tmp_path):
-    settings = EvalConfig(limit=20)
-    a = evaluate_model(str(world / "base"), settings=settings, out=tmp_path / "a.json", log=lambda m: None)
-    b = evaluate_model(str(world / "base"), settings=settings, out=tmp_path / "b.json", log=lambda m: None)
-    assert a["scores"] == b["scores"] and len(a["scores"]) == 5
-    logs = []
-    c = evaluate_model(str(world / "base"), settings=settings, out=tmp_path / "a.json", log=logs.append)
-    assert c["scores"] == a["scores"] and any("reusing" in m for m in logs)
-    saved = json.loads((tmp_path / "a.json").read_text())
-    assert saved["versions"]["lm_eval"] and saved["model_sha256"] and saved["task_hashes"]["world_arithmetic"]
 
 
 def test_report_number_equals_lm_eval_command_line(world, tmp_path):
