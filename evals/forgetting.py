@@ -18,6 +18,19 @@ over ``measured(stages)``, the base and the stages only, and its matrices have o
 (``to_rows`` spreads them back over all rows, NaN at the references). A reference is not an earlier point of
 the pipeline, so letting it count as "best earlier score" or "previous stage" would measure the wrong thing.
 
+Lineage: a stage record may carry ``"parents": [<row name>, ...]``, the measured rows it was built from: the
+stage its ``model`` input names (or the base, when that input is the base model) first, then every other
+stage its config names (a merge's ``models:``, a transfer's source). A stage's *ancestors* are its parents,
+their parents, and so on; a record without ``"parents"`` descends from the row just before it (a linear
+pipeline, and every report written before lineage was recorded). The metrics that compare a stage with
+earlier stages compare it only with its ancestors: ``forgetting`` (best ancestor score), ``deltas_vs_previous``
+and the ``against="previous"`` drops (the first parent), ``backward_transfer`` (training stages on the final
+stage's lineage). So in a branched pipeline a stage is never measured against a sibling it does not descend
+from; in a linear one every earlier stage is an ancestor and the numbers are those of a plain chain. The
+metrics against the base (``deltas_vs_base``, ``max_drop``, the ``against="base"`` drops, ``check_gate``)
+compare every stage with the base, the run's fixed point of comparison, whatever its lineage; a stage whose
+input is a model outside the run (``parents: []``) has no ancestors, so no forgetting and no parent delta.
+
 Metrics and where they depart from their papers:
 
 - ``forgetting``: Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning" (RWalk), eq. for f_j^k:
@@ -114,6 +127,44 @@ def measured_matrices(stages: list[Stage]) -> tuple[list[str], np.ndarray, np.nd
     return keys, m[rows], se[rows], [stages[i] for i in rows]
 
 
+def parent_rows(stages: list[Stage]) -> list[list[int]]:
+    """Per measured row, the measured rows of its parents (first parent first); see "Lineage" above.
+
+    The base has none; a record without ``"parents"`` has the row before it; a parent name that is no earlier
+    measured row (a stage whose eval is missing, a model outside the run) is left out.
+    """
+    rows = measured(stages)
+    _measured_rows(stages)
+    out: list[list[int]] = [[]]
+    for k in range(1, len(rows)):
+        if "parents" not in rows[k]:
+            out.append([k - 1])
+            continue
+        earlier = {s["name"]: i for i, s in enumerate(rows[:k])}
+        out.append(list(dict.fromkeys(earlier[p] for p in rows[k]["parents"] if p in earlier)))
+    return out
+
+
+def ancestor_rows(stages: list[Stage]) -> list[list[int]]:
+    """Per measured row, the sorted measured rows it descends from: parents, their parents, and so on."""
+    ancestors: list[set[int]] = []
+    for parents in parent_rows(stages):
+        ancestors.append(set(parents).union(*(ancestors[p] for p in parents)))
+    return [sorted(a) for a in ancestors]
+
+
+def is_linear(stages: list[Stage]) -> bool:
+    """True when every measured stage descends from exactly the row before it (a plain chain)."""
+    return all(p == [k - 1] for k, p in enumerate(parent_rows(stages)) if k > 0)
+
+
+def leaf_rows(stages: list[Stage]) -> list[int]:
+    """Measured stages (base excluded) that are no other stage's parent: the ends of the branches, in order."""
+    parents = parent_rows(stages)
+    used = {p for ps in parents for p in ps}
+    return [k for k in range(1, len(parents)) if k not in used]
+
+
 def base_index(stages: list[Stage]) -> int:
     """Row of the base: the first row that is not a reference (the pipeline puts it first)."""
     return _measured_rows(stages)[0]
@@ -127,24 +178,29 @@ def deltas_vs_base(stages: list[Stage]) -> np.ndarray:
 
 
 def deltas_vs_previous(stages: list[Stage]) -> np.ndarray:
-    """Score minus the previous stage's score over measured rows; row 0 is NaN (the base has no previous)."""
+    """Score minus the parent's score (the stage its ``model`` input names; in a linear pipeline the previous
+    stage) over measured rows; NaN for the base and for a stage with no parent in the run."""
     _, m, _, _ = measured_matrices(stages)
     out = np.full_like(m, np.nan)
-    out[1:] = m[1:] - m[:-1]
+    for k, parents in enumerate(parent_rows(stages)):
+        if parents:
+            out[k] = m[k] - m[parents[0]]
     return out
 
 
 def forgetting(stages: list[Stage]) -> np.ndarray:
-    """RWalk forgetting (Chaudhry et al. 2018): best score at any earlier stage minus the current score.
+    """RWalk forgetting (Chaudhry et al. 2018): best score at any ancestor minus the current score.
 
-    Over measured rows; row 0 (base) is 0. NaN where the current score is missing or no earlier stage has one.
+    Over measured rows; row 0 (base) is 0. NaN where the current score is missing or no ancestor has one. In a
+    linear pipeline every earlier stage is an ancestor, which is the paper's "any earlier stage".
     """
     _, m, _, _ = measured_matrices(stages)
-    # fmax ignores NaN unless both sides are NaN, so a missing stage does not hide earlier scores.
-    best_so_far = np.fmax.accumulate(m, axis=0)
-    out = np.empty_like(m)
+    out = np.full_like(m, np.nan)
     out[0] = m[0] - m[0]
-    out[1:] = best_so_far[:-1] - m[1:]
+    for k, ancestors in enumerate(ancestor_rows(stages)):
+        if k and ancestors:
+            # fmax ignores NaN unless both sides are NaN, so a missing stage does not hide other ancestors.
+            out[k] = np.fmax.reduce(m[ancestors], axis=0) - m[k]
     return out
 
 
@@ -153,9 +209,10 @@ def _nanmean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
-def average_forgetting(stages: list[Stage]) -> float | None:
-    """Mean over keys of the forgetting at the last stage (RWalk's F_k at k = last); None if no key has one."""
-    return _nanmean(forgetting(stages)[-1])
+def average_forgetting(stages: list[Stage], at: int = -1) -> float | None:
+    """Mean over keys of the forgetting at measured row `at`, the last stage by default (RWalk's F_k at
+    k = last); None if no key has one."""
+    return _nanmean(forgetting(stages)[at])
 
 
 def max_drop(stages: list[Stage]) -> dict[str, Any]:
@@ -184,25 +241,41 @@ def _task_mean(m_row: np.ndarray, m_ref: np.ndarray, cols: list[int]) -> tuple[f
     return float(m_row[both].mean()), float(m_ref[both].mean())
 
 
-def backward_transfer(stages: list[Stage]) -> float | None:
+def backward_transfer(stages: list[Stage], at: int = -1) -> float | None:
     """GEM backward transfer (Lopez-Paz & Ranzato 2017): 1/(T-1) sum_{i<T} (R_{T,i} - R_{i,i}).
 
-    Task i is the keys whose task is in the i-th training stage's ``trains_on``; R_{T,i} is read at the final
-    stage (see module docstring). None when fewer than two stages name ``trains_on`` or no term has scores.
-    Reference rows are left out.
+    T is measured row `at`, the final stage by default (see module docstring); the training stages are those
+    on its lineage (its ancestors and itself) that name ``trains_on``, so a sibling branch's training never
+    counts. Task i is the keys whose task is in the i-th training stage's ``trains_on``. None when fewer than
+    two of them name ``trains_on`` or no term has scores. Reference rows are left out.
     """
     keys, m, _, stages = measured_matrices(stages)
-    trained = [i for i, s in enumerate(stages) if s.get("trains_on")]
+    final = at % len(stages)
+    lineage = ancestor_rows(stages)[final] + [final]
+    trained = [i for i in lineage if stages[i].get("trains_on")]
     if len(trained) < 2:
         return None
     terms = []
     for i in trained[:-1]:  # i < T: every training stage but the last
         tasks = set(stages[i]["trains_on"])
         cols = [c for c, k in enumerate(keys) if task_of(k) in tasks]
-        means = _task_mean(m[-1], m[i], cols)
+        means = _task_mean(m[final], m[i], cols)
         if means is not None:
             terms.append(means[0] - means[1])
     return float(sum(terms) / len(terms)) if terms else None
+
+
+def branch_summaries(stages: list[Stage]) -> list[dict[str, Any]]:
+    """``[{"stage", "average_forgetting", "backward_transfer"}]`` at the end of every branch (``leaf_rows``),
+    in pipeline order, when there are two or more ends; empty for a chain, whose only end is the last stage
+    that the run-level figures already describe. Two branches from one base are two models a run delivers
+    side by side (full vs HFT fine-tuning, say), so each gets its own figures."""
+    leaves = leaf_rows(stages)
+    if len(leaves) < 2:
+        return []
+    rows = measured(stages)
+    return [{"stage": rows[k]["name"], "average_forgetting": average_forgetting(stages, at=k),
+             "backward_transfer": backward_transfer(stages, at=k)} for k in leaves]
 
 
 def _drop_record(stages, keys, m, se, cur: int, ref: int, j: int, z: float, against: str) -> dict | None:
@@ -217,16 +290,18 @@ def _drop_record(stages, keys, m, se, cur: int, ref: int, j: int, z: float, agai
 def significant_drops(stages: list[Stage], z: float = 2.0) -> list[dict[str, Any]]:
     """Drops larger than z * sqrt(stderr_a^2 + stderr_b^2), a two-sample z-test on independent evals.
 
-    Each stage after the base is compared with the base (``against="base"``) and, from the second stage on,
-    with the stage just before it (``against="previous"``; for the first stage that is the base, so it is
-    not repeated). A missing stderr counts as 0, so without stderrs any drop at all is flagged. Reference rows
-    are left out. Records: ``{"stage", "key", "against", "reference", "drop", "threshold"}``.
+    Each stage after the base is compared with the base (``against="base"``) and with its parent, the stage
+    its ``model`` input names (``against="previous"``, the previous stage in a linear pipeline; not repeated
+    when the parent is the base, none when the stage has no parent in the run). A missing stderr counts as 0,
+    so without stderrs any drop at all is flagged. Reference rows are left out.
+    Records: ``{"stage", "key", "against", "reference", "drop", "threshold"}``.
     """
     keys, m, se, stages = measured_matrices(stages)
+    parents = parent_rows(stages)
     flagged = []
     for cur in range(1, len(stages)):
         for j in range(len(keys)):
-            refs = [(0, "base")] + ([(cur - 1, "previous")] if cur > 1 else [])
+            refs = [(0, "base")] + [(p, "previous") for p in parents[cur][:1] if p != 0]
             for ref, against in refs:
                 rec = _drop_record(stages, keys, m, se, cur, ref, j, z, against)
                 if rec is not None:
@@ -281,9 +356,11 @@ def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
     """Everything the forgetting report shows, JSON-serialisable (NaN -> None).
 
     ``{"stages": [...as given...], "tasks": {key: {"delta_vs_base": [...], "delta_vs_previous": [...],
-    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer"},
+    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer"[, "branches"]},
     "significant_drops": [...]}``; each per-task list has one entry per row of ``stages``, references
-    included: their ``delta_vs_base`` is measured, their ``delta_vs_previous`` and ``forgetting`` are None.
+    included: their ``delta_vs_base`` is measured, their ``delta_vs_previous`` (the delta vs the parent) and
+    ``forgetting`` are None. ``summary["branches"]`` is there only when the pipeline branches (see
+    ``branch_summaries``).
     """
     keys, _ = score_matrix(stages)
     d_base = deltas_vs_base(stages)
@@ -292,5 +369,8 @@ def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
                    "forgetting": forg[:, j]} for j, key in enumerate(keys)}
     summary = {"average_forgetting": average_forgetting(stages), "max_drop": max_drop(stages),
                "backward_transfer": backward_transfer(stages)}
+    branches = branch_summaries(stages)
+    if branches:
+        summary["branches"] = branches
     return _json_safe({"stages": stages, "tasks": tasks, "summary": summary,
                        "significant_drops": significant_drops(stages, z=z)})

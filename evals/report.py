@@ -4,8 +4,9 @@
 
     <out_dir>/                 usually <run-dir>/report/
       forgetting.json          build_report(stages): stages as given, per-key deltas and forgetting, summary
-      forgetting.md            scores table, forgetting table, flagged drops, summary, extra sections
-      forgetting.png           one line per key across stages, error bars where stderrs are known
+      forgetting.md            scores table (a "from" column when stages branch), forgetting table, flagged
+                               drops, summary (per branch when stages branch), extra sections
+      forgetting.png           one line per key from each stage to its parent, error bars where stderrs are known
 
 Each file is written to a temporary file in ``out_dir`` and renamed into place, so a reader never sees a
 half-written report. The metrics themselves live in ``evals.forgetting``; this module only formats them.
@@ -25,8 +26,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evals.forgetting import (Stage, base_index, build_report, forgetting, is_reference, measured, score_matrix,
-                              stderr_matrix)
+from evals.forgetting import (Stage, base_index, build_report, forgetting, is_linear, is_reference, measured,
+                              parent_rows, score_matrix, stderr_matrix)
 
 NA = "n/a"
 
@@ -90,16 +91,31 @@ def _trains_on_cell(stage: Stage) -> str:
     return ", ".join(stage.get("trains_on") or []) or "–"
 
 
+def from_cells(stages: list[Stage]) -> list[str]:
+    """Per row, the parents a stage was built from ("–" for the base and reference rows; "outside the run"
+    for a stage whose input is no row of the report)."""
+    rows = measured(stages)
+    names = [[rows[p]["name"] for p in ps] for ps in parent_rows(stages)]
+    by_name = {s["name"]: n for s, n in zip(rows, names)}
+    return ["–" if is_reference(s) or s is rows[0] else ", ".join(by_name[s["name"]]) or "outside the run"
+            for s in stages]
+
+
 def scores_table(stages: list[Stage]) -> str:
-    """Row x key table of "value ± stderr (delta vs base)"; the base row carries no delta, reference rows do."""
+    """Row x key table of "value ± stderr (delta vs base)"; the base row carries no delta, reference rows do.
+
+    When the stages branch (``is_linear`` is false) a "from" column names each stage's parents, since the
+    row order no longer says what a stage descends from; a chain reads top to bottom without it.
+    """
     keys, m = score_matrix(stages)
     b = base_index(stages)
+    lineage = [] if is_linear(stages) else [[c] for c in from_cells(stages)]
     rows = []
     for i, stage in enumerate(stages):
         cells = [score_cell(m[i, j], _stderr_of(stage, k), None if i == b else m[i, j] - m[b, j])
                  for j, k in enumerate(keys)]
-        rows.append([stage["name"], _trains_on_cell(stage)] + cells)
-    return md_table(["stage", "trains on"] + keys, rows)
+        rows.append([stage["name"]] + (lineage[i] if lineage else []) + [_trains_on_cell(stage)] + cells)
+    return md_table(["stage"] + (["from"] if lineage else []) + ["trains on"] + keys, rows)
 
 
 def forgetting_table(stages: list[Stage]) -> str:
@@ -140,11 +156,16 @@ def summary_list(summary: dict[str, Any]) -> str:
         drop = f"{md['drop']:.3f} ({md['key']} after `{md['stage']}`)"
     bwt = summary["backward_transfer"]
     bwt_s = NA + " (fewer than two stages name trains_on)" if bwt is None else fmt_delta(bwt)
-    return "\n".join([
+    lines = [
         f"- Average forgetting at the last stage: {fmt_delta(summary['average_forgetting'])}",
         f"- Largest drop below base: {drop}",
         f"- Backward transfer (GEM): {bwt_s}",
-    ])
+    ]
+    for b in summary.get("branches") or []:
+        bwt = NA if b["backward_transfer"] is None else fmt_delta(b["backward_transfer"])
+        lines.append(f"- Branch ending at `{b['stage']}`: average forgetting {fmt_delta(b['average_forgetting'])}, "
+                     f"backward transfer {bwt}")
+    return "\n".join(lines)
 
 
 def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
@@ -156,7 +177,10 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
         scores_table(stages),
         references_note(stages),
         "## Forgetting per stage",
-        "Best earlier score minus the current one (Chaudhry et al. 2018); positive means forgotten.",
+        "Best score among the stage's ancestors minus the current one (Chaudhry et al. 2018); positive means "
+        "forgotten. The ancestors are every earlier stage in a chain, and the `from` chain back to the base when "
+        "stages branch, so a stage is never measured against a sibling; changes vs previous likewise compare a "
+        "stage with its first parent.",
         forgetting_table(stages),
         f"## Significant drops (z = {z:g})",
         "A drop larger than `z · sqrt(stderr_a² + stderr_b²)`; a missing stderr counts as 0.",
@@ -168,9 +192,17 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
+def _lineage_segments(stages: list[Stage]) -> list[tuple[int, int, bool]]:
+    """(parent row, stage row, is first parent) over all rows, for drawing each stage joined to its parents."""
+    rows = [i for i, s in enumerate(stages) if not is_reference(s)]
+    return [(rows[p], rows[k], n == 0) for k, ps in enumerate(parent_rows(stages)) for n, p in enumerate(ps)]
+
+
 def render_png(stages: list[Stage]) -> bytes:
     """One line per key across the base and stages (x ticks = row names), with stderr bars; reference rows
-    are unjoined hollow markers at their own ticks, since no line runs through a model outside the run. PNG."""
+    are unjoined hollow markers at their own ticks, since no line runs through a model outside the run. When
+    stages branch, each stage is joined to its parents instead of to the row before it (dashed for a merge's
+    further parents), so no line runs between siblings. PNG."""
     keys, m = score_matrix(stages)
     _, se = stderr_matrix(stages)
     fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5))
@@ -178,8 +210,12 @@ def render_png(stages: list[Stage]) -> bytes:
     ax = fig.add_subplot()
     x = np.arange(len(stages))
     ref = np.array([is_reference(s) for s in stages])
+    segments = [] if is_linear(stages) else _lineage_segments(stages)
     for j, key in enumerate(keys):
-        line = ax.errorbar(x[~ref], m[~ref, j], yerr=se[~ref, j], marker="o", capsize=3, label=key)
+        line = ax.errorbar(x[~ref], m[~ref, j], yerr=se[~ref, j], marker="o", capsize=3, label=key,
+                           linestyle="none" if segments else "-")
+        for a, b, first in segments:
+            ax.plot([a, b], [m[a, j], m[b, j]], linestyle="-" if first else "--", color=line.lines[0].get_color())
         if ref.any():
             ax.errorbar(x[ref], m[ref, j], yerr=se[ref, j], fmt="D", mfc="none", capsize=3,
                         color=line.lines[0].get_color())

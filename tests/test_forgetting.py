@@ -253,3 +253,115 @@ def test_report_md_shows_reference_rows_in_scores_only(tmp_path):
 def write_report_md(stages: list[dict], out) -> str:
     write_report(stages, str(out))
     return (out / "forgetting.md").read_text()
+
+
+# Branched pipeline (like configs/pipelines/hft_vs_full.yaml): two branches from the base, each a task then
+# another. Keys sort as a/em, r/em.
+#
+#   row  stage   parents   trains_on  a/em   r/em
+#   0    base    -         -          0.250  0.125
+#   1    full_a  base      a          0.750  0.125
+#   2    full_r  full_a    r          0.125  0.750
+#   3    hft_a   base      a          0.625  0.250
+#   4    hft_r   hft_a     r          0.500  0.625
+BRANCHED = [
+    ("base", [], None, [0.250, 0.125]),
+    ("full_a", ["base"], ["a"], [0.750, 0.125]),
+    ("full_r", ["full_a"], ["r"], [0.125, 0.750]),
+    ("hft_a", ["base"], ["a"], [0.625, 0.250]),
+    ("hft_r", ["hft_a"], ["r"], [0.500, 0.625]),
+]
+
+
+def branched(extra: list | None = None) -> list[dict]:
+    rows = []
+    for name, parents, trains_on, values in BRANCHED + (extra or []):
+        rows.append({"name": name, "model": f"runs/b/{name}", "parents": parents, "trains_on": trains_on or [],
+                     "scores": {k: {"value": v, "stderr": None} for k, v in zip(["a/em", "r/em"], values)}})
+    return rows
+
+
+def test_branched_forgetting_compares_with_ancestors_only():
+    # f[k] = max over ancestors of score - score[k]
+    # full_a: anc {base}:         0.25-0.75=-0.5      0.125-0.125=0
+    # full_r: anc {base, full_a}: 0.75-0.125=0.625    0.125-0.75=-0.625
+    # hft_a:  anc {base}:         0.25-0.625=-0.375   0.125-0.25=-0.125   (as a chain: 0.125, 0.5 vs full_*)
+    # hft_r:  anc {base, hft_a}:  0.625-0.5=0.125     0.25-0.625=-0.375   (as a chain: 0.25, 0.125)
+    assert forgetting(branched()).tolist() == [
+        [0.0, 0.0], [-0.5, 0.0], [0.625, -0.625], [-0.375, -0.125], [0.125, -0.375]]
+    assert average_forgetting(branched()) == -0.125  # (0.125 - 0.375) / 2 at hft_r
+    assert average_forgetting(branched(), at=2) == 0.0  # (0.625 - 0.625) / 2 at full_r
+
+
+def test_branched_delta_vs_parent():
+    # full_a - base, full_r - full_a, hft_a - base (not hft_a - full_r), hft_r - hft_a
+    d = deltas_vs_previous(branched())
+    assert np.isnan(d[0]).all()
+    assert d[1:].tolist() == [[0.5, 0.0], [-0.625, 0.625], [0.375, 0.125], [-0.125, 0.375]]
+
+
+def test_branched_backward_transfer_counts_the_final_lineage():
+    # At hft_r the lineage is base, hft_a, hft_r: one term, a: R_T 0.5 - R_hft_a 0.625. full_a's training
+    # (a sibling branch) does not count.
+    assert backward_transfer(branched()) == -0.125
+    # At full_r: a: 0.125 - 0.75.
+    assert backward_transfer(branched(), at=2) == -0.625
+    report = build_report(branched())
+    assert report["summary"]["branches"] == [
+        {"stage": "full_r", "average_forgetting": 0.0, "backward_transfer": -0.625},
+        {"stage": "hft_r", "average_forgetting": -0.125, "backward_transfer": -0.125}]
+
+
+def test_branched_max_drop_drops_and_gate():
+    # Below base: only a/em at full_r, 0.25 - 0.125. Every stage is compared with the base whatever its branch.
+    assert max_drop(branched()) == {"drop": 0.125, "stage": "full_r", "key": "a/em"}
+    # No stderrs: every drop is flagged. Against the parent: full_r vs full_a (a: 0.75 -> 0.125), hft_r vs
+    # hft_a (a: 0.625 -> 0.5); hft_a is not compared with full_r (r: 0.75 -> 0.25 as a chain).
+    got = [(d["stage"], d["key"], d["against"], d["reference"], d["drop"]) for d in significant_drops(branched())]
+    assert got == [("full_r", "a/em", "base", "base", 0.125), ("full_r", "a/em", "previous", "full_a", 0.625),
+                   ("hft_r", "a/em", "previous", "hft_a", 0.125)]
+    # The gate reads the last stage against the base: hft_r holds a/em above base; full_r (last of [:3]) fell.
+    assert check_gate(branched(), {"a": 0.0}) == []
+    assert len(check_gate(branched()[:3], {"a": 0.1})) == 1
+
+
+def test_merge_descends_from_every_input_stage():
+    # merge from full_r and hft_r: every stage is an ancestor. Forgetting: max a 0.75 - 0.5, max r 0.75 - 0.75.
+    # Delta vs its first parent full_r: 0.5 - 0.125, 0.75 - 0.75.
+    # BWT at merge over trained full_a, full_r, hft_a (hft_r is T's last training stage):
+    # a: 0.5 - 0.75 = -0.25; r: 0.75 - 0.75 = 0; a: 0.5 - 0.625 = -0.125 -> -0.375 / 3.
+    stages = branched([("merge", ["full_r", "hft_r"], None, [0.5, 0.75])])
+    assert forgetting(stages)[-1].tolist() == [0.25, 0.0]
+    assert deltas_vs_previous(stages)[-1].tolist() == [0.375, 0.0]
+    assert backward_transfer(stages) == -0.125
+    assert "branches" not in build_report(stages)["summary"]  # one end: the merge
+
+
+def test_stage_from_outside_the_run_has_no_ancestors():
+    stages = branched([("ext", [], ["a"], [0.0, 0.0])])
+    assert np.isnan(forgetting(stages)[-1]).all() and np.isnan(deltas_vs_previous(stages)[-1]).all()
+    assert max_drop(stages) == {"drop": 0.25, "stage": "ext", "key": "a/em"}  # still compared with the base
+    assert backward_transfer(stages) is None  # its lineage is itself
+
+
+def test_linear_parents_give_the_numbers_of_a_chain():
+    chain = make_stages()
+    explicit = [dict(s, parents=[chain[i - 1]["name"]] if i else []) for i, s in enumerate(chain)]
+    a, b = build_report(chain), build_report(explicit)
+    assert a["tasks"] == b["tasks"] and a["summary"] == b["summary"]
+    assert a["significant_drops"] == b["significant_drops"]
+
+
+def test_report_md_shows_lineage_when_stages_branch(tmp_path):
+    md = write_report_md(branched(), tmp_path / "b")
+    scores_md, rest = md.split("## Forgetting per stage")
+    header = next(line for line in scores_md.splitlines() if line.startswith("| stage"))
+    assert [c.strip() for c in header.split("|")[1:4]] == ["stage", "from", "trains on"]
+    rows = table_rows(scores_md)
+    assert rows["base"][0] == "–" and rows["hft_a"][:2] == ["base", "a"] and rows["hft_r"][0] == "hft_a"
+    assert table_rows(rest.split("##")[0])["hft_a"] == ["-0.375", "-0.125"]
+    assert "- Branch ending at `full_r`: average forgetting +0.000, backward transfer -0.625" in md
+    assert "- Branch ending at `hft_r`: average forgetting -0.125, backward transfer -0.125" in md
+    assert "| from" not in write_report_md(make_stages(), tmp_path / "chain")
+    merged = write_report_md(branched([("merge", ["full_r", "hft_r"], None, [0.5, 0.75])]), tmp_path / "m")
+    assert table_rows(merged.split("##")[0])["merge"][0] == "full_r, hft_r"
