@@ -4,7 +4,7 @@ BIN     := .venv/bin
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: default help setup test test-fast stage pipeline report bench list clean
+.PHONY: default help setup test test-fast test-reliability stage pipeline report bench list clean
 
 ifdef stage
 default: stage
@@ -15,7 +15,7 @@ default: help
 endif
 
 help:
-	@echo "make setup | make test | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench"
+	@echo "make setup | make test | make test-reliability | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench"
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch is pinned (==2.13.0) so pip never pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -28,6 +28,11 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+# Crashes, faults and bad input (issue #9); `make test` runs this folder too.
+test-reliability: setup
+	$(BIN)/pytest -q -p no:cacheprovider tests/reliability; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 test-fast: setup

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from posttrain.models import ModelError, load_model, load_tokenizer
-from tests.reliability.conftest import error_lines
+from tests.reliability.conftest import cli_here, error_lines
 
 MODELING = '''
 open({marker!r}, "w").close()  # proof that this file ran
@@ -53,16 +53,17 @@ def remote_code_model(world, tmp_path):
     return out, marker
 
 
-def _stage(cli, model, run_dir, *more):
-    return cli("stage", "sft", "--run-dir", str(run_dir), "--set", "eval.enabled=false", "--set", f"model={model}",
-               "--set", "data=[{source: arithmetic, limit: 8}]", "--set", "trainer.max_steps=1",
-               "--set", "trainer.per_device_train_batch_size=4", *more)
+def _stage(capsys, model, run_dir) -> tuple[int, list[str]]:
+    """`posttrain stage sft` from `model`, in this process: (exit code, its `error:` lines)."""
+    code, err = cli_here(capsys, "stage", "sft", "--run-dir", str(run_dir), "--set", "eval.enabled=false",
+                         "--set", f"model={model}", "--set", "data=[{source: arithmetic, limit: 8}]",
+                         "--set", "trainer.max_steps=1", "--set", "trainer.per_device_train_batch_size=4")
+    return code, error_lines(err)
 
 
-def test_pickle_weights_refused_with_how_to_opt_in(pickle_model, tmp_path, cli):
-    r = _stage(cli, pickle_model, tmp_path / "run")
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+def test_pickle_weights_refused_with_how_to_opt_in(pickle_model, tmp_path, capsys):
+    code, lines = _stage(capsys, pickle_model, tmp_path / "run")
+    assert code == 2 and len(lines) == 1, lines
     assert "pytorch_model.bin" in lines[0] and "allow_pickle: true" in lines[0]
     assert not (tmp_path / "run" / "stages" / "01_sft").exists()
 
@@ -74,11 +75,10 @@ def test_pickle_weights_load_once_allowed(pickle_model, world):
     assert model.num_parameters() > 0
 
 
-def test_remote_code_refused_with_how_to_opt_in(remote_code_model, tmp_path, cli):
+def test_remote_code_refused_with_how_to_opt_in(remote_code_model, tmp_path, capsys):
     folder, marker = remote_code_model
-    r = _stage(cli, folder, tmp_path / "run")
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    code, lines = _stage(capsys, folder, tmp_path / "run")
+    assert code == 2 and len(lines) == 1, lines
     assert "modeling_x.py" in lines[0] and "trust_remote_code: true" in lines[0]
     assert not marker.exists()  # the model's code never ran
 
