@@ -214,8 +214,28 @@ def _trains_on(stage: Any) -> list[str]:
 
 
 def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict) -> dict:
-    return {"name": name, "folder": folder, "model": model_dir, "scores": result["scores"],
-            "trains_on": _trains_on(stage)}
+    """A base or stage row of the report; `parents` (its lineage) when its eval.json records them."""
+    record = {"name": name, "folder": folder, "model": model_dir, "scores": result["scores"],
+              "trains_on": _trains_on(stage)}
+    if "parents" in result:
+        record["parents"] = list(result["parents"])
+    return record
+
+
+def reference_record(ref: str, folder: Path, model_dir: str, result: dict, input_of: str) -> dict:
+    """The reference row of an input model that is not a stage of the run (see posttrain.pipeline)."""
+    return {"name": f"input:{ref}", "folder": str(folder), "model": model_dir, "scores": result["scores"],
+            "trains_on": [], "reference": True, "input_of": input_of}
+
+
+def keep_in_eval(out: Path, result: dict, **fields: Any) -> dict:
+    """`result` with `fields` set, rewriting the eval.json at `out` when they differ, so that `posttrain
+    report` rebuilds from the eval.json files the rows the pipeline built (the lineage above all)."""
+    if all(result.get(k) == v for k, v in fields.items()):
+        return result
+    result = {**result, **fields}
+    atomic_write_json(out, result)
+    return result
 
 
 def _hft_sections(run_dir: Path) -> list[str]:
@@ -237,6 +257,8 @@ def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> Non
 
     out = pipe.rd.stages / folder / "eval.json"
     result = evaluate_model(model_dir, out=out, settings=pipe.cfg.eval, log=pipe.log)
+    parents = [] if stage is None else list(pipe.parents.get(stage.name, []))
+    result = keep_in_eval(out, result, model=model_dir, parents=parents)
     name = "base" if stage is None else stage.name
     pipe.records.append(_record(name, folder, model_dir, stage, result))
     report_dir = pipe.rd.root / "report"
@@ -250,30 +272,57 @@ def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> Non
         pipe.log(f"warning: eval gate: {msg}")
 
 
+def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[dict]:
+    """The reference rows the pipeline put before `stage`, from `inputs/<ref>/eval.json`: the same refs in the
+    same order, skipping stage references and models that already have a row, as Pipeline._evaluate_inputs."""
+    from posttrain.pipeline import input_folder, is_stage_ref
+
+    names = getattr(stage, "reference_models", None)
+    records = []
+    for ref in names() if names else []:
+        path = run_dir / input_folder(ref) / "eval.json"
+        if is_stage_ref(ref) or not path.is_file():  # no file: a LoRA adapter, or evals were off
+            continue
+        result = json.loads(path.read_text())
+        if result["model"] in shown:
+            continue
+        shown.add(result["model"])
+        records.append(reference_record(ref, input_folder(ref), result["model"], result, stage.name))
+    return records
+
+
 def rerender_report(run_dir: Path) -> Path:
-    """Rebuild report/ from the eval.json files of a run dir, in pipeline order."""
+    """Rebuild report/ from the eval.json files of a run dir: the rows the pipeline wrote, in its order.
+
+    The base, then per stage with an eval.json: the reference rows of its inputs (inputs/<ref>/eval.json),
+    then the stage itself, with the lineage (`parents`) its eval.json records.
+    """
     import yaml
 
+    import posttrain.stages  # noqa: F401
     from evals.report import write_report
+    from posttrain.registry import STAGES
 
     pipe_file = run_dir / "pipeline.yaml"
     if not pipe_file.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
     cfg = yaml.safe_load(pipe_file.read_text())
-    records = []
+    records: list[dict] = []
+    shown: set[str] = set()
     base = run_dir / "stages" / "00_base" / "eval.json"
     if base.is_file():
-        records.append(_record("base", "00_base", json.loads(base.read_text())["model"], None, json.loads(base.read_text())))
-    import posttrain.stages  # noqa: F401
-    from posttrain.registry import STAGES
-
+        result = json.loads(base.read_text())
+        records.append(_record("base", "00_base", result["model"], None, result))
+        shown.add(result["model"])
     for i, raw in enumerate(cfg["stages"], start=1):
         folder = f"{i:02d}_{raw['name']}"
         path = run_dir / "stages" / folder / "eval.json"
         if path.is_file():
             stage = STAGES.get(raw["kind"]).config.model_validate(raw)
+            records += _reference_records(run_dir, stage, shown)
             result = json.loads(path.read_text())
             records.append(_record(raw["name"], folder, result["model"], stage, result))
+            shown.add(result["model"])
     if not records:
         raise ConfigError(f"{run_dir}: no eval.json found; nothing to report")
     out = run_dir / "report"

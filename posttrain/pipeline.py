@@ -13,9 +13,17 @@ reuse of a matching eval.json, into::
 
 and the report shows it as a reference row `input:<ref>` just before the first stage that reads it. Reference
 rows carry `"reference": true`; the forgetting metrics leave them out (see evals.forgetting).
+
+Lineage: every stage's record (and its eval.json) carries `parents`, the rows it is built from: the stage its
+`model` input names (the previous stage by default), or `base` when that input is the base model, then every
+other stage its config names (`${stages.<name>.model}` in a merge's `models:`, a transfer's source). A stage
+whose input is a model outside the run has none. The forgetting metrics compare a stage only with its
+ancestors, so two branches from one base are never measured against each other; `posttrain report` rebuilds
+the rows from the eval.json files alone.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -72,6 +80,7 @@ class Pipeline:
         self.done_keys: dict[str, str] = {}  # "stage:<name>" -> DONE key
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
         self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
+        self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model."""
@@ -92,6 +101,19 @@ class Pipeline:
                 )
             return f"stage:{name}", str(self.outputs[name] / "model")
         return ref, resolve_model(ref, self.log)
+
+    def _parents(self, i: int, stage: Any, input_model: str) -> list[str]:
+        """The report rows `stage` is built from: its `model` input's stage (or "base" when that input is the
+        base model; nothing for a model outside the run), then every other stage its config names, in order."""
+        m = _STAGE_REF.match(stage.model or "")
+        if m:
+            first = [m.group(1)]
+        elif stage.model is None and i > 0:
+            first = [self.cfg.stages[i - 1].name]
+        else:
+            first = ["base"] if input_model == self._base_model() else []
+        named = _ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
+        return list(dict.fromkeys(first + named))
 
     def _referenced_keys(self, stage: Any) -> list[str]:
         """DONE keys of every earlier stage the config names anywhere (e.g. a merge's `models:`)."""
@@ -124,6 +146,7 @@ class Pipeline:
         index = i + 1
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
+        self.parents[stage.name] = self._parents(i, stage, input_model)
         config_hash = sha256_json(stage.model_dump())
         inputs_hash = sha256_json([
             _input_identity(identity_ref, input_model, self.done_keys), _data_identity(stage),
@@ -177,10 +200,10 @@ class Pipeline:
         names = getattr(stage, "reference_models", None)
         if not self.cfg.eval.enabled or names is None:
             return
-        from evals.runner import evaluate_model
+        from evals.runner import evaluate_model, keep_in_eval, reference_record
 
         for ref in names():
-            if _ANY_STAGE_REF.search(ref):
+            if is_stage_ref(ref):
                 continue  # an earlier stage: it has its own row
             if (Path(ref).expanduser() / "adapter_config.json").is_file():
                 self.log(f"eval: {ref} is a LoRA adapter; no reference row (its merged weights are not kept)")
@@ -189,12 +212,21 @@ class Pipeline:
             if model_dir in self.shown:
                 continue
             self.shown.add(model_dir)
-            folder = Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
+            folder = input_folder(ref)
             result = evaluate_model(model_dir, out=self.rd.root / folder / "eval.json", settings=self.cfg.eval,
                                     log=self.log)
-            self.records.append({"name": f"input:{ref}", "folder": str(folder), "model": model_dir,
-                                 "scores": result["scores"], "trains_on": [], "reference": True,
-                                 "input_of": stage.name})
+            result = keep_in_eval(self.rd.root / folder / "eval.json", result, model=model_dir)
+            self.records.append(reference_record(ref, folder, model_dir, result, stage.name))
+
+
+def input_folder(ref: str) -> Path:
+    """Where an input model that is not a stage of the run keeps its eval, relative to the run dir."""
+    return Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
+
+
+def is_stage_ref(ref: str) -> bool:
+    """True when `ref` names a stage of the run (`${stages.<name>.model}` anywhere in it)."""
+    return bool(_ANY_STAGE_REF.search(ref))
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print) -> Path:

@@ -64,3 +64,56 @@ def test_input_models_are_evaluated_once_as_reference_rows(world, tmp_path):
     assert sum("eval: reusing" in x and "/inputs/" in x for x in logs) == 2
     again = json.loads((run_dir / "report" / "forgetting.json").read_text())
     assert [r["name"] for r in again["stages"]] == [r["name"] for r in rows]
+
+
+# Fake scores by model (a substring of its folder), so that the pipeline's records, lineage, eval.json files
+# and report are real while no model is evaluated. Keys: arithmetic, reversal.
+FAKE_SCORES = {"01_left": (0.75, 0.25), "02_left2": (0.5, 0.75), "03_right": (0.25, 0.625),
+               "world-sft-arithmetic": (0.875, 0.25), "world-sft-reversal": (0.25, 0.875), "/base": (0.25, 0.25)}
+
+
+def _fake_lm_eval(model_dir, spec, include, limit, settings, log):
+    values = next(v for k, v in FAKE_SCORES.items() if k in str(model_dir))
+    scores = {f"world_{t}/exact_match": {"value": v, "stderr": 0.0} for t, v in zip(["arithmetic", "reversal"], values)}
+    return {"scores": scores, "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}}
+
+
+def test_branched_pipeline_records_lineage_and_report_rerenders_the_same(world, tmp_path, monkeypatch):
+    """Two branches from the base (left -> left2, and right): right is measured against the base only, not
+    against its sibling left; `posttrain report` rebuilds the same forgetting.json, reference rows included."""
+    import evals.runner
+    from evals.runner import rerender_report
+
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    stages = [
+        {"name": "left", "kind": "merge", "method": "linear", "model": "world",
+         "models": [{"model": "world"}, {"model": "world-sft-arithmetic"}]},
+        {"name": "left2", "kind": "merge", "method": "linear",
+         "models": [{"model": "${stages.left.model}"}, {"model": "world-sft-reversal"}]},
+        {"name": "right", "kind": "merge", "method": "linear", "model": "world",
+         "models": [{"model": "world"}, {"model": "world-sft-reversal"}]},
+    ]
+    cfg = load_pipeline(None, data={"name": "branches", "eval": {"limit": 4}, "stages": stages})
+    run_dir = tmp_path / "r"
+    run_pipeline(cfg, run_dir, lambda m: None)
+    written = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    rows = written["stages"]
+    assert [r["name"] for r in rows] == ["base", "input:world-sft-arithmetic", "left", "input:world-sft-reversal",
+                                        "left2", "right"]
+    assert [r.get("parents") for r in rows] == [[], None, ["base"], None, ["left"], ["base"]]
+    for folder, parents in [("01_left", ["base"]), ("02_left2", ["left"]), ("03_right", ["base"])]:
+        assert json.loads((run_dir / "stages" / folder / "eval.json").read_text())["parents"] == parents
+    # right vs its ancestors (the base: 0.25, 0.25), not vs left (0.75 arithmetic) or left2 (0.75 reversal).
+    arith, rev = written["tasks"]["world_arithmetic/exact_match"], written["tasks"]["world_reversal/exact_match"]
+    assert arith["forgetting"][-1] == 0.0 and rev["forgetting"][-1] == -0.375
+    assert arith["delta_vs_previous"][-1] == 0.0 and rev["delta_vs_previous"][-1] == 0.375
+    # left2 vs left: arithmetic 0.75 -> 0.5; its forgetting is over base and left.
+    assert arith["forgetting"][4] == 0.25 and rev["forgetting"][4] == -0.5
+    assert [b["stage"] for b in written["summary"]["branches"]] == ["left2", "right"]
+    md = (run_dir / "report" / "forgetting.md").read_text()
+    assert "| from" in md and next(x for x in md.splitlines() if x.startswith("| right ")).split("|")[2].strip() == "base"
+
+    (run_dir / "report" / "forgetting.json").unlink()
+    rerender_report(run_dir)
+    assert json.loads((run_dir / "report" / "forgetting.json").read_text()) == written
+    assert (run_dir / "report" / "forgetting.md").read_text() == md
