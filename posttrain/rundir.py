@@ -9,9 +9,11 @@
           model/               a complete HF folder: config.json, *.safetensors, tokenizer files, generation_config.json
           config.yaml          the stage's resolved config
           metrics.jsonl        training log, one JSON object a line
-          eval.json            the stage model's eval
+          eval.json            the stage model's eval, with `parents`: the rows it is built from (its lineage)
           DONE                 written last: sha256 of every model file, of the config and of the inputs
         .02_<name>.tmp/        a stage in progress (its checkpoints/ let a rerun resume)
+      inputs/<ref>/eval.json   the eval of an input model a stage reads that is not a stage of the run (a merge's
+                               `models:`, a transfer's `source_finetuned`; <ref> with unsafe characters as _)
       report/forgetting.{json,md,png}
 
 A stage counts as done only when its folder has a DONE whose hashes match what is on disk and what the
