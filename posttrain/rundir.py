@@ -12,6 +12,7 @@
           eval.json            the stage model's eval, with `parents`: the rows it is built from (its lineage)
           DONE                 written last: sha256 of every model file, of the config and of the inputs
         .02_<name>.tmp/        a stage in progress (its checkpoints/ let a rerun resume)
+        .01_<name>.old-<pid>/  a folder being replaced by a rerun (removed once the new one is in place)
       inputs/<ref>/eval.json   the eval of an input model a stage reads that is not a stage of the run (a merge's
                                `models:`, a transfer's `source_finetuned`; <ref> with unsafe characters as _)
       report/forgetting.{json,md,png}
