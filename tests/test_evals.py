@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import posttrain.stages  # noqa: F401
 from evals.runner import evaluate_model, load_suite, render_world_tasks, scores_from_results
@@ -85,3 +86,47 @@ def test_two_task_pipeline_report_holds_stage_evals(world, tmp_path, cli):
     assert report["summary"]["backward_transfer"] is not None
     r2 = cli("report", str(run_dir))
     assert r2.returncode == 0 and json.loads((run_dir / "report" / "forgetting.json").read_text()) == report
+
+
+def _fake_eval(path: Path, model: str, arithmetic: float, parents: list[str] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "scores": {"world_arithmetic/exact_match": {"value": arithmetic, "stderr": 0.0}}}
+    if parents is not None:
+        record["parents"] = parents
+    path.write_text(json.dumps(record))
+
+
+def test_report_rerenders_recycle_then_finetune_from_eval_files(tmp_path):
+    """`posttrain report` on the recycle_then_finetune layout: the transfer source's reference row comes back
+    from inputs/world-sft/eval.json, and sft_from_v2 (from world-v2, the base) is measured against the base,
+    not against sft_recycled before it. An eval.json without parents (an older run) reads as a chain."""
+    from evals.runner import rerender_report
+    from posttrain.pipeline import Pipeline
+
+    cfg = load_pipeline(REPO / "configs" / "pipelines" / "recycle_then_finetune.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.yaml").write_text(yaml.safe_dump(Pipeline(cfg, run, lambda m: None)._dump(), sort_keys=False))
+    evals = [("stages/00_base", "/m/world-v2", 0.125, []), ("inputs/world-sft", "/m/world-sft", 0.75, None),
+             ("stages/01_transfer", "/r/01", 0.5, ["base"]), ("stages/02_sft_recycled", "/r/02", 0.625, ["transfer"]),
+             ("stages/03_sft_from_v2", "/r/03", 0.25, ["base"])]
+    for folder, model, value, parents in evals:
+        _fake_eval(run / folder / "eval.json", model, value, parents)
+    rerender_report(run)
+    report = json.loads((run / "report" / "forgetting.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["base", "input:world-sft", "transfer", "sft_recycled",
+                                                     "sft_from_v2"]
+    assert report["stages"][1] == {"name": "input:world-sft", "folder": "inputs/world-sft", "model": "/m/world-sft",
+                                   "scores": {"world_arithmetic/exact_match": {"value": 0.75, "stderr": 0.0}},
+                                   "trains_on": [], "reference": True, "input_of": "transfer"}
+    arith = report["tasks"]["world_arithmetic/exact_match"]
+    # sft_from_v2: best ancestor (the base, 0.125) - 0.25; delta vs its parent, the base: 0.25 - 0.125.
+    assert arith["forgetting"] == [0.0, None, -0.375, -0.125, -0.125]
+    assert arith["delta_vs_previous"] == [None, None, 0.375, 0.125, 0.125]
+    assert [b["stage"] for b in report["summary"]["branches"]] == ["sft_recycled", "sft_from_v2"]
+
+    for folder, model, value, _ in evals:  # an older run: no parents recorded
+        _fake_eval(run / folder / "eval.json", model, value, None)
+    rerender_report(run)
+    chain = json.loads((run / "report" / "forgetting.json").read_text())["tasks"]["world_arithmetic/exact_match"]
+    assert chain["forgetting"][-1] == 0.375  # 0.625 at sft_recycled - 0.25: the sibling comparison of old

@@ -1,6 +1,7 @@
 """Pipeline runner: stage references (tiny training runs). Reruns, tampering and the run-dir layout are tested in
 tests/reliability/test_rerun.py."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,25 @@ def test_branched_pipeline_records_lineage_and_report_rerenders_the_same(world, 
     rerender_report(run_dir)
     assert json.loads((run_dir / "report" / "forgetting.json").read_text()) == written
     assert (run_dir / "report" / "forgetting.md").read_text() == md
+
+
+@pytest.mark.parametrize("config, parents", [
+    ("recycle_then_finetune", {"transfer": ["base"], "sft_recycled": ["transfer"], "sft_from_v2": ["base"]}),
+    ("hft_vs_full", {"full_arithmetic": ["base"], "full_reversal": ["full_arithmetic"],
+                     "hft_arithmetic": ["base"], "hft_reversal": ["hft_arithmetic"]}),
+    ("merge_specialists", {"sft_arithmetic": ["base"], "sft_reversal": ["base"],
+                           "merge": ["sft_reversal", "sft_arithmetic"]}),  # its `model` input (previous) first
+])
+def test_branched_configs_parents(world, tmp_path, config, parents):
+    """The lineage the pipeline records for the shipped branched pipelines: sft_from_v2 starts from world-v2,
+    the base, so it descends from the base and not from sft_recycled before it."""
+    from posttrain.models import resolve_model
+    from posttrain.pipeline import Pipeline
+
+    cfg = load_pipeline(Path(__file__).resolve().parent.parent / "configs" / "pipelines" / f"{config}.yaml")
+    pipe = Pipeline(cfg, tmp_path / "r", lambda m: None)
+    got = {}
+    for i, stage in enumerate(cfg.stages):
+        plain = stage.model and "${" not in stage.model
+        got[stage.name] = pipe._parents(i, stage, resolve_model(stage.model, lambda m: None) if plain else "")
+    assert got == parents
