@@ -137,11 +137,13 @@ def references_note(stages: list[Stage]) -> str:
             "are computed over the base and the stages only.")
 
 
-def drops_list(drops: list[dict[str, Any]]) -> str:
-    """One bullet per flagged drop, or a line saying there are none."""
+def drops_list(drops: list[dict[str, Any]], branched: bool = False) -> str:
+    """One bullet per flagged drop, or a line saying there are none. When stages branch, a drop against the
+    parent (``against="previous"`` in the JSON) reads "vs parent": the row before may be a sibling."""
     if not drops:
         return "No significant drops."
-    return "\n".join(f"- `{d['stage']}` {d['key']}: {fmt_delta(-d['drop'])} vs {d['against']} "
+    word = {"previous": "parent"} if branched else {}
+    return "\n".join(f"- `{d['stage']}` {d['key']}: {fmt_delta(-d['drop'])} vs {word.get(d['against'], d['against'])} "
                      f"(`{d['reference']}`), threshold {d['threshold']:.3f}" for d in drops)
 
 
@@ -184,7 +186,7 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
         forgetting_table(stages),
         f"## Significant drops (z = {z:g})",
         "A drop larger than `z · sqrt(stderr_a² + stderr_b²)`; a missing stderr counts as 0.",
-        drops_list(report["significant_drops"]),
+        drops_list(report["significant_drops"], branched=not is_linear(stages)),
         "## Summary",
         summary_list(report["summary"]),
     ]

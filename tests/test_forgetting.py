@@ -361,6 +361,7 @@ def test_report_md_shows_lineage_when_stages_branch(tmp_path):
     assert rows["base"][0] == "–" and rows["hft_a"][:2] == ["base", "a"] and rows["hft_r"][0] == "hft_a"
     assert table_rows(rest.split("##")[0])["hft_a"] == ["-0.375", "-0.125"]
     assert "- Branch ending at `full_r`: average forgetting +0.000, backward transfer -0.625" in md
+    assert "- `hft_r` a/em: -0.125 vs parent (`hft_a`), threshold 0.000" in md
     assert "- Branch ending at `hft_r`: average forgetting -0.125, backward transfer -0.125" in md
     assert "| from" not in write_report_md(make_stages(), tmp_path / "chain")
     merged = write_report_md(branched([("merge", ["full_r", "hft_r"], None, [0.5, 0.75])]), tmp_path / "m")
