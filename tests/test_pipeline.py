@@ -112,7 +112,8 @@ def test_branched_pipeline_records_lineage_and_report_rerenders_the_same(world, 
     assert arith["forgetting"][4] == 0.25 and rev["forgetting"][4] == -0.5
     assert [b["stage"] for b in written["summary"]["branches"]] == ["left2", "right"]
     md = (run_dir / "report" / "forgetting.md").read_text()
-    assert "| from" in md and next(x for x in md.splitlines() if x.startswith("| right ")).split("|")[2].strip() == "base"
+    right_row = next(x for x in md.splitlines() if x.startswith("| right "))
+    assert "| from" in md and right_row.split("|")[2].strip() == "base"
 
     (run_dir / "report" / "forgetting.json").unlink()
     rerender_report(run_dir)
