@@ -48,6 +48,7 @@ METHODS = {
     "task_arithmetic": ("task_arithmetic", {}),
     "ties": ("ties", {"density": 0.2}),
     "dare_ties": ("dare_ties", {"density": 0.1}),
+    "dare_linear": ("dare_linear", {"density": 0.1}),
 }
 
 

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from posttrain.models import resolve_model
 from posttrain.pipeline import Pipeline
 from posttrain.stages.base import StageContext
 
@@ -165,7 +166,8 @@ class DistributedPipeline(Pipeline):
         if trainable:
             work = self.rd.work_dir(index, stage.name)
             ctx = FollowerContext(run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
-                                  input_model=input_model, resolve=lambda r: r, log=self.log)
+                                  input_model=input_model, resolve=lambda r: resolve_model(r, self.log),
+                                  log=self.log)
             barrier()  # the main process has cleaned and created the work folder
             spec.run(stage, ctx)
         barrier()  # the main process has written DONE
@@ -216,4 +218,8 @@ def launch_command(child_argv: list[str], num_processes: int | None, config: str
 
 def relaunch(child_argv: list[str], num_processes: int | None, config: str | None) -> int:
     """Run the command under accelerate launch and return its exit status (every rank's, as torchrun reports)."""
-    return subprocess.call(launch_command(child_argv, num_processes, config))
+    try:
+        return subprocess.call(launch_command(child_argv, num_processes, config))
+    except KeyboardInterrupt:  # the launched processes got the same Ctrl-C; torchrun stops them
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

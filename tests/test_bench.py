@@ -45,7 +45,7 @@ def test_readme_table_replaced_between_markers_only(tmp_path):
     table = run.table([Figure("merge", 4.0, 1.5).finish(), unavailable("mk", "no pip").finish()])
     assert run.update_readme(table, readme)
     text = readme.read_text()
-    assert "old" not in text and "| merge | 4.00 | 1.5 | OFF GOAL |" in text and "| mk | - | - | unavailable |" in text
+    assert "old" not in text and "| merge | 4.00 | 1.5 | OFF GOAL |  |" in text and "| mk | - | - | unavailable |  |" in text
     assert text.startswith("# t\n## Benchmarks\n") and text.endswith("<!-- bench:end -->\n## Scale\nkeep\n")
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
