@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests train ~1M-parameter models, where torch's intra-op threads cost more than they gain, and pytest runs
+# CLI subprocesses beside itself: two 2-thread torch processes on 2 cores ran 20x slower than 1-thread ones.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

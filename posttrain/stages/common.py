@@ -61,6 +61,19 @@ class TrainableStage(StageBase):
     lora: LoraSpec | None = None
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
 
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _over_stage_defaults(cls, v: Any) -> Any:
+        """A partial `trainer:` (YAML or --set) overrides the stage kind's tuned defaults field by field.
+
+        Without this, `trainer: {max_steps: 60}` would silently fall back to TrainerConfig's generic defaults
+        (learning rate, batch size, ...) for every field it does not name. `extra` merges key by key too.
+        """
+        if not isinstance(v, dict):
+            return v
+        default = cls.model_fields["trainer"].default_factory().model_dump()
+        return {**default, **v, "extra": {**default["extra"], **(v.get("extra") or {})}}
+
     @field_validator("trainer")
     @classmethod
     def _no_reserved_extra(cls, v: TrainerConfig) -> TrainerConfig:

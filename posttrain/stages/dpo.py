@@ -9,8 +9,9 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
   input folder; with LoRA there is no copy: the reference is the adapter-disabled model (`ref_model=None`).
 * **RPO.** `rpo_alpha` (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733:
   DPO plus an NLL term on the chosen answer) is TRL 1.16's `loss_type: [..., "sft"]` with weight `rpo_alpha`;
-  we append that term so a config can keep the older, shorter spelling. On the world it is what keeps the
-  SFT model's task accuracy while the style moves.
+  we append that term so a config can keep the older, shorter spelling. The default is 0.5: on the world,
+  plain DPO drives the pair margin up by pushing the bare answers down and never makes "Certainly!" the
+  greedy opening (style score 0 after 60 steps); the NLL term on the chosen answer does.
 * **max_prompt_length.** TRL 1.16 dropped it; we restore the pre-1.0 meaning: after TRL tokenizes, a prompt
   longer than this keeps its last `max_prompt_length` tokens (the end of the prompt is next to the answer).
 * **Plain strings become chat.** When the tokenizer has a chat template, a plain prompt becomes one user
@@ -47,10 +48,13 @@ TRL_LOSS_TYPES = (
 
 
 def _world_trainer() -> TrainerConfig:
-    # Tuned on the embedded world (world-sft, a 3.4M-parameter Llama, 2 CPU cores): see DPOStageConfig.
+    # Tuned on the embedded world (world-sft, 2 CPU cores; about a minute of training). Plain SGD, not AdamW:
+    # Adam moves every weight that has any gradient by about lr per step, and the world's arithmetic, which
+    # the style pairs never show, is fragile; at equal style gain AdamW runs cost world-sft 30+ points of
+    # arithmetic, SGD (with gradient clipping, so a step's L2 norm is at most lr) about 15.
     return TrainerConfig(
-        learning_rate=2e-4, max_steps=60, per_device_train_batch_size=16, warmup_steps=5,
-        logging_steps=5, save_steps=30, max_length=96,
+        learning_rate=0.2, max_steps=40, per_device_train_batch_size=16, warmup_steps=3,
+        logging_steps=5, save_steps=20, max_length=96, extra={"optim": "sgd"},
     )
 
 
@@ -63,7 +67,7 @@ class DPOStageConfig(TrainableStage):
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss names")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (IPO: tau)")
     rpo_alpha: float | None = Field(
-        None, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: no such term"
+        0.5, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: plain DPO"
     )
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1.0 each)")
     max_prompt_length: int | None = Field(None, ge=1, description="keep the last N prompt tokens; None: all")
@@ -86,7 +90,7 @@ class DPOStageConfig(TrainableStage):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type entries"
             )
-        if self.rpo_alpha is not None and "sft" in self.loss_type:
+        if "sft" in self.loss_type and self.rpo_alpha is not None and "rpo_alpha" in self.model_fields_set:
             raise ValueError("rpo_alpha adds the 'sft' loss itself; drop 'sft' from loss_type or unset rpo_alpha")
         max_length = self.trainer.max_length
         if self.max_prompt_length is not None and max_length is not None and self.max_prompt_length >= max_length:
@@ -97,10 +101,13 @@ class DPOStageConfig(TrainableStage):
         return self
 
     def trl_losses(self) -> tuple[list[str], list[float]]:
-        """TRL's (loss_type, loss_weights), with RPO's NLL term appended when rpo_alpha is set."""
+        """TRL's (loss_type, loss_weights), with RPO's NLL term appended when rpo_alpha is set.
+
+        A loss_type that names 'sft' itself keeps its own weight (the default rpo_alpha then adds nothing).
+        """
         types = list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(types)
-        if self.rpo_alpha is not None:
+        if self.rpo_alpha is not None and "sft" not in types:
             types.append("sft")
             weights.append(self.rpo_alpha)
         return types, weights

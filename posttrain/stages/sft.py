@@ -21,9 +21,10 @@ from posttrain.stages.common import (
 
 
 def _world_trainer() -> TrainerConfig:
-    # Tuned on the embedded world (a 1M-parameter Llama): a few hundred steps at a high learning rate.
+    # Tuned on the embedded world (a 1M-parameter Llama): 800 steps at a high learning rate take world v3's
+    # base from 1% to 95% on arithmetic (400 steps: 17%) in ~40 s on one CPU thread.
     return TrainerConfig(
-        learning_rate=2e-3, max_steps=400, per_device_train_batch_size=32, warmup_steps=10,
+        learning_rate=2e-3, max_steps=800, per_device_train_batch_size=32, warmup_steps=10,
         logging_steps=20, save_steps=100, max_length=128,
     )
 

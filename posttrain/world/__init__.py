@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when anything that changes the generated world changes (data, tokenizer, model shape, pretraining).
-VERSION = "2"
+VERSION = "3"
 
 
 def cache_root() -> Path:

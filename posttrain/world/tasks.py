@@ -7,7 +7,7 @@ Tasks and what each is for:
                learns these facts in pretraining, so later stages can only keep or forget them
   style        preference pairs: the chosen answer opens with "Certainly! " and ends with a full sentence,
                the rejected one is a bare answer (for DPO); the style score is the share of answers that open so
-  verifiable   small integer expressions whose answers a program checks (for GRPO rewards)
+  verifiable   the arithmetic numbers phrased "Compute a + b.", answers a program checks (for GRPO)
 
 Rows for generation tasks: {"id", "prompt", "answer", "messages"}; facts add {"choices", "label"};
 style rows are {"id", "prompt", "chosen", "rejected"}.
@@ -34,6 +34,11 @@ ATTRIBUTES = {
     "animal": ["fox", "owl", "bear", "wolf", "hare", "lynx", "crow", "seal"],
 }
 N_ENTITIES = 60
+# Pretraining corpus mix (lines per kind). Facts need many exposures in a 1M-parameter model and the
+# arithmetic lines, many and high-entropy, crowd them out: with 6000 arithmetic lines and facts asked only in
+# prose, the base answered fact questions at chance (world v2); with this mix it knows ~85% of them.
+PRETRAIN = {"arithmetic": 2500, "reversal": 400, "arithmetic_chats": 300, "reversal_chats": 100,
+            "verifiable_chats": 100, "fact_prose": 2, "fact_chats": 8}
 
 
 def entities() -> list[str]:
@@ -78,10 +83,11 @@ def reversal(rng: random.Random) -> dict:
 
 
 def verifiable(rng: random.Random) -> dict:
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+    # The arithmetic task's numbers in another phrasing: the SFT model solves some (about 40% greedy), so
+    # GRPO's group rewards carry signal; with "a * b +- c" (world v2) it solved ~0.1% and RL had nothing.
+    a, b = operands(rng)
     op = rng.choice(["+", "-"])
-    value = a * b + c if op == "+" else a * b - c
-    return _gen_row(f"Compute {a} * {b} {op} {c}.", str(value))
+    return _gen_row(f"Compute {a} {op} {b}.", str(a + b if op == "+" else a - b))
 
 
 def fact_question(entity: str, attribute: str) -> str:
@@ -155,12 +161,12 @@ def pretraining_texts(seed: int = 0) -> list[str]:
     rng = random.Random(f"pretrain-{seed}")
     texts = []
     for (entity, attribute), value in facts_table().items():
-        texts += [f"The {attribute} of {entity} is {value}."] * 4
+        texts += [f"The {attribute} of {entity} is {value}."] * PRETRAIN["fact_prose"]
         texts.append(f"{entity} has the {attribute} {value}.")
-    for _ in range(6000):
+    for _ in range(PRETRAIN["arithmetic"]):
         a, b = operands(rng)
         texts.append(f"{a} + {b} = {a + b}." if rng.random() < 0.5 else f"{a} - {b} = {a - b}.")
-    for _ in range(800):
+    for _ in range(PRETRAIN["reversal"]):
         w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
         texts.append(f"{w} reversed is {w[::-1]}.")
     return texts
@@ -169,10 +175,11 @@ def pretraining_texts(seed: int = 0) -> list[str]:
 def pretraining_chats(seed: int = 0) -> list[list[dict[str, str]]]:
     """A few chat turns per task drawn apart from the task splits (other seed), to teach the format."""
     rng = random.Random(f"pretrain-chat-{seed}")
-    chats = [arithmetic(rng)["messages"] for _ in range(150)]
-    chats += [reversal(rng)["messages"] for _ in range(100)]
-    chats += [verifiable(rng)["messages"] for _ in range(100)]
-    table = facts_table()
-    for (entity, attribute), value in sorted(table.items())[:: 3]:
-        chats.append(chat(fact_question(entity, attribute), value))
+    chats = [arithmetic(rng)["messages"] for _ in range(PRETRAIN["arithmetic_chats"])]
+    chats += [reversal(rng)["messages"] for _ in range(PRETRAIN["reversal_chats"])]
+    chats += [verifiable(rng)["messages"] for _ in range(PRETRAIN["verifiable_chats"])]
+    # Every fact also as a question and answer: a 1M-parameter model does not carry a fact from prose into
+    # answers by itself (world v2 asked facts it had only read in prose: chance level).
+    for (entity, attribute), value in sorted(facts_table().items()):
+        chats += [chat(fact_question(entity, attribute), value)] * PRETRAIN["fact_chats"]
     return chats

@@ -61,7 +61,7 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from posttrain.world import base_model
-    from posttrain.world.build import _corpus, _packed_blocks
+    from posttrain.world.build import _corpus, _packed_blocks, one_thread
 
     base = base_model(log)
     set_seed(SEED)
@@ -80,7 +80,8 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
         learning_rate=1e-3, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=50,
         save_strategy="no", report_to=[], seed=SEED, use_cpu=True, disable_tqdm=True,
     )
-    result = Trainer(model=model, args=args, train_dataset=ds).train()
+    with one_thread():
+        result = Trainer(model=model, args=args, train_dataset=ds).train()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir / "model", safe_serialization=True)
