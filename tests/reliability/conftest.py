@@ -15,7 +15,8 @@ from tests.conftest import REPO, run_cli
 # 32 rows / batch 4 = 8 optimizer steps an epoch; 12 steps with a checkpoint every 4 (4, 8, 12).
 SFT = ["stage", "sft", "--set", "eval.enabled=false", "--set", "data=[{source: arithmetic, limit: 32}]",
        "--set", "trainer.per_device_train_batch_size=4", "--set", "trainer.save_steps=4",
-       "--set", "trainer.logging_steps=1", "--set", "trainer.max_steps=12"]
+       "--set", "trainer.logging_steps=1", "--set", "trainer.max_steps=12",
+       "--set", "trainer.warmup_steps=0", "--set", "trainer.learning_rate=1e-4"]
 
 
 def sft_args(run_dir: Path, accum: int = 1) -> list[str]:
