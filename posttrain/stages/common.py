@@ -190,10 +190,12 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint: transformers writes trainer_state.json last, so a checkpoint folder
+    without it was cut short (kill -9, full disk) and is skipped. (transformers' get_last_checkpoint takes the
+    highest number whatever its state.)"""
     folder = ctx.work_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
 def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
