@@ -32,7 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from posttrain.config import PipelineConfig
-from posttrain.models import resolve_model
+from posttrain.models import check_remote_code, check_weights, resolve_model
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import RunDir, atomic_write_text, hash_folder, sha256_file, sha256_json
 from posttrain.stages.base import StageContext
@@ -126,6 +126,12 @@ class Pipeline:
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
             if self.cfg.eval.enabled:
                 base = self._base_model()
+                # lm-eval loads the base before the first stage would check it: check it here, with that
+                # stage's opt-ins, so pickle weights or a model's own code never load unasked.
+                first = self.cfg.stages[0]
+                if base:
+                    check_weights(base, first.allow_pickle)
+                    check_remote_code(base, first.trust_remote_code)
                 self._evaluate(None, "00_base", base)
                 self.shown.add(base)
             for i, stage in enumerate(self.cfg.stages):

@@ -116,11 +116,5 @@ def test_base_eval_does_not_load_an_untrusted_model_first(kind, pickle_model, re
     monkeypatch.setattr(evals.runner, "evaluate_into_run", evaluate_into_run)
     model = pickle_model if kind == "pickle" else remote_code_model[0]
     cfg = load_pipeline(None, data={"eval": {"limit": 1}, "stages": [{"kind": "sft", "model": str(model)}]})
-    try:
-        with pytest.raises(ModelError, match="allow_pickle: true" if kind == "pickle" else "trust_remote_code: true"):
-            run_pipeline(cfg, tmp_path / "run", lambda m: None)
-    except Loaded:
-        # Known gap (posttrain/pipeline.py, Pipeline._base_model): the base eval (lm-eval) loads the input model
-        # before the stage checks allow_pickle / trust_remote_code; it should run check_weights and
-        # check_remote_code with the first stage's settings first.
-        pytest.xfail("the base eval loads the input model before the stage's pickle/remote-code check")
+    with pytest.raises(ModelError, match="allow_pickle: true" if kind == "pickle" else "trust_remote_code: true"):
+        run_pipeline(cfg, tmp_path / "run", lambda m: None)  # Loaded (the eval ran first) fails the test
