@@ -148,17 +148,40 @@ def metrics_callback(ctx: StageContext):
             if crash_at and mid_accum and state.global_step == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = self.finite = state.global_step  # a checkpoint resumed from was good when saved
+
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
             ctx.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
             loss = logs.get("loss")
-            if isinstance(loss, (int, float)) and not math.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became {loss} at step {state.global_step}; the last good checkpoint is kept in "
-                    f"{ctx.work_dir / 'checkpoints'} (lower trainer.learning_rate or check the data)"
-                )
+            if not isinstance(loss, (int, float)):
+                return
+            if math.isfinite(loss):
+                self.finite = state.global_step
+                return
+            # The weights saved at the last finite-loss step already produced the non-finite window: drop that
+            # checkpoint and later ones, so a rerun resumes from weights that trained sanely.
+            folder = ctx.work_dir / "checkpoints"
+            kept = drop_checkpoints_from(folder, self.finite if self.finite > self.start else self.start + 1)
+            where = f"the last good checkpoint, {kept}, is kept in {folder}" if kept else (
+                f"no checkpoint from before it is left in {folder}")
+            raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where} "
+                                f"(lower trainer.learning_rate or check the data)")
 
     return _Metrics()
+
+
+def drop_checkpoints_from(folder: Path, step: int) -> str | None:
+    """Delete checkpoint-N folders with N >= step; return the name of the newest one left (None if none)."""
+    left = []
+    for path in folder.glob("checkpoint-*"):
+        n = path.name[11:]
+        if n.isdigit() and int(n) >= step:
+            shutil.rmtree(path, ignore_errors=True)
+        elif n.isdigit():
+            left.append(int(n))
+    return f"checkpoint-{max(left)}" if left else None
 
 
 def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
