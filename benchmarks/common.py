@@ -96,9 +96,16 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 def bench_env(**extra: str) -> dict[str, str]:
-    """The environment every side runs under: the same thread count, no tokenizer threads, no hub access."""
+    """The environment every side runs under: the same thread count, no tokenizer threads, no hub access.
+
+    One compute thread per side unless BENCH_THREADS says otherwise: on a shared machine, OpenMP threads that
+    outnumber the free cores spin against each other and made single runs 10-50x slower at random (seen on
+    2 cores with other jobs running), which no median of 3 survives.
+    """
     env = dict(os.environ)
-    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    threads = os.environ.get("BENCH_THREADS", "1")
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+               OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.update(extra)
     return env
 

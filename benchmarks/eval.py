@@ -2,7 +2,7 @@
 YAMLs, model folder, limit, batch size, generation length, chat template and seeds (goal <= 1.05).
 
 Both sides are whole commands (interpreter start and imports included). The scores of each pair are compared
-too; `detail.same_scores` says whether the two sides agreed to the last digit.
+too; `detail.same_scores` says whether the two sides agreed to the last digit (`detail.different`: where not).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def figure(limit: int, runs: int) -> Figure:
     include, _ = render_world_tasks(quiet)
     suite, settings = load_suite("world"), EvalConfig()
     env = bench_env()
-    same: list[bool] = []
+    differ: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as d:
         tmp = Path(d)
         lm_eval = str(Path(python()).parent / "lm_eval")
@@ -42,19 +42,21 @@ def figure(limit: int, runs: int) -> Figure:
 
         def raw() -> float:
             seconds = timed(raw_cmd, env)[0]
-            same.append(_same_scores(tmp / "ours.json", tmp / "cli"))
+            differ.extend(_different_scores(tmp / "ours.json", tmp / "cli"))
             return seconds
 
         ours_s, raw_s = paired(ours, raw, runs)
     return ratio_figure("eval: world suite vs lm_eval CLI", ours_s, raw_s, 1.05,
-                        f"{len(suite.tasks)} tasks, limit {limit}", {"same_scores": all(same)})
+                        f"{len(suite.tasks)} tasks, limit {limit}",
+                        {"same_scores": not differ, "different": sorted(set(differ))})
 
 
-def _same_scores(ours_json: Path, cli_dir: Path) -> bool:
+def _different_scores(ours_json: Path, cli_dir: Path) -> list[str]:
+    """The "task/metric,filter" entries where our eval.json and the CLI's newest results file disagree."""
     if not ours_json.is_file():
-        return False
+        return ["(no eval.json)"]
     ours = json.loads(ours_json.read_text())["lm_eval"]["results"]
     newest = max(cli_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     theirs = json.loads(newest.read_text())["results"]
     keys = [(t, k) for t, m in ours.items() for k in m if "," in k and isinstance(m[k], (int, float))]
-    return bool(keys) and all(theirs.get(t, {}).get(k) == ours[t][k] for t, k in keys)
+    return [f"{t}/{k}" for t, k in keys if theirs.get(t, {}).get(k) != ours[t][k]]
