@@ -20,13 +20,6 @@ import yaml
 
 from benchmarks.common import REPO, Figure, bench_env, paired, python, ratio_figure, timed
 
-# The world defaults of each stage (posttrain/stages/{sft,dpo}.py), with max_steps set by the bench.
-TRAINERS = {
-    "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, warmup_steps=10, logging_steps=20,
-                save_steps=100, max_length=128),
-    "dpo": dict(learning_rate=2e-4, per_device_train_batch_size=16, warmup_steps=5, logging_steps=5,
-                save_steps=30, max_length=96),
-}
 MODELS = {"sft": "world", "dpo": "world-sft"}
 DATA = {"sft": "arithmetic", "dpo": "style"}
 KIND_ARGS = {
@@ -35,22 +28,33 @@ KIND_ARGS = {
 }
 
 
+def world_trainer(kind: str, steps: int) -> dict[str, Any]:
+    """The stage's own default trainer block (its world tuning: read from the config class, never copied)."""
+    import posttrain.stages  # noqa: F401  (registers the kinds)
+    from posttrain.registry import STAGES
+
+    return {**STAGES.get(kind).config().trainer.model_dump(), "max_steps": steps}
+
+
 def plain_args(kind: str, steps: int) -> dict[str, Any]:
-    """The TRL config fields the raw script passes (posttrain.stages.common.trl_args passes the same)."""
-    t = TRAINERS[kind]
+    """The TRL config fields the raw script passes for that trainer block, as a user would spell them out
+    (posttrain.stages.common.trl_args makes the same translation; the bench checks that they agree)."""
+    t = world_trainer(kind, steps)
     return dict(
-        learning_rate=t["learning_rate"], max_steps=steps, num_train_epochs=1.0,
-        per_device_train_batch_size=t["per_device_train_batch_size"], gradient_accumulation_steps=1,
-        lr_scheduler_type="cosine", warmup_steps=t["warmup_steps"], weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=t["logging_steps"], save_strategy="steps", save_steps=t["save_steps"], save_total_limit=2,
-        gradient_checkpointing=False, bf16=False, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0,
-        logging_nan_inf_filter=False, max_length=t["max_length"], **KIND_ARGS[kind],
+        learning_rate=t["learning_rate"], max_steps=steps, num_train_epochs=t["num_train_epochs"],
+        per_device_train_batch_size=t["per_device_train_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"], lr_scheduler_type=t["lr_scheduler_type"],
+        warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"], max_grad_norm=t["max_grad_norm"],
+        logging_steps=t["logging_steps"], save_strategy="steps", save_steps=t["save_steps"],
+        save_total_limit=t["save_total_limit"], gradient_checkpointing=t["gradient_checkpointing"], bf16=False,
+        seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0, logging_nan_inf_filter=False,
+        max_length=t["max_length"], **KIND_ARGS[kind], **t["extra"],
     )
 
 
 def stage_yaml(kind: str, model_dir: str, steps: int) -> dict[str, Any]:
-    return {"kind": kind, "model": model_dir, "data": [{"source": DATA[kind]}],
-            "trainer": {**TRAINERS[kind], "max_steps": steps}}
+    trainer = {k: v for k, v in world_trainer(kind, steps).items() if v is not None}
+    return {"kind": kind, "model": model_dir, "data": [{"source": DATA[kind]}], "trainer": trainer}
 
 
 def args_differences(kind: str, stage: dict[str, Any], plain: dict[str, Any], work: Path) -> list[str]:
