@@ -158,3 +158,24 @@ def test_default_stage_raises_reward_and_keeps_verifiable_accuracy(tmp_path):
     assert after["scores"][key]["value"] >= base["scores"][key]["value"], (base["scores"][key], after["scores"][key])
     print(f"reward first fifth {first:.3f} -> last fifth {last:.3f}; {key} "
           f"{base['scores'][key]['value']:.3f} -> {after['scores'][key]['value']:.3f}")
+
+
+@pytest.mark.slow
+def test_sft_dpo_grpo_pipeline_reports_every_stage_on_the_world_suite(tmp_path):
+    """configs/pipelines/sft_dpo_grpo.yaml: the report holds base, SFT, DPO and GRPO with their measured scores."""
+    from tests.conftest import REPO, run_cli
+
+    run_dir = tmp_path / "run"
+    r = run_cli("run", str(REPO / "configs" / "pipelines" / "sft_dpo_grpo.yaml"), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["base", "sft", "dpo", "grpo"]
+    folders = {"base": "00_base", "sft": "01_sft", "dpo": "02_dpo", "grpo": "03_grpo"}
+    tasks = {"world_arithmetic/exact_match", "world_facts/acc", "world_reversal/exact_match",
+             "world_style/exact_match", "world_verifiable/exact_match"}
+    for row in report["stages"]:
+        measured = json.loads((run_dir / "stages" / folders[row["name"]] / "eval.json").read_text())["scores"]
+        assert set(row["scores"]) == tasks
+        assert {k: v["value"] for k, v in row["scores"].items()} == {k: measured[k]["value"] for k in tasks}
+    table = (run_dir / "report" / "forgetting.md").read_text()
+    assert all(f"| {name} " in table for name in folders) and (run_dir / "report" / "forgetting.png").is_file()
