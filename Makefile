@@ -4,7 +4,7 @@ BIN     := .venv/bin
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: default help setup test test-fast test-reliability stage pipeline report bench list clean
+.PHONY: default help setup test test-fast test-reliability stage pipeline report bench claims list clean
 
 ifdef stage
 default: stage
@@ -15,7 +15,7 @@ default: help
 endif
 
 help:
-	@echo "make setup | make test | make test-reliability | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench"
+	@echo "make setup | make test | make test-reliability | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench | make claims"
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch is pinned (==2.13.0) so pip never pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -54,6 +54,11 @@ list: setup
 # the README's table. About 15 minutes on 2 CPU cores; ARGS="--only merge" etc. for one group.
 bench: setup
 	$(PY) -m benchmarks.run --update-readme $(ARGS)
+
+# The seed claims (issue 11) on the embedded world: runs configs/pipelines/claims/*.yaml into runs/claims/<name>
+# (finished stages are skipped), writes runs/claims/claims.md and README's Claims table.
+claims: setup
+	$(PY) -m posttrain.claims --update-readme $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
