@@ -153,6 +153,8 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from posttrain.models import fit_cpu_threads, folder_params
+
     backend = _backend(settings.backend)
     if backend == "vllm":
         try:
@@ -162,6 +164,8 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
         model_args = {"pretrained": model_dir, "dtype": "auto", "seed": settings.seed}
     else:
         model_args = {"pretrained": model_dir, "dtype": "float32", "device": _device()}
+        if model_args["device"] == "cpu":
+            fit_cpu_threads(folder_params(str(model_dir)))
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
     results = lm_eval.simple_evaluate(

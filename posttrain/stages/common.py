@@ -228,8 +228,9 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     DeepSpeed the weights live in shards, so every rank takes part in trainer.save_model, which gathers them.
     """
     from posttrain.distributed import is_main
-    from posttrain.models import save_model_folder
+    from posttrain.models import fit_cpu_threads, save_model_folder
 
+    fit_cpu_threads(sum(p.numel() for p in trainer.model.parameters()))
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     if sharded and lora:
         raise ValueError("LoRA under FSDP/DeepSpeed: the adapter cannot be merged from shards; use DDP for LoRA")
