@@ -12,7 +12,10 @@ se = sqrt(se_a² + se_b²), the comparison is *held* when d > 2·se, *not held* 
 significant* otherwise (a missing stderr counts as 0). A claim's *premises* (e.g. "the specialist learned its
 task") must all be held, or the verdict is *cannot show*: the world did not set up what the claim is about.
 Otherwise the claim is *held* when every comparison is held, *not held* when any is not held, and *not
-significant* in every other case. *Context* rows are shown beside the verdict and never decide it.
+significant* in every other case. An exact-match comparison whose two rows both score 0 within 2 of their own
+stderr is marked *at floor* (nothing is left on either side to compare); a claim whose comparisons are all at
+floor reads *cannot show*. (This floor rule was added after the first run, where every merge lost both skills;
+it never makes a claim hold.) *Context* rows are shown beside the verdict and never decide it.
 """
 from __future__ import annotations
 
@@ -167,7 +170,10 @@ def _outcome(comp: Comparison, rows: dict[str, dict]) -> dict:
     for row in (comp.a, comp.b):
         if comp.key not in rows.get(row, {}):
             return {"verdict": NO_REPORT, "missing": f"{row} {comp.key}"}
-    return compare(rows[comp.a][comp.key], rows[comp.b][comp.key])
+    out = compare(rows[comp.a][comp.key], rows[comp.b][comp.key])
+    out["floor"] = comp.key.endswith("/exact_match") and all(
+        out[v] <= 2 * out[f"{v}_se"] + 1e-9 for v in ("a", "b"))  # exact match cannot go below 0
+    return out
 
 
 def decide(claim: Claim, report: dict | None) -> dict:
@@ -180,7 +186,7 @@ def decide(claim: Claim, report: dict | None) -> dict:
     verdicts = [o["verdict"] for _, o in out["comparisons"]]
     if NO_REPORT in verdicts or any(o["verdict"] == NO_REPORT for _, o in out["premises"]):
         verdict = NO_REPORT
-    elif any(o["verdict"] != HELD for _, o in out["premises"]):
+    elif any(o["verdict"] != HELD for _, o in out["premises"]) or all(o["floor"] for _, o in out["comparisons"]):
         verdict = CANNOT_SHOW
     elif all(v == HELD for v in verdicts):
         verdict = HELD
@@ -203,7 +209,11 @@ def _comparison_row(kind: str, comp: Comparison, o: dict) -> str:
     if o["verdict"] == NO_REPORT:
         return f"| {kind} | {comp.label} | {comp.key} | - | - | - | - | no score ({o['missing']}) |"
     return (f"| {kind} | {comp.label} | {comp.key} | {comp.a}: {_score(o['a'], o['a_se'])} | "
-            f"{comp.b}: {_score(o['b'], o['b_se'])} | {o['diff']:+.2f} | {2 * o['se']:.3f} | {o['verdict']} |")
+            f"{comp.b}: {_score(o['b'], o['b_se'])} | {o['diff']:+.2f} | {2 * o['se']:.3f} | {_outcome_text(o)} |")
+
+
+def _outcome_text(o: dict) -> str:
+    return o["verdict"] + ("; both at floor" if o.get("floor") else "")
 
 
 def showed(decision: dict) -> str:
@@ -211,10 +221,12 @@ def showed(decision: dict) -> str:
     if decision["verdict"] == NO_REPORT:
         return "no report: the pipeline did not finish"
     parts = decision["premises"] if decision["verdict"] == CANNOT_SHOW else decision["comparisons"]
-    if decision["verdict"] == CANNOT_SHOW:
+    if decision["verdict"] == CANNOT_SHOW and any(o["verdict"] != HELD for _, o in parts):
         parts = [(c, o) for c, o in parts if o["verdict"] != HELD]
+    elif decision["verdict"] == CANNOT_SHOW:  # premises held: every comparison is at floor
+        parts = decision["comparisons"]
     return "; ".join(f"{c.label}: {c.a} {_score(o['a'], o['a_se'])} vs {c.b} {_score(o['b'], o['b_se'])} "
-                     f"({o['verdict']})" for c, o in parts)
+                     f"({_outcome_text(o)})" for c, o in parts)
 
 
 def summary_table(claims: tuple[Claim, ...], decisions: dict[str, dict], link_prefix: str = "") -> str:
@@ -243,9 +255,11 @@ def render(claims: tuple[Claim, ...], decisions: dict[str, dict], header: str = 
     intro = ("# Seed claims on the embedded world\n\n"
              f"{header}Written by `make claims` (`python -m posttrain.claims`); every score is copied from the "
              "cited `report/forgetting.json` (value ± stderr). A comparison a > b is *held* when a − b > 2·se, "
-             "*not held* when b − a > 2·se, *not significant* otherwise (se = sqrt(se_a² + se_b²)). A claim is "
-             "held when all its comparisons are, not held when any is not held, not significant otherwise; "
-             "*cannot show* when one of its premises is not held. Context rows never decide a verdict.\n")
+             "*not held* when b − a > 2·se, *not significant* otherwise (se = sqrt(se_a² + se_b²)); an exact-match "
+             "comparison is *at floor* when both rows are 0 within 2 of their own stderr. A claim is held when "
+             "all its comparisons are, not held when any is not held, not significant otherwise; it reads "
+             "*cannot show* when one of its premises is not held or all its comparisons are at floor. Context "
+             "rows never decide a verdict.\n")
     sections = [claim_section(c, decisions[c.id]) for c in claims]
     return "\n".join([intro, "## Summary\n", summary_table(claims, decisions), "", *sections])
 

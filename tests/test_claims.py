@@ -133,3 +133,28 @@ def test_update_readme_replaces_only_between_the_markers(tmp_path):
     assert readme.read_text() == "# x\n<!-- claims:begin -->\n| new |\n<!-- claims:end -->\ntail\n"
     readme.write_text("no markers\n")
     assert not C.update_readme("| new |", readme) and readme.read_text() == "no markers\n"
+
+
+def _merges(scores: dict[str, tuple[float, float, float, float]]) -> dict:
+    """merge_methods report: {method: (arith, arith_se, reversal, reversal_se)} plus base and specialists."""
+    ar, rv = C.ARITH, C.REV
+    rows = {"base": {ar: (0.01, 0.01), rv: (0.0, 0.0)},
+            "input:world-sft-arithmetic": {ar: (0.95, 0.022), rv: (0.0, 0.0)},
+            "input:world-sft-reversal": {ar: (0.0, 0.0), rv: (0.7, 0.046)}}
+    return _report(rows | {m: {ar: (a, a_se), rv: (r, r_se)} for m, (a, a_se, r, r_se) in scores.items()})
+
+
+def test_comparisons_all_at_floor_cannot_show_and_a_floor_never_makes_a_claim_hold():
+    floor = (0.0, 0.0, 0.0, 0.0)
+    report = _merges({"linear": (0.03, 0.017, 0.0, 0.0), "task_arithmetic": floor, "ties": (0.01, 0.01, 0.0, 0.0),
+                      "dare_linear": floor, "breadcrumbs": (0.06, 0.024, 0.0, 0.0)})
+    claim4a, claim4b = (next(c for c in C.CLAIMS if c.id == i) for i in ("4a", "4b"))
+    d4a = C.decide(claim4a, report)
+    assert d4a["verdict"] == C.CANNOT_SHOW and all(o["floor"] for _, o in d4a["comparisons"])
+    assert "| -0.02 | 0.039 | not significant; both at floor |" in C.claim_section(claim4a, d4a)
+    # 4b: breadcrumbs' arithmetic (0.06 > 2 x 0.024) is off the floor and beats task arithmetic; reversal is at
+    # floor on both sides, which stays "not significant" in the combination, so the claim is not held up by it
+    d4b = C.decide(claim4b, report)
+    assert [o["verdict"] for _, o in d4b["comparisons"]] == [C.HELD, C.NOT_SIGNIFICANT]
+    assert [o["floor"] for _, o in d4b["comparisons"]] == [False, True]
+    assert d4b["verdict"] == C.NOT_SIGNIFICANT
