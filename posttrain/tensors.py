@@ -11,10 +11,14 @@ A Hugging Face model folder holds its weights either in one ``model.safetensors`
       model-00002-of-00003.safetensors
       model-00003-of-00003.safetensors
 
-``ShardedReader`` loads one tensor at a time through ``safetensors.safe_open`` (memory-mapped; the header is
-read once per shard), so merging N models of size S needs about N tensors of memory, not N·S, as in
-mergekit. ``ShardedWriter`` buffers tensors up to ``max_shard_bytes`` and writes a shard each time the buffer
-would overflow; the index and the final shard names are written at ``close()``, when the shard count is known.
+``ShardedReader`` parses each shard's header once and reads one tensor at a time with ``os.preadv`` at the
+header's ``data_offsets`` into a fresh buffer, so merging N models of size S needs about N tensors of memory,
+not N·S, as in mergekit. Not ``safetensors.safe_open``: it memory-maps the shard, and every page a read
+touches stays in the process's RSS until the handle closes (2.5 GB of the 4 GB peak of a 3 x 1 GB merge).
+``ShardedWriter`` either buffers tensors up to ``max_shard_bytes`` and writes a shard each time the buffer
+would overflow, or, given the ``layout`` of every tensor in advance, writes each tensor straight to its place
+in its shard file as it comes and holds none. The index and the final shard names are written at
+``close()``.
 
 Pickle weights (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when loaded, so they are refused unless
 the caller opts in with ``allow_pickle=True``.
@@ -25,11 +29,10 @@ import hashlib
 import json
 import os
 import re
+import struct
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -64,6 +67,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_CODES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 
 
 class PickleRefused(ValueError):
@@ -87,10 +92,11 @@ class ShardedReader:
 
     def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False):
         self.folder = Path(folder)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, int] = {}  # file name -> open file descriptor
         self._pickled: dict[str, Tensor] | None = None
         self._file_of: dict[str, str] = {}  # tensor name -> file name inside the folder
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._span: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
         if (self.folder / SINGLE_FILE).is_file():
             self._index_safetensors([SINGLE_FILE])
         elif (self.folder / INDEX_FILE).is_file():
@@ -103,13 +109,12 @@ class ShardedReader:
         for file in files:
             if not (self.folder / file).is_file():
                 raise FileNotFoundError(f"{self.folder / INDEX_FILE} lists {file}, which is missing")
-            f = self._handle(file)
-            for name in f.keys():
+            for name, (shape, dtype, start, end) in _read_header(self.folder / file).items():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # a tensor the index places elsewhere (or leaves out) is not part of the model
-                sl = f.get_slice(name)
                 self._file_of[name] = file
-                self._meta[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+                self._meta[name] = (shape, dtype)
+                self._span[name] = (start, end)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._file_of))
             if missing:
@@ -132,10 +137,10 @@ class ShardedReader:
                 self._file_of[name] = file
                 self._meta[name] = (tuple(t.shape), t.dtype)
 
-    def _handle(self, file: str) -> Any:
-        # Handles stay open (memory maps, cheap) so that get() does not re-parse a shard header per tensor.
+    def _fd(self, file: str) -> int:
+        # File descriptors stay open so that get() costs one pread, not an open and a header parse.
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
+            self._handles[file] = os.open(self.folder / file, os.O_RDONLY)
         return self._handles[file]
 
     def names(self) -> list[str]:
@@ -157,7 +162,14 @@ class ShardedReader:
         self._known(name)
         if self._pickled is not None:
             return self._pickled[name].clone()
-        return self._handle(self._file_of[name]).get_tensor(name)
+        shape, dtype = self._meta[name]
+        start, end = self._span[name]
+        buf = bytearray(end - start)
+        _pread_into(self._fd(self._file_of[name]), buf, start, self.folder / self._file_of[name])
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        # A fresh, writable buffer owned by the tensor; nothing of the file stays mapped.
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _known(self, name: str) -> str:
         if name not in self._meta:
@@ -171,6 +183,8 @@ class ShardedReader:
         return len(self._meta)
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickled = None
 
@@ -179,6 +193,43 @@ class ShardedReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+    """name -> (shape, dtype, absolute start, absolute end) from a safetensors header: 8 bytes of
+    little-endian header length, then that many bytes of JSON; data offsets count from the header's end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        header = json.loads(f.read(n))
+    out: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        shape, dtype = tuple(int(d) for d in info["shape"]), _DTYPES[info["dtype"]]
+        start, end = (8 + n + int(o) for o in info["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * dtype.itemsize or not 8 + n <= start <= end <= size:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {info['data_offsets']} that do not fit "
+                             f"its shape {list(shape)} and dtype {info['dtype']} or the file")
+        out[name] = (shape, dtype, start, end)
+    return out
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int, path: Path) -> None:
+    view, done = memoryview(buf), 0
+    while done < len(buf):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ValueError(f"{path}: file ended {len(buf) - done} bytes early")
+        done += got
 
 
 # ---------------------------------------------------------------------------------------------- writer
