@@ -32,6 +32,8 @@ import re
 import struct
 from pathlib import Path
 
+from typing import Any
+
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
@@ -213,10 +215,7 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, in
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         shape, dtype = tuple(int(d) for d in info["shape"]), _DTYPES[info["dtype"]]
         start, end = (8 + n + int(o) for o in info["data_offsets"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * dtype.itemsize or not 8 + n <= start <= end <= size:
+        if end - start != _numel(shape) * dtype.itemsize or not 8 + n <= start <= end <= size:
             raise ValueError(f"{path}: tensor {name!r} has data_offsets {info['data_offsets']} that do not fit "
                              f"its shape {list(shape)} and dtype {info['dtype']} or the file")
         out[name] = (shape, dtype, start, end)
@@ -243,9 +242,16 @@ class ShardedWriter:
     the shards to ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors`` when there is only one) and
     writes ``model.safetensors.index.json``. Every file carries ``{"format": "pt"}``, which transformers needs.
     The default of 5 GB is transformers' ``save_pretrained`` default.
+
+    ``layout`` (every tensor's ``(name, shape, dtype)``, in the order they will be added) fixes the shards in
+    advance, by the same rule: the shard files and their headers are written at once and ``add`` writes each
+    tensor straight to its offset (``os.pwrite``), holding nothing. Tensors may then come in any order, but
+    each must match its layout entry, and ``close()`` refuses while any is missing. Inside a shard tensors lie
+    largest element first, then by name (safetensors' own order keeps every tensor aligned to its element).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, max_shard_bytes: int = 5_000_000_000):
+    def __init__(self, folder: str | os.PathLike[str], *, max_shard_bytes: int = 5_000_000_000,
+                 layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.folder = Path(folder)
@@ -262,6 +268,33 @@ class ShardedWriter:
         self._total = 0  # bytes
         self._numel = 0
         self._closed = False
+        self._slots: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> fd, offset, ...
+        self._fds: list[int] = []
+        if layout is not None:
+            self._open_layout(layout)
+
+    def _open_layout(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = _numel(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > self.max_shard_bytes:  # the rule add() follows when buffering
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        for items in shards:
+            part = f"model-part-{len(self._parts) + 1:05d}.safetensors"
+            head, offsets, total = _header(items)
+            fd = os.open(self.folder / part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            os.write(fd, head)
+            os.ftruncate(fd, len(head) + total)
+            for name, shape, dtype in items:
+                if name in self._slots:
+                    raise ValueError(f"tensor {name!r} is twice in the layout")
+                self._slots[name] = (fd, len(head) + offsets[name], shape, dtype)
+            self._parts.append((part, sorted(n for n, _, _ in items)))
 
     def add(self, name: str, tensor: Tensor) -> None:
         """Buffer one tensor; writes a shard first if this tensor would overflow the current one."""
@@ -269,6 +302,9 @@ class ShardedWriter:
             raise ValueError(f"{self.folder}: add({name!r}) after close()")
         if name in self._seen:
             raise ValueError(f"tensor {name!r} was added twice")
+        if self._fds:
+            self._write_slot(name, tensor)
+            return
         # Always a private contiguous CPU copy: safetensors refuses tensors that share storage (tied
         # embeddings, views), and the caller may modify its tensor in place before the shard is written.
         t = tensor.detach().to("cpu", copy=True).contiguous()
@@ -281,6 +317,22 @@ class ShardedWriter:
         self._total += nbytes
         self._numel += t.numel()
 
+    def _write_slot(self, name: str, tensor: Tensor) -> None:
+        if name not in self._slots:
+            raise ValueError(f"tensor {name!r} is not in the writer's layout")
+        fd, offset, shape, dtype = self._slots[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {list(tensor.shape)} {tensor.dtype}; the layout says "
+                             f"{list(shape)} {dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        self._seen.add(name)
+        self._total += len(data)
+        self._numel += t.numel()
+
     def _flush(self) -> None:
         part = f"model-part-{len(self._parts) + 1:05d}.safetensors"
         save_file(self._buffer, str(self.folder / part), metadata={"format": "pt"})
@@ -291,9 +343,14 @@ class ShardedWriter:
         """Write the last shard, final names and the index; return the weight files written."""
         if self._closed:
             return self.files
+        if self._fds:
+            missing = [n for n in self._slots if n not in self._seen]
+            if missing:
+                raise ValueError(f"{self.folder}: close() before tensor {missing[0]!r} of the layout was added")
+            self._close_fds()
         if self._buffer:
             self._flush()
-        if not self._parts:
+        if not self._parts or not self._seen:
             raise ValueError(f"{self.folder}: no tensors were added")
         self._closed = True
         n = len(self._parts)
@@ -318,6 +375,35 @@ class ShardedWriter:
         # for a finished model.
         if exc_type is None:
             self.close()
+        else:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _header(items: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, dict[str, int], int]:
+    """(8-byte length + JSON header padded with spaces to 8 bytes, name -> offset after the header, data bytes)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, shape, dtype in sorted(items, key=lambda it: (-it[2].itemsize, it[0])):
+        end = pos + _numel(shape) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [pos, end]}
+        offsets[name] = pos
+        pos = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets, pos
 
 
 # ---------------------------------------------------------------------------------------------- checks

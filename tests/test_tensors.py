@@ -266,3 +266,40 @@ def test_sha256_file_matches_hashlib(tmp_path):
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_bytes=4096) == hashlib.sha256(data).hexdigest()
     assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_layout_writer_streams_the_same_shards_and_values_as_the_buffered_writer(tmp_path: Path) -> None:
+    tensors = {**small_model(), "model.layers.0.count": torch.arange(3), "model.flag": torch.tensor(True),
+               "model.empty": torch.zeros(0, 4)}
+    names = sorted(tensors)
+    buffered = tmp_path / "buffered"
+    with ShardedWriter(buffered, max_shard_bytes=100) as w:
+        for n in names:
+            w.add(n, tensors[n])
+    layout = [(n, tuple(tensors[n].shape), tensors[n].dtype) for n in names]
+    streamed = tmp_path / "streamed"
+    with ShardedWriter(streamed, max_shard_bytes=100, layout=layout) as w:
+        for n in reversed(names):  # any order: each tensor has its place
+            w.add(n, tensors[n])
+    assert w.files == sorted(p.name for p in buffered.glob("*.safetensors"))
+    assert json.loads((streamed / INDEX_FILE).read_text()) == json.loads((buffered / INDEX_FILE).read_text())
+    for file in w.files:  # safetensors itself accepts the hand-written headers
+        with safe_open(str(streamed / file), "pt") as f:
+            for n in f.keys():
+                assert torch.equal(f.get_tensor(n), tensors[n]) and f.get_tensor(n).dtype == tensors[n].dtype
+    with ShardedReader(streamed) as r:
+        assert r.names() == names
+        for n in names:
+            assert torch.equal(r.get(n), tensors[n])
+
+
+def test_layout_writer_refuses_strangers_mismatches_and_an_early_close(tmp_path: Path) -> None:
+    w = ShardedWriter(tmp_path / "a", layout=[("x", (2,), torch.float32), ("y", (3,), torch.float32)])
+    with pytest.raises(ValueError, match="'z' is not in the writer's layout"):
+        w.add("z", torch.zeros(2))
+    with pytest.raises(ValueError, match=r"'x' is \[3\] torch.float32; the layout says \[2\]"):
+        w.add("x", torch.zeros(3))
+    w.add("x", torch.zeros(2))
+    with pytest.raises(ValueError, match="close\\(\\) before tensor 'y'"):
+        w.close()
+    assert not (tmp_path / "a" / SINGLE_FILE).exists()

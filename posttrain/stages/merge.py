@@ -8,8 +8,9 @@ tensor names, shapes, dtypes; vocabulary-size differences point to the transfer 
 :class:`MergeRefused` (a ``ValueError``; the CLI exits 2) and leaves no ``model/``.
 
 Tensors are streamed as in mergekit: one name at a time is read from every input's safetensors shards, merged
-in float32 (float64 on request), cast back to the input dtype and handed to a ``ShardedWriter``, which writes
-a shard whenever ``max_shard_bytes`` fill up. Peak memory is about (models + 2) tensors plus one shard.
+in float32 (float64 on request), cast back to the input dtype and handed to a ``ShardedWriter``, which knows
+every output tensor's shape and dtype in advance and writes each straight into its shard file. Peak memory is
+about (models + 3) tensors, whatever the model's size (tests/test_merge_stage.py measures it).
 
 Work folder (``ctx.work_dir``)::
 
@@ -303,7 +304,9 @@ def write_merge(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     gen = torch.Generator().manual_seed(plan.seed)
     try:
-        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes) as writer:
+        # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory.
+        layout = [(n, plan.ref.shape(n), plan.ref.dtype(n)) for n in plan.ref.names()]
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
             for name in plan.ref.names():
                 writer.add(name, _merge_tensor(plan, name, coeffs, gen))
         _copy_base_files(plan.files_from, partial)
