@@ -16,9 +16,12 @@ coefficient of 0 gives the base back bit for bit and a zero-weight model neither
 nor draws from the random generator.
 
 Libraries checked: ``peft.utils.merge_utils`` (0.21) and mergekit's ``generalized_task_arithmetic.py`` and
-``sparsify.py``. Reused from peft where they fit exactly: ``calculate_majority_sign_mask`` (sign of the
-summed values = the sign with the larger total magnitude, TIES step 2) and ``disjoint_merge`` (mean over the
-entries that agree with the elected sign, TIES step 3). Not reused, and why, is noted at each helper below.
+``sparsify.py``. TIES steps 2-3 follow peft's ``calculate_majority_sign_mask(method="total")`` (sign of the
+summed values = the sign with the larger total magnitude) and ``disjoint_merge`` (mean over the entries that
+agree with the elected sign) operation for operation, so the results are the same bits (tests compare them),
+but model by model instead of on a stacked (models, ...) tensor: no stacked copy, no int64 sign tensors, and
+no import of peft, which pulls in transformers' modeling code (~4 s). Not reused, and why, is noted at each
+helper below.
 
 Per-block coefficients follow aTLAS (Zhang et al. 2024, "Knowledge Composition using Task Vectors with
 Learned Anisotropic Scaling"): one coefficient per model per block. aTLAS learns them by gradient descent;
@@ -166,8 +169,12 @@ def drop_random(tau: Tensor, density: float, generator: torch.Generator | None) 
         return tau  # p = 0: nothing dropped, no random numbers drawn, bit-exact task arithmetic.
     if density <= 0.0:
         return torch.zeros_like(tau)
-    keep = torch.bernoulli(torch.full_like(tau, density), generator=generator)
-    return tau * keep / density
+    # rand < density draws the same stream and gives the same mask bit for bit as the earlier
+    # bernoulli(full_like(tau, density)): both take one uniform per entry from the generator (24 bits for
+    # float32, 53 for float64) and keep it when below density cast to tau's dtype. Without the full_like
+    # probability tensor and the float 0/1 mask: two fewer tensor-sized allocations.
+    keep = torch.rand(tau.shape, generator=generator, dtype=tau.dtype) < density
+    return torch.mul(tau, keep).div_(density)
 
 
 def drop_outliers(tau: Tensor, beta: float, gamma: float) -> Tensor:
@@ -199,13 +206,34 @@ def _weighted_sum(taus: list[Tensor], weights: list[float]) -> Tensor:
 
 def _sign_consensus(taus: list[Tensor], weights: list[float]) -> Tensor:
     """TIES steps 2-3 on the weighted task vectors w_i·τ_i: elect the sign with the larger total magnitude,
-    then average the entries that agree with it (zeros, i.e. trimmed or dropped entries, never count)."""
-    stacked = torch.stack([tau * w for tau, w in zip(taus, weights)], dim=0)
-    # Imported here: peft pulls in transformers' modeling code, seconds of start-up for every CLI call.
-    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+    then average the entries that agree with it (zeros, i.e. trimmed or dropped entries, never count).
 
-    mask = calculate_majority_sign_mask(stacked, method="total")
-    return disjoint_merge(stacked, mask)
+    peft's arithmetic, model by model: Σ from a +0 accumulator is ``stacked.sum(0)`` bit for bit for up to 4
+    models (checked; with 5 or more torch's reduction regroups the terms, so the stacked sum is used there).
+    sign(x) == +1 / −1 is x > 0 / x < 0 (NaN and 0 agree with neither sign, as in peft).
+    """
+    xs = [tau * w for tau, w in zip(taus, weights)]
+    if len(xs) > 4:
+        total = torch.stack(xs, dim=0).sum(dim=0)
+    else:
+        total = torch.zeros_like(xs[0])
+        for x in xs:
+            total.add_(x)
+    positive = total >= 0
+    del total
+    mixed, count = torch.zeros_like(xs[0]), torch.zeros_like(xs[0])
+    for x in xs:
+        agree = torch.where(positive, x > 0, x < 0)
+        count.add_(agree)
+        mixed.add_(x.mul_(agree))  # x is ours (tau * w above)
+    if len(xs) > 4:  # the stacked order again, for the same bits
+        mixed = torch.stack(xs, dim=0).sum(dim=0)
+    return mixed.div_(count.clamp_(min=1.0))
+
+
+def _rebase(b: Tensor, lam: float, combined: Tensor) -> Tensor:
+    """b + lam · combined, in place in ``combined`` (the same bits: IEEE addition is commutative)."""
+    return combined.mul_(lam).add_(b)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -255,7 +283,7 @@ def task_arithmetic(
     b, taus, ws = _task_vectors(base, tensors, weights, dtype)
     if not taus or lam == 0:
         return b
-    return b + lam * _weighted_sum(taus, ws)
+    return _rebase(b, lam, _weighted_sum(taus, ws))
 
 
 @MERGE_METHODS.register("ties")
@@ -281,7 +309,7 @@ def ties(
     if not taus or lam == 0:
         return b
     trimmed = [trim_magnitude(tau, density) for tau in taus]
-    return b + lam * _sign_consensus(trimmed, ws)
+    return _rebase(b, lam, _sign_consensus(trimmed, ws))
 
 
 @MERGE_METHODS.register("dare_linear")
@@ -303,7 +331,7 @@ def dare_linear(
     if not taus or lam == 0:
         return b
     dropped = [drop_random(tau, density, generator) for tau in taus]
-    return b + lam * _weighted_sum(dropped, ws)
+    return _rebase(b, lam, _weighted_sum(dropped, ws))
 
 
 @MERGE_METHODS.register("dare_ties")
@@ -326,7 +354,7 @@ def dare_ties(
     if not taus or lam == 0:
         return b
     dropped = [drop_random(tau, density, generator) for tau in taus]
-    return b + lam * _sign_consensus(dropped, ws)
+    return _rebase(b, lam, _sign_consensus(dropped, ws))
 
 
 @MERGE_METHODS.register("breadcrumbs")
@@ -352,4 +380,4 @@ def breadcrumbs(
     if not taus or lam == 0:
         return b
     masked = [drop_outliers(tau, beta, gamma) for tau in taus]
-    return b + lam * _weighted_sum(masked, ws)
+    return _rebase(b, lam, _weighted_sum(masked, ws))

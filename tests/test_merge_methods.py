@@ -334,3 +334,35 @@ def test_task_vector_methods_need_a_base():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sign_consensus_is_peft_bit_for_bit(n_models: int, dtype: torch.dtype) -> None:
+    peft_merge = pytest.importorskip("peft.utils.merge_utils")
+    from posttrain.merge_methods import _sign_consensus
+
+    g = torch.Generator().manual_seed(n_models)
+    taus = [torch.randn(4099, generator=g, dtype=dtype) for _ in range(n_models)]
+    for i, tau in enumerate(taus):  # zeros (trimmed entries), negative zeros and ties in magnitude
+        tau[i * 7 : i * 7 + 50] = 0.0
+        tau[400 + i : 420] = -0.0
+        tau[600:610] = 0.5 * (-1) ** i
+    weights = [1.0, -0.7, 0.3, 2.0, 0.5, 1.5][:n_models]
+    stacked = torch.stack([tau * w for tau, w in zip(taus, weights)], dim=0)
+    mask = peft_merge.calculate_majority_sign_mask(stacked, method="total")
+    expected = peft_merge.disjoint_merge(stacked, mask)
+    got = _sign_consensus(taus, weights)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # the same bits, signed zeros too
+
+
+def test_dare_mask_is_the_bernoulli_stream_it_replaced() -> None:
+    from posttrain.merge_methods import drop_random
+
+    for dtype in (torch.float32, torch.float64):
+        tau = torch.randn(10007, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        expected = tau * torch.bernoulli(torch.full_like(tau, 0.3), generator=g1) / 0.3
+        assert torch.equal(drop_random(tau, 0.3, g2).view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # same draws consumed
