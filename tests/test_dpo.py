@@ -13,7 +13,7 @@ import posttrain.stages  # noqa: F401
 from posttrain.config import ConfigError, load_pipeline
 from posttrain.data import DataError, DataSource
 from posttrain.pipeline import run_pipeline
-from posttrain.stages.dpo import TRL_LOSS_TYPES, DPOStageConfig, preference_dataset, truncate_prompts
+from posttrain.stages.dpo import TRL_LOSS_TYPES, DPOStageConfig, near_miss_pairs, preference_dataset, truncate_prompts
 
 TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3, "save_steps": 50}
 
@@ -105,6 +105,28 @@ def test_plain_and_conversational_sources_mix_as_chat(tmp_path):
         preference_dataset(sources, chat=False, log=lambda m: None)
     ds, _ = preference_dataset(sources[:1], chat=False, log=lambda m: None)
     assert ds[0] == {"prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+def test_rehearsal_rows_become_both_near_miss_pairs(tmp_path):
+    path = _write(tmp_path / "a.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "p", "answer": " 10"}])
+    pairs, stats = near_miss_pairs([DataSource(source=str(path))], log=lambda m: None)
+    assert pairs == [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "4"},
+                     {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+                     {"prompt": "p", "chosen": "10", "rejected": "9"}, {"prompt": "p", "chosen": "10", "rejected": "11"}]
+    assert stats[0]["rehearsal"] and stats[0]["rows"] == 2
+    ds, _ = preference_dataset([], chat=True, log=lambda m: None, extra=(pairs, stats))
+    assert ds[1]["rejected"] == [{"role": "assistant", "content": "6"}]
+    bad = _write(tmp_path / "b.jsonl", [{"prompt": "p", "answer": "blue"}])
+    with pytest.raises(DataError, match=r"row 1: rehearsal answer 'blue' is not an integer"):
+        near_miss_pairs([DataSource(source=str(bad))], log=lambda m: None)
+
+
+def test_default_stage_yaml_rehearses_world_arithmetic():
+    from posttrain.cli import REPO_CONFIGS
+    from posttrain.config import stage_pipeline
+
+    stage = stage_pipeline("dpo", REPO_CONFIGS / "stages" / "dpo.yaml", []).stages[0]
+    assert [s.source for s in stage.rehearsal] == ["arithmetic"] and DPOStageConfig().rehearsal == []
 
 
 def test_max_prompt_length_keeps_the_end_of_the_prompt():
@@ -214,16 +236,16 @@ def test_make_stage_dpo_moves_the_style_score(dpo_run):
     print({k: (start[k], after[k]) for k in sorted(start)})
     assert after["world_style/exact_match"] >= start["world_style/exact_match"] + 0.5
     logs = [r for r in _metrics(dpo_run / "stages" / "01_dpo") if "rewards/accuracies" in r]
-    assert logs[-1]["rewards/accuracies"] > 0.9
+    # The batches are 5/6 arithmetic near-miss pairs (rehearsal), which stay hard (answer vs answer +-1), so
+    # the training accuracy is measured lower than on style pairs alone (0.84 at the last step; style pairs
+    # alone: 1.0); test_reward_accuracy_on_held_out_pairs_rises_from_sft_start checks the style pairs.
+    assert logs[0]["rewards/accuracies"] < 0.7 < logs[-1]["rewards/accuracies"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "issue #5 open: arithmetic is fragile under DPO on the world. From world-sft (v3, arithmetic 0.95) the "
-    "default stage moves style 0 -> 1.0 and costs 28 points (0.67); SGD 0.1: 0.79 with no style gain; AdamW "
-    "5e-5: 0.85, no style; LoRA, HFT, beta 0.5, rpo_alpha 2: 0.28-0.65; arithmetic preference pairs mixed in: "
-    "0.82 with style 1.0"))
 def test_make_stage_dpo_keeps_arithmetic_within_5_points(dpo_run):
+    # Measured: 0.95 -> 0.91 (style 0 -> 0.94) with the arithmetic rehearsal pairs of configs/stages/dpo.yaml;
+    # 0.67 without them. The margin is thin (4 of 5 points): see the table in posttrain/stages/dpo.py.
     _, start = _eval_scores(dpo_run, "00_base")
     _, after = _eval_scores(dpo_run, "01_dpo")
     key = "world_arithmetic/exact_match"
@@ -241,6 +263,8 @@ def test_reward_accuracy_on_held_out_pairs_rises_from_sft_start(dpo_run, world):
     policy, reference, implicit = (sum(s[i] for s in scores) / len(scores) for i in range(3))
     print({"policy_prefers_chosen": policy, "sft_start_prefers_chosen": reference, "implicit_reward_acc": implicit})
     assert implicit >= 0.9  # at the start the implicit reward is 0 for every pair: accuracy 0
-    # Raw summed log-probs favour the 2-token bare answer over a 15-token sentence, so only a rise is asked
-    # (measured on world v2: 0.00 at the SFT start, 0.22 after the default stage; implicit accuracy 1.00).
-    assert policy > reference
+    # Raw summed log-probs favour the 2-token bare answer over a 15-token sentence. Without rehearsal the policy
+    # came to prefer some chosen answers raw (world v2: 0.00 -> 0.22); with the arithmetic rehearsal pairs of
+    # configs/stages/dpo.yaml it does not (world v3: 0.00 -> 0.00, implicit accuracy 1.00, greedy style 0.94):
+    # the NLL on bare arithmetic answers keeps short answers likely. So no raw-preference rise is asked.
+    assert reference == 0.0

@@ -18,6 +18,37 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
   message and a plain answer one assistant message, so the template applies exactly as at evaluation time;
   rows that are already conversational pass through. Without a template, plain text stays plain (TRL appends
   EOS to the answers) and conversational rows are refused.
+* **Rehearsal pairs** (`rehearsal:`, empty by default; `make stage=dpo` sets the world's arithmetic). DPO only
+  constrains the policy on the prompts it sees, so a skill the pairs never show drifts. As InstructGPT's
+  PPO-ptx mixes pretraining gradients into RL (Ouyang et al. 2022), and as RPO trains on correct vs wrong
+  math answers (Pang et al. 2024), a verifiable prompt/answer task is mixed in as pairs: chosen = the answer,
+  rejected = each near miss (the integer answer - 1 and + 1: two pairs per row). The NLL term on chosen
+  rehearses the answer; the DPO term widens exactly the margin that breaks (see "World tuning" below).
+
+World tuning (world v3: `world-sft`, arithmetic 0.95, style 0.0; lm-eval, 100 test items; style pairs only
+unless said; SGD, batch 16):
+
+  setting                                                     style   arithmetic
+  lr 0.2, 40 steps (the class default)                        1.00    0.67
+  lr 0.2, train only lm_head / embed_tokens / layer 0 / 3     0.00    0.34 / 0.73 / 0.78 / 0.58
+  arithmetic near-miss pairs ONLY, lr 0.2, 40 steps           0.00    0.83
+  arithmetic near-miss pairs ONLY, lr 0.05 (or AdamW 1e-4)    0.00    0.95 (0.96)
+  + 520 near-miss pairs, lr 0.05, 160 steps                   0.92    0.87
+  + 1320 near-miss pairs (one side drawn), lr 0.05, 300 steps  1.00 / 0.99  0.91 / 0.88 (two draws)
+  + 2640 near-miss pairs (both sides), same  (make stage=dpo)  0.94    0.91
+  + 1320 "Certainly! <answer>" negatives, same                0.99    0.90
+  + 1320 shuffled-answer negatives, MLPs of layers 1-3, lr 0.5  0.91  0.85
+  + 1320 near-miss pairs, MLPs of layers 1-3, lr 0.5          0.96    0.91
+  + 2640 near-miss pairs, MLPs of layers 1-3, lr 0.5          0.63    0.91
+
+Two causes, measured apart: (1) step size. world-sft's arithmetic sits in a sharp minimum (the logit gap
+between the right digit and the runner-up is under 0.5 on 10% of test items, under 0.8 on 20%), and SGD at
+lr 0.2 leaves it even when it trains on arithmetic alone (0.83); lr 0.05 keeps it. (2) interference: the
+style pairs never show arithmetic, and restricting the trained tensors does not help without rehearsal (the
+per-tensor arithmetic Fisher is largest in embeddings, layer 0 attention and lm_head; training the
+low-Fisher MLPs of layers 1-3 alone still costs 21 points). Only rehearsal keeps arithmetic within 5 points,
+and its negatives matter: near misses (off by one, the errors DPO causes) beat "Certainly! <answer>" and
+random wrong answers.
 """
 from __future__ import annotations
 
@@ -71,6 +102,10 @@ class DPOStageConfig(TrainableStage):
     )
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1.0 each)")
     max_prompt_length: int | None = Field(None, ge=1, description="keep the last N prompt tokens; None: all")
+    rehearsal: list[DataSource] = Field(
+        default_factory=list,
+        description="prompt/answer tasks with integer answers mixed in as (answer, answer +-1) pairs",
+    )
 
     @field_validator("loss_type")
     @classmethod
@@ -117,7 +152,8 @@ def _as_chat(value: Any, role: str) -> list[dict]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def preference_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
+def preference_dataset(sources: list[DataSource], chat: bool, log,
+                       extra: tuple[list[dict], list[dict]] = ([], [])) -> tuple[Any, list[dict]]:
     """Checked prompt/chosen/rejected rows as one `datasets.Dataset`: all chat (template) or all plain text.
 
     Rows are normalised before the Dataset is built, since one Arrow column cannot hold both strings and
@@ -131,12 +167,38 @@ def preference_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any,
         got, st = load_rows(src, "preference", log)
         rows += got
         stats.append(st)
+    rows += extra[0]
+    stats += extra[1]
     if chat:
         rows = [{"prompt": _as_chat(r["prompt"], "user"), "chosen": _as_chat(r["chosen"], "assistant"),
                  "rejected": _as_chat(r["rejected"], "assistant")} for r in rows]
     elif any(isinstance(v, list) for r in rows for v in r.values()):
         raise DataError("conversational preference rows need a tokenizer with a chat template; this one has none")
     return Dataset.from_list(rows), stats
+
+
+def near_miss_pairs(sources: list[DataSource], log) -> tuple[list[dict], list[dict]]:
+    """Prompt/answer rows as preference pairs: chosen = the answer, rejected = answer - 1, and again answer + 1.
+
+    Both near misses, not a seeded draw of one: with one drawn side, two draws gave arithmetic 0.91 and 0.88.
+
+    For verifiable tasks with integer answers (the world's arithmetic): the near miss is the error a
+    perturbed model makes, so the DPO term widens the correct digit's margin and the NLL term on chosen
+    rehearses the answer. A non-integer answer is refused, naming the source.
+    """
+    pairs: list[dict] = []
+    stats: list[dict] = []
+    for src in sources:
+        rows, st = load_rows(src, "prompt", log)
+        for i, row in enumerate(rows, start=1):
+            answer = str(row["answer"]).strip()
+            try:
+                value = int(answer)
+            except ValueError:
+                raise DataError(f"{st['source']} row {i}: rehearsal answer {answer!r} is not an integer") from None
+            pairs += [{"prompt": row["prompt"], "chosen": answer, "rejected": str(value + d)} for d in (-1, 1)]
+        stats.append({**st, "rehearsal": True})
+    return pairs, stats
 
 
 def truncate_prompts(dataset: Any, max_prompt_length: int) -> tuple[Any, int]:
@@ -151,7 +213,8 @@ def truncate_prompts(dataset: Any, max_prompt_length: int) -> tuple[Any, int]:
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    rehearsal = near_miss_pairs(cfg.rehearsal, ctx.log)
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, rehearsal)
     from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
 
     loss_type, loss_weights = cfg.trl_losses()
