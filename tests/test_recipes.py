@@ -221,17 +221,11 @@ def test_rlvr_rewards_score_the_mapped_ground_truth(path, tmp_path):
     assert score(wrong) == [0.0, 0.0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "posttrain/stages/dpo.py: the TÜLU 3 preference mixture repeats the user turn as the first message of "
-    "chosen/rejected; preference_dataset keeps prompt as its own user message, and TRL tokenizes "
-    "prompt + chosen, so the model sees the user turn twice. Strip the shared prefix (as TRL's extract_prompt "
-    "does) and this test passes; then drop the xfail."))
 def test_tulu3_preference_rows_reach_dpo_without_a_repeated_prompt(tmp_path):
     from posttrain.stages.dpo import preference_dataset
 
     stage = next(s for s in load_pipeline(REPO / "configs" / "recipes" / "tulu3_qwen2.5-0.5b.yaml").stages
                  if s.kind == "dpo")
     dataset, _ = preference_dataset([_local(src, tmp_path) for src in stage.data], chat=True, log=lambda _m: None)
-    for row in dataset:
-        n = len(row["prompt"])
-        assert row["chosen"][:n] != row["prompt"] and row["rejected"][:n] != row["prompt"]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in dataset] == [
+        ([_msg("user", p["prompt"])], p["chosen"][1:], p["rejected"][1:]) for p in PREFERENCES]

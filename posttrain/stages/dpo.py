@@ -170,11 +170,25 @@ def preference_dataset(sources: list[DataSource], chat: bool, log,
     rows += extra[0]
     stats += extra[1]
     if chat:
-        rows = [{"prompt": _as_chat(r["prompt"], "user"), "chosen": _as_chat(r["chosen"], "assistant"),
-                 "rejected": _as_chat(r["rejected"], "assistant")} for r in rows]
+        rows = [_strip_repeated_prompt({"prompt": _as_chat(r["prompt"], "user"),
+                                        "chosen": _as_chat(r["chosen"], "assistant"),
+                                        "rejected": _as_chat(r["rejected"], "assistant")}) for r in rows]
     elif any(isinstance(v, list) for r in rows for v in r.values()):
         raise DataError("conversational preference rows need a tokenizer with a chat template; this one has none")
     return Dataset.from_list(rows), stats
+
+
+def _strip_repeated_prompt(row: dict) -> dict:
+    """Drop the prompt's messages from the start of chosen and rejected when both repeat them.
+
+    TÜLU 3's preference mixture has a `prompt` column and chosen/rejected conversations that open with the same
+    user turn; TRL tokenizes prompt + chosen, so the model would see the turn twice. This is the shared-prefix
+    split TRL's `extract_prompt` makes for rows without a prompt column (checked first: it only runs there).
+    """
+    n = len(row["prompt"])
+    if n and row["chosen"][:n] == row["prompt"] and row["rejected"][:n] == row["prompt"]:
+        return {**row, "chosen": row["chosen"][n:], "rejected": row["rejected"][n:]}
+    return row
 
 
 def near_miss_pairs(sources: list[DataSource], log) -> tuple[list[dict], list[dict]]:
