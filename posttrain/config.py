@@ -160,10 +160,23 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _field_is_str(cls: type[BaseModel] | None, key: str) -> bool:
+def _top_types(tp: Any) -> list[Any]:
+    """The alternatives of an annotation through Optional/Union/Annotated, keeping list/dict types whole."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(tp) for t in _top_types(a)]
+    if origin is typing.Annotated:
+        return _top_types(typing.get_args(tp)[0])
+    return [tp]
+
+
+def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:
+    """True when `--set key=raw` should keep raw as a string rather than parse it as YAML."""
     if cls is None or key not in cls.model_fields:
         return False
-    types_ = _unwrap(cls.model_fields[key].annotation)
+    types_ = _top_types(cls.model_fields[key].annotation)
+    if raw.lstrip()[:1] in ("[", "{") and any(typing.get_origin(t) in (list, tuple, set, dict) for t in types_):
+        return False  # `str | list[str]` given a YAML list: the list
     literal_str = all(isinstance(a, str) for t in types_ if typing.get_origin(t) is Literal for a in typing.get_args(t))
     return any(t is str for t in types_) or (
         any(typing.get_origin(t) is Literal for t in types_) and literal_str
@@ -195,7 +208,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
         raise ConfigError(f"--set {dotted}: cannot replace a whole stage")
     if cls is not None and key not in cls.model_fields:
         raise ConfigError(f"--set {dotted}: unknown key '{key}'{did_you_mean(key, list(cls.model_fields))}")
-    node[key] = raw if _field_is_str(cls, key) else yaml.safe_load(raw)
+    node[key] = raw if _field_is_str(cls, key, raw) else yaml.safe_load(raw)
 
 
 def _stage_node(stages: list, part: str, dotted: str) -> dict:

@@ -39,6 +39,15 @@ def test_set_values_are_typed_by_schema():
     assert st.name == "123"  # a string field keeps the raw text, not YAML's int
 
 
+def test_set_list_of_strings_and_str_or_list_fields():
+    cfg = stage_pipeline("sft", None, ['trainable.mode=patterns', 'trainable.train=["lm_head", "norm"]',
+                                       "lora.target_modules=[q_proj, v_proj]"])
+    st = cfg.stages[0]
+    assert st.trainable.train == ["lm_head", "norm"] and st.lora.target_modules == ["q_proj", "v_proj"]
+    one = stage_pipeline("sft", None, ["lora.target_modules=all-linear"]).stages[0]
+    assert one.lora.target_modules == "all-linear"
+
+
 def test_wrong_type_names_field():
     with pytest.raises(ConfigError, match=r"trainer\.max_steps"):
         stage_pipeline("sft", None, ["trainer.max_steps=many"])
