@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, Figure, machine
+from posttrain.rundir import replace_marked
 
 OUT = Path(__file__).resolve().parent / "results.json"
 GROUPS = ("train", "merge", "eval", "rerun", "rollout")
@@ -79,14 +80,7 @@ def table(figures: list[Figure]) -> str:
 
 def update_readme(text: str, readme: Path = REPO / "README.md") -> bool:
     """Replace what lies between the bench markers; False (README untouched) when the markers are absent."""
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    content = readme.read_text()
-    if begin not in content or end not in content:
-        return False
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-    return True
+    return replace_marked(readme, "bench", text)
 
 
 def main(argv: list[str] | None = None) -> int:

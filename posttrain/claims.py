@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.rundir import replace_marked
+
 REPO = Path(__file__).resolve().parent.parent
 CLAIMS_DIR = REPO / "configs" / "pipelines" / "claims"
 HELD, NOT_HELD, NOT_SIGNIFICANT, CANNOT_SHOW, NO_REPORT = (
@@ -283,13 +285,7 @@ def run_pipeline(name: str, runs: Path) -> tuple[int, float]:
 
 def update_readme(table: str, readme: Path = REPO / "README.md") -> bool:
     """Replace what lies between the claims markers; False (README untouched) when they are absent."""
-    begin, end = "<!-- claims:begin -->", "<!-- claims:end -->"
-    content = readme.read_text()
-    if begin not in content or end not in content:
-        return False
-    head, rest = content.split(begin, 1)
-    readme.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
-    return True
+    return replace_marked(readme, "claims", table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+
+def replace_marked(path: Path, marker: str, text: str) -> bool:
+    """Replace what lies between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` in a file (README
+    tables that `make bench` and `make claims` keep current); False, file untouched, when a marker is absent."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    content = Path(path).read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    atomic_write_text(Path(path), f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
