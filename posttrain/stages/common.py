@@ -172,15 +172,19 @@ def metrics_callback(ctx: StageContext):
     return _Metrics()
 
 
+def checkpoints(folder: Path) -> dict[int, Path]:
+    """The trainer's `checkpoint-N` folders by step N."""
+    return {int(p.name[11:]): p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()}
+
+
 def drop_checkpoints_from(folder: Path, step: int) -> str | None:
     """Delete checkpoint-N folders with N >= step; return the name of the newest one left (None if none)."""
     left = []
-    for path in folder.glob("checkpoint-*"):
-        n = path.name[11:]
-        if n.isdigit() and int(n) >= step:
+    for n, path in checkpoints(folder).items():
+        if n >= step:
             shutil.rmtree(path, ignore_errors=True)
-        elif n.isdigit():
-            left.append(int(n))
+        else:
+            left.append(n)
     return f"checkpoint-{max(left)}" if left else None
 
 
@@ -216,9 +220,8 @@ def last_checkpoint(ctx: StageContext) -> str | None:
     """The newest complete checkpoint: transformers writes trainer_state.json last, so a checkpoint folder
     without it was cut short (kill -9, full disk) and is skipped. (transformers' get_last_checkpoint takes the
     highest number whatever its state.)"""
-    folder = ctx.work_dir / "checkpoints"
-    done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+    done = {n: p for n, p in checkpoints(ctx.work_dir / "checkpoints").items() if (p / "trainer_state.json").is_file()}
+    return str(done[max(done)]) if done else None
 
 
 def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
