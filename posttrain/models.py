@@ -128,8 +128,8 @@ def fit_cpu_threads(n_params: int) -> bool:
 
 
 def folder_params(folder: str) -> int:
-    """Parameters of a local model folder, estimated from its safetensors bytes at 4 bytes each (an upper
-    bound's lower side: float32 exact, bf16 halved); a hub name or a missing folder counts as large."""
+    """Parameters of a local model folder, estimated from its safetensors bytes at 4 bytes each (exact for
+    float32, half the true count for bf16); a hub name or a folder without safetensors counts as large."""
     path = Path(folder)
     files = list(path.glob("*.safetensors")) if path.is_dir() else []
     return sum(f.stat().st_size for f in files) // 4 if files else SMALL_MODEL_PARAMS
