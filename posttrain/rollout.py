@@ -4,7 +4,7 @@ Backends, as TRL's GRPOTrainer names them (`use_vllm`, `vllm_mode`):
   hf              `model.generate` inside the trainer: CPU or GPU, no extra install, slow
   vllm_colocate   vLLM in the trainer's process, sharing its GPUs (`gpu_memory_utilization` of each)
   vllm_server     vLLM in a server process of its own: the one at `url`, or one this module starts on
-                  `gpus` with the command TRL documents (`trl vllm-serve`) and stops when the stage ends
+                  `gpus` with the `vllm serve` command TRL builds for server mode, and stops when the stage ends
   auto            vllm_colocate when CUDA is there and vllm imports, else hf
 
 vLLM is never imported here (it is a GPU-only extra): a vLLM backend without it installed fails when the
@@ -55,7 +55,7 @@ class RolloutConfig(Strict):
         None, gt=0, le=1, description="vLLM's share of each of its GPUs' memory (None: 0.9 for a server on gpus of "
                                       "its own, else 0.3, leaving the rest to training)")
     tensor_parallel_size: int = Field(1, ge=1)
-    server_args: list[str] = Field(default_factory=list, description="more arguments for `trl vllm-serve`, as-is")
+    server_args: list[str] = Field(default_factory=list, description="more arguments for `vllm serve`, as-is")
 
     @model_validator(mode="after")
     def _check(self) -> "RolloutConfig":
@@ -109,24 +109,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def trl_executable() -> str:
-    """The `trl` console script of this Python's environment (a venv's bin/ need not be on PATH)."""
-    here = Path(sys.executable).with_name("trl")
-    return str(here) if here.is_file() else "trl"
+# TRL 1.16 deprecated `trl vllm-serve`: it now only execs `vllm serve` with the flags its client needs (NCCL weight
+# transfer, processed logprobs, unlimited logprobs) and VLLM_SERVER_DEV_MODE=1, and tells users to run that command.
+# We build it with TRL's own `build_command`, so the flags stay the ones the installed TRL's client expects.
+SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # the weight-transfer endpoints TRL's client calls live behind dev mode
 
 
 def vllm_serve_command(model: str, cfg: RolloutConfig, port: int, trust_remote_code: bool = False) -> list[str]:
-    """`trl vllm-serve` as TRL documents it, bound to loopback (the trainer is on this machine).
+    """`vllm serve` as TRL 1.x runs it for server mode (trl.scripts.vllm_serve.build_command), bound to loopback
+    (the trainer is on this machine), plus `server_args` as-is. Run it with SERVER_ENV in its environment."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
 
-    TRL 1.16 runs `vllm serve` from it with the weight-transfer and logprob flags its client needs and
-    VLLM_SERVER_DEV_MODE=1, in the same process (exec), so the pid we started stays the server's.
-    """
-    cmd = [trl_executable(), "vllm-serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-           "--gpu-memory-utilization", str(memory_utilization(cfg))]
-    if trust_remote_code:
-        cmd += ["--trust-remote-code", "true"]
-    return cmd + list(cfg.server_args)
+    args = ScriptArguments(model=model, host="127.0.0.1", port=port, tensor_parallel_size=cfg.tensor_parallel_size,
+                           gpu_memory_utilization=memory_utilization(cfg), trust_remote_code=trust_remote_code)
+    return build_command(args, list(cfg.server_args))
 
 
 class RolloutServerError(RuntimeError):

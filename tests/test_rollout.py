@@ -1,12 +1,13 @@
-"""Rollout backends: config checks, the GRPOConfig mapping and the `trl vllm-serve` command. The vLLM server's
+"""Rollout backends: config checks, the GRPOConfig mapping and the `vllm serve` command. The vLLM server's
 lifecycle (health wait, death, cleanup) is tested with a stand-in server in tests/reliability/test_vllm_server.py.
 """
-from pathlib import Path
+import sys
 
 import pytest
 from pydantic import ValidationError
 
 from posttrain import rollout
+from posttrain.stages import grpo
 from posttrain.rollout import (
     RolloutConfig,
     grpo_rollout_args,
@@ -55,18 +56,18 @@ def test_backend_mapping_to_grpo_config(monkeypatch):
     GRPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to=[], **grpo_rollout_args(cfg, "vllm_server", cfg.url))
 
 
-def test_server_command_is_trl_vllm_serve(monkeypatch):
+def test_server_command_is_the_vllm_serve_trl_builds(monkeypatch):
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
     cfg = RolloutConfig(backend="vllm_server", gpus=[1, 2], tensor_parallel_size=2, server_args=["--max-num-seqs", "64"])
-    cmd = vllm_serve_command("/models/x", cfg, 8123)
-    assert Path(cmd[0]).name == "trl" and cmd[1] == "vllm-serve"
-    args = dict(zip(cmd[2:-2:2], cmd[3:-2:2]))
-    assert args == {"--model": "/models/x", "--host": "127.0.0.1", "--port": "8123", "--tensor-parallel-size": "2",
-                    "--gpu-memory-utilization": "0.9"}  # a server on GPUs of its own takes most of their memory
-    assert cmd[-2:] == ["--max-num-seqs", "64"]
-    # The arguments are ones TRL's own parser for `trl vllm-serve` accepts.
-    from trl.scripts.vllm_serve import make_parser
-
-    parsed, extra = make_parser().parse_args_and_config(args=cmd[2:], return_remaining_strings=True)
-    assert (parsed.model, parsed.port, parsed.tensor_parallel_size, parsed.host) == ("/models/x", 8123, 2, "127.0.0.1")
-    assert extra == ["--max-num-seqs", "64"]  # not TRL's: forwarded to `vllm serve` as-is
+    cmd = vllm_serve_command("/models/x", cfg, 8123, trust_remote_code=True)
+    assert cmd[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/models/x"]
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert {k: flags[k] for k in ("--host", "--port", "--tensor-parallel-size", "--gpu-memory-utilization")} == {
+        "--host": "127.0.0.1", "--port": "8123", "--tensor-parallel-size": "2",
+        "--gpu-memory-utilization": "0.9"}  # a server on GPUs of its own takes most of their memory
+    # What TRL's client needs from the server: NCCL weight transfer and processed logprobs, then ours as-is.
+    assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'
+    assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert "--trust-remote-code" in cmd and cmd[-2:] == ["--max-num-seqs", "64"]
+    assert grpo._server_env([1, 2]) == {"VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": "1,2"}
+    assert "--trust-remote-code" not in vllm_serve_command("/models/x", cfg, 8123)

@@ -14,7 +14,8 @@ How this stage departs from, or adds to, the paper and TRL:
   * A reward never stops training: a crash, timeout or bad return value scores 0 and is counted; the counts
     (`rewards/errors/<kind>` and `rewards/errors/<reward>/<kind>`) go into every record of metrics.jsonl.
   * Completions come from the backend `rollout:` picks (posttrain/rollout.py). With `vllm_server` and no
-    `url`, the stage starts `trl vllm-serve` itself and stops it when it ends, fails or is interrupted.
+    `url`, the stage starts `vllm serve` itself (the command TRL builds for server mode) and stops it when it
+    ends, fails or is interrupted.
   * The default input is `world-sft`, not the previous stage: RL needs a model that already answers in the
     task's format. In a pipeline, chain it explicitly (`model: ${stages.<previous>.model}`).
 """
@@ -35,6 +36,7 @@ from posttrain.rollout import (
     grpo_rollout_args,
     resolve_backend,
     server_callback,
+    SERVER_ENV,
     vllm_serve_command,
 )
 from posttrain.stages.base import StageContext, StageResult, stage
@@ -137,7 +139,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
         if start_server:
             server = stack.enter_context(VLLMServer(
                 vllm_serve_command(ctx.input_model, cfg.rollout, port, cfg.trust_remote_code), port,
-                ctx.work_dir / "vllm_server.log", env=_cuda_env(cfg.rollout.gpus),
+                ctx.work_dir / "vllm_server.log", env=_server_env(cfg.rollout.gpus),
                 health_timeout_s=cfg.rollout.health_timeout_s, log=ctx.log))
             callbacks.append(server_callback(server))
             ctx.log_metrics({"event": "rollout_server", "pid": server.pid, "url": server.base_url,
@@ -157,5 +159,5 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     return StageResult(ctx.work_dir / "model", metrics)
 
 
-def _cuda_env(gpus: list[int]) -> dict[str, str] | None:
-    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None
+def _server_env(gpus: list[int]) -> dict[str, str]:
+    return {**SERVER_ENV, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}

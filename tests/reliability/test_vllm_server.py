@@ -4,7 +4,7 @@ server's last log lines, and leaves no process behind. On CPU a stand-in plays t
 The stand-in is a small http.server script written here: it listens on 127.0.0.1 only, answers /health and
 /health/, and can wait before listening, die before it listens, exit after N seconds, ignore SIGTERM, or start
 a child of its own (which must die with it: the whole process group is stopped). Every test bounds its waits.
-The last test runs the GRPO stage itself through the CLI, with the stand-in in place of `trl vllm-serve`.
+The last test runs the GRPO stage itself through the CLI, with the stand-in in place of `vllm serve`.
 """
 import os
 import sys
