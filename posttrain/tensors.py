@@ -11,13 +11,13 @@ A Hugging Face model folder holds its weights either in one ``model.safetensors`
       model-00002-of-00003.safetensors
       model-00003-of-00003.safetensors
 
-``ShardedReader`` parses each shard's header once and reads one tensor at a time with ``os.preadv`` at the
-header's ``data_offsets`` into a fresh buffer, so merging N models of size S needs about N tensors of memory,
-not N·S, as in mergekit. Not ``safetensors.safe_open``: it memory-maps the shard, and every page a read
+``ShardedReader`` parses each shard's header once and reads one tensor (``get``), or a slice of one
+(``read_flat``, into a buffer the caller reuses), with ``os.preadv`` at the header's ``data_offsets``, so a
+merge of N models of size S holds a few tensors or a few slices, not N·S, as in mergekit. Not ``safetensors.safe_open``: it memory-maps the shard, and every page a read
 touches stays in the process's RSS until the handle closes (2.5 GB of the 4 GB peak of a 3 x 1 GB merge).
 ``ShardedWriter`` either buffers tensors up to ``max_shard_bytes`` and writes a shard each time the buffer
-would overflow, or, given the ``layout`` of every tensor in advance, writes each tensor straight to its place
-in its shard file as it comes and holds none. The index and the final shard names are written at
+would overflow, or, given the ``layout`` of every tensor in advance, writes each tensor (``add``) or each
+slice of it in order (``add_flat``) straight to its place in its shard file as it comes and holds none. The index and the final shard names are written at
 ``close()``.
 
 Pickle weights (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when loaded, so they are refused unless
@@ -159,19 +159,47 @@ class ShardedReader:
         """The file (inside the folder) that holds ``name``."""
         return self._file_of[self._known(name)]
 
+    def numel(self, name: str) -> int:
+        return _numel(self.shape(name))
+
     def get(self, name: str) -> Tensor:
         """Load one tensor into memory (a fresh CPU tensor; the rest of the shard stays on disk)."""
-        self._known(name)
+        shape, dtype = self._meta[self._known(name)]
         if self._pickled is not None:
             return self._pickled[name].clone()
-        shape, dtype = self._meta[name]
-        start, end = self._span[name]
-        buf = bytearray(end - start)
-        _pread_into(self._fd(self._file_of[name]), buf, start, self.folder / self._file_of[name])
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        # A fresh, writable buffer owned by the tensor; nothing of the file stays mapped.
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        # torch.empty, not bytearray: no zero-fill pass over memory that the read overwrites anyway.
+        out = torch.empty(shape, dtype=dtype)
+        self._read(name, 0, out.reshape(-1))
+        return out
+
+    def read_flat(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, as a 1-D tensor: ``get(name).reshape(-1)[start:stop]``
+        without reading the rest. Read into ``out[: stop - start]`` (1-D, contiguous, the tensor's dtype) when
+        given, so a loop over slices reuses one buffer: no allocation and no page faults per slice."""
+        dtype = self._meta[self._known(name)][1]
+        n = self.numel(name)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"{name!r}: elements [{start}, {stop}) are outside its {n}")
+        if out is None:
+            out = torch.empty(stop - start, dtype=dtype)
+        elif out.dtype != dtype or out.dim() != 1 or not out.is_contiguous() or out.numel() < stop - start:
+            raise ValueError(f"{name!r}: out must be a contiguous 1-D {dtype} tensor of >= {stop - start} elements, "
+                             f"got {list(out.shape)} {out.dtype}")
+        dest = out[: stop - start]
+        if self._pickled is not None:
+            dest.copy_(self._pickled[name].reshape(-1)[start:stop])
+        else:
+            self._read(name, start, dest)
+        return dest
+
+    def _read(self, name: str, start: int, dest: Tensor) -> None:
+        """pread the elements from ``start`` on into the contiguous 1-D tensor ``dest`` (as many as it holds)."""
+        if dest.numel() == 0:
+            return
+        itemsize = dest.element_size()
+        view = memoryview(dest.view(torch.uint8).numpy()).cast("B")  # uint8: numpy has no bfloat16
+        file = self._file_of[name]
+        _pread_into(self._fd(file), view, self._span[name][0] + start * itemsize, self.folder / file)
 
     def _known(self, name: str) -> str:
         if name not in self._meta:
@@ -222,12 +250,12 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, in
     return out
 
 
-def _pread_into(fd: int, buf: bytearray, offset: int, path: Path) -> None:
-    view, done = memoryview(buf), 0
-    while done < len(buf):
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise ValueError(f"{path}: file ended {len(buf) - done} bytes early")
+            raise ValueError(f"{path}: file ended {len(view) - done} bytes early")
         done += got
 
 
@@ -269,6 +297,7 @@ class ShardedWriter:
         self._numel = 0
         self._closed = False
         self._slots: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> fd, offset, ...
+        self._filled: dict[str, int] = {}  # name -> elements written so far by add_flat
         self._fds: list[int] = []
         if layout is not None:
             self._open_layout(layout)
@@ -324,14 +353,32 @@ class ShardedWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"tensor {name!r} is {list(tensor.shape)} {tensor.dtype}; the layout says "
                              f"{list(shape)} {dtype}")
-        t = tensor.detach().to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        if self._filled.get(name):
+            raise ValueError(f"tensor {name!r}: add() after add_flat() slices of it")
+        _pwrite_tensor(fd, tensor, offset)
         self._seen.add(name)
-        self._total += len(data)
-        self._numel += t.numel()
+        self._total += tensor.numel() * tensor.element_size()
+        self._numel += tensor.numel()
+
+    def add_flat(self, name: str, start: int, values: Tensor) -> None:
+        """Write ``values`` (any shape, read flat) as elements ``[start, start + numel)`` of the flattened tensor
+        ``name``; layout mode only. Slices come in order (``start`` is the count written so far), so a gap or an
+        overlap is refused; the tensor counts as added once its last element is written."""
+        if self._closed or not self._fds:
+            raise ValueError(f"{self.folder}: add_flat({name!r}) needs an open writer with a layout")
+        if name not in self._slots or name in self._seen:
+            raise ValueError(f"tensor {name!r} is not in the writer's layout or was already added")
+        fd, offset, shape, dtype = self._slots[name]
+        done, n = self._filled.get(name, 0), _numel(shape)
+        if values.dtype != dtype or start != done or start + values.numel() > n:
+            raise ValueError(f"tensor {name!r}: slice [{start}, {start + values.numel()}) {values.dtype} does not "
+                             f"follow the {done} of {n} {dtype} elements written")
+        _pwrite_tensor(fd, values, offset + start * dtype.itemsize)
+        self._filled[name] = done + values.numel()
+        if self._filled[name] == n:
+            self._seen.add(name)
+            self._total += n * dtype.itemsize
+            self._numel += n
 
     def _flush(self) -> None:
         part = f"model-part-{len(self._parts) + 1:05d}.safetensors"
@@ -382,6 +429,14 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _pwrite_tensor(fd: int, tensor: Tensor, offset: int) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

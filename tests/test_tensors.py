@@ -303,3 +303,60 @@ def test_layout_writer_refuses_strangers_mismatches_and_an_early_close(tmp_path:
     with pytest.raises(ValueError, match="close\\(\\) before tensor 'y'"):
         w.close()
     assert not (tmp_path / "a" / SINGLE_FILE).exists()
+
+
+def test_read_flat_equals_slicing_get_and_reuses_the_buffer(tmp_path: Path) -> None:
+    tensors = small_model(vocab=10)
+    folder = write(tmp_path / "m", tensors, max_shard_bytes=100)  # several shards
+    with ShardedReader(folder) as r:
+        for name, t in tensors.items():
+            flat = t.reshape(-1)
+            n = flat.numel()
+            for start, stop in [(0, n), (0, 0), (1, n), (n // 3, 2 * n // 3 + 1), (n - 1, n)]:
+                got = r.read_flat(name, start, stop)
+                assert got.dtype == t.dtype and torch.equal(got, flat[start:stop]), (name, start, stop)
+        buf = torch.full((64,), -1.0)
+        got = r.read_flat("lm_head.weight", 5, 15, out=buf)
+        assert got.data_ptr() == buf.data_ptr()  # the slice lands in the caller's buffer
+        assert torch.equal(got, tensors["lm_head.weight"].reshape(-1)[5:15]) and buf[10].item() == -1.0
+        with pytest.raises(IndexError, match="outside its 40"):
+            r.read_flat("lm_head.weight", 30, 41)
+        with pytest.raises(ValueError, match="out must be"):
+            r.read_flat("model.layers.0.input_layernorm.weight", 0, 4, out=buf)  # bfloat16 tensor, float buffer
+
+
+def test_add_flat_slices_write_the_same_file_as_add(tmp_path: Path) -> None:
+    tensors = small_model()
+    names = sorted(tensors)
+    layout = [(n, tuple(tensors[n].shape), tensors[n].dtype) for n in names]
+    with ShardedWriter(tmp_path / "whole", max_shard_bytes=100, layout=layout) as w:
+        for n in names:
+            w.add(n, tensors[n])
+    with ShardedWriter(tmp_path / "sliced", max_shard_bytes=100, layout=layout) as w:
+        for n in names:
+            flat = tensors[n].reshape(-1)
+            for start in range(0, flat.numel(), 3):  # slices of 3 elements, the last one shorter
+                w.add_flat(n, start, flat[start : start + 3])
+    for file in w.files:
+        assert (tmp_path / "sliced" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes()
+
+
+def test_add_flat_refuses_gaps_overlaps_and_an_unfinished_tensor(tmp_path: Path) -> None:
+    w = ShardedWriter(tmp_path / "a", layout=[("x", (2, 3), torch.float32)])
+    w.add_flat("x", 0, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"slice \[3, 4\)"):
+        w.add_flat("x", 3, torch.zeros(1))  # a gap: elements 2 and 3 are not written yet
+    with pytest.raises(ValueError, match=r"slice \[1, 2\)"):
+        w.add_flat("x", 1, torch.zeros(1))  # an overlap
+    with pytest.raises(ValueError, match="torch.float64"):
+        w.add_flat("x", 2, torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="add\\(\\) after add_flat"):
+        w.add("x", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="close\\(\\) before tensor 'x'"):
+        w.close()
+    w.add_flat("x", 2, torch.ones(4))
+    w.close()
+    with ShardedReader(tmp_path / "a") as r:
+        assert r.get("x").tolist() == [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    with pytest.raises(ValueError, match="needs an open writer with a layout"):
+        ShardedWriter(tmp_path / "b").add_flat("x", 0, torch.zeros(1))

@@ -325,7 +325,10 @@ def write_transfer(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes) as writer:
+        # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory
+        # (the output has the target's names, shapes and dtypes: transfer_tensor returns the target's dtype).
+        layout = [(n, plan.target.shape(n), plan.target.dtype(n)) for n in plan.target.names()]
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
             for name in plan.target.names():
                 scale = coefficients_for(name, coeffs.weights, coeffs.per_block)[0]
                 t = plan.target.get(name)
