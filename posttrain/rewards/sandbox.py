@@ -16,6 +16,11 @@ group plus any process that left it, reaps them all (no zombies left to count ag
 reports back as JSON over a pipe the worker cannot write. The worker's result carries a nonce that is never
 handed to the untrusted code, so ``os._exit(0)`` or a forged line on stdout does not fake a pass (code that
 digs the nonce out of the interpreter's frames could). Linux only (``/proc``, ``pidfd_open``).
+
+Where the kernel allows unprivileged user namespaces, the supervisor also puts the worker in new user, pid
+and mount namespaces with a fresh ``/proc`` (``namespace.py``), so the code cannot read the trainer's
+``/proc/<pid>/environ``, which matters without root, when the worker keeps the trainer's uid. Where it does
+not (Docker's default seccomp profile, a masked ``/proc``), the sandbox runs without them, warning once.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from posttrain.rewards.namespace import CHILD_CODE, log_unavailable
+
 log = logging.getLogger(__name__)
 
 TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION = "timeout", "memory", "crash", "fork_limit", "exception"
@@ -43,6 +50,8 @@ NOBODY = 65534  # uid and gid of `nobody`/`nogroup` on Debian-like systems
 _FSIZE_BYTES = 64 << 20  # largest file the child may write (its scratch dir lives on a shared disk)
 _MAX_RESULT_BYTES = 8 << 20  # more than this on the result pipe is not a result
 _EXIT_NO_DROP = 70  # the child could not become `nobody`; it ran nothing
+# Try user/pid namespaces until one run finds they do not work here (then stay without, in this process).
+_use_namespaces = True
 _GRACE_S = 3.0  # interpreter start-up and reaping, on top of timeout_s, before we kill the supervisor
 _CHILD_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -146,6 +155,14 @@ def run(job, sources):
 
 def worker(job, sources, wfd):
     os.setpgid(0, 0)
+    if job["namespace"]:
+        try:
+            isolate_worker()
+        except Exception as e:  # nothing untrusted ran: tell the supervisor, which tells the parent
+            os.write(wfd, ("N%s: %s" % (type(e).__name__, e)).encode()[:500])
+            os._exit(0)
+    # Written before any untrusted code runs, so the code cannot fake an "N" (and so turn namespaces off).
+    os.write(wfd, b"R")
     set_limits(job["limits"])
     me = os.getpid()
     try:
@@ -225,6 +242,11 @@ def main():
     if job["uid"] is not None:
         become(job["uid"])
     prctl_flags()
+    if job["namespace"]:
+        try:
+            enter_namespaces()
+        except Exception as e:
+            return report_to(out, {"no_namespace": "%s: %s" % (type(e).__name__, e)})
     rfd, wfd = os.pipe()
     deadline = time.monotonic() + job["timeout_s"]
     wpid = os.fork()
@@ -243,16 +265,22 @@ def main():
     except OSError:
         pass
     _, status, ru = os.wait4(wpid, 0)
-    reap_all(wpid)
+    reap_all(wpid)  # in a pid namespace this kills its init too, and with it every process left there
     report = {"status": status, "timed_out": timed_out, "maxrss_kb": ru.ru_maxrss,
-              "cpu_s": ru.ru_utime + ru.ru_stime, "result": data.decode("utf-8", "replace")}
+              "cpu_s": ru.ru_utime + ru.ru_stime, "result": data[1:].decode("utf-8", "replace")}
+    if data[:1] == b"N":
+        report = {"no_namespace": report["result"]}
+    report_to(out, report)
+
+def report_to(out, report):
     data = json.dumps(report).encode()
     while data:
         data = data[os.write(out, data):]
     os._exit(0)
 
+__NAMESPACE__
 main()
-'''.replace("__NO_DROP__", str(_EXIT_NO_DROP)).replace("__MAX_RESULT__", str(_MAX_RESULT_BYTES))
+'''.replace("__NAMESPACE__", CHILD_CODE).replace("__NO_DROP__", str(_EXIT_NO_DROP)).replace("__MAX_RESULT__", str(_MAX_RESULT_BYTES))
 
 
 def _job(fn_or_code: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -285,7 +313,7 @@ def run_sandboxed(
     value ``True`` when all ran, ``False`` when an ``AssertionError`` stopped them), or a module-level
     function / ``FileFunction``, whose file the child loads by path and calls with ``*args, **kwargs`` (JSON
     values in and out). ``cpu_s`` defaults to ``timeout_s``; ``max_procs`` counts every process and thread
-    of the sandbox user, the supervisor included. Error kinds are those in ``ERROR_KINDS``; this function
+    of the sandbox user, the supervisor (and the namespace's init) included. Error kinds are those in ``ERROR_KINDS``; this function
     never raises for anything the child does.
     """
     try:
@@ -297,7 +325,10 @@ def run_sandboxed(
     cpu = max(1, math.ceil(timeout_s if cpu_s is None else cpu_s))
     limits = {"nproc": max_procs, "as_bytes": memory_mb << 20, "cpu_s": cpu, "fsize": _FSIZE_BYTES}
     try:
-        report, nonce, overran = _run(job, timeout_s, limits)
+        report, nonce, overran = _run(job, timeout_s, limits, _use_namespaces)
+        if report is not None and "no_namespace" in report:  # nothing ran: once more, without
+            _namespaces_unavailable(report["no_namespace"])
+            report, nonce, overran = _run(job, timeout_s, limits, False)
     except OSError as e:  # the machinery itself failed (no fork, no temp dir): say so, but do not raise
         log.warning("sandbox: could not run the child: %s", e)
         return None, EXCEPTION
@@ -308,7 +339,15 @@ def run_sandboxed(
     return _classify(report, nonce, memory_mb, cpu)
 
 
-def _run(job: dict[str, Any], timeout_s: float, limits: dict[str, int]) -> tuple[dict[str, Any] | None, str, bool]:
+def _namespaces_unavailable(reason: str) -> None:
+    """Remember for this process that namespaces fail here (no second try per call); say what it costs."""
+    global _use_namespaces
+    _use_namespaces = False
+    log_unavailable(reason, NOBODY if os.geteuid() == 0 else None)
+
+
+def _run(job: dict[str, Any], timeout_s: float, limits: dict[str, int],
+         namespace: bool) -> tuple[dict[str, Any] | None, str, bool]:
     """Start the supervisor, hand it the job; return its report (None if it gave none), the nonce, overran."""
     import subprocess
 
@@ -320,7 +359,8 @@ def _run(job: dict[str, Any], timeout_s: float, limits: dict[str, int]) -> tuple
     try:
         if uid is not None:
             os.chown(workdir, uid, uid)
-        job = dict(job, nonce=nonce, result_fd=wfd, uid=uid, limits=limits, timeout_s=timeout_s)
+        job = dict(job, nonce=nonce, result_fd=wfd, uid=uid, limits=limits, timeout_s=timeout_s,
+                   namespace=namespace)
         env = dict(_CHILD_ENV, POSTTRAIN_SANDBOX=tag)  # the tag finds strays if the supervisor is killed
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -398,7 +438,8 @@ def _parse_report(data: bytes, returncode: int) -> dict[str, Any] | None:
     """The supervisor's report, or None (logged: the machinery failed, not the reward code)."""
     try:
         report = json.loads(data)
-        if isinstance(report, dict) and {"status", "timed_out", "result"} <= report.keys():
+        if isinstance(report, dict) and ({"status", "timed_out", "result"} <= report.keys()
+                                         or isinstance(report.get("no_namespace"), str)):
             return report
     except ValueError:
         pass

@@ -11,8 +11,10 @@ sandbox test checks that no process it started outlives it.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -24,6 +26,7 @@ from posttrain.rewards import sandbox
 from posttrain.rewards.sandbox import FileFunction
 
 IS_ROOT = os.geteuid() == 0
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__))))
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
 USER_REWARDS = '''
@@ -31,20 +34,6 @@ def where_am_i(prompts, completions, **kwargs):
     import os
     secret = os.environ.get("POSTTRAIN_TEST_SECRET")
     return [{"uid": os.getuid(), "cwd": os.getcwd(), "listing": os.listdir("."), "secret": secret}]
-
-def ancestors_environ(prompts, completions, **kwargs):
-    """What /proc/<pid>/environ of every ancestor gives away (None where reading it is refused)."""
-    import os
-    pid, seen = os.getppid(), {}
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                seen[pid] = f.read().decode(errors="replace")
-        except OSError:
-            seen[pid] = None
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-    return [seen]
 
 def hostile(prompts, completions, **kwargs):
     if completions[0] == "hang":
@@ -67,7 +56,7 @@ def no_strays(monkeypatch):
     marker = f"POSTTRAIN_TEST_RUN={uuid.uuid4().hex}"
     key, value = marker.split("=")
     monkeypatch.setitem(sandbox._CHILD_ENV, key, value)
-    yield
+    yield marker
     strays = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -80,6 +69,26 @@ def no_strays(monkeypatch):
     assert not strays, f"sandbox processes outlived the test: {strays}"
 
 
+@pytest.fixture(scope="module")
+def namespaces_work():
+    """Whether this machine lets the sandbox make its user/pid namespace (it then runs as pid 2)."""
+    saved = sandbox._use_namespaces
+    sandbox._use_namespaces = True
+    try:
+        return run_sandboxed("import os\nassert os.getpid() == 2 and os.getppid() == 0") == (True, None)
+    finally:
+        sandbox._use_namespaces = saved
+
+
+@pytest.fixture(params=["namespace", "plain"])
+def isolation(request, monkeypatch, namespaces_work):
+    """Run the test with the namespaces, then as where they are unavailable (the fallback)."""
+    if request.param == "namespace" and not namespaces_work:
+        pytest.skip("this kernel or container does not allow unprivileged user/pid namespaces")
+    monkeypatch.setattr(sandbox, "_use_namespaces", request.param == "namespace")
+    return request.param
+
+
 def sandboxed_code_exec(code: str, stats: RewardStats, timeout_s: float = 5.0) -> float:
     """Score ``code`` with the code_exec reward (which always sandboxes) and a trivially true test."""
     spec = {"name": "code_exec", "timeout_s": timeout_s, "memory_mb": 512, "params": {"max_procs": 16}}
@@ -89,7 +98,7 @@ def sandboxed_code_exec(code: str, stats: RewardStats, timeout_s: float = 5.0) -
 
 @linux_only
 @pytest.mark.skipif(not IS_ROOT, reason="the drop to nobody happens only when running as root")
-def test_sandbox_drops_to_nobody(no_strays):
+def test_sandbox_drops_to_nobody(isolation, no_strays):
     code = "import os\nassert (os.getuid(), os.geteuid(), os.getgid(), os.getgroups()) == (65534, 65534, 65534, [])"
     assert run_sandboxed(code) == (True, None)
     assert run_sandboxed("import os\nos.setuid(0)") == (None, "exception")  # PermissionError: no way back
@@ -109,23 +118,6 @@ def test_sandbox_hides_secrets_and_uses_empty_temp_dir(user_file, monkeypatch, n
 
 
 @linux_only
-def test_sandbox_cannot_read_the_environment_of_its_ancestors(user_file, monkeypatch, no_strays):
-    monkeypatch.setenv("POSTTRAIN_TEST_SECRET", "hunter2")
-    value, kind = run_sandboxed(FileFunction(str(user_file), "ancestors_environ"), (), kwargs={
-        "prompts": ["p"], "completions": ["c"]})
-    assert kind is None
-    seen = value[0]
-    assert str(os.getpid()) in seen  # the walk reached this process, the trainer
-    leaked = [pid for pid, env in seen.items() if env and "hunter2" in env]
-    if leaked and not IS_ROOT:
-        # Known gap: without root the sandbox keeps the trainer's uid, and Linux lets a process read the
-        # /proc/<pid>/environ of a same-uid process that is dumpable. Closing it needs a separate uid or
-        # prctl(PR_SET_DUMPABLE, 0) in the trainer (posttrain/rewards/sandbox.py).
-        pytest.xfail("non-root: the sandbox can read a same-uid ancestor's /proc/<pid>/environ")
-    assert not leaked, f"the secret is readable in /proc/<pid>/environ of {leaked}"
-
-
-@linux_only
 def test_sandboxed_user_reward_fails_row_by_row(user_file, no_strays):
     stats = RewardStats()
     spec = {"name": f"{user_file}:hostile", "sandbox": True, "timeout_s": 1.0}
@@ -135,7 +127,7 @@ def test_sandboxed_user_reward_fails_row_by_row(user_file, no_strays):
 
 
 @linux_only
-def test_process_limit_caps_forks(tmp_path, no_strays):
+def test_process_limit_caps_forks(tmp_path, isolation, no_strays):
     if IS_ROOT:  # never fork in a loop unless the child really is `nobody` (RLIMIT_NPROC ignores root)
         assert run_sandboxed("import os\nassert os.getuid() == 65534") == (True, None)
     path = tmp_path / "forks.py"
@@ -155,7 +147,7 @@ def test_process_limit_caps_forks(tmp_path, no_strays):
             return made
     """))
     value, kind = run_sandboxed(FileFunction(str(path), "fork_count"), (40,), max_procs=8)
-    assert kind is None and value <= 8 - 2  # the supervisor and the worker count too
+    assert kind is None and value <= 8 - 2  # the supervisor and the worker count too (and a namespace's init)
 
 
 @linux_only
@@ -165,9 +157,12 @@ def test_process_limit_caps_forks(tmp_path, no_strays):
     ("import ctypes\nctypes.string_at(0)", "crash"),
     ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "crash"),
     ("import os, signal\nos.killpg(0, signal.SIGKILL)", "crash"),
-    ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", "exception"),  # its supervisor
+    # Its supervisor; in a namespace the supervisor is out of sight: getppid() is 0, and kill(0) hits the
+    # code's own process group.
+    ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", {"plain": "exception", "namespace": "crash"}),
 ], ids=["hang", "allocation", "segfault", "self-kill", "group-kill", "kills-supervisor"])
-def test_hostile_code_scores_zero_with_its_error_kind(code, kind, no_strays):
+def test_hostile_code_scores_zero_with_its_error_kind(code, kind, isolation, no_strays):
+    kind = kind[isolation] if isinstance(kind, dict) else kind
     stats = RewardStats()
     assert sandboxed_code_exec(code, stats, timeout_s=1.0) == 0.0
     assert stats.by_kind() == {k: int(k == kind) for k in ERROR_KINDS}
@@ -175,7 +170,7 @@ def test_hostile_code_scores_zero_with_its_error_kind(code, kind, no_strays):
 
 
 @linux_only
-def test_fork_bomb_is_contained(no_strays):
+def test_fork_bomb_is_contained(isolation, no_strays):
     if IS_ROOT:  # the bomb is safe only under RLIMIT_NPROC, which binds only a non-root uid
         value, kind = run_sandboxed("import os\nassert os.getuid() == 65534")
         if (value, kind) != (True, None):
@@ -195,3 +190,124 @@ def test_forged_result_does_not_pass(no_strays):
     # Exiting "successfully" before the tests run is not a pass.
     assert sandboxed_code_exec("import os\nos._exit(0)", stats) == 0.0
     assert stats.count("exception") == 1
+
+
+@linux_only
+def test_reward_code_sees_only_its_own_namespace(namespaces_work, monkeypatch, no_strays):
+    if not namespaces_work:
+        pytest.skip("this kernel or container does not allow unprivileged user/pid namespaces")
+    monkeypatch.setattr(sandbox, "_use_namespaces", True)
+    code = textwrap.dedent("""
+        import ctypes, os, signal
+        assert (os.getpid(), os.getppid()) == (2, 0)  # the namespace's init is 1; the supervisor is outside
+        assert sorted(p for p in os.listdir("/proc") if p.isdigit()) == ["1", "2"]
+        with open("/proc/self/status") as f:
+            assert "CapEff:\\t0000000000000000" in f.read()
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.umount2(b"/proc", 2) != 0  # no capability left to uncover the host's /proc (2: MNT_DETACH)
+        os.kill(1, signal.SIGKILL)  # the namespace's init cannot be killed from inside
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process it may signal, but itself and init: there is none
+            assert False, "kill(-1) found a process to signal"
+        except ProcessLookupError:
+            pass
+    """)
+    assert run_sandboxed(code) == (True, None)
+
+
+# Run as its own process, so the secret is in its initial environment (what /proc/<pid>/environ shows; a
+# variable set later with os.environ is not). It loads only the sandbox modules: they need only the standard
+# library, so any Python 3.9+ that uid `nobody` may run will do. Prints what the reward code could find.
+DRIVER = r'''
+import importlib.util, json, logging, os, sys, types
+root, marker = sys.argv[1], sys.argv[2]
+for name in ("posttrain", "posttrain.rewards"):  # skip the package __init__s (pydantic, torch)
+    sys.modules[name] = types.ModuleType(name)
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, *name.split(".")) + ".py")
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+load("posttrain.rewards.namespace")
+sandbox = load("posttrain.rewards.sandbox")
+key, value = marker.split("=")
+sandbox._CHILD_ENV[key] = value
+warned = []
+handler = logging.Handler(logging.WARNING)
+handler.emit = lambda record: warned.append(record.getMessage())
+logging.getLogger(sandbox.__name__).addHandler(handler)
+SCAN = """
+import os
+def environs():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                yield f.read()
+        except OSError:  # not ours to read, or gone
+            pass
+assert "hunter2" not in repr(os.environ) and not any(b"hunter2" in env for env in environs())
+"""
+clean = [sandbox.run_sandboxed(SCAN) == (True, None) for _ in range(2)]
+fell_back = not sandbox._use_namespaces
+sandbox._use_namespaces = False
+clean.append(sandbox.run_sandboxed(SCAN) == (True, None))
+print(json.dumps({"uid": os.getuid(), "clean": clean, "fell_back": fell_back, "warned": warned}))
+'''
+
+
+def _preexec(mask_proc: bool, as_nobody: bool):
+    """preexec_fn: optionally mount a file over part of /proc (as Docker does), then become `nobody`."""
+    def preexec():
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if mask_proc:  # CLONE_NEWNS; MS_REC | MS_PRIVATE; MS_BIND
+            assert libc.unshare(0x20000) == 0 and libc.mount(None, b"/", None, 0x44000, None) == 0
+            assert libc.mount(b"/dev/null", b"/proc/cmdline", None, 0x1000, None) == 0
+        if as_nobody:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)  # before exec, so the driver is an ordinary (dumpable) process of that uid
+    return preexec
+
+
+def _python_for_nobody() -> str | None:
+    """An interpreter uid 65534 may run (a pyenv under /root is out of its reach), or None."""
+    for exe in (sys.executable, "/usr/bin/python3"):
+        try:
+            done = subprocess.run([exe, "-I", "-c", "import ctypes, json"], preexec_fn=_preexec(False, IS_ROOT),
+                                  cwd="/", capture_output=True)
+        except OSError:  # not even executable
+            continue
+        if done.returncode == 0:
+            return exe
+    return None
+
+
+@linux_only
+@pytest.mark.parametrize("user, mask_proc", [("root", False), ("non-root", False), ("non-root", True),
+                                             ("root", True)])
+def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, namespaces_work, no_strays):
+    """The trainer (the driver) holds a secret in its environment; the reward code scans every readable
+    /proc/<pid>/environ. Non-root, the namespace is what hides it: the same scan without one finds it.
+    With /proc masked (Docker), the namespace fails: one warning, then the unprotected fallback."""
+    if user == "root" and not IS_ROOT or mask_proc and not IS_ROOT:
+        pytest.skip("needs root (to stay root, or to mount over /proc)")
+    if user == "non-root" and not (mask_proc or namespaces_work):
+        pytest.skip("this kernel or container does not allow unprivileged user/pid namespaces")
+    exe = sys.executable if user == "root" else _python_for_nobody()
+    if exe is None:
+        pytest.skip("no Python interpreter that uid 65534 may run")
+    env = {"PATH": "/usr/bin:/bin", "POSTTRAIN_TEST_SECRET": "hunter2"}
+    done = subprocess.run([exe, "-I", "-c", DRIVER, REPO, no_strays], env=env, cwd="/", capture_output=True,
+                          preexec_fn=_preexec(mask_proc, IS_ROOT and user == "non-root"), text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["uid"] == 0) == (user == "root")
+    assert out["fell_back"] == mask_proc
+    if user == "root":  # as `nobody`, the trainer's /proc/<pid>/environ is closed with or without a namespace
+        assert out["clean"] == [True, True, True] and out["warned"] == []
+    elif mask_proc:  # the known gap of the fallback, stated once
+        assert out["clean"] == [False, False, False]
+        assert len(out["warned"]) == 1 and "/proc/<pid>/environ" in out["warned"][0]
+    else:
+        assert out["clean"] == [True, True, False] and out["warned"] == []
