@@ -15,9 +15,9 @@ and the report shows it as a reference row `input:<ref>` just before the first s
 rows carry `"reference": true`; the forgetting metrics leave them out (see evals.forgetting).
 
 Lineage: every stage's record (and its eval.json) carries `parents`, the rows it is built from: the stage its
-`model` input names (the previous stage by default), or `base` when that input is the base model, then every
-other stage its config names (`${stages.<name>.model}` in a merge's `models:`, a transfer's source). A stage
-whose input is a model outside the run has none. The forgetting metrics compare a stage only with its
+`model` input names (the previous stage by default; a merge's `base:` when set), or `base` when that input is
+the base model, then every other stage its config names (`${stages.<name>.model}` in a merge's `models:`, a
+transfer's source). A stage whose input is a model outside the run has none. The forgetting metrics compare a stage only with its
 ancestors, so two branches from one base are never measured against each other; `posttrain report` rebuilds
 the rows from the eval.json files alone.
 """
@@ -103,15 +103,20 @@ class Pipeline:
         return ref, resolve_model(ref, self.log)
 
     def _parents(self, i: int, stage: Any, input_model: str) -> list[str]:
-        """The report rows `stage` is built from: its `model` input's stage (or "base" when that input is the
-        base model; nothing for a model outside the run), then every other stage its config names, in order."""
-        m = _STAGE_REF.match(stage.model or "")
+        """The report rows `stage` is built from: the stage its input names (`lineage_input()`: `model`, or a
+        merge's `base:`), or "base" when that input is the base model (nothing for a model outside the run),
+        then every other stage its config names, in order."""
+        ref = stage.lineage_input()
+        m = _STAGE_REF.match(ref or "")
         if m:
             first = [m.group(1)]
-        elif stage.model is None and i > 0:
+        elif ref is None and i > 0:
             first = [self.cfg.stages[i - 1].name]
+        elif ref == "":
+            first = []
         else:
-            first = ["base"] if input_model == self._base_model() else []
+            model = input_model if ref == stage.model else resolve_model(ref, self.log)
+            first = ["base"] if model == self._base_model() else []
         named = _ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
         return list(dict.fromkeys(first + named))
 

@@ -126,7 +126,8 @@ def test_branched_pipeline_records_lineage_and_report_rerenders_the_same(world, 
     ("hft_vs_full", {"full_arithmetic": ["base"], "full_reversal": ["full_arithmetic"],
                      "hft_arithmetic": ["base"], "hft_reversal": ["hft_arithmetic"]}),
     ("merge_specialists", {"sft_arithmetic": ["base"], "sft_reversal": ["base"],
-                           "merge": ["sft_reversal", "sft_arithmetic"]}),  # its `model` input (previous) first
+                           "merge": ["base", "sft_arithmetic", "sft_reversal"]}),  # its `base:` first, not the
+    # previous stage, which it does not read
 ])
 def test_branched_configs_parents(world, tmp_path, config, parents):
     """The lineage the pipeline records for the shipped branched pipelines: sft_from_v2 starts from world-v2,

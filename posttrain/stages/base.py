@@ -47,6 +47,11 @@ class StageBase(Strict):
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
+    def lineage_input(self) -> str | None:
+        """The model ref this stage builds on, for the report's lineage (its first parent): `model` (None: the
+        previous stage). A stage that builds on another field returns that one, and "" when it builds on none."""
+        return self.model
+
 
 @dataclass
 class StageContext:

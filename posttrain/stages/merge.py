@@ -82,6 +82,13 @@ class MergeStageConfig(StageBase):
     max_shard_bytes: int = Field(5_000_000_000, gt=0)
     seed: int | None = Field(None, description="DARE drop masks; None: the pipeline's seed")
 
+    def lineage_input(self) -> str | None:
+        """The merge builds on its `base:` when set; else a task-vector method on the stage input and a linear
+        average on its first model (the defaults of `base:`)."""
+        if self.base:
+            return self.base
+        return self.models[0].model if self.method == "linear" else self.model
+
     def reference_models(self) -> list[str]:
         """Inputs the forgetting report shows as reference rows when they are not stages of the run."""
         return [m.model for m in self.models]
