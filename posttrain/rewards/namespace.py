@@ -82,7 +82,9 @@ def enter_namespaces():
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
     finally:
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # as before: no process of the same uid may trace us
+        # Not dumpable (as after the drop from root; new without root): no process of the same uid outside
+        # may trace the supervisor, its init or the worker, which all inherit this.
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     pid = os.fork()  # the first child in the new pid namespace is its init
     if pid == 0:
         ns_init()
