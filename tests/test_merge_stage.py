@@ -14,10 +14,10 @@ import torch
 import posttrain.stages  # noqa: F401  (registers the stage kinds)
 from posttrain import merge_search
 from posttrain.config import ConfigError, stage_pipeline
-from posttrain.merge_methods import dare_ties, task_arithmetic
+from posttrain.merge_methods import dare_ties, task_arithmetic, ties
 from posttrain.models import ModelError, resolve_model
 from posttrain.stages.base import StageContext
-from posttrain.stages.merge import MergeStageConfig, run
+from posttrain.stages.merge import MergeStageConfig, model_generators, run
 from posttrain.tensors import INDEX_FILE
 from tests.conftest import load_tensors, make_tiny_llama
 
@@ -79,11 +79,61 @@ def test_sharded_inputs_equal_the_in_memory_merge(tmp_path):
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / INDEX_FILE).is_file()
     got = load_tensors(out)
     tb, ta, tbb = load_tensors(base), load_tensors(a), load_tensors(b)
-    gen = torch.Generator().manual_seed(3)  # the stage's contract: one generator, tensors in sorted-name order
+    # The stage's contract: one generator per model (model_generators), tensors in sorted-name order.
+    gens = model_generators(3, 2)
     for name in sorted(tb):
-        want = dare_ties(tb[name], [ta[name], tbb[name]], [0.7, 0.4], generator=gen, density=0.5)
+        want = dare_ties(tb[name], [ta[name], tbb[name]], [0.7, 0.4], generator=gens, density=0.5)
         assert torch.equal(got[name], want.to(tb[name].dtype)), name
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], tb["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.fixture(scope="module")
+def bf16_trio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16_trio")
+    base = make_tiny_llama(root / "base", seed=0, dtype=torch.bfloat16)
+    return (base, make_tiny_llama(root / "a", seed=1, base=base, dtype=torch.bfloat16),
+            make_tiny_llama(root / "b", seed=2, base=base, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"lam": 0.8}), ("ties", {"density": 0.3}),
+                                            ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
+                                            ("linear", {})])
+@pytest.mark.parametrize("trio", ["merge_trio", "bf16_trio"])
+def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypatch, method, params, trio):
+    """Slices of 96 elements (the tiny tensors hold 16-1024) give the bits of one whole-tensor call per name:
+    TIES with its thresholds found by sample and count, DARE with each model's stream running on."""
+    from posttrain import merge_methods, merge_stream
+
+    monkeypatch.setattr(merge_stream, "SLICE", 96)
+    base, a, b = request.getfixturevalue(trio)
+    out = merge(make_ctx(tmp_path), method=method, base=str(base), models=models_((a, 0.6), (b, 0.5)),
+                params=params, seed=4)
+    got, tb, ta, tbb = load_tensors(out), load_tensors(base), load_tensors(a), load_tensors(b)
+    fn, gens = merge_methods.MERGE_METHODS.get(method), model_generators(4, 2)
+    for name in sorted(tb):
+        whole = fn(None if method == "linear" else tb[name], [ta[name], tbb[name]], [0.6, 0.5], generator=gens,
+                   **params)
+        assert got[name].dtype == tb[name].dtype
+        assert torch.equal(got[name].view(torch.uint8), whole.to(tb[name].dtype).view(torch.uint8)), name
+
+
+def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch):
+    """A window that cannot hold the k-th magnitude (negative width) sends every sliced tensor through the
+    full count; the merge is still the whole-tensor TIES, bit for bit."""
+    from posttrain import merge_stream
+
+    monkeypatch.setattr(merge_stream, "SLICE", 96)
+    monkeypatch.setattr(merge_stream, "WINDOW_SIGMAS", -1e9)
+    passes = []
+    count_pass = merge_stream._count_pass
+    monkeypatch.setattr(merge_stream, "_count_pass", lambda *a: passes.append(a[3]) or count_pass(*a))
+    base, a, b = merge_trio
+    out = merge(make_ctx(tmp_path), method="ties", base=str(base), models=models_((a, 1.0), (b, 1.0)),
+                params={"density": 0.2})
+    assert [(-float("inf"), float("inf"))] in passes  # the fallback ran
+    got, tb, ta, tbb = load_tensors(out), load_tensors(base), load_tensors(a), load_tensors(b)
+    for name in sorted(tb):
+        assert torch.equal(got[name], ties(tb[name], [ta[name], tbb[name]], [1.0, 1.0], density=0.2)), name
 
 
 def test_output_loads_and_has_the_base_config_and_tokenizer(merge_trio, tmp_path):

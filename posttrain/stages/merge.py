@@ -7,10 +7,13 @@ written every input is checked against the base: architecture (config.json ``mod
 tensor names, shapes, dtypes; vocabulary-size differences point to the transfer stage. A refusal raises
 :class:`MergeRefused` (a ``ValueError``; the CLI exits 2) and leaves no ``model/``.
 
-Tensors are streamed as in mergekit: one name at a time is read from every input's safetensors shards, merged
-in float32 (float64 on request), cast back to the input dtype and handed to a ``ShardedWriter``, which knows
-every output tensor's shape and dtype in advance and writes each straight into its shard file. Peak memory is
-about (models + 3) tensors, whatever the model's size (tests/test_merge_stage.py measures it).
+Tensors are streamed as in mergekit, one name at a time, and each tensor in slices of 1 MiB
+(posttrain/merge_stream.py): a slice is read from every input's safetensors shards into a reused buffer,
+merged in float32 (float64 on request), cast back to the input dtype and written by a ``ShardedWriter``,
+which knows every output tensor's shape and dtype in advance and puts each slice straight into its shard
+file. The merge holds ~15 slice buffers (plus, for TIES, ~3% of one tensor per model while it finds the
+trim thresholds), whatever the model's size; breadcrumbs holds (models + 3) whole tensors
+(tests/test_merge_stage.py measures it).
 
 Work folder (``ctx.work_dir``)::
 
@@ -37,9 +40,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 import posttrain.merge_methods  # noqa: F401  (fills MERGE_METHODS)
-from posttrain import merge_search
+from posttrain import merge_search, merge_stream
 from posttrain.config import ConfigError, Strict
-from posttrain.merge_methods import block_of, coefficients_for
+from posttrain.merge_methods import Scratch, block_of, coefficients_for
 from posttrain.merge_search import Coefficients, SearchConfig
 from posttrain.models import ModelError, check_weights
 from posttrain.registry import MERGE_METHODS, RegistryError, did_you_mean
@@ -52,7 +55,7 @@ class MergeRefused(MergeMismatch, ModelError):
 
 
 _BLOCK_RE = re.compile(r"^(?:layers\.\d+|embed|lm_head|norm|other)$")  # the names block_of() returns
-_RESERVED = ("generator", "dtype")  # method arguments the stage sets itself
+_RESERVED = ("generator", "dtype", "scratch", "thresholds")  # method arguments the stage sets itself
 # Files copied from the base next to the merged weights: config, generation config, tokenizer and template.
 _BASE_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.tiktoken", "spiece.model")
@@ -255,6 +258,7 @@ def _check_architectures(folders: list[Path]) -> None:
 class _Plan:
     """Everything one merge needs except the coefficients (a search writes several merges from one plan)."""
 
+    method: str
     fn: Callable
     params: dict[str, Any]
     dtype: torch.dtype  # math
@@ -282,7 +286,7 @@ def _plan(cfg: MergeStageConfig, ctx: StageContext, base_dir: Path, model_dirs: 
             r.close()
         raise MergeRefused(str(e)) from None
     return _Plan(
-        fn=MERGE_METHODS.get(cfg.method), params=dict(cfg.params),
+        method=cfg.method, fn=MERGE_METHODS.get(cfg.method), params=dict(cfg.params),
         dtype=torch.float64 if cfg.dtype == "float64" else torch.float32,
         seed=cfg.seed if cfg.seed is not None else ctx.seed, max_shard_bytes=cfg.max_shard_bytes,
         ref=readers[0], base=None if cfg.method == "linear" else readers[0], models=readers[1:],
@@ -290,32 +294,30 @@ def _plan(cfg: MergeStageConfig, ctx: StageContext, base_dir: Path, model_dirs: 
     )
 
 
-def _merge_tensor(plan: _Plan, name: str, coeffs: Coefficients, gen: torch.Generator) -> torch.Tensor:
-    ref = plan.ref.get(name)
-    if not ref.is_floating_point():
-        return ref  # integer buffers (position ids, counters) are not weights: the base's are kept
-    base = ref if plan.base is not None else None
-    tensors = [r.get(name) for r in plan.models]
-    weights = coefficients_for(name, coeffs.weights, coeffs.per_block)
-    merged = plan.fn(base, tensors, weights, generator=gen, dtype=plan.dtype, **plan.params)
-    return merged.to(ref.dtype)
+def model_generators(seed: int, n_models: int) -> list[torch.Generator]:
+    """One generator per model for the DARE masks, seeded from ``seed`` (a generator seeded with it draws the
+    models' seeds), so each model's stream runs on tensor after tensor, slice after slice."""
+    seeds = torch.randint(0, 2**62, (n_models,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def write_merge(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
     """Stream every tensor through the method into `out` (written as a partial folder, renamed when complete).
 
-    One generator, seeded once, draws the DARE masks tensor by tensor in sorted-name order, so the same seed
-    gives the same merge whatever the sharding of the inputs.
+    Each model's generator (:func:`model_generators`) draws its DARE masks tensor by tensor in sorted-name
+    order, so the same seed gives the same merge whatever the sharding of the inputs and the slicing.
     """
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    gen = torch.Generator().manual_seed(plan.seed)
+    gens = model_generators(plan.seed, len(plan.models))
+    scratch = Scratch()  # the slice buffers, reused by every tensor
     try:
         # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory.
         layout = [(n, plan.ref.shape(n), plan.ref.dtype(n)) for n in plan.ref.names()]
         with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
             for name in plan.ref.names():
-                writer.add(name, _merge_tensor(plan, name, coeffs, gen))
+                weights = coefficients_for(name, coeffs.weights, coeffs.per_block)
+                merge_stream.write_tensor(plan, name, weights, gens, writer, scratch)
         _copy_base_files(plan.files_from, partial)
         os.replace(partial, out)
     except BaseException:
