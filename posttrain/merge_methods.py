@@ -12,9 +12,11 @@ design), so nothing here sees a whole model; for large tensors it passes slices 
 here gives the same bits for a slice as for the whole tensor (elementwise math, one random stream per model,
 TIES's magnitude thresholds computed over the whole tensor and passed in; see posttrain/merge_stream.py).
 
-``generator`` is one ``torch.Generator`` shared by the models (drawn in model order) or a list of one per
+``generator`` (DARE's masks) is one generator shared by the models (drawn in model order) or a list of one per
 model (the stage's choice: each model's stream then continues slice after slice, so slicing does not change
-which numbers a model draws).
+which numbers a model draws). A generator is a ``torch.Generator`` or a ``numpy.random.Generator``; the stage
+uses numpy's PCG64, which fills a float32 buffer in ~1.5 ns an entry against torch's ~2.3 (measured on one
+core; the draw was half of a DARE merge's time).
 
 Task-vector methods (everything except ``linear``) work on τ_i = θ_i − θ_base and return
 ``base + lam · combine(w_i, τ_i)``. Models whose weight is exactly 0 are left out before any math, so a
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,7 +182,7 @@ def _per_model(values: list | None, weights: list[float], what: str) -> list:
     return [v for v, w in zip(values, weights) if float(w) != 0.0]
 
 
-def _generators(generator: torch.Generator | list[torch.Generator] | None, weights: list[float]) -> list:
+def _generators(generator: torch.Generator | np.random.Generator | list | None, weights: list[float]) -> list:
     if isinstance(generator, (list, tuple)):
         return _per_model(list(generator), weights, "generators")
     return _per_model([generator] * len(weights), weights, "generators")  # one stream, drawn in model order
@@ -196,10 +199,15 @@ def _count_of(fraction: float, n: int) -> int:
 
 
 def _at_least(values: Tensor, bound: float, out: Tensor) -> Tensor:
-    """1.0 where values >= bound, else 0.0, into ``out``. values − bound is ≥ 0 exactly when values ≥ bound
-    (IEEE subtraction keeps the sign), and sign(x + 0.5 sign x) maps {−1, 0, 1} to {−1, 1, 1}: four
-    vectorised float passes, ~5x faster than torch's comparison into a bool tensor and a bool multiply."""
-    return torch.sub(values, bound, out=out).sign_().add_(0.5).sign_().clamp_(min=0.0)
+    """1.0 where values >= bound, else 0.0, into ``out``: values ≥ bound exactly when values − b > 0 for b the
+    float just below bound in values' dtype (IEEE subtraction is exact in sign), and sign then clamp maps
+    {−1, 0, 1} to {0, 0, 1}. Three vectorised float passes, ~5x faster than torch's comparison into a bool
+    tensor followed by a multiply by it."""
+    below = np.nextafter(np.array(bound, dtype=_NP[values.dtype]), -np.inf)
+    return torch.sub(values, float(below), out=out).sign_().clamp_(min=0.0)
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def kth_largest(values: Tensor, k: int) -> float:
@@ -237,7 +245,7 @@ def _trim_(tau: Tensor, density: float, threshold: float | None, scratch: Scratc
     return tau.mul_(_at_least(keep, threshold, out=keep))  # × 1.0 keeps the bits, × 0.0 gives ±0 (as peft)
 
 
-def drop_random(tau: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
+def drop_random(tau: Tensor, density: float, generator: torch.Generator | np.random.Generator | None) -> Tensor:
     """DARE (Yu et al. 2024): drop each entry with probability p = 1 − density, scale the kept ones by
     1/(1 − p), so the expected value of every entry is unchanged.
 
@@ -250,16 +258,24 @@ def drop_random(tau: Tensor, density: float, generator: torch.Generator | None) 
     return _drop_(tau.clone(), density, generator, None)
 
 
-def _drop_(tau: Tensor, density: float, generator: torch.Generator | None, scratch: Scratch | None) -> Tensor:
+def _drop_(tau: Tensor, density: float, generator: Any, scratch: Scratch | None) -> Tensor:
     if density <= 0.0:
         return tau.zero_()
     # Keep an entry when its uniform draw r < density (density rounded to tau's dtype, as the comparison
     # rounds it): the same stream and the same mask bit for bit as bernoulli(full_like(tau, density)), one
     # uniform per entry (24 bits for float32, 53 for float64). density − r > 0 exactly when r < density, so
     # the mask is 1.0 / 0.0 in float passes (see _at_least), never a bool tensor.
-    r = torch.rand(tau.shape, generator=generator, dtype=tau.dtype, out=_empty(scratch, "rand", tau, tau.dtype))
-    keep = r.neg_().add_(density).sign_().clamp_(min=0.0)
+    r = _uniform(tau, generator, _empty(scratch, "rand", tau, tau.dtype))
+    keep = torch.sub(density, r, out=r).sign_().clamp_(min=0.0)
     return tau.mul_(keep).div_(density)
+
+
+def _uniform(like: Tensor, generator: torch.Generator | np.random.Generator | None, out: Tensor) -> Tensor:
+    """Uniform [0, 1) draws into ``out``, one per entry (24 random bits for float32, 53 for float64)."""
+    if isinstance(generator, np.random.Generator):
+        generator.random(dtype=np.float32 if out.dtype == torch.float32 else np.float64, out=out.numpy())
+        return out
+    return torch.rand(like.shape, generator=generator, dtype=like.dtype, out=out)
 
 
 def drop_outliers(tau: Tensor, beta: float, gamma: float) -> Tensor:
@@ -303,12 +319,13 @@ def _sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch |
     x·s > 0; both are computed as float masks (see _at_least). Same bits as peft for finite task vectors;
     with NaN or infinite entries the results are not specified (peft's are NaN there too).
     """
-    xs = [tau.mul_(w) for tau, w in zip(taus, weights)]
-    total = _empty(scratch, "total", xs[0], xs[0].dtype).zero_()
+    xs = [tau if w == 1.0 else tau.mul_(w) for tau, w in zip(taus, weights)]  # × 1 changes no bit
+    total = _empty(scratch, "total", xs[0], xs[0].dtype)
     if len(xs) > 4:
         torch.sum(torch.stack(xs, dim=0), dim=0, out=total)
-    else:
-        for x in xs:
+    else:  # x0 + x1 + ... rather than +0 + x0 + ...: they differ only in the sign of a zero sum, and both
+        total.copy_(xs[0])  # signs of zero elect +1 (peft's `>= 0`)
+        for x in xs[1:]:
             total.add_(x)
     elected = total.sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, -1 where < 0
     count = _empty(scratch, "count", xs[0], xs[0].dtype).zero_()
@@ -434,7 +451,7 @@ def dare_linear(
     tensors: list[Tensor],
     weights: list[float],
     *,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    generator: torch.Generator | np.random.Generator | list | None = None,
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
     density: float = 0.1,
@@ -461,7 +478,7 @@ def dare_ties(
     tensors: list[Tensor],
     weights: list[float],
     *,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    generator: torch.Generator | np.random.Generator | list | None = None,
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
     density: float = 0.1,

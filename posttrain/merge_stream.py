@@ -9,8 +9,8 @@ The working set (~15 slice buffers) stays in the CPU caches, and nothing is allo
 Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it):
 
   * task arithmetic, linear: elementwise;
-  * DARE: each model draws from its own generator, slice after slice, and ``torch.rand`` over [0, a) then
-    [a, b) is the stream of one draw over [0, b) (checked), so a model's mask does not depend on the slicing;
+  * DARE: each model draws from its own generator, slice after slice, and a draw over [0, a) then [a, b) is
+    the stream of one draw over [0, b) (checked for numpy's PCG64 and torch), so slicing leaves masks alone;
   * TIES: the trim threshold of each model (the k-th largest |τ_i| of the whole tensor, exact) is found
     first by :func:`trim_thresholds`, then passed with every slice; sign election and mean are elementwise.
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from posttrain.merge_methods import Scratch, _count_of, _work_dtype, kth_largest
-from posttrain.tensors import ShardedReader, ShardedWriter
+from posttrain.tensors import ShardedWriter
 
 if TYPE_CHECKING:
     from posttrain.stages.merge import _Plan
@@ -39,10 +39,13 @@ SLICE = 1 << 18
 SLICED = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
 # TIES thresholds: a sample of SAMPLE_BLOCKS evenly spaced blocks of SAMPLE_BLOCK elements brackets the k-th
 # largest |τ| by ranks ± WINDOW_SIGMAS binomial standard deviations (plus slack for blocks being correlated).
-SAMPLE_BLOCKS, SAMPLE_BLOCK, WINDOW_SIGMAS = 64, 512, 6.0
+# Few, long blocks: each is a read per model (64 blocks of 512 cost 0.45 s over the 3 x 1.1 GB benchmark).
+SAMPLE_BLOCKS, SAMPLE_BLOCK, WINDOW_SIGMAS = 16, 2048, 6.0
+# TIES reads a tensor whose inputs together fit CACHE_BYTES once, whole, instead of slice by slice twice.
+CACHE_BYTES = 48 * 2**20
 
 
-def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[torch.Generator],
+def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.random.Generator],
                  writer: ShardedWriter, scratch: Scratch) -> None:
     """Merge tensor ``name`` of every input with ``weights`` (one per model) and write it to ``writer``."""
     ref = plan.ref
@@ -50,29 +53,68 @@ def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[torch.
     if not dtype.is_floating_point:
         writer.add(name, ref.get(name))  # integer buffers (position ids, counters) are not weights: the base's
         return
-    # Task-vector methods leave zero-weight models out before any math, so those are not even read.
-    skip = plan.base is not None
     kwargs: dict[str, Any] = dict(generator=gens, dtype=plan.dtype, scratch=scratch, **plan.params)
+    base_arg = (lambda b: b) if plan.base is not None else (lambda b: None)
     if plan.method not in SLICED:
-        base = ref.get(name)
-        tensors = [base if skip and w == 0 else r.get(name) for r, w in zip(plan.models, weights)]
-        merged = plan.fn(base if plan.base is not None else None, tensors, weights, **kwargs)
+        src = _Source(plan, name, weights, scratch, whole=False)
+        base, tensors = src.read(0, n)
+        merged = plan.fn(base_arg(base), tensors, weights, **kwargs)
         writer.add(name, merged.to(dtype).reshape(ref.shape(name)))
         return
-    if plan.method == "ties" and n > SLICE:
-        kwargs["thresholds"] = trim_thresholds(plan, name, weights, kwargs.get("density", 0.2), scratch)
+    two_passes = plan.method == "ties" and n > SLICE and kwargs.get("density", 0.2) < 1.0
+    # TIES reads every slice twice (thresholds, then merge): a tensor that fits CACHE_BYTES is read once.
+    src = _Source(plan, name, weights, scratch, whole=two_passes and src_bytes(plan, name) <= CACHE_BYTES)
+    if two_passes:
+        kwargs["thresholds"] = trim_thresholds(plan, src, kwargs.get("density", 0.2), scratch)
     for start in range(0, n, SLICE):
         stop = min(n, start + SLICE)
-        base = ref.read_flat(name, start, stop, out=scratch.take("in:base", (SLICE,), dtype))
-        tensors = [base if skip and w == 0 else
-                   r.read_flat(name, start, stop, out=scratch.take(f"in:{i}", (SLICE,), dtype))
-                   for i, (r, w) in enumerate(zip(plan.models, weights))]
-        merged = plan.fn(base if plan.base is not None else None, tensors, weights, **kwargs)
+        base, tensors = src.slice(start, stop)
+        merged = plan.fn(base_arg(base), tensors, weights, **kwargs)
         writer.add_flat(name, start, merged.to(dtype))
 
 
-def trim_thresholds(plan: _Plan, name: str, weights: list[float], density: float,
-                    scratch: Scratch) -> list[float] | None:
+def src_bytes(plan: _Plan, name: str) -> int:
+    return plan.ref.numel(name) * plan.ref.dtype(name).itemsize * (1 + len(plan.models))
+
+
+class _Source:
+    """Elements [start, stop) of tensor ``name`` from the base and every model, flattened. Task-vector methods
+    leave zero-weight models out before any math, so those are not read (the base stands in for them).
+    ``whole``: read each input once into a buffer and hand out views; else read every slice from the files."""
+
+    def __init__(self, plan: _Plan, name: str, weights: list[float], scratch: Scratch, whole: bool):
+        skip = plan.base is not None
+        self.name, self.scratch, self.dtype = name, scratch, plan.ref.dtype(name)
+        self.n, self.work = plan.ref.numel(name), _work_dtype(plan.dtype)
+        self.readers = [plan.ref, *(None if skip and w == 0.0 else r for r, w in zip(plan.models, weights))]
+        self.active = [i for i, r in enumerate(self.readers[1:]) if r is not None]
+        self.whole: list[Tensor | None] | None = None
+        if whole:
+            self.whole = [r.read_flat(name, 0, self.n, out=scratch.take(f"whole:{i}", (self.n,), self.dtype))
+                          if r is not None else None for i, r in enumerate(self.readers)]
+
+    def read(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
+        """Fresh tensors (or views of the whole ones): for samples and unsliced merges."""
+        if self.whole is not None:
+            return self._views(start, stop)
+        got = [r.read_flat(self.name, start, stop) if r is not None else None for r in self.readers]
+        return got[0], [g if g is not None else got[0] for g in got[1:]]
+
+    def slice(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
+        """Views valid until the next call: slice buffers reused for every slice of every tensor."""
+        if self.whole is not None:
+            return self._views(start, stop)
+        got = [r.read_flat(self.name, start, stop, out=self.scratch.take(f"in:{i}", (SLICE,), self.dtype))
+               if r is not None else None for i, r in enumerate(self.readers)]
+        return got[0], [g if g is not None else got[0] for g in got[1:]]
+
+    def _views(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
+        assert self.whole is not None
+        got = [w[start:stop] if w is not None else None for w in self.whole]
+        return got[0], [g if g is not None else got[0] for g in got[1:]]
+
+
+def trim_thresholds(plan: _Plan, src: _Source, density: float, scratch: Scratch) -> list[float]:
     """TIES's trim threshold for each model (the ``floor(density·n)``-th largest |θ_i − θ_base| of the whole
     tensor, exactly; see ``merge_methods.trim_threshold``) without holding the tensor.
 
@@ -80,69 +122,59 @@ def trim_thresholds(plan: _Plan, name: str, weights: list[float], density: float
     largest with a margin of WINDOW_SIGMAS standard deviations of its sample rank; one pass over the slices
     counts the entries above hi and keeps those inside the window (~2-3% of them); the k-th largest is then
     the (k − above)-th largest of the window's entries. If the sample misled (the count shows the k-th value
-    outside the window) the pass is redone over the whole range: slower, never inexact. None when there is
-    nothing to trim (density 1); unused entries for zero-weight models.
+    outside the window) the pass is redone over the whole range: slower, never inexact. Zero-weight models
+    get ``inf`` (they are left out before any math).
     """
-    ref, n = plan.ref, plan.ref.numel(name)
-    k = _count_of(density, n)
-    if density >= 1.0:
-        return None
-    active = [i for i, w in enumerate(weights) if w != 0.0]
-    limits = [math.inf] * len(weights)  # k == 0: nothing kept
-    if k == 0 or not active:
+    k = _count_of(density, src.n)
+    limits = [math.inf] * (len(src.readers) - 1)  # k == 0: nothing kept
+    if k == 0 or not src.active:
         return limits
-    windows = _windows(plan, name, active, k / n)
-    above, inside = _count_pass(plan, name, active, windows, scratch)
-    for j, i in enumerate(active):
+    windows = _windows(src, k / src.n)
+    above, inside = _count_pass(src, src.active, windows, scratch)
+    for j, i in enumerate(src.active):
         need, cands = k - above[j], inside[j]
         if not 1 <= need <= cands.size:  # the window missed: count and keep everything
-            above_all, inside_all = _count_pass(plan, name, [i], [(-math.inf, math.inf)], scratch)
+            above_all, inside_all = _count_pass(src, [i], [(-math.inf, math.inf)], scratch)
             need, cands = k - above_all[0], inside_all[0]
         limits[i] = float(np.partition(cands, cands.size - need)[cands.size - need])
     return limits
 
 
-def _abs_tau(plan: _Plan, reader: ShardedReader, name: str, base: Tensor, start: int, stop: int,
-             scratch: Scratch, key: str) -> Tensor:
-    """|θ_i − θ_base| on [start, stop) in the work dtype: the bits that ties() computes for the same entries."""
-    t = reader.read_flat(name, start, stop, out=scratch.take(key, (SLICE,), reader.dtype(name)))
-    return torch.sub(t, base, out=scratch.take("abs_tau", (stop - start,), base.dtype)).abs_()
-
-
-def _windows(plan: _Plan, name: str, active: list[int], q: float) -> list[tuple[float, float]]:
-    """[lo, hi] per model around the sample's q-quantile from the top, ± WINDOW_SIGMAS·sqrt(m·q·(1−q)) ranks."""
-    n = plan.ref.numel(name)
+def _windows(src: _Source, q: float) -> list[tuple[float, float]]:
+    """[lo, hi] per active model around the sample's q-quantile from the top, ± WINDOW_SIGMAS·sqrt(m·q·(1−q))
+    ranks (+ 0.2% of the sample and 2: slack for the blocks' entries being correlated)."""
+    n = src.n
     block = min(SAMPLE_BLOCK, max(1, n // SAMPLE_BLOCKS))
     starts = sorted({(n - block) * j // max(1, SAMPLE_BLOCKS - 1) for j in range(SAMPLE_BLOCKS)})
-    base = torch.cat([plan.ref.read_flat(name, s, s + block) for s in starts]).to(_work_dtype(plan.dtype))
+    parts = [src.read(s, s + block) for s in starts]
+    base = torch.cat([b for b, _ in parts]).to(src.work)
     out = []
-    for i in active:
-        model = torch.cat([plan.models[i].read_flat(name, s, s + block) for s in starts])
-        sample = torch.sub(model, base).abs_().numpy()
-        m = sample.size
+    for i in src.active:
+        sample = torch.sub(torch.cat([ms[i] for _, ms in parts]), base).abs_()
+        m = sample.numel()
         margin = WINDOW_SIGMAS * math.sqrt(m * q * (1 - q)) + 0.002 * m + 2
         r_hi, r_lo = math.floor(q * m - margin), math.ceil(q * m + margin)  # ranks from the top, 1-based
-        hi = kth_largest(torch.from_numpy(sample), min(r_hi, m)) if r_hi >= 1 else math.inf
-        lo = kth_largest(torch.from_numpy(sample), max(r_lo, 1)) if r_lo <= m else -math.inf
+        hi = kth_largest(sample, min(r_hi, m)) if r_hi >= 1 else math.inf
+        lo = kth_largest(sample, max(r_lo, 1)) if r_lo <= m else -math.inf
         out.append((lo, hi))
     return out
 
 
-def _count_pass(plan: _Plan, name: str, active: list[int], windows: list[tuple[float, float]],
+def _count_pass(src: _Source, active: list[int], windows: list[tuple[float, float]],
                 scratch: Scratch) -> tuple[list[int], list[np.ndarray]]:
     """One pass over the slices: per model, the count of |τ| > hi and the entries with lo <= |τ| <= hi.
-    numpy for the comparisons: ~10x faster than torch's into bool tensors (measured on one core)."""
-    n, dtype = plan.ref.numel(name), plan.ref.dtype(name)
+    |τ| has the bits that ties() computes for the same entries; numpy for the comparisons: ~10x faster than
+    torch's into bool tensors (measured on one core)."""
     above = [0] * len(active)
     inside: list[list[np.ndarray]] = [[] for _ in active]
     over = np.empty(SLICE, dtype=bool)
     within = np.empty(SLICE, dtype=bool)
-    for start in range(0, n, SLICE):
-        stop = min(n, start + SLICE)
-        base = plan.ref.read_flat(name, start, stop, out=scratch.take("in:base", (SLICE,), dtype))
-        base = base.to(_work_dtype(plan.dtype))
+    for start in range(0, src.n, SLICE):
+        stop = min(src.n, start + SLICE)
+        base, models = src.slice(start, stop)
+        base = base.to(src.work)
         for j, (i, (lo, hi)) in enumerate(zip(active, windows)):
-            a = _abs_tau(plan, plan.models[i], name, base, start, stop, scratch, f"in:{i}").numpy()
+            a = torch.sub(models[i], base, out=scratch.take("abs_tau", (stop - start,), src.work)).abs_().numpy()
             o, w = over[: a.size], within[: a.size]
             above[j] += int(np.count_nonzero(np.greater(a, hi, out=o)))
             np.logical_and(np.greater_equal(a, lo, out=w), np.logical_not(o, out=o), out=w)

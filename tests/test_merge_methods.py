@@ -366,3 +366,49 @@ def test_dare_mask_is_the_bernoulli_stream_it_replaced() -> None:
         expected = tau * torch.bernoulli(torch.full_like(tau, 0.3), generator=g1) / 0.3
         assert torch.equal(drop_random(tau, 0.3, g2).view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # same draws consumed
+
+
+def test_dare_with_numpy_generators_is_reproducible_and_slices_draw_the_same_masks() -> None:
+    """The stage's generators (numpy PCG64, one per model): a merge in slices equals the whole-tensor merge,
+    and each model keeps ~density of its entries, scaled by 1/density."""
+    import numpy as np
+
+    base = torch.zeros(10_001)
+    models = [torch.randn(10_001, generator=gen(s)) for s in (1, 2)]
+
+    def gens():
+        return [np.random.Generator(np.random.PCG64(s)) for s in (11, 12)]
+
+    whole = dare_linear(base, models, [1.0, 0.0], generator=gens(), density=0.3)
+    g = gens()
+    sliced = torch.cat([dare_linear(base[a:b], [m[a:b] for m in models], [1.0, 0.0], generator=g, density=0.3)
+                        for a, b in [(0, 777), (777, 5000), (5000, 10_001)]])
+    assert torch.equal(whole, sliced)
+    assert torch.equal(whole, dare_linear(base, models, [1.0, 0.0], generator=gens(), density=0.3))
+    kept = whole != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.025  # Binomial(10001, 0.3)/n: std 0.0046, 5σ
+    torch.testing.assert_close(whole[kept], models[0][kept] / 0.3)
+
+
+def test_trim_keeps_every_magnitude_tied_with_the_kth() -> None:
+    from posttrain.merge_methods import trim_magnitude, trim_threshold
+
+    tau = T(5, -3, 3, 1, -3, 0.5)  # k = floor(0.5 · 6) = 3: the 3rd largest magnitude is 3, held by three entries
+    assert trim_threshold(tau, 0.5) == 3.0
+    assert trim_magnitude(tau, 0.5).tolist() == [5.0, -3.0, 3.0, 0.0, -3.0, 0.0]
+    assert trim_threshold(tau, 0.1) == float("inf")  # k = 0: nothing kept
+    assert trim_magnitude(tau, 0.1).tolist() == [0.0] * 6
+
+
+def test_scratch_buffers_give_the_same_bits_as_fresh_tensors() -> None:
+    from posttrain.merge_methods import Scratch
+
+    base = torch.randn(300, generator=gen(1))
+    models = [base + 0.1 * torch.randn(300, generator=gen(s)) for s in (2, 3, 4)]
+    scratch = Scratch()
+    for fn, kw in [(task_arithmetic, {}), (ties, {"density": 0.3}), (dare_ties, {"density": 0.5}),
+                   (dare_linear, {"density": 0.5}), (linear, {})]:
+        for _ in range(2):  # the second call reuses the buffers of the first
+            fresh = fn(base, models, [0.5, 1.0, -0.3], generator=gen(9), **kw)
+            reused = fn(base, models, [0.5, 1.0, -0.3], generator=gen(9), scratch=scratch, **kw)
+            assert torch.equal(fresh.view(torch.uint8), reused.view(torch.uint8)), fn.__name__

@@ -99,12 +99,16 @@ def bf16_trio(tmp_path_factory):
                                             ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
                                             ("linear", {})])
 @pytest.mark.parametrize("trio", ["merge_trio", "bf16_trio"])
-def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypatch, method, params, trio):
+@pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
+def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypatch, method, params, trio,
+                                                    cache_bytes):
     """Slices of 96 elements (the tiny tensors hold 16-1024) give the bits of one whole-tensor call per name:
-    TIES with its thresholds found by sample and count, DARE with each model's stream running on."""
+    TIES with its thresholds found by sample and count (inputs read per slice, or once whole), DARE with each
+    model's stream running on."""
     from posttrain import merge_methods, merge_stream
 
     monkeypatch.setattr(merge_stream, "SLICE", 96)
+    monkeypatch.setattr(merge_stream, "CACHE_BYTES", cache_bytes)
     base, a, b = request.getfixturevalue(trio)
     out = merge(make_ctx(tmp_path), method=method, base=str(base), models=models_((a, 0.6), (b, 0.5)),
                 params=params, seed=4)
@@ -117,16 +121,18 @@ def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypat
         assert torch.equal(got[name].view(torch.uint8), whole.to(tb[name].dtype).view(torch.uint8)), name
 
 
-def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
+def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch, cache_bytes):
     """A window that cannot hold the k-th magnitude (negative width) sends every sliced tensor through the
     full count; the merge is still the whole-tensor TIES, bit for bit."""
     from posttrain import merge_stream
 
     monkeypatch.setattr(merge_stream, "SLICE", 96)
+    monkeypatch.setattr(merge_stream, "CACHE_BYTES", cache_bytes)
     monkeypatch.setattr(merge_stream, "WINDOW_SIGMAS", -1e9)
     passes = []
     count_pass = merge_stream._count_pass
-    monkeypatch.setattr(merge_stream, "_count_pass", lambda *a: passes.append(a[3]) or count_pass(*a))
+    monkeypatch.setattr(merge_stream, "_count_pass", lambda *a: passes.append(a[2]) or count_pass(*a))
     base, a, b = merge_trio
     out = merge(make_ctx(tmp_path), method="ties", base=str(base), models=models_((a, 1.0), (b, 1.0)),
                 params={"density": 0.2})
