@@ -26,17 +26,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Tests train 1-thread models (tests/conftest.py), so files run in parallel, one worker per core (at most 4:
+# each worker holds its own torch and models); a file's tests stay on one worker to share its fixtures.
+JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST  := $(BIN)/pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile
+
 test: setup
-	$(BIN)/pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PYTEST) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 # Crashes, faults and bad input (issue #9); `make test` runs this folder too.
 test-reliability: setup
-	$(BIN)/pytest -q -p no:cacheprovider tests/reliability; rc=$$?; \
+	$(PYTEST) tests/reliability; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 stage: setup
 	$(BIN)/posttrain stage $(stage) $(ARGS)
