@@ -89,17 +89,18 @@ def _validate(cls: type[BaseModel], data: dict, prefix: str) -> BaseModel:
         raise _Nested(_format_error(e, cls, prefix)) from None
 
 
-def _unwrap(tp: Any) -> list[Any]:
-    """The concrete types inside Optional/Union/list/dict annotations."""
+def _unwrap(tp: Any, into_containers: bool = True) -> list[Any]:
+    """The alternatives of an annotation through Optional/Union/Annotated and, with `into_containers`, the
+    concrete types inside list/tuple/set/dict (a dict's values); without, list/dict types stay whole."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return [t for a in typing.get_args(tp) for t in _unwrap(a)]
-    if origin in (list, tuple, set):
-        return [t for a in typing.get_args(tp) for t in _unwrap(a)]
-    if origin is dict:
-        return _unwrap(typing.get_args(tp)[1])
+        return [t for a in typing.get_args(tp) for t in _unwrap(a, into_containers)]
     if origin is typing.Annotated:
-        return _unwrap(typing.get_args(tp)[0])
+        return _unwrap(typing.get_args(tp)[0], into_containers)
+    if into_containers and origin in (list, tuple, set):
+        return [t for a in typing.get_args(tp) for t in _unwrap(a)]
+    if into_containers and origin is dict:
+        return _unwrap(typing.get_args(tp)[1])
     return [tp]
 
 
@@ -160,21 +161,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _top_types(tp: Any) -> list[Any]:
-    """The alternatives of an annotation through Optional/Union/Annotated, keeping list/dict types whole."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return [t for a in typing.get_args(tp) for t in _top_types(a)]
-    if origin is typing.Annotated:
-        return _top_types(typing.get_args(tp)[0])
-    return [tp]
-
-
 def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:
     """True when `--set key=raw` should keep raw as a string rather than parse it as YAML."""
     if cls is None or key not in cls.model_fields:
         return False
-    types_ = _top_types(cls.model_fields[key].annotation)
+    types_ = _unwrap(cls.model_fields[key].annotation, into_containers=False)
     if raw.lstrip()[:1] in ("[", "{") and any(typing.get_origin(t) in (list, tuple, set, dict) for t in types_):
         return False  # `str | list[str]` given a YAML list: the list
     literal_str = all(isinstance(a, str) for t in types_ if typing.get_origin(t) is Literal for a in typing.get_args(t))
