@@ -342,7 +342,7 @@ def _sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch |
 
 def _rebase(b: Tensor, lam: float, combined: Tensor) -> Tensor:
     """b + lam · combined, in place in ``combined`` (the same bits: IEEE addition is commutative)."""
-    return combined.mul_(lam).add_(b)
+    return (combined if lam == 1.0 else combined.mul_(lam)).add_(b)  # × 1 changes no bit
 
 
 # --------------------------------------------------------------------------------------------- methods

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
@@ -294,11 +295,10 @@ def _plan(cfg: MergeStageConfig, ctx: StageContext, base_dir: Path, model_dirs: 
     )
 
 
-def model_generators(seed: int, n_models: int) -> list[torch.Generator]:
-    """One generator per model for the DARE masks, seeded from ``seed`` (a generator seeded with it draws the
-    models' seeds), so each model's stream runs on tensor after tensor, slice after slice."""
-    seeds = torch.randint(0, 2**62, (n_models,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [torch.Generator().manual_seed(s) for s in seeds]
+def model_generators(seed: int, n_models: int) -> list[np.random.Generator]:
+    """One generator per model for the DARE masks: numpy PCG64 streams spawned from ``SeedSequence(seed)``
+    (independent by construction), each running on tensor after tensor, slice after slice."""
+    return [np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(n_models)]
 
 
 def write_merge(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
