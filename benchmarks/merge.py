@@ -6,8 +6,9 @@ two fine-tunes, sharded safetensors in a temporary folder).
   * time vs mergekit: the same worker process, wall clock (interpreter start and imports included), over
     `mergekit-yaml` on the same inputs, dtype and shard size. The worker is the merge itself without the
     pipeline's bookkeeping (config file, DONE hashes), which a `posttrain stage merge` adds;
-  * peak RSS of the stage's process (VmHWM) against 3 x the largest tensor + 200 MB. safetensors maps the
-    input files, and mapped pages that were read count in RSS; the sampled anonymous peak is in `detail`.
+  * peak RSS of the stage's process (VmHWM) against 3 x the largest tensor + 200 MB. The stage reads with
+    pread into reused slice buffers, so no input page is mapped; the raw script reads through safetensors'
+    memory maps, whose pages count in its RSS (`raw_peak_rss_mb`); the sampled anonymous peak is in `detail`.
 Each round runs every side once, the order reversed every other round; every output is deleted and the page
 cache flushed to disk (sync) between runs, outside the clocks.
 """
