@@ -198,15 +198,6 @@ def _count_of(fraction: float, n: int) -> int:
     return min(n, max(0, math.floor(fraction * n + 1e-9)))
 
 
-def _at_least(values: Tensor, bound: float, out: Tensor) -> Tensor:
-    """1.0 where values >= bound, else 0.0, into ``out``: values ≥ bound exactly when values − b > 0 for b the
-    float just below bound in values' dtype (IEEE subtraction is exact in sign), and sign then clamp maps
-    {−1, 0, 1} to {0, 0, 1}. Three vectorised float passes, ~5x faster than torch's comparison into a bool
-    tensor followed by a multiply by it."""
-    below = np.nextafter(np.array(bound, dtype=_NP[values.dtype]), -np.inf)
-    return torch.sub(values, float(below), out=out).sign_().clamp_(min=0.0)
-
-
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -241,8 +232,13 @@ def trim_magnitude(tau: Tensor, density: float, threshold: float | None = None) 
 def _trim_(tau: Tensor, density: float, threshold: float | None, scratch: Scratch | None) -> Tensor:
     if threshold is None:
         threshold = trim_threshold(tau, density)
+    # keep = 1.0 where |τ| >= threshold, else 0.0, in three vectorised float passes (~5x faster than torch's
+    # comparison into a bool tensor and a multiply by it): threshold_ zeroes |τ| <= b, b the float just below
+    # the threshold, and sign_ maps what is left to 1.0. A kept |τ| of 0 gives 0.0, which changes nothing.
     keep = torch.abs(tau, out=_empty(scratch, "keep", tau, tau.dtype))
-    return tau.mul_(_at_least(keep, threshold, out=keep))  # × 1.0 keeps the bits, × 0.0 gives ±0 (as peft)
+    below = float(np.nextafter(np.array(threshold, dtype=_NP[tau.dtype]), -np.inf))
+    torch.threshold_(keep, below, 0.0).sign_()
+    return tau.mul_(keep)  # × 1.0 keeps the bits, × 0.0 gives ±0 (as peft's float mask)
 
 
 def drop_random(tau: Tensor, density: float, generator: torch.Generator | np.random.Generator | None) -> Tensor:
@@ -263,8 +259,8 @@ def _drop_(tau: Tensor, density: float, generator: Any, scratch: Scratch | None)
         return tau.zero_()
     # Keep an entry when its uniform draw r < density (density rounded to tau's dtype, as the comparison
     # rounds it): the same stream and the same mask bit for bit as bernoulli(full_like(tau, density)), one
-    # uniform per entry (24 bits for float32, 53 for float64). density − r > 0 exactly when r < density, so
-    # the mask is 1.0 / 0.0 in float passes (see _at_least), never a bool tensor.
+    # uniform per entry (24 bits for float32, 53 for float64). density − r > 0 exactly when r < density (IEEE
+    # subtraction keeps the sign), so sign then clamp give the 1.0 / 0.0 mask in float passes, no bool tensor.
     r = _uniform(tau, generator, _empty(scratch, "rand", tau, tau.dtype))
     keep = torch.sub(density, r, out=r).sign_().clamp_(min=0.0)
     return tau.mul_(keep).div_(density)
@@ -316,7 +312,7 @@ def _sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch |
     peft's arithmetic, model by model: Σ from a +0 accumulator is ``stacked.sum(0)`` bit for bit for up to 4
     models (checked; with 5 or more torch's reduction regroups the terms, so the stacked sum is used there).
     peft elects s = +1 where the sum is ≥ 0 (±0 included) else −1, and x agrees when sign(x) == s, i.e.
-    x·s > 0; both are computed as float masks (see _at_least). Same bits as peft for finite task vectors;
+    x·s > 0; both are computed as float masks (sign passes, no bool tensors). Same bits as peft for finite task vectors;
     with NaN or infinite entries the results are not specified (peft's are NaN there too).
     """
     xs = [tau if w == 1.0 else tau.mul_(w) for tau, w in zip(taus, weights)]  # × 1 changes no bit

