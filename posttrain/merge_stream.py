@@ -13,6 +13,7 @@ Slicing gives the same bits as merging the whole tensor at once (tests/test_merg
     the stream of one draw over [0, b) (checked for numpy's PCG64 and torch), so slicing leaves masks alone;
   * TIES: the trim threshold of each model (the k-th largest |τ_i| of the whole tensor, exact) is found
     first by :func:`trim_thresholds`, then passed with every slice; sign election and mean are elementwise.
+    That reads every slice twice, so a tensor whose inputs fit CACHE_BYTES is read once, whole.
 
 Breadcrumbs (two thresholds per model) takes the whole tensor at once.
 """
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SLICE", "SLICED", "write_tensor", "trim_thresholds"]
 
-# 2**18 elements: 1 MiB per float32 buffer. A TIES slice touches ~15 such buffers, which stay in L2/L3; slices
-# of 16 MB measured 3-4x slower per element (every pass goes to DRAM), slices of 64 KB pay Python per call.
+# 2**18 elements: 1 MiB per float32 buffer. A TIES slice touches ~15 such buffers, which stay in L2/L3 (one
+# pass over a 131 MB tensor from DRAM measured ~4x slower per element); 2**17 and 2**19 measured 3-10% slower
+# on the benchmark's merges (more Python calls, or less cache).
 SLICE = 1 << 18
 SLICED = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
 # TIES thresholds: a sample of SAMPLE_BLOCKS evenly spaced blocks of SAMPLE_BLOCK elements brackets the k-th
