@@ -122,13 +122,19 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}  # slices repeat one shape
 
     def take(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        view = self._views.get((key, tuple(shape), dtype))
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self._bufs.get((key, dtype))
         if buf is None or buf.numel() < n:
             buf = self._bufs[(key, dtype)] = torch.empty(n, dtype=dtype)
-        return buf[:n].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != key or k[2] != dtype}
+        view = self._views[(key, tuple(shape), dtype)] = buf[:n].view(shape)
+        return view
 
 
 def _empty(scratch: Scratch | None, key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -324,15 +330,24 @@ def _sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch |
         for x in xs[1:]:
             total.add_(x)
     elected = total.sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, -1 where < 0
-    count = _empty(scratch, "count", xs[0], xs[0].dtype).zero_()
+    count = _empty(scratch, "count", xs[0], xs[0].dtype)
     agree = _empty(scratch, "agree", xs[0], xs[0].dtype)
-    mixed = _empty(scratch, "mixed", xs[0], xs[0].dtype).zero_()
-    for x in xs:
-        torch.mul(x, elected, out=agree).sign_().clamp_(min=0.0)  # 1.0 where x·s > 0, else 0.0
-        count.add_(agree)
-        mixed.add_(x.mul_(agree))  # x is ours (scaled above)
-    if len(xs) > 4:  # the stacked order again, for the same bits
+    mixed = _empty(scratch, "mixed", xs[0], xs[0].dtype)
+    for i, x in enumerate(xs):
+        a = count if i == 0 else agree  # the first mask is the first count
+        torch.mul(x, elected, out=a).sign_().clamp_(min=0.0)  # 1.0 where x·s > 0, else 0.0
+        if len(xs) > 4:
+            x.mul_(a)  # x is ours (scaled above); summed in the stacked order below, for the same bits
+        elif i == 0:
+            torch.mul(x, a, out=mixed)
+        else:
+            mixed.addcmul_(x, a)  # x·a is exact (a is 0 or 1): one rounding, as in mixed + x·a
+        if i > 0:
+            count.add_(a)
+    if len(xs) > 4:
         torch.sum(torch.stack(xs, dim=0), dim=0, out=mixed)
+    else:  # peft sums from +0: + 0.0 turns a -0.0 (no model agrees, x0 < 0) into its +0.0; all else is equal
+        mixed.add_(0.0)
     return mixed.div_(count.clamp_(min=1.0))
 
 
