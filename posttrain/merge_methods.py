@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from posttrain.registry import MERGE_METHODS
+
+if TYPE_CHECKING:
+    from posttrain.merge_stream import Scratch  # the stage's buffers; methods only call .take
 
 __all__ = [
     "block_of",
@@ -56,7 +59,6 @@ __all__ = [
     "dare_linear",
     "dare_ties",
     "breadcrumbs",
-    "Scratch",
     "trim_magnitude",
     "trim_threshold",
     "kth_largest",
@@ -112,29 +114,6 @@ def coefficients_for(
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-class Scratch:
-    """Reusable buffers for a method's temporaries, by name. The merge stage passes one Scratch to every
-    slice of every tensor, so the ~10 temporaries of a TIES slice are allocated once per merge, not per
-    slice: a fresh 1 MB block costs page faults (100-400 µs measured, as much as the math on it). A result
-    computed with a Scratch may live in one of its buffers: it is valid until the next call that uses it."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
-        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}  # slices repeat one shape
-
-    def take(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        view = self._views.get((key, tuple(shape), dtype))
-        if view is not None:
-            return view
-        n = math.prod(shape)
-        buf = self._bufs.get((key, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[(key, dtype)] = torch.empty(n, dtype=dtype)
-            self._views = {k: v for k, v in self._views.items() if k[0] != key or k[2] != dtype}
-        view = self._views[(key, tuple(shape), dtype)] = buf[:n].view(shape)
-        return view
 
 
 def _empty(scratch: Scratch | None, key: str, like: Tensor, dtype: torch.dtype) -> Tensor:

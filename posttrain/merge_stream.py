@@ -3,7 +3,7 @@
 For each tensor name the merge stage calls :func:`write_tensor`. A floating-point tensor is cut into slices
 of ``SLICE`` elements (1 MiB of float32); each slice is read from every input with
 ``ShardedReader.read_flat`` into a buffer reused for the whole merge, merged by the registered method with a
-:class:`~posttrain.merge_methods.Scratch` for its temporaries, and written with ``ShardedWriter.add_flat``.
+:class:`Scratch` for its temporaries, and written with ``ShardedWriter.add_flat``.
 The working set (~15 slice buffers) stays in the CPU caches, and nothing is allocated per slice.
 
 Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it):
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from posttrain.merge_methods import Scratch, _count_of, _work_dtype, kth_largest
+from posttrain.merge_methods import _count_of, _work_dtype, kth_largest
 from posttrain.tensors import ShardedWriter
 
 if TYPE_CHECKING:
     from posttrain.stages.merge import _Plan
 
-__all__ = ["SLICE", "SLICED", "write_tensor", "trim_thresholds"]
+__all__ = ["SLICE", "SLICED", "Scratch", "write_tensor", "trim_thresholds"]
 
 # 2**18 elements: 1 MiB per float32 buffer. A TIES slice touches ~15 such buffers, which stay in L2/L3 (one
 # pass over a 131 MB tensor from DRAM measured ~4x slower per element); 2**17 and 2**19 measured 3-10% slower
@@ -47,6 +47,29 @@ SLICED = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ti
 SAMPLE, SAMPLE_BLOCK, WINDOW_SIGMAS = 1 << 16, 64, 4.0
 # TIES reads a tensor whose inputs together fit CACHE_BYTES once, whole, instead of slice by slice twice.
 CACHE_BYTES = 48 * 2**20
+
+
+class Scratch:
+    """Reusable buffers for a method's temporaries, by name. The merge stage passes one Scratch to every
+    slice of every tensor, so the ~10 temporaries of a TIES slice are allocated once per merge, not per
+    slice: a fresh 1 MB block costs page faults (100-400 µs measured, as much as the math on it). A result
+    computed with a Scratch may live in one of its buffers: it is valid until the next call that uses it."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}  # slices repeat one shape
+
+    def take(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        view = self._views.get((key, tuple(shape), dtype))
+        if view is not None:
+            return view
+        n = math.prod(shape)
+        buf = self._bufs.get((key, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(key, dtype)] = torch.empty(n, dtype=dtype)
+            self._views = {k: v for k, v in self._views.items() if k[0] != key or k[2] != dtype}
+        view = self._views[(key, tuple(shape), dtype)] = buf[:n].view(shape)
+        return view
 
 
 def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.random.Generator],

@@ -401,7 +401,7 @@ def test_trim_keeps_every_magnitude_tied_with_the_kth() -> None:
 
 
 def test_scratch_buffers_give_the_same_bits_as_fresh_tensors() -> None:
-    from posttrain.merge_methods import Scratch
+    from posttrain.merge_stream import Scratch
 
     base = torch.randn(300, generator=gen(1))
     models = [base + 0.1 * torch.randn(300, generator=gen(s)) for s in (2, 3, 4)]

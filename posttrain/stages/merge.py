@@ -43,8 +43,9 @@ from pydantic import Field, field_validator, model_validator
 import posttrain.merge_methods  # noqa: F401  (fills MERGE_METHODS)
 from posttrain import merge_search, merge_stream
 from posttrain.config import ConfigError, Strict
-from posttrain.merge_methods import Scratch, block_of, coefficients_for
+from posttrain.merge_methods import block_of, coefficients_for
 from posttrain.merge_search import Coefficients, SearchConfig
+from posttrain.merge_stream import Scratch
 from posttrain.models import ModelError, check_weights
 from posttrain.registry import MERGE_METHODS, RegistryError, did_you_mean
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
