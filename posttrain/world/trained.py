@@ -1,8 +1,10 @@
 """Named world models made by running a stage once and caching its output (e.g. `world-sft`).
 
 DPO and GRPO start from the world's SFT model, merge needs specialists, transfer needs a fine-tuned source:
-each is a one-stage pipeline run into `<cache>/world-<VERSION>/models/<name>/` on first use (under a lock,
-so two processes train it once), and referenced afterwards by name like any model (`model: world-sft`).
+each is a one-stage pipeline run into `<cache>/world-<VERSION>/models/<name>-<hash>/` on first use (under a
+lock, so two processes train it once), and referenced afterwards by name like any model (`model: world-sft`).
+`<hash>` is 8 hex digits of the sha256 of the recipe's stage config with every default filled in, so changing
+a recipe (or a stage default it relies on) trains a new model instead of reusing the old one.
 """
 from __future__ import annotations
 
@@ -20,26 +22,39 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def _pipeline(name: str, recipe: dict):
+    from posttrain.config import load_pipeline
+
+    return load_pipeline(None, data={"name": name, "eval": {"enabled": False},
+                                     "stages": [{**recipe, "name": name}]})
+
+
+def cache_key(name: str, recipe: dict | None = None) -> str:
+    """`<name>-<8 hex>`: the cache folder of RECIPES[name] (or of `recipe`), keyed by its resolved config."""
+    import posttrain.stages  # noqa: F401  (stage kinds)
+    from posttrain.rundir import sha256_json
+
+    stage = _pipeline(name, RECIPES[name] if recipe is None else recipe).stages[0]
+    return f"{name}-{sha256_json(stage.model_dump(mode='json'))[:8]}"
+
+
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     """Run RECIPES[name] once into the cache and return its model folder."""
-    import posttrain.stages  # noqa: F401  (stage kinds)
-    from posttrain.config import load_pipeline
     from posttrain.pipeline import run_pipeline
     from posttrain.world import world_dir
 
     root = world_dir(log) / "models"
-    run = root / name
+    key = cache_key(name)
+    run = root / key
     model = run / "stages" / f"01_{name}" / "model"
     if (run / "READY").is_file():
         return model
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{name}.lock", "w") as lock:
+    with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (run / "READY").is_file():
             log(f"world: training {name} once (cached in {run})")
-            cfg = load_pipeline(None, data={"name": name, "eval": {"enabled": False},
-                                            "stages": [{**RECIPES[name], "name": name}]})
-            run_pipeline(cfg, run, log)
+            run_pipeline(_pipeline(name, RECIPES[name]), run, log)
             (run / "READY").write_text("ok\n")
     return model
 
