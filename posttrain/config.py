@@ -66,16 +66,14 @@ class PipelineConfig(Strict):
             except RegistryError as e:
                 raise ValueError(f"stages[{i}].kind: {e}") from None
             out.append(_validate(spec.config, raw, prefix=f"stages[{i}]"))
+        for i, stage in enumerate(out):  # unnamed stages: the kind, then kind<i>; checked with the rest below
+            if stage.name is None:
+                stage.name = stage.kind if i == 0 else f"{stage.kind}{i}"
         names = [s.name for s in out]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(sorted(dup))}")
         return out
-
-    def model_post_init(self, _: Any) -> None:
-        for i, stage in enumerate(self.stages):
-            if stage.name is None:
-                stage.name = stage.kind if i == 0 else f"{stage.kind}{i}"
 
 
 class _Nested(ValueError):
@@ -231,6 +229,8 @@ def parse_sets(sets: list[str] | None) -> list[tuple[str, str]]:
 
 def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: dict | None = None) -> PipelineConfig:
     """Read a pipeline YAML (or `data`), apply `--set` overrides, validate; errors name the file and path."""
+    import posttrain.stages  # noqa: F401  (registers the stage kinds; a library caller need not know to)
+
     where = str(path) if path else "<config>"
     raw = read_yaml(path) if path else dict(data or {})
     for key, value in parse_sets(sets):
@@ -244,6 +244,8 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
 
 def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
     """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage."""
+    import posttrain.stages  # noqa: F401  (registers the stage kinds)
+
     try:
         spec = STAGES.get(kind)
     except RegistryError as e:

@@ -100,3 +100,26 @@ def test_every_stage_config_round_trips():
         cls = STAGES.get(kind).config
         dumped = cls().model_dump()
         assert cls.model_validate(dumped).model_dump() == dumped, kind
+
+
+def test_load_pipeline_registers_the_stage_kinds_itself():
+    """A library caller that imports only posttrain.config still gets every stage kind (a fresh interpreter, so
+    no other test has imported posttrain.stages for it)."""
+    import subprocess
+    import sys
+
+    code = ("from posttrain.config import load_pipeline\n"
+            "cfg = load_pipeline(None, data={'stages': [{'kind': 'sft'}, {'kind': 'merge', 'method': 'linear'}]})\n"
+            "print([s.kind for s in cfg.stages])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['sft', 'merge']"
+
+
+def test_unnamed_stages_get_kind_names_and_a_clash_with_one_is_refused():
+    cfg = load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "merge", "method": "linear"},
+                                               {"kind": "sft"}]})
+    assert [s.name for s in cfg.stages] == ["sft", "merge1", "sft2"]
+    with pytest.raises(ConfigError) as e:  # an explicit name equal to another stage's default name
+        load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "sft", "name": "sft"}]})
+    assert "stage names must be unique; repeated: sft" in str(e.value) and "\n" not in str(e.value)
