@@ -20,7 +20,7 @@ Breadcrumbs (two thresholds per model) takes the whole tensor at once.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from posttrain.tensors import ShardedWriter
 if TYPE_CHECKING:
     from posttrain.stages.merge import _Plan
 
-__all__ = ["SLICE", "SLICED", "Scratch", "write_tensor", "trim_thresholds"]
+__all__ = ["SLICE", "SLICED", "Scratch", "write_tensor", "trim_thresholds", "with_progress"]
 
 # 2**18 elements: 1 MiB per float32 buffer. A TIES slice touches ~15 such buffers, which stay in L2/L3 (one
 # pass over a 131 MB tensor from DRAM measured ~4x slower per element); 2**17 and 2**19 measured 3-10% slower
@@ -70,6 +70,18 @@ class Scratch:
             self._views = {k: v for k, v in self._views.items() if k[0] != key or k[2] != dtype}
         view = self._views[(key, tuple(shape), dtype)] = buf[:n].view(shape)
         return view
+
+
+def with_progress(names: list[str], reader: Any, desc: str) -> Iterator[str]:
+    """Yield `names` while a tqdm bar counts their bytes in `reader` (shown on a terminal only: tqdm's
+    disable=None), so a merge or transfer of a large model says how far it is, as mergekit's does."""
+    from tqdm.auto import tqdm
+
+    sizes = [math.prod(reader.shape(n)) * reader.dtype(n).itemsize for n in names]
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+        for name, size in zip(names, sizes):
+            yield name
+            bar.update(size)
 
 
 def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.random.Generator],

@@ -359,3 +359,34 @@ def test_merge_peak_memory_stays_near_a_few_slices(tmp_path):
     grown_mb = (got["peak"] - got["start"]) / 2**20
     assert grown_mb <= 32, f"the merge grew the process by {grown_mb:.0f} MB"
     assert len(list((tmp_path / "out" / "model").glob("*.safetensors"))) == 4  # 24 MB tensors, 40 MB shards
+
+
+def test_merge_progress_counts_every_tensor_byte_in_order(merge_trio, monkeypatch):
+    """with_progress yields the names in order and its bar ends at the bytes of all of them."""
+    import tqdm.auto
+
+    from posttrain.merge_stream import with_progress
+    from posttrain.tensors import ShardedReader
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            self.n += k
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    with ShardedReader(merge_trio[0]) as reader:
+        names = reader.names()
+        assert list(with_progress(names, reader, "merge")) == names
+        expected = sum(reader.get(n).numel() * reader.get(n).element_size() for n in names)
+    assert [(b.total, b.n) for b in bars] == [(expected, expected)]

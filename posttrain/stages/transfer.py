@@ -50,6 +50,7 @@ from posttrain import merge_search
 from posttrain.config import ConfigError
 from posttrain.merge_methods import block_of, coefficients_for
 from posttrain.merge_search import Coefficients, SearchConfig
+from posttrain.merge_stream import with_progress
 from posttrain.models import ModelError
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
@@ -329,7 +330,7 @@ def write_transfer(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
         # (the output has the target's names, shapes and dtypes: transfer_tensor returns the target's dtype).
         layout = [(n, plan.target.shape(n), plan.target.dtype(n)) for n in plan.target.names()]
         with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
-            for name in plan.target.names():
+            for name in with_progress(plan.target.names(), plan.target, "transfer"):
                 scale = coefficients_for(name, coeffs.weights, coeffs.per_block)[0]
                 t = plan.target.get(name)
                 if scale != 0.0 and t.is_floating_point():
