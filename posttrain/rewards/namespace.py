@@ -50,7 +50,7 @@ def log_unavailable(reason: str, uid: int | None) -> None:
 
 # Errors raise OSError; the caller turns any of them into "no namespace" and nothing untrusted runs.
 CHILD_CODE = r'''
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_SET_DUMPABLE = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -101,9 +101,13 @@ def ns_init():
         signal.pause()
 
 def isolate_worker():
-    """Worker (pid 2): a private mount namespace with a /proc of the new pid namespace; then no capabilities."""
+    """Worker (pid 2): a private mount namespace with a /proc of the new pid namespace, a network namespace
+    of its own when the kernel allows one (only a loopback, down: model output reaches no host or port), then
+    no capabilities."""
     ctypes, libc = _libc()
     _check(ctypes, libc.unshare(CLONE_NEWNS), "unshare(mount)")
+    # Best effort: a kernel or seccomp profile that refuses it still gets the /proc isolation above.
+    libc.unshare(CLONE_NEWNET)
     _check(ctypes, libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     # Fails (EPERM) where the host's /proc has files mounted over (Docker masks some): the caller falls back.
     _check(ctypes, libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")

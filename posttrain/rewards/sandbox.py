@@ -19,7 +19,8 @@ digs the nonce out of the interpreter's frames could). Linux only (``/proc``, ``
 
 Where the kernel allows unprivileged user namespaces, the supervisor also puts the worker in new user, pid
 and mount namespaces with a fresh ``/proc`` (``namespace.py``), so the code cannot read the trainer's
-``/proc/<pid>/environ``, which matters without root, when the worker keeps the trainer's uid. Where it does
+``/proc/<pid>/environ``, which matters without root, when the worker keeps the trainer's uid, and in a
+network namespace of its own (no network at all), where the kernel allows that too. Where it does
 not (Docker's default seccomp profile, a masked ``/proc``), the sandbox runs without them, warning once.
 """
 from __future__ import annotations

@@ -215,6 +215,27 @@ def test_reward_code_sees_only_its_own_namespace(namespaces_work, monkeypatch, n
     assert run_sandboxed(code) == (True, None)
 
 
+@linux_only
+def test_reward_code_reaches_no_network_in_its_namespace(isolation, no_strays):
+    """Model output run by a reward cannot reach a port of this machine (nor any host): in its namespace the
+    network is a loopback that is down. Without namespaces (the fallback) the same code connects, so the test
+    can fail."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        code = textwrap.dedent(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+                connected = True
+            except OSError:
+                connected = False
+            assert connected == {isolation == "plain"}, connected
+        """)
+        assert run_sandboxed(code) == (True, None)
+
+
 # Run as its own process, so the secret is in its initial environment (what /proc/<pid>/environ shows; a
 # variable set later with os.environ is not). It loads only the sandbox modules: they need only the standard
 # library, so any Python 3.9+ that uid `nobody` may run will do. Prints what the reward code could find.
