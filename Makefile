@@ -56,7 +56,7 @@ list: setup
 	$(BIN)/posttrain list
 
 # Side-by-side ratios against raw TRL / safetensors / mergekit / lm-eval; writes benchmarks/results.json and
-# the README's table. About 15 minutes on 2 CPU cores; ARGS="--only merge" etc. for one group.
+# the README's table. About 5 minutes on 2 CPU cores; ARGS="--only merge" etc. for one group.
 bench: setup
 	$(PY) -m benchmarks.run --update-readme $(ARGS)
 

@@ -8,6 +8,7 @@ default shape is 16 layers of width 1024 and a 32,000-token vocabulary, untied: 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,10 @@ class Shape:
         return out
 
     def nbytes(self) -> int:
-        return sum(4 * _numel(s) for s in self.tensors().values())
+        return sum(4 * math.prod(s) for s in self.tensors().values())
 
     def largest_bytes(self) -> int:
-        return max(4 * _numel(s) for s in self.tensors().values())
+        return max(4 * math.prod(s) for s in self.tensors().values())
 
     def config(self) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
@@ -55,13 +56,6 @@ class Shape:
 
 
 QUICK = Shape(layers=2, hidden=256, intermediate=704, vocab=4000, shard_bytes=2 * 2**20)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def write_models(root: Path, shape: Shape, seed: int = 0) -> list[Path]:

@@ -6,8 +6,8 @@
 tensor per name, shard by shard, with no math. safetensors' `get_tensor` (0.8) returns a tensor on its memory
 map and reads nothing until the bytes are used: before this was noticed, raw read only the tensor it wrote (a
 third of the input bytes; its peak RSS, 1.27 GB, was one model's mapped pages). Each of the other inputs is
-now copied into one reused buffer, which is what reading it into memory costs. A method name runs posttrain's merge stage (`run()` of
-posttrain/stages/merge.py, unedited) on the same inputs. Prints one JSON line: seconds (after imports),
+now copied into one reused buffer, which is what reading it into memory costs. A method name runs
+posttrain's merge stage (`run()` of posttrain/stages/merge.py, unedited) on the same inputs. Prints one JSON line: seconds (after imports),
 peak_rss_mb (the kernel's VmHWM: file pages mapped by safetensors count too), peak_anon_mb (anonymous memory,
 sampled every 10 ms: what the process allocated itself) and rss_after_imports_mb.
 """

@@ -12,7 +12,7 @@
 Every ratio is posttrain over the raw side, median of >= 3 back-to-back pairs (--runs). Results go to
 benchmarks/results.json; the table goes to stdout and, with --update-readme, into README.md between the
 `<!-- bench:begin -->` / `<!-- bench:end -->` markers. --quick shrinks every size for development (its numbers
-mean nothing). About 15 minutes on 2 CPU cores. Every side runs single-threaded (BENCH_THREADS=1, see
+mean nothing). About 5 minutes on 2 CPU cores (4.6 measured, 2026-11-28). Every side runs single-threaded (BENCH_THREADS=1, see
 common.bench_env).
 """
 from __future__ import annotations

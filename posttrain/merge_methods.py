@@ -297,8 +297,8 @@ def _sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch |
     peft's arithmetic, model by model: Σ from a +0 accumulator is ``stacked.sum(0)`` bit for bit for up to 4
     models (checked; with 5 or more torch's reduction regroups the terms, so the stacked sum is used there).
     peft elects s = +1 where the sum is ≥ 0 (±0 included) else −1, and x agrees when sign(x) == s, i.e.
-    x·s > 0; both are computed as float masks (sign passes, no bool tensors). Same bits as peft for finite task vectors;
-    with NaN or infinite entries the results are not specified (peft's are NaN there too).
+    x·s > 0; both are computed as float masks (sign passes, no bool tensors). Same bits as peft for finite
+    task vectors; with NaN or infinite entries the results are not specified (peft's are NaN there too).
     """
     xs = [tau if w == 1.0 else tau.mul_(w) for tau, w in zip(taus, weights)]  # × 1 changes no bit
     total = _empty(scratch, "total", xs[0], xs[0].dtype)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from posttrain.merge_methods import _count_of, _work_dtype, kth_largest
-from posttrain.tensors import ShardedWriter
+from posttrain.tensors import ShardedReader, ShardedWriter
 
 if TYPE_CHECKING:
     from posttrain.stages.merge import _Plan
@@ -72,12 +72,12 @@ class Scratch:
         return view
 
 
-def with_progress(names: list[str], reader: Any, desc: str) -> Iterator[str]:
+def with_progress(names: list[str], reader: ShardedReader, desc: str) -> Iterator[str]:
     """Yield `names` while a tqdm bar counts their bytes in `reader` (shown on a terminal only: tqdm's
     disable=None), so a merge or transfer of a large model says how far it is, as mergekit's does."""
     from tqdm.auto import tqdm
 
-    sizes = [math.prod(reader.shape(n)) * reader.dtype(n).itemsize for n in names]
+    sizes = [reader.numel(n) * reader.dtype(n).itemsize for n in names]
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=None) as bar:
         for name, size in zip(names, sizes):
             yield name
@@ -137,21 +137,25 @@ class _Source:
         """Fresh tensors (or views of the whole ones): for samples and unsliced merges."""
         if self.whole is not None:
             return self._views(start, stop)
-        got = [r.read_flat(self.name, start, stop) if r is not None else None for r in self.readers]
-        return got[0], [g if g is not None else got[0] for g in got[1:]]
+        return _base_for_missing([r.read_flat(self.name, start, stop) if r is not None else None
+                                  for r in self.readers])
 
     def slice(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
         """Views valid until the next call: slice buffers reused for every slice of every tensor."""
         if self.whole is not None:
             return self._views(start, stop)
-        got = [r.read_flat(self.name, start, stop, out=self.scratch.take(f"in:{i}", (SLICE,), self.dtype))
-               if r is not None else None for i, r in enumerate(self.readers)]
-        return got[0], [g if g is not None else got[0] for g in got[1:]]
+        return _base_for_missing([
+            r.read_flat(self.name, start, stop, out=self.scratch.take(f"in:{i}", (SLICE,), self.dtype))
+            if r is not None else None for i, r in enumerate(self.readers)])
 
     def _views(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
         assert self.whole is not None
-        got = [w[start:stop] if w is not None else None for w in self.whole]
-        return got[0], [g if g is not None else got[0] for g in got[1:]]
+        return _base_for_missing([w[start:stop] if w is not None else None for w in self.whole])
+
+
+def _base_for_missing(got: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+    """(base, models) from [base, model...] read: a zero-weight model, not read, is given the base (τ = 0)."""
+    return got[0], [g if g is not None else got[0] for g in got[1:]]
 
 
 def trim_thresholds(plan: _Plan, src: _Source, density: float, scratch: Scratch) -> list[float]:

@@ -17,9 +17,9 @@ rows carry `"reference": true`; the forgetting metrics leave them out (see evals
 Lineage: every stage's record (and its eval.json) carries `parents`, the rows it is built from: the stage its
 `model` input names (the previous stage by default; a merge's `base:` when set), or `base` when that input is
 the base model, then every other stage its config names (`${stages.<name>.model}` in a merge's `models:`, a
-transfer's source). A stage whose input is a model outside the run has none. The forgetting metrics compare a stage only with its
-ancestors, so two branches from one base are never measured against each other; `posttrain report` rebuilds
-the rows from the eval.json files alone.
+transfer's source). A stage whose input is a model outside the run has none. The forgetting metrics compare a
+stage only with its ancestors, so two branches from one base are never measured against each other;
+`posttrain report` rebuilds the rows from the eval.json files alone.
 """
 from __future__ import annotations
 
@@ -112,8 +112,6 @@ class Pipeline:
             first = [m.group(1)]
         elif ref is None and i > 0:
             first = [self.cfg.stages[i - 1].name]
-        elif ref == "":
-            first = []
         else:
             model = input_model if ref == stage.model else resolve_model(ref, self.log)
             first = ["base"] if model == self._base_model() else []

@@ -70,7 +70,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-
 def replace_marked(path: Path, marker: str, text: str) -> bool:
     """Replace what lies between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` in a file (README
     tables that `make bench` and `make claims` keep current); False, file untouched, when a marker is absent."""

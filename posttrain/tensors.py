@@ -13,12 +13,13 @@ A Hugging Face model folder holds its weights either in one ``model.safetensors`
 
 ``ShardedReader`` parses each shard's header once and reads one tensor (``get``), or a slice of one
 (``read_flat``, into a buffer the caller reuses), with ``os.preadv`` at the header's ``data_offsets``, so a
-merge of N models of size S holds a few tensors or a few slices, not N·S, as in mergekit. Not ``safetensors.safe_open``: it memory-maps the shard, and every page a read
-touches stays in the process's RSS until the handle closes (2.5 GB of the 4 GB peak of a 3 x 1 GB merge).
+merge of N models of size S holds a few tensors or a few slices, not N·S, as in mergekit. Not
+``safetensors.safe_open``: it memory-maps the shard, and every page a read touches stays in the process's RSS
+until the handle closes (2.5 GB of the 4 GB peak of a 3 x 1 GB merge).
 ``ShardedWriter`` either buffers tensors up to ``max_shard_bytes`` and writes a shard each time the buffer
 would overflow, or, given the ``layout`` of every tensor in advance, writes each tensor (``add``) or each
-slice of it in order (``add_flat``) straight to its place in its shard file as it comes and holds none. The index and the final shard names are written at
-``close()``.
+slice of it in order (``add_flat``) straight to its place in its shard file as it comes and holds none. The
+index and the final shard names are written at ``close()``.
 
 Pickle weights (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when loaded, so they are refused unless
 the caller opts in with ``allow_pickle=True``.
@@ -27,11 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -160,7 +161,12 @@ class ShardedReader:
         return self._file_of[self._known(name)]
 
     def numel(self, name: str) -> int:
-        return _numel(self.shape(name))
+        return math.prod(self.shape(name))
+
+    def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Every tensor's ``(name, shape, dtype)`` in name order: a ``ShardedWriter`` layout for an output with
+        this model's tensors."""
+        return [(n, self.shape(n), self.dtype(n)) for n in self.names()]
 
     def get(self, name: str) -> Tensor:
         """Load one tensor into memory (a fresh CPU tensor; the rest of the shard stays on disk)."""
@@ -243,7 +249,7 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, in
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         shape, dtype = tuple(int(d) for d in info["shape"]), _DTYPES[info["dtype"]]
         start, end = (8 + n + int(o) for o in info["data_offsets"])
-        if end - start != _numel(shape) * dtype.itemsize or not 8 + n <= start <= end <= size:
+        if end - start != math.prod(shape) * dtype.itemsize or not 8 + n <= start <= end <= size:
             raise ValueError(f"{path}: tensor {name!r} has data_offsets {info['data_offsets']} that do not fit "
                              f"its shape {list(shape)} and dtype {info['dtype']} or the file")
         out[name] = (shape, dtype, start, end)
@@ -306,7 +312,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for name, shape, dtype in layout:
-            nbytes = _numel(shape) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             if shards[-1] and size + nbytes > self.max_shard_bytes:  # the rule add() follows when buffering
                 shards.append([])
                 size = 0
@@ -369,7 +375,7 @@ class ShardedWriter:
         if name not in self._slots or name in self._seen:
             raise ValueError(f"tensor {name!r} is not in the writer's layout or was already added")
         fd, offset, shape, dtype = self._slots[name]
-        done, n = self._filled.get(name, 0), _numel(shape)
+        done, n = self._filled.get(name, 0), math.prod(shape)
         if values.dtype != dtype or start != done or start + values.numel() > n:
             raise ValueError(f"tensor {name!r}: slice [{start}, {start + values.numel()}) {values.dtype} does not "
                              f"follow the {done} of {n} {dtype} elements written")
@@ -439,20 +445,13 @@ def _pwrite_tensor(fd: int, tensor: Tensor, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _header(items: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, dict[str, int], int]:
     """(8-byte length + JSON header padded with spaces to 8 bytes, name -> offset after the header, data bytes)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offsets: dict[str, int] = {}
     pos = 0
     for name, shape, dtype in sorted(items, key=lambda it: (-it[2].itemsize, it[0])):
-        end = pos + _numel(shape) * dtype.itemsize
+        end = pos + math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [pos, end]}
         offsets[name] = pos
         pos = end

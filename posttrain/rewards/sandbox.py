@@ -314,8 +314,8 @@ def run_sandboxed(
     value ``True`` when all ran, ``False`` when an ``AssertionError`` stopped them), or a module-level
     function / ``FileFunction``, whose file the child loads by path and calls with ``*args, **kwargs`` (JSON
     values in and out). ``cpu_s`` defaults to ``timeout_s``; ``max_procs`` counts every process and thread
-    of the sandbox user, the supervisor (and the namespace's init) included. Error kinds are those in ``ERROR_KINDS``; this function
-    never raises for anything the child does.
+    of the sandbox user, the supervisor (and the namespace's init) included. Error kinds are those in
+    ``ERROR_KINDS``; this function never raises for anything the child does.
     """
     try:
         job = _job(fn_or_code, args, kwargs)

@@ -49,7 +49,7 @@ class StageBase(Strict):
 
     def lineage_input(self) -> str | None:
         """The model ref this stage builds on, for the report's lineage (its first parent): `model` (None: the
-        previous stage). A stage that builds on another field returns that one, and "" when it builds on none."""
+        previous stage). A stage that builds on another field (a merge's `base:`) returns that one."""
         return self.model
 
 

@@ -30,13 +30,13 @@ from posttrain.data import DataSource, load_dataset_rows
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs
 from posttrain.rollout import (
+    SERVER_ENV,
     RolloutConfig,
     VLLMServer,
     free_port,
     grpo_rollout_args,
     resolve_backend,
     server_callback,
-    SERVER_ENV,
     vllm_serve_command,
 )
 from posttrain.stages.base import StageContext, StageResult, stage

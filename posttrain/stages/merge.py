@@ -314,8 +314,7 @@ def write_merge(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
     scratch = Scratch()  # the slice buffers, reused by every tensor
     try:
         # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory.
-        layout = [(n, plan.ref.shape(n), plan.ref.dtype(n)) for n in plan.ref.names()]
-        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=plan.ref.layout()) as writer:
             for name in merge_stream.with_progress(plan.ref.names(), plan.ref, "merge"):
                 weights = coefficients_for(name, coeffs.weights, coeffs.per_block)
                 merge_stream.write_tensor(plan, name, weights, gens, writer, scratch)

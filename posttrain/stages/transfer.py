@@ -328,8 +328,8 @@ def write_transfer(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
     try:
         # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory
         # (the output has the target's names, shapes and dtypes: transfer_tensor returns the target's dtype).
-        layout = [(n, plan.target.shape(n), plan.target.dtype(n)) for n in plan.target.names()]
-        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=layout) as writer:
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes,
+                           layout=plan.target.layout()) as writer:
             for name in with_progress(plan.target.names(), plan.target, "transfer"):
                 scale = coefficients_for(name, coeffs.weights, coeffs.per_block)[0]
                 t = plan.target.get(name)

@@ -31,7 +31,6 @@ def _pipeline(name: str, recipe: dict):
 
 def cache_key(name: str, recipe: dict | None = None) -> str:
     """`<name>-<8 hex>`: the cache folder of RECIPES[name] (or of `recipe`), keyed by its resolved config."""
-    import posttrain.stages  # noqa: F401  (stage kinds)
     from posttrain.rundir import sha256_json
 
     stage = _pipeline(name, RECIPES[name] if recipe is None else recipe).stages[0]
