@@ -346,11 +346,9 @@ class ShardedWriter:
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._seen.add(name)
         self._buffer[name] = t
         self._buffer_bytes += nbytes
-        self._total += nbytes
-        self._numel += t.numel()
+        self._written(name, t.numel(), t.dtype)
 
     def _write_slot(self, name: str, tensor: Tensor) -> None:
         if name not in self._slots:
@@ -362,9 +360,7 @@ class ShardedWriter:
         if self._filled.get(name):
             raise ValueError(f"tensor {name!r}: add() after add_flat() slices of it")
         _pwrite_tensor(fd, tensor, offset)
-        self._seen.add(name)
-        self._total += tensor.numel() * tensor.element_size()
-        self._numel += tensor.numel()
+        self._written(name, tensor.numel(), dtype)
 
     def add_flat(self, name: str, start: int, values: Tensor) -> None:
         """Write ``values`` (any shape, read flat) as elements ``[start, start + numel)`` of the flattened tensor
@@ -382,9 +378,13 @@ class ShardedWriter:
         _pwrite_tensor(fd, values, offset + start * dtype.itemsize)
         self._filled[name] = done + values.numel()
         if self._filled[name] == n:
-            self._seen.add(name)
-            self._total += n * dtype.itemsize
-            self._numel += n
+            self._written(name, n, dtype)
+
+    def _written(self, name: str, n: int, dtype: torch.dtype) -> None:
+        """Count tensor ``name`` (``n`` elements of ``dtype``) as added: buffered, or all of it in its slot."""
+        self._seen.add(name)
+        self._total += n * dtype.itemsize
+        self._numel += n
 
     def _flush(self) -> None:
         part = f"model-part-{len(self._parts) + 1:05d}.safetensors"
