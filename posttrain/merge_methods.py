@@ -30,15 +30,10 @@ agree with the elected sign) operation for operation, so the results are the sam
 but model by model instead of on a stacked (models, ...) tensor: no stacked copy, no int64 sign tensors, and
 no import of peft, which pulls in transformers' modeling code (~4 s). Not reused, and why, is noted at each
 helper below.
-
-Per-block coefficients follow aTLAS (Zhang et al. 2024, "Knowledge Composition using Task Vectors with
-Learned Anisotropic Scaling"): one coefficient per model per block. aTLAS learns them by gradient descent;
-here they are given by the user, and ``coefficients_for`` only looks them up.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,8 +46,6 @@ if TYPE_CHECKING:
     from posttrain.merge_stream import Scratch  # the stage's buffers; methods only call .take
 
 __all__ = [
-    "block_of",
-    "coefficients_for",
     "linear",
     "task_arithmetic",
     "ties",
@@ -65,53 +58,6 @@ __all__ = [
     "drop_random",
     "drop_outliers",
 ]
-
-# ---------------------------------------------------------------------------------------------- blocks
-
-# "model.layers.3.mlp.up_proj.weight", "transformer.h.3.attn...", "gpt_neox.layers.3...", "blocks.3..."
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|embed_in|word_embeddings|embeddings)(?:\.|$)")
-_HEAD_RE = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)(?:\.|$)")
-_NORM_RE = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_norm|final_layernorm)(?:\.|$)")
-
-
-def block_of(tensor_name: str) -> str:
-    """Return the block a tensor belongs to: ``"layers.<i>"``, ``"embed"``, ``"lm_head"``, ``"norm"``, or
-    ``"other"``.
-
-    Blocks are the unit of aTLAS-style per-block coefficients. Layer indices are checked first, so a norm
-    inside a decoder layer ("model.layers.0.input_layernorm.weight") belongs to ``layers.0``; only the final
-    norm outside the layers is ``"norm"``.
-    """
-    m = _LAYER_RE.search(tensor_name)
-    if m:
-        return f"layers.{m.group(1)}"
-    if _EMBED_RE.search(tensor_name):
-        return "embed"
-    if _HEAD_RE.search(tensor_name):
-        return "lm_head"
-    if _NORM_RE.search(tensor_name):
-        return "norm"
-    return "other"
-
-
-def coefficients_for(
-    tensor_name: str, weights: list[float], per_block: dict[str, list[float]] | None
-) -> list[float]:
-    """Return the per-model coefficients for ``tensor_name``: ``per_block[block_of(name)]`` when given,
-    else the global ``weights`` (aTLAS, Zhang et al. 2024, with fixed rather than learned coefficients)."""
-    if per_block:
-        block = block_of(tensor_name)
-        if block in per_block:
-            coeffs = [float(c) for c in per_block[block]]
-            if len(coeffs) != len(weights):
-                raise ValueError(
-                    f"per-block coefficients for {block!r} have {len(coeffs)} entries but there are "
-                    f"{len(weights)} models"
-                )
-            return coeffs
-    return [float(w) for w in weights]
-
 
 # --------------------------------------------------------------------------------------------- helpers
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -47,8 +46,6 @@ __all__ = [
     "ShardedReader",
     "ShardedWriter",
     "sha256_file",
-    "check_compatible",
-    "is_vocab_tensor",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -470,63 +467,3 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while block := f.read(chunk_bytes):
             h.update(block)
     return h.hexdigest()
-
-
-_VOCAB_RE = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings)(?:\.|$)")
-
-
-def is_vocab_tensor(name: str) -> bool:
-    """True for tensors with one row per vocabulary entry (input embeddings and the output head)."""
-    return bool(_VOCAB_RE.search(name))
-
-
-def check_compatible(
-    readers: list[ShardedReader], names: bool = True, shapes: bool = True, dtypes: bool = True
-) -> None:
-    """Raise :class:`MergeMismatch` naming the first tensor that stops a tensor-by-tensor merge.
-
-    Compares every reader with the first: tensor names (both directions), then, tensor by tensor in sorted
-    order, shapes and dtypes. A row-count difference on an embedding or output head is reported as a
-    vocabulary mismatch, because the fix is the transfer stage, not the merge.
-    """
-    if len(readers) < 2:
-        return
-    ref = readers[0]
-    for other in readers[1:]:
-        if names:
-            _compare_names(ref, other)
-        for name in ref.names():
-            if name not in other:
-                continue
-            if shapes:
-                _compare_shapes(name, ref, other)
-            if dtypes and ref.dtype(name) != other.dtype(name):
-                raise MergeMismatch(
-                    f"tensor {name!r} is {_dt(ref.dtype(name))} in {ref.folder} but {_dt(other.dtype(name))} "
-                    f"in {other.folder}"
-                )
-
-
-def _compare_names(ref: ShardedReader, other: ShardedReader) -> None:
-    a, b = set(ref.names()), set(other.names())
-    only = sorted((a - b) | (b - a))
-    if only:
-        first = only[0]
-        has, lacks = (ref, other) if first in a else (other, ref)
-        raise MergeMismatch(f"tensor {first!r} is in {has.folder} but not in {lacks.folder}")
-
-
-def _compare_shapes(name: str, ref: ShardedReader, other: ShardedReader) -> None:
-    sa, sb = ref.shape(name), other.shape(name)
-    if sa == sb:
-        return
-    if is_vocab_tensor(name) and len(sa) == len(sb) and sa[1:] == sb[1:]:
-        raise MergeMismatch(
-            f"tensor {name!r}: vocabulary sizes differ ({sa[0]} vs {sb[0]}); "
-            "use the transfer stage to align vocabularies"
-        )
-    raise MergeMismatch(f"tensor {name!r} has shape {list(sa)} in {ref.folder} but {list(sb)} in {other.folder}")
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from posttrain.compat import block_of, coefficients_for
 from posttrain.merge_methods import (
-    block_of,
     breadcrumbs,
-    coefficients_for,
     dare_linear,
     dare_ties,
     linear,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from posttrain.compat import check_compatible
 from posttrain.tensors import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -18,7 +19,6 @@ from posttrain.tensors import (
     PickleRefused,
     ShardedReader,
     ShardedWriter,
-    check_compatible,
     sha256_file,
 )
 

@@ -13,7 +13,7 @@ import torch
 
 import posttrain.stages  # noqa: F401  (registers the stage kinds and world-v2)
 from posttrain.config import ConfigError, stage_pipeline
-from posttrain.merge_methods import block_of
+from posttrain.compat import block_of
 from posttrain.models import WORLD_MODELS, resolve_model
 from posttrain.stages.base import StageContext
 from posttrain.stages.transfer import TransferStageConfig, align_rows, run

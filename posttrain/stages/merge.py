@@ -43,13 +43,13 @@ from pydantic import Field, field_validator, model_validator
 import posttrain.merge_methods  # noqa: F401  (fills MERGE_METHODS)
 from posttrain import merge_search, merge_stream
 from posttrain.config import ConfigError, Strict
-from posttrain.merge_methods import block_of, coefficients_for
+from posttrain.compat import block_of, check_compatible, coefficients_for
 from posttrain.merge_search import Coefficients, SearchConfig
 from posttrain.merge_stream import Scratch
 from posttrain.models import ModelError, check_weights
 from posttrain.registry import MERGE_METHODS, RegistryError, did_you_mean
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
-from posttrain.tensors import INDEX_FILE, MergeMismatch, ShardedReader, ShardedWriter, check_compatible
+from posttrain.tensors import INDEX_FILE, MergeMismatch, ShardedReader, ShardedWriter
 
 
 class MergeRefused(MergeMismatch, ModelError):

@@ -8,7 +8,7 @@ version gains the old fine-tuning without training; a pipeline that fine-tunes t
 - vocabularies may differ: embedding and LM-head rows are matched by token string between the source and
   target tokenizers (the paper uses model pairs that share a vocabulary); a target token absent from the source
   gets a zero diff (its row stays the target's); rows of source tokens absent from the target are dropped;
-- λ may differ per block (``per_block``, blocks of :func:`posttrain.merge_methods.block_of`) and may be searched
+- λ may differ per block (``per_block``, blocks of :func:`posttrain.compat.block_of`) and may be searched
   on a dev split (``search``, :mod:`posttrain.merge_search`); the paper uses λ = 1.
 
 Everything is checked before anything is written: architecture (config.json ``model_type``, ``architectures``),
@@ -48,14 +48,14 @@ from torch import Tensor
 import posttrain.world.v2  # noqa: F401  (registers the world model `world-v2`, the default target)
 from posttrain import merge_search
 from posttrain.config import ConfigError
-from posttrain.merge_methods import block_of, coefficients_for
+from posttrain.compat import block_of, check_compatible, coefficients_for, is_vocab_tensor
 from posttrain.merge_search import Coefficients, SearchConfig
 from posttrain.merge_stream import with_progress
 from posttrain.models import ModelError
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
 from posttrain.stages.merge import _BLOCK_RE, _check_blocks, _copy_base_files, _input_folder
-from posttrain.tensors import MergeMismatch, ShardedReader, ShardedWriter, check_compatible, is_vocab_tensor
+from posttrain.tensors import MergeMismatch, ShardedReader, ShardedWriter
 
 
 class TransferRefused(MergeMismatch, ModelError):
