@@ -2,7 +2,10 @@
 
 A stage is skipped when its DONE marker matches the stage's config hash and inputs hash and every model file
 still has the hash DONE recorded. The inputs hash chains the previous stage's DONE key, so a changed stage
-reruns itself and every stage after it, never those before it.
+reruns itself and every stage after it, never those before it. It also holds the file hashes of an input
+model from outside the run and of every other model the stage reads (`other_inputs()`: a merge's models, a
+transfer's sources), so a model retrained in place reruns the stages that read it; an input the stage never
+loads (`reads_input()` false: a merge with `base:`) is left out.
 
 Evals (when `eval.enabled`): the base, then every stage, each into its stage folder's eval.json. A stage may
 also name input models that are not stages of this run (`reference_models()` on its config: a merge's
@@ -123,6 +126,10 @@ class Pipeline:
         names = sorted(set(_ANY_STAGE_REF.findall(yaml.safe_dump(stage.model_dump()))))
         return [self.done_keys.get(f"stage:{n}", f"missing:{n}") for n in names]
 
+    def _model_identity(self, ref: str) -> str:
+        """What a model the config names (not a stage of the run) holds: its files' hashes, or its hub name."""
+        return _input_identity(ref, resolve_model(ref, self.log), {})
+
     def run(self) -> Path:
         self.rd.lock()
         try:
@@ -157,10 +164,12 @@ class Pipeline:
         identity_ref, input_model = self._resolve_input(i, stage)
         self.parents[stage.name] = self._parents(i, stage, input_model)
         config_hash = sha256_json(stage.model_dump())
-        inputs_hash = sha256_json([
-            _input_identity(identity_ref, input_model, self.done_keys), _data_identity(stage),
-            self._referenced_keys(stage), self.cfg.seed,
-        ])
+        inputs = [
+            _input_identity(identity_ref, input_model, self.done_keys) if stage.reads_input() else None,
+            _data_identity(stage), self._referenced_keys(stage), self.cfg.seed,
+        ]
+        others = [self._model_identity(r) for r in stage.other_inputs() if not is_stage_ref(r)]
+        inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)
         if done:

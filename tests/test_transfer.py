@@ -268,3 +268,16 @@ def test_recycle_then_finetune_pipeline_runs_to_a_report(world, tmp_path):
 
     assert arithmetic("transfer") >= arithmetic("base") + 0.2
     assert arithmetic("sft_recycled") >= arithmetic("sft_from_v2") + 0.2
+
+
+def test_the_inputs_a_transfer_declares_follow_target_base():
+    """With `target_base:` the transfer builds on it (lineage) and never loads its `model:` input (not hashed);
+    its sources are always read, so the pipeline hashes their files."""
+    from posttrain.stages.transfer import TransferStageConfig
+
+    on_input = TransferStageConfig(kind="transfer")
+    assert (on_input.lineage_input(), on_input.reads_input()) == (None, True)
+    assert on_input.other_inputs() == ["world", "world-sft"]
+    on_v2 = TransferStageConfig(kind="transfer", model="world", target_base="${stages.v2.model}")
+    assert (on_v2.lineage_input(), on_v2.reads_input()) == ("${stages.v2.model}", False)
+    assert on_v2.other_inputs() == ["world", "world-sft", "${stages.v2.model}"]

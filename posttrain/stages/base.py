@@ -52,6 +52,16 @@ class StageBase(Strict):
         previous stage). A stage that builds on another field (a merge's `base:`) returns that one."""
         return self.model
 
+    def reads_input(self) -> bool:
+        """False when the stage never loads its `model:` input (a merge with `base:`), so that a change of
+        the input does not rerun it."""
+        return True
+
+    def other_inputs(self) -> list[str]:
+        """Model refs the stage reads besides `model:` (a merge's models and base, a transfer's sources): the
+        pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
+        return []
+
 
 @dataclass
 class StageContext:

@@ -94,6 +94,12 @@ class MergeStageConfig(StageBase):
             return self.base
         return self.models[0].model if self.method == "linear" else self.model
 
+    def reads_input(self) -> bool:
+        return self.base is None and self.method != "linear"
+
+    def other_inputs(self) -> list[str]:
+        return [m.model for m in self.models] + ([self.base] if self.base else [])
+
     def reference_models(self) -> list[str]:
         """Inputs the forgetting report shows as reference rows when they are not stages of the run."""
         return [m.model for m in self.models]

@@ -12,6 +12,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
@@ -93,3 +94,32 @@ def test_tampered_model_reruns_that_stage_and_later_ones_naming_the_file(run_dir
     assert len(warning) == 1 and str(weights) in warning[0] and "sha256" in warning[0], logs
     what, _ = _rerun(run_dir)
     assert what == {"a": "skipped", "b": "skipped", "c": "skipped"}
+
+
+def test_model_retrained_in_place_reruns_the_merge_that_reads_it_and_an_unread_input_does_not(merge_trio,
+                                                                                              tmp_path):
+    """A merge's `models:` folder is overwritten with other weights (same path, same config): the merge reruns
+    and its output follows the new weights. Its `model:` input, which a merge with `base:` never loads, may
+    change without rerunning it."""
+    from tests.conftest import load_tensors
+
+    base, a, b = merge_trio
+    spec, unread = tmp_path / "spec", tmp_path / "unread"
+    shutil.copytree(a, spec)
+    shutil.copytree(a, unread)
+    stage = {"name": "m", "kind": "merge", "method": "task_arithmetic", "dtype": "float64", "base": str(base),
+             "model": str(unread), "models": [{"model": str(spec), "weight": 1.0}]}
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
+
+    def run() -> str:
+        logs = []
+        run_pipeline(cfg, tmp_path / "r", logs.append)
+        return "skipped" if any("done already" in line for line in logs) else "ran"
+
+    out = tmp_path / "r" / "stages" / "01_m" / "model"
+    assert run() == "ran"
+    shutil.copy(b / "model.safetensors", unread / "model.safetensors")
+    assert run() == "skipped"
+    shutil.copy(b / "model.safetensors", spec / "model.safetensors")
+    assert run() == "ran"
+    assert torch.equal(load_tensors(out)["lm_head.weight"], load_tensors(b)["lm_head.weight"])
