@@ -58,6 +58,12 @@ def _input_identity(ref: str, resolved: str, done_keys: dict[str, str]) -> str:
     return sha256_json(hash_folder(path)) if path.is_dir() else f"hub:{resolved}"
 
 
+def _file_identity(path: str) -> str:
+    """A file's sha256 (a missing one hashes as such: the stage fails on it when it runs)."""
+    p = Path(path).expanduser()
+    return sha256_file(p) if p.is_file() else f"missing:{path}"
+
+
 def _data_identity(stage: Any) -> list[Any]:
     from posttrain.world import VERSION
     from posttrain.world.tasks import TASKS
@@ -169,6 +175,7 @@ class Pipeline:
             _data_identity(stage), self._referenced_keys(stage), self.cfg.seed,
         ]
         others = [self._model_identity(r) for r in stage.other_inputs() if not is_stage_ref(r)]
+        others += [_file_identity(f) for f in stage.input_files()]
         inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)

@@ -62,6 +62,11 @@ class StageBase(Strict):
         pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
         return []
 
+    def input_files(self) -> list[str]:
+        """Local files the stage's behaviour depends on besides its data (a GRPO user reward's .py file): the
+        pipeline hashes them into the stage's inputs, so an edited file reruns it."""
+        return []
+
 
 @dataclass
 class StageContext:
