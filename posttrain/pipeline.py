@@ -92,7 +92,10 @@ class Pipeline:
         self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
-        """(identity key for hashing, loadable ref) of the stage's input model."""
+        """(identity key for hashing, loadable ref) of the stage's input model ("" when the stage never loads
+        it, as a merge with `base:`: not resolved, so such a first stage does not build the world model)."""
+        if not stage.reads_input():
+            return "unused", ""
         ref = stage.model
         if ref is None:
             if i == 0:
@@ -122,7 +125,7 @@ class Pipeline:
         elif ref is None and i > 0:
             first = [self.cfg.stages[i - 1].name]
         else:
-            model = input_model if ref == stage.model else resolve_model(ref, self.log)
+            model = input_model if ref == stage.model and input_model else resolve_model(ref, self.log)
             first = ["base"] if model == self._base_model() else []
         named = _ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
         return list(dict.fromkeys(first + named))
@@ -157,8 +160,9 @@ class Pipeline:
         return self.rd.root
 
     def _base_model(self) -> str:
-        first = self.cfg.stages[0]
-        ref = first.model or "world"
+        """The model the first stage builds on (its lineage input: a merge's `base:` rather than its unused
+        `model:`), evaluated as the report's base row."""
+        ref = self.cfg.stages[0].lineage_input() or "world"
         return "" if _STAGE_REF.match(ref) else resolve_model(ref, self.log)
 
     def _dump(self) -> dict:
@@ -199,7 +203,7 @@ class Pipeline:
             run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
             input_model=input_model, resolve=lambda r: resolve_model(r, self.log), log=self.log,
         )
-        self.log(f"[{index:02d} {stage.name}] {stage.kind} from {input_model}")
+        self.log(f"[{index:02d} {stage.name}] {stage.kind} from {input_model or stage.lineage_input()}")
         start = time.time()
         result = spec.run(stage, ctx)
         if Path(result.model_dir) != work / "model":

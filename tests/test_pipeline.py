@@ -142,3 +142,27 @@ def test_branched_configs_parents(world, tmp_path, config, parents):
         plain = stage.model and "${" not in stage.model
         got[stage.name] = pipe._parents(i, stage, resolve_model(stage.model, lambda m: None) if plain else "")
     assert got == parents
+
+
+def test_first_stage_merge_with_base_is_measured_against_that_base_and_never_builds_the_world(merge_trio, tmp_path,
+                                                                                              monkeypatch):
+    """A merge with `base:` as the first stage: the report's base row is that base (not the world model the
+    merge never reads), the merge descends from it, and the world is never resolved."""
+    import evals.runner
+    import posttrain.pipeline
+
+    base, a, _ = merge_trio
+    evaluated, resolved = [], []
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", lambda model_dir, *a, **k: evaluated.append(str(model_dir))
+                        or {"scores": {"world_arithmetic/exact_match": {"value": 0.5, "stderr": 0.0}},
+                            "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}})
+    real = posttrain.pipeline.resolve_model
+    monkeypatch.setattr(posttrain.pipeline, "resolve_model", lambda ref, log=print: resolved.append(ref) or real(ref, log))
+    stage = {"name": "m", "kind": "merge", "method": "task_arithmetic", "base": str(base),
+             "models": [{"model": str(a), "weight": 0.5}]}
+    logs = []
+    run_pipeline(load_pipeline(None, data={"eval": {"limit": 2}, "stages": [stage]}), tmp_path / "r", logs.append)
+    assert evaluated[0] == str(base) and "world" not in resolved
+    rows = json.loads((tmp_path / "r" / "report" / "forgetting.json").read_text())["stages"]
+    assert rows[0]["name"] == "base" and rows[-1]["name"] == "m" and rows[-1]["parents"] == ["base"]
+    assert any(f"merge from {base}" in line for line in logs)
