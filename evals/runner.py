@@ -128,6 +128,11 @@ def evaluate_model(
         if unknown:
             raise ConfigError(f"task {unknown[0]!r} is not in suite {spec.name!r} ({', '.join(spec.tasks)})")
         spec = spec.model_copy(update={"tasks": list(tasks)})
+    if spec.apply_chat_template and not _has_chat_template(model_dir):
+        # lm-eval would stop on a base model without a template (GPT-2 style); such a model is scored on plain
+        # prompts, and eval.json's suite says so (apply_chat_template: false).
+        log(f"eval: {model_dir} has no chat template; scoring plain prompts")
+        spec = spec.model_copy(update={"apply_chat_template": False})
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     task_hashes = {t: task_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks}
@@ -147,6 +152,18 @@ def evaluate_model(
     if out:
         atomic_write_json(Path(out), record)
     return record
+
+
+def _has_chat_template(model_dir: str) -> bool:
+    """False for a local model folder whose tokenizer has no chat template (a hub name is left to lm-eval)."""
+    if not Path(model_dir).is_dir():
+        return True
+    from transformers import AutoTokenizer
+
+    try:
+        return bool(AutoTokenizer.from_pretrained(model_dir).chat_template)
+    except Exception:  # noqa: BLE001 - a broken folder: lm-eval loads it next and names the problem
+        return True
 
 
 def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, log) -> dict[str, Any]:

@@ -130,3 +130,17 @@ def test_report_rerenders_recycle_then_finetune_from_eval_files(tmp_path):
     rerender_report(run)
     chain = json.loads((run / "report" / "forgetting.json").read_text())["tasks"]["world_arithmetic/exact_match"]
     assert chain["forgetting"][-1] == 0.375  # 0.625 at sft_recycled - 0.25: the sibling comparison of old
+
+
+def test_a_model_without_a_chat_template_is_scored_on_plain_prompts(tmp_path):
+    """The world suite applies the chat template; a base without one (GPT-2 style) is scored on plain prompts
+    instead of stopping the pipeline, and its eval.json says so."""
+    from tests.conftest import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "plain")  # tiny_tokenizer: no chat template
+    logs = []
+    res = evaluate_model(str(model_dir), settings=EvalConfig(limit=4), tasks=["world_facts"], log=logs.append,
+                         out=tmp_path / "eval.json")
+    assert 0.0 <= res["scores"]["world_facts/acc"]["value"] <= 1.0
+    assert json.loads((tmp_path / "eval.json").read_text())["suite"]["apply_chat_template"] is False
+    assert any("no chat template" in line for line in logs)
