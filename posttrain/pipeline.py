@@ -39,7 +39,6 @@ from posttrain.models import check_remote_code, check_weights, resolve_model
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import RunDir, atomic_write_text, hash_folder, sha256_file, sha256_json
 from posttrain.stages.base import StageContext
-from posttrain.stages.common import ensure_clean_work_dir
 
 _STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
 _ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
@@ -197,7 +196,7 @@ class Pipeline:
 
     def _execute(self, index, stage, spec, input_model, config_hash, inputs_hash, final) -> dict:
         work = self.rd.work_dir(index, stage.name)
-        ensure_clean_work_dir(work, config_hash)
+        self.rd.prepare_work_dir(work, config_hash, inputs_hash, self.log)
         atomic_write_text(work / "config.yaml", yaml.safe_dump(stage.model_dump(), sort_keys=False))
         ctx = StageContext(
             run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,

@@ -12,6 +12,7 @@
           eval.json            the stage model's eval, with `parents`: the rows it is built from (its lineage)
           DONE                 written last: sha256 of every model file, of the config and of the inputs
         .02_<name>.tmp/        a stage in progress (its checkpoints/ let a rerun resume)
+        .02_<name>.discarded/  an attempt whose config or inputs have changed since (removed once the stage is done)
         .01_<name>.old-<pid>/  a folder being replaced by a rerun (removed once the new one is in place)
       inputs/<ref>/eval.json   the eval of an input model a stage reads that is not a stage of the run (a merge's
                                `models:`, a transfer's `source_finetuned`; <ref> with unsafe characters as _)
@@ -139,6 +140,31 @@ class RunDir:
     def work_dir(self, index: int, name: str) -> Path:
         return self.stages / f".{index:02d}_{name}.tmp"
 
+    @staticmethod
+    def prepare_work_dir(work: Path, config_hash: str, inputs_hash: str, log=print) -> None:
+        """Keep a half-done work folder (its checkpoints) only when the same config on the same inputs started
+        it, so that a resume continues the same training (checkpoints trained on an earlier input model, data
+        file or seed would make the stage descend from inputs it no longer has). Otherwise the folder is moved
+        to `.NN_<name>.discarded` (replacing an older one) with a log line, and removed when the stage is done:
+        a mistyped `--set` on a resume command loses no checkpoints."""
+        marker = work / "ATTEMPT.json"
+        if work.exists():
+            try:
+                old = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = {}
+            # A marker from before inputs were recorded keeps its folder when the config matches, as it did.
+            same = old.get("config_sha256") == config_hash and old.get("inputs_sha256", inputs_hash) == inputs_hash
+            if not same:
+                aside = work.with_name(work.name.removesuffix(".tmp") + ".discarded")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(work, aside)
+                why = "config" if old.get("config_sha256") != config_hash else "inputs"
+                log(f"{work.name}: its {why} changed since the interrupted attempt; its checkpoints are kept in "
+                    f"{aside} until this stage finishes (move it back to resume the old attempt)")
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"config_sha256": config_hash, "inputs_sha256": inputs_hash})
+
     def finalize(self, work: Path, final: Path) -> None:
         """Rename the finished work folder into place, replacing an older (not done) folder of the same name.
 
@@ -152,7 +178,7 @@ class RunDir:
         else:
             os.replace(work, final)
         _fsync_dir(final.parent)
-        for leftover in final.parent.glob(f".{final.name}.old-*"):
+        for leftover in [*final.parent.glob(f".{final.name}.old-*"), final.with_name(f".{final.name}.discarded")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
@@ -191,6 +217,9 @@ class RunDir:
             if on_disk.get(rel) != digest:
                 state = "is missing" if rel not in on_disk else "no longer matches the sha256 in DONE"
                 return None, f"model file {model / rel} {state}"
+        added = sorted(set(on_disk) - set(done.get("model_files", {})))
+        if added:  # a stray file (a pickle .bin, say) would ship in a folder marked done
+            return None, f"model file {model / added[0]} was added after DONE"
         return done, ""
 
 

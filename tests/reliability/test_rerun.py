@@ -96,6 +96,44 @@ def test_tampered_model_reruns_that_stage_and_later_ones_naming_the_file(run_dir
     assert what == {"a": "skipped", "b": "skipped", "c": "skipped"}
 
 
+def test_a_file_added_to_a_finished_model_reruns_that_stage(run_dir):
+    stray = run_dir / "stages" / "02_b" / "model" / "extra.bin"
+    stray.write_bytes(b"not in DONE")
+    what, logs = _rerun(run_dir)
+    assert what == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert any(line.startswith("[02 b] rerunning") and "extra.bin was added after DONE" in line for line in logs)
+    assert not stray.exists()  # the rerun's folder replaced the tampered one
+
+
+def test_an_interrupted_attempt_on_other_inputs_is_set_aside_not_resumed(run_dir):
+    """Stage b was interrupted (its work folder holds a checkpoint), then stage a changed: b must not resume
+    from checkpoints trained on a's old output. They are moved aside, logged, and removed once b is done."""
+    from posttrain.rundir import RunDir, sha256_json
+
+    cfg = _cfg({"a": {"learning_rate": 5e-4}})
+    work = run_dir / "stages" / ".02_b.tmp"
+    RunDir.prepare_work_dir(work, sha256_json(cfg.stages[1].model_dump()), "inputs-of-the-old-a", print)
+    (work / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    what, logs = _rerun(run_dir, {"a": {"learning_rate": 5e-4}})
+    assert what == {"a": "ran", "b": "ran", "c": "ran"}
+    assert any(".02_b.tmp: its inputs changed" in line and ".02_b.discarded" in line for line in logs), logs
+    assert not any("resuming" in line for line in logs)
+    assert not list((run_dir / "stages").glob(".*"))  # set aside until b finished, then removed
+
+
+def test_work_dir_is_kept_for_the_same_config_and_inputs_and_set_aside_otherwise(tmp_path):
+    from posttrain.rundir import RunDir
+
+    work, logs = tmp_path / ".01_s.tmp", []
+    RunDir.prepare_work_dir(work, "c1", "i1", logs.append)
+    (work / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    RunDir.prepare_work_dir(work, "c1", "i1", logs.append)
+    assert (work / "checkpoints" / "checkpoint-5").is_dir() and not logs
+    RunDir.prepare_work_dir(work, "c2", "i1", logs.append)
+    assert not (work / "checkpoints").exists() and "its config changed" in logs[-1]
+    assert (tmp_path / ".01_s.discarded" / "checkpoints" / "checkpoint-5").is_dir()
+
+
 def test_model_retrained_in_place_reruns_the_merge_that_reads_it_and_an_unread_input_does_not(merge_trio,
                                                                                               tmp_path):
     """A merge's `models:` folder is overwritten with other weights (same path, same config): the merge reruns
