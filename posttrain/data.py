@@ -5,7 +5,7 @@ Each stage kind asks for one shape of row; every row is checked before training 
 number (1-based, as an editor shows it), or with `on_bad_rows: skip` is dropped and counted.
 
 Shapes:
-  sft         {"messages": [{"role", "content"}, ...]}  or  {"prompt": str, "completion": str}
+  sft         {"messages": [{"role", "content"}, ...]}  or  {"prompt", "completion"}: strings, or message lists
   preference  {"prompt", "chosen", "rejected"}: strings, or message lists (conversational)
   prompt      {"prompt": str | messages, "answer": str}   (verifiable problems for GRPO)
 """
@@ -174,6 +174,17 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
     return f"{src.source}[{src.split}]", _iter_table(ds)
 
 
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
+    """`row` with each dataset column `theirs` renamed to `ours` (`columns`: ours -> theirs).
+
+    Every rename reads the original row, so renames that swap or chain names ({prompt: completion, completion:
+    prompt}) do not read a value an earlier rename wrote. A dataset column that is not in the row renames nothing.
+    """
+    renamed = {ours: row[theirs] for ours, theirs in columns.items() if theirs in row}
+    moved = set(columns.values())
+    return {**{k: v for k, v in row.items() if k not in moved}, **renamed}
+
+
 def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Read, rename (`columns`), check and trim rows; returns (rows, stats with bad-row counts)."""
     check = CHECKS[shape]
@@ -182,9 +193,7 @@ def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -
     bad: list[str] = []
     for n, row, err in it:
         if row is not None:
-            for ours, theirs in src.columns.items():
-                if theirs in row:
-                    row[ours] = row.pop(theirs)
+            row = rename_columns(row, src.columns)
             err = check(row)
         if err:
             if src.on_bad_rows == "error":
@@ -211,17 +220,42 @@ def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str]
         rows, st = load_rows(src, shape, log)
         all_rows += rows
         stats.append(st)
+    all_rows = sft_rows(all_rows) if shape == "sft" else all_rows
     keys = sorted({k for r in all_rows for k in r})
-    if shape == "sft" and "messages" in keys and len(keys) > 1:
-        # Mixed formats: turn prompt/completion rows into chat so one collator serves all.
-        all_rows = [r if "messages" in r else _to_messages(r) for r in all_rows]
-        keys = ["messages"]
     return Dataset.from_list([{k: r.get(k) for k in keys} for r in all_rows]), stats
 
 
+def sft_rows(rows: list[dict]) -> list[dict]:
+    """Checked SFT rows in one format TRL accepts, since one Arrow column cannot hold both strings and message
+    lists, and TRL adds a prompt to its completion (a message list plus a string is a TypeError there).
+
+    * any `messages` row: every prompt/completion row becomes `messages` (prompt + completion), so one collator
+      serves all, and a `messages` row keeps only `messages` (world task rows also carry their `prompt`, which
+      TRL would otherwise read as a prompt/completion row);
+    * else any conversational prompt or completion: every string prompt becomes one user message and every string
+      completion one assistant message (TRL's conversational prompt-completion: loss on the completion only, and
+      no `{% generation %}` markers needed);
+    * else plain prompt/completion rows, unchanged.
+    """
+    if any("messages" in r for r in rows):
+        return [{"messages": r["messages"]} if "messages" in r else _to_messages(r) for r in rows]
+    if any(isinstance(r[k], list) for r in rows for k in ("prompt", "completion")):
+        return [{"prompt": _as_chat(r["prompt"], "user"), "completion": _as_chat(r["completion"], "assistant")}
+                for r in rows]
+    return rows
+
+
+def is_conversational(rows: Any) -> bool:
+    """Whether SFT rows (after `sft_rows`; a list or a `datasets.Dataset`) go through the chat template."""
+    if len(rows) == 0:
+        return False
+    first = rows[0]
+    return "messages" in first or isinstance(first.get("prompt"), list)
+
+
+def _as_chat(value: Any, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
 def _to_messages(row: dict) -> dict:
-    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
-    completion = row["completion"] if isinstance(row["completion"], list) else [
-        {"role": "assistant", "content": row["completion"]}
-    ]
-    return {"messages": prompt + completion}
+    return {"messages": _as_chat(row["prompt"], "user") + _as_chat(row["completion"], "assistant")}

@@ -1,13 +1,16 @@
 """Supervised fine-tuning on TRL's SFTTrainer, full or LoRA, with `trainable:` (HFT) applied.
 
 Chat data (`messages`) trains on assistant tokens only (TRL's `assistant_only_loss`, which needs the chat
-template's `{% generation %}` markers); prompt/completion data trains on the completion only (TRL's default).
+template's `{% generation %}` markers); prompt/completion data trains on the completion only (TRL's default),
+conversational or not. Conversational rows need a chat template; without markers, TRL patches the templates it
+knows (Qwen2.5, Llama 3, ...), and for any other template `messages` rows with `assistant_only_loss: true` are
+refused before the model loads (the fix: `assistant_only_loss: false`, or markers in the template).
 """
 from __future__ import annotations
 
 from pydantic import Field
 
-from posttrain.data import DataSource, load_dataset_rows
+from posttrain.data import DataError, DataSource, is_conversational, load_dataset_rows
 from posttrain.models import load_model, load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import (
@@ -36,20 +39,43 @@ class SFTStageConfig(TrainableStage):
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
 
 
+def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> None:
+    """Refuse, before any model loads, the chat data this tokenizer's template cannot train on (TRL fails there
+    only after the model has loaded, with a TypeError when there is no template)."""
+    if not conversational:
+        return
+    name = tokenizer.name_or_path or "the input model"
+    if not tokenizer.chat_template:
+        raise DataError(f"conversational SFT rows need a tokenizer with a chat template; {name}'s has none")
+    if not assistant_only:
+        return
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return
+    # SFTTrainer swaps in TRL's own marked copy of a template it knows (get_training_chat_template) and raises
+    # ValueError for any other; asking the same function here makes the same decision without the model.
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise DataError(
+            f"messages rows with assistant_only_loss: true (the default) need {{% generation %}} markers in the chat "
+            f"template, and {name}'s template has none (nor is it one TRL can mark): set assistant_only_loss: false "
+            "to train on the whole conversation, prompts included, or add the markers, or give the rows as "
+            "prompt/completion (loss on the completion only)"
+        ) from None
+
+
 @stage("sft", SFTStageConfig)
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised fine-tuning with TRL's SFTTrainer (full, LoRA, or HFT-selected parameters)."""
-    from trl import SFTConfig, SFTTrainer
-
     dataset, data_stats = load_dataset_rows(cfg.data, "sft", ctx.log)
-    chat = "messages" in dataset.column_names
-    args = trl_args(
-        SFTConfig, cfg, ctx,
-        assistant_only_loss=cfg.assistant_only_loss and chat,
-        packing=False,
-        dataset_num_proc=None,
-    )
+    assistant_only = cfg.assistant_only_loss and "messages" in dataset.column_names
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
+    check_chat_template(tokenizer, is_conversational(dataset), assistant_only)
+    from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
+
+    args = trl_args(SFTConfig, cfg, ctx, assistant_only_loss=assistant_only, packing=False, dataset_num_proc=None)
     model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     model, peft_config, trainable = select_parameters(model, cfg, ctx)
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"]})
