@@ -1,6 +1,8 @@
 """GRPO stage: tiny runs on the world base (parameters move, rewards and their errors are logged), config
-errors, and the slow acceptance run of `posttrain stage grpo` from world-sft."""
+errors, prompts for tokenizers with and without a chat template, the epoch order of the prompt sampler, reruns
+after a reward file changes, and the slow acceptance run of `posttrain stage grpo` from world-sft."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -132,6 +134,102 @@ def test_defaults_start_from_world_sft_with_numeric_match_on_verifiable():
     cfg = GRPOStageConfig()
     assert cfg.model == "world-sft" and [d.source for d in cfg.data] == ["verifiable"]
     assert [r.name for r in cfg.rewards] == ["numeric_match"] and cfg.rollout.backend == "auto"
+
+
+def test_epoch_sampler_orders_each_epoch_by_seed_and_epoch_only():
+    """A resumed trainer builds a fresh sampler and sets the epoch: it must give the epoch the order the
+    uninterrupted run's sampler gave it after its earlier epochs. Epoch 0 keeps TRL's order."""
+    from trl.trainer.utils import RepeatSampler
+
+    from posttrain.stages.grpo import epoch_sampler
+
+    kw = dict(data_source=list(range(8)), mini_repeat_count=2, batch_size=2, repeat_count=1, seed=42)
+    running, orders = epoch_sampler(**kw), []
+    for epoch in range(3):
+        running.set_epoch(epoch)
+        orders.append(list(running))
+    fresh = epoch_sampler(**kw)
+    fresh.set_epoch(2)
+    assert list(fresh) == orders[2]
+    assert orders[0] != orders[1] != orders[2] and sorted(orders[1]) == sorted(orders[0])
+    assert orders[0] == list(RepeatSampler(**kw))
+
+
+def test_prompt_rows_are_chat_with_a_template_and_plain_without():
+    from posttrain.data import DataError
+    from posttrain.stages.grpo import prompt_rows
+
+    chat = [{"role": "user", "content": "Compute 1 + 1."}]
+    rows = [{"prompt": "Compute 1 + 1.", "answer": "2"}, {"prompt": chat, "answer": "2"}]
+    assert prompt_rows(rows, chat=True) == [{"prompt": chat, "answer": "2"}] * 2
+    assert prompt_rows(rows[:1], chat=False) == rows[:1]
+    with pytest.raises(DataError, match="conversational prompts need a tokenizer with a chat template"):
+        prompt_rows(rows, chat=False)
+
+
+@pytest.fixture
+def no_template_model(world, tmp_path):
+    """The world base without its chat template (a GPT-2-style base as far as prompts go)."""
+    folder = tmp_path / "base_no_template"
+    shutil.copytree(world / "base", folder, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    from transformers import AutoTokenizer
+
+    assert not AutoTokenizer.from_pretrained(folder).chat_template
+    return folder
+
+
+def test_tokenizer_without_chat_template_trains_on_plain_prompts(no_template_model, tmp_path):
+    out = _run(tmp_path, _tiny_stage(model=str(no_template_model)))
+    assert json.loads((out / "DONE").read_text())["metrics"]["global_step"] == 2
+
+
+def test_conversational_prompts_without_chat_template_exit_2_before_the_model_loads(
+        no_template_model, tmp_path, monkeypatch, capsys):
+    import posttrain.stages.grpo as grpo
+    from posttrain.cli import main
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model loaded before the data check")
+
+    monkeypatch.setattr(grpo, "load_model", no_load)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Compute 1 + 1."}], "answer": "2"}) + "\n")
+    code = main(["stage", "grpo", "--set", "eval.enabled=false", "--set", f"model={no_template_model}",
+                 "--set", f"data=[{{source: '{data}'}}]", "--run-dir", str(tmp_path / "r")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2
+    assert errors == ["error: conversational prompts need a tokenizer with a chat template; this one has none"]
+
+
+def test_input_files_are_the_user_reward_files_as_the_loader_resolves_them(tmp_path, monkeypatch):
+    from posttrain.stages.grpo import GRPOStageConfig
+
+    (tmp_path / "r.py").write_text(SPREAD)
+    monkeypatch.chdir(tmp_path)
+    cfg = GRPOStageConfig(rewards=[{"name": "numeric_match"}, {"name": "r.py:spread"},
+                                   {"name": "r.py:spread", "sandbox": True}])
+    assert cfg.input_files() == [str(tmp_path / "r.py")] * 2
+    assert GRPOStageConfig().input_files() == []
+
+
+def test_editing_a_reward_file_reruns_a_finished_stage(world, tmp_path):
+    reward = tmp_path / "spread.py"
+    reward.write_text(SPREAD)
+    stage = _tiny_stage(rewards=[{"name": f"{reward}:spread"}],
+                        trainer={"max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 5})
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
+
+    def run():
+        lines = []
+        run_pipeline(cfg, tmp_path / "r", lines.append)
+        return [line for line in lines if line.startswith("[01 grpo]")]
+
+    run()
+    assert any("done already; skipping" in line for line in run())
+    reward.write_text(SPREAD.replace("i % 2", "(i + 1) % 2"))
+    again = run()
+    assert any("rerunning" in line for line in again) and not any("skipping" in line for line in again)
+    assert any("skipping" in line for line in run())
 
 
 def _mean(values):

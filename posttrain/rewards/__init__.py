@@ -39,7 +39,7 @@ from posttrain.rewards import builtin  # importing it registers the builtin rewa
 from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, run_sandboxed
 
 __all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "build_reward_funcs", "completion_text",
-           "run_sandboxed", "validate_reward_name"]
+           "reward_file", "run_sandboxed", "validate_reward_name"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,13 @@ def _file_ref(name: str) -> tuple[str, str] | None:
     """``("path/to/file.py", "function")`` for a user reward name, else None."""
     path, sep, func = name.rpartition(":")
     return (path, func) if sep and path.endswith(".py") else None
+
+
+def reward_file(name: str) -> str | None:
+    """The absolute path of a user reward's file (``path/to/file.py:function``), as it is imported: relative
+    to the working directory. None for a builtin."""
+    ref = _file_ref(name)
+    return os.path.abspath(ref[0]) if ref else None
 
 
 def validate_reward_name(name: str) -> None:
@@ -210,7 +217,7 @@ class RewardFunc:
             fixed = {**spec.params, **{k: v for k, v in own.items() if k in accepted}}
             texts = [completion_text(c) for c in completions]
             return fn(**{**kwargs, "prompts": prompts, "completions": texts, **fixed})  # params beat columns
-        path = os.path.abspath(ref[0])
+        path = reward_file(spec.name)
         if spec.sandbox:
             return self._score_sandboxed(FileFunction(path, ref[1]), prompts, completions, kwargs)
         fn = _load_user_function(path, ref[1])
@@ -250,7 +257,7 @@ def build_reward_funcs(
         spec = raw if isinstance(raw, RewardSpec) else RewardSpec.model_validate(raw)
         ref = _file_ref(spec.name)
         if ref and not spec.sandbox:  # import now: a broken reward file should stop the stage, not zero it
-            _load_user_function(os.path.abspath(ref[0]), ref[1])
+            _load_user_function(reward_file(spec.name), ref[1])
         base = ref[1] if ref else spec.name
         seen[base] = seen.get(base, 0) + 1
         funcs.append(RewardFunc(spec, base if seen[base] == 1 else f"{base}_{seen[base]}", stats))

@@ -8,9 +8,12 @@ as in PPO) with an optional KL penalty to the input model (`beta`). TRL owns the
 batch, removing the original's length bias; `grpo` is the paper's per-sequence mean).
 
 How this stage departs from, or adds to, the paper and TRL:
-  * Prompts become chat messages (`[{"role": "user", "content": prompt}]`), so the model's chat template
-    is applied as it was in SFT; completions reach builtin rewards as text, and every other data column
-    (`answer`, `tests`) reaches rewards as a keyword argument, as TRL passes them.
+  * Prompts become chat messages (`[{"role": "user", "content": prompt}]`) when the tokenizer has a chat
+    template, so it is applied as it was in SFT; without one (a GPT-2-style base) plain prompts stay plain
+    and conversational ones are refused before the model loads. Completions reach builtin rewards as text,
+    and every other data column (`answer`, `tests`) reaches rewards as a keyword argument, as TRL passes them.
+  * Epoch k's prompt order is a function of (seed, k) only (`epoch_sampler`), so a run resumed past its first
+    epoch matches an uninterrupted one; TRL's sampler orders epoch k by how many epochs it has produced.
   * A reward never stops training: a crash, timeout or bad return value scores 0 and is counted; the counts
     (`rewards/errors/<kind>` and `rewards/errors/<reward>/<kind>`) go into every record of metrics.jsonl.
   * Completions come from the backend `rollout:` picks (posttrain/rollout.py). With `vllm_server` and no
@@ -26,9 +29,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.data import DataSource, load_dataset_rows
+from posttrain.data import DataError, DataSource, load_rows
 from posttrain.models import load_model, load_tokenizer
-from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs
+from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs, reward_file
 from posttrain.rollout import (
     SERVER_ENV,
     RolloutConfig,
@@ -87,9 +90,88 @@ class GRPOStageConfig(TrainableStage):
                 f"and must be a multiple of num_generations ({self.num_generations})")
         return self
 
+    def input_files(self) -> list[str]:
+        """The user rewards' .py files, so that editing one reruns the stage. A module such a file imports is
+        not followed: keep a reward in one file, or rename the file when a helper changes."""
+        return [f for f in (reward_file(r.name) for r in self.rewards) if f is not None]
+
 
 def _as_chat(prompt: Any) -> list[dict[str, str]]:
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_rows(rows: list[dict], chat: bool) -> list[dict]:
+    """Prompt rows as TRL's GRPOTrainer takes them: all chat (the tokenizer has a template) or all plain text.
+
+    Without a template TRL tokenizes plain prompts as they are, but a message list has nothing to render it,
+    so such rows are refused (DataError: exit 2), as the DPO stage refuses conversational pairs.
+    """
+    if chat:
+        return [{**r, "prompt": _as_chat(r["prompt"])} for r in rows]
+    if any(isinstance(r["prompt"], list) for r in rows):
+        raise DataError("conversational prompts need a tokenizer with a chat template; this one has none")
+    return rows
+
+
+def prompt_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
+    """Checked prompt rows of every source as one `datasets.Dataset`, plus per-source stats.
+
+    Not data.load_dataset_rows: rows are normalised by `prompt_rows` before the Dataset is built, since one
+    Arrow column cannot hold both strings and message lists (a plain source mixed with a conversational one).
+    """
+    from datasets import Dataset
+
+    rows: list[dict] = []
+    stats: list[dict] = []
+    for src in sources:
+        got, st = load_rows(src, "prompt", log)
+        rows += got
+        stats.append(st)
+    rows = prompt_rows(rows, chat)
+    keys = sorted({k for r in rows for k in r})  # a column some sources lack is None there, as in load_dataset_rows
+    return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows]), stats
+
+
+def epoch_sampler(**repeat_sampler_kwargs: Any):
+    """TRL's RepeatSampler whose order in epoch k is a function of (seed, k) only, so a resumed run repeats it.
+
+    TRL 1.16's RepeatSampler seeds its generator once and draws a permutation on every `__iter__`, so epoch k's
+    order depends on how many epochs the same object produced; a resumed trainer builds a fresh sampler and gave
+    epoch 2 epoch 1's order. Checked first: transformers' Trainer calls `set_epoch(epoch)` on the train
+    dataloader before every epoch, the resumed one included, and accelerate's DataLoaderShard forwards it to the
+    sampler (also through skip_first_batches' SkipBatchSampler), so reseeding there is enough. Like torch's
+    DistributedSampler we seed with seed + epoch, which keeps epoch 0 (every one-epoch run) as TRL orders it.
+    """
+    from trl.trainer.utils import RepeatSampler
+
+    class _EpochSampler(RepeatSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            if self.shuffle and self.seed is not None:  # reseed in place: accelerate may hold this generator
+                self.generator.manual_seed(self.seed + self.epoch)
+            return super().__iter__()
+
+    return _EpochSampler(**repeat_sampler_kwargs)
+
+
+def _trainer_class():
+    """GRPOTrainer with `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
+    from trl import GRPOTrainer
+
+    class _GRPOTrainer(GRPOTrainer):
+        def _get_train_sampler(self, dataset=None):
+            # TRL's sampler first, so its batch arithmetic (prompts per generation batch, repeats per
+            # num_iterations x steps_per_generation) stays TRL's; only the class changes.
+            s = super()._get_train_sampler(dataset)
+            return epoch_sampler(data_source=s.data_source, mini_repeat_count=s.mini_repeat_count,
+                                 batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
+                                 seed=s.seed)
+
+    return _GRPOTrainer
 
 
 def reward_errors_callback(stats: RewardStats):
@@ -107,12 +189,12 @@ def reward_errors_callback(stats: RewardStats):
 @stage("grpo", GRPOStageConfig)
 def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     """GRPO with verifiable rewards on TRL's GRPOTrainer (full, LoRA, or HFT-selected parameters)."""
-    from trl import GRPOConfig, GRPOTrainer
-
     stats = RewardStats()
     reward_funcs, weights = build_reward_funcs(cfg.rewards, stats)
-    dataset, data_stats = load_dataset_rows(cfg.data, "prompt", ctx.log)
-    dataset = dataset.map(lambda row: {"prompt": _as_chat(row["prompt"])})
+    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
+    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    from trl import GRPOConfig  # after the data check: importing TRL takes seconds
+
     backend = resolve_backend(cfg.rollout)
     start_server = backend == "vllm_server" and not cfg.rollout.url
     port = (cfg.rollout.port or free_port()) if start_server else None
@@ -129,7 +211,6 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
         trust_remote_code=cfg.trust_remote_code,
         **grpo_rollout_args(cfg.rollout, backend, base_url),
     )
-    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     model, peft_config, trainable = select_parameters(model, cfg, ctx)
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"],
@@ -144,7 +225,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
             callbacks.append(server_callback(server))
             ctx.log_metrics({"event": "rollout_server", "pid": server.pid, "url": server.base_url,
                              "log": str(server.log_path)})
-        trainer = GRPOTrainer(
+        trainer = _trainer_class()(
             model=model,
             reward_funcs=reward_funcs,
             args=args,
