@@ -53,17 +53,15 @@ def _load(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from posttrain import distributed as dist
     from posttrain.pipeline import run_pipeline
-    from posttrain.rundir import RunDirLocked, default_run_dir, point_latest
+    from posttrain.rundir import RunDirLocked, default_run_dir
 
     cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
+    _preflight(cfg, args)
     if args.launcher == "accelerate" and not dist.launched():
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
     run_dir = Path(args.run_dir) if args.run_dir else Path(dist.agree(str(default_run_dir(cfg.name))))
     log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not args.run_dir:
-            point_latest(run_dir)
+    created = _make_run_dir(run_dir, latest=not args.run_dir) if dist.is_main() else None
     try:
         if dist.launched():
             dist.DistributedPipeline(cfg, run_dir, log).run()
@@ -71,12 +69,14 @@ def _run(args: argparse.Namespace) -> int:
             run_pipeline(cfg, run_dir, log)
     except _bad_input_types() as e:
         _log(f"error: {e}")
+        if created is not None:
+            created.undo()  # nothing ran: leave no empty run dir behind, and `latest` where it was
         return 2
     except RunDirLocked as e:
         _log(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        _log("interrupted; rerun the same command to resume")
+        _log(f"interrupted; resume with: {_resume_command(args, run_dir)}")
         return 130
     except Exception as e:  # noqa: BLE001 - a failed run: one line here, the traceback in error.log
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -86,10 +86,72 @@ def _run(args: argparse.Namespace) -> int:
         (run_dir / "error.log").write_text(traceback.format_exc())
         _log(f"error: {first} (traceback in {run_dir / 'error.log'})")
         _log_server_tail(e)
+        _log(f"rerun with: {_resume_command(args, run_dir)}")
         return 1
     if dist.is_main():
+        (run_dir / "error.log").unlink(missing_ok=True)  # an earlier failure's traceback; this run succeeded
         print(run_dir)
     return 0
+
+
+def _preflight(cfg, args: argparse.Namespace) -> None:
+    """Checks that need no model, made before a run dir exists or a process is launched (exit 2)."""
+    from posttrain.config import ConfigError
+
+    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
+    if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
+        raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
+                          "launcher: drop --launcher)")
+    if cfg.eval.enabled:
+        from evals.runner import load_suite
+
+        load_suite(cfg.eval.suite)
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues this run: the same one, naming the run dir when it was a new default one."""
+    import shlex
+
+    argv = list(args.argv) if args.run_dir else [*args.argv, "--run-dir", str(run_dir)]
+    return shlex.join(["posttrain", *argv])
+
+
+class _Created:
+    """A run dir this command created, to be removed again if the run stops on bad input before any stage ran,
+    with `latest` pointed back where it was."""
+
+    def __init__(self, run_dir: Path, latest_before: str | None, moved_latest: bool):
+        self.run_dir, self.latest_before, self.moved_latest = run_dir, latest_before, moved_latest
+
+    def undo(self) -> None:
+        import shutil
+
+        from posttrain.rundir import point_latest
+
+        left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+        if not left <= {"LOCK", "pipeline.yaml"}:
+            return  # something ran (an eval, a stage): keep it
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not self.moved_latest:
+            return
+        if self.latest_before is None:
+            (self.run_dir.parent / "latest").unlink(missing_ok=True)
+        else:
+            point_latest(self.run_dir.parent / self.latest_before)
+
+
+def _make_run_dir(run_dir: Path, latest: bool) -> _Created | None:
+    """mkdir the run dir (and point `latest` at it); an undo handle when this call created it."""
+    from posttrain.rundir import point_latest
+
+    link = run_dir.parent / "latest"
+    before = os.readlink(link) if link.is_symlink() else None
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if latest:
+        point_latest(run_dir)
+    return None if existed else _Created(run_dir, before, latest)
 
 
 def _quiet(msg: str) -> None:
@@ -160,7 +222,13 @@ def _report(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from evals.runner import evaluate_model
 
-    result = evaluate_model(args.model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
+    from posttrain.config import ConfigError
+    from posttrain.models import resolve_model
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    model = resolve_model(args.model, _log)  # world names and local folders as stages take them
+    result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
     for key, score in sorted(result["scores"].items()):
         stderr = score.get("stderr")
         print(f"{key}: {score['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
@@ -203,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:  # before a run dir exists (imports, config): nothing to resume
+        _log("interrupted")
+        return 130
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2

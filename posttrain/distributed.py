@@ -221,5 +221,5 @@ def relaunch(child_argv: list[str], num_processes: int | None, config: str | Non
     try:
         return subprocess.call(launch_command(child_argv, num_processes, config))
     except KeyboardInterrupt:  # the launched processes got the same Ctrl-C; torchrun stops them
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; resume with the command above (it names the run dir)", file=sys.stderr)
         return 130

@@ -1,0 +1,60 @@
+"""The command line around a run: what it leaves behind on bad input, how it says to resume, `eval` on model
+names, and a stale error.log. Config and data errors themselves: tests/reliability/test_config_errors.py."""
+import argparse
+import os
+
+import yaml
+
+from posttrain.cli import _resume_command
+
+
+def _write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_bad_input_at_run_time_leaves_no_run_dir_and_latest_where_it_was(tmp_path, cli):
+    (tmp_path / "runs" / "20260101-000000-old").mkdir(parents=True)
+    os.symlink("20260101-000000-old", tmp_path / "runs" / "latest")
+    cfg = _write(tmp_path / "p.yaml", {"name": "p", "eval": {"enabled": False},
+                                       "stages": [{"name": "s", "kind": "sft", "model": "no-such-world-model"}]})
+    r = cli("run", cfg, cwd=tmp_path)
+    assert r.returncode == 2 and "no-such-world-model" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260101-000000-old", "latest"]
+    assert os.readlink(tmp_path / "runs" / "latest") == "20260101-000000-old"
+
+
+def test_run_dir_that_is_a_file_and_a_one_process_launch_are_refused(tmp_path, cli):
+    (tmp_path / "afile").write_text("x")
+    r = cli("stage", "sft", "--run-dir", str(tmp_path / "afile"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: --run-dir {tmp_path / 'afile'}: exists and is not a folder"
+    r = cli("stage", "sft", "--launcher", "accelerate", "--num-processes", "1", "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "--num-processes must be at least 2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_command_names_the_run_dir_a_default_run_got():
+    args = argparse.Namespace(argv=["run", "my pipe.yaml", "--set", "seed=1"], run_dir=None)
+    assert _resume_command(args, "runs/20261128-0101-p") == \
+        "posttrain run 'my pipe.yaml' --set seed=1 --run-dir runs/20261128-0101-p"
+    args = argparse.Namespace(argv=["stage", "sft", "--run-dir", "r"], run_dir="r")
+    assert _resume_command(args, "r") == "posttrain stage sft --run-dir r"
+
+
+def test_eval_refuses_a_missing_folder_and_a_bad_limit_in_one_line(tmp_path, cli):
+    r = cli("eval", str(tmp_path / "nope"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+    r = cli("eval", "world", "--limit", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --limit must be at least 1, got 0"
+
+
+def test_a_successful_run_removes_an_earlier_failures_error_log(merge_trio, tmp_path, cli):
+    base, a, _ = merge_trio
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "error.log").write_text("Traceback of an earlier failure\n")
+    cfg = _write(tmp_path / "m.yaml", {"eval": {"enabled": False}, "stages": [
+        {"name": "m", "kind": "merge", "method": "task_arithmetic", "base": str(base), "models": [{"model": str(a)}]}]})
+    r = cli("run", cfg, "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(run_dir) and not (run_dir / "error.log").exists()
