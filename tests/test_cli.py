@@ -58,3 +58,17 @@ def test_a_successful_run_removes_an_earlier_failures_error_log(merge_trio, tmp_
     r = cli("run", cfg, "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == str(run_dir) and not (run_dir / "error.log").exists()
+
+
+def test_list_shows_every_key_a_pipeline_can_hold(capsys):
+    """Top-level and eval keys, every stage kind, data-source and reward fields with defaults, the fields of an
+    unset optional block, the built-in rewards' params and the merge methods."""
+    from posttrain.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for expected in ["pipeline (top level):", "    max_drop: {}", "    on_drop: 'stop'", "\nsft: ", "\ntransfer: ",
+                     "'on_bad_rows': 'error'", "'timeout_s': 5.0", "lora: None  (when set: r=16",
+                     "  format_regex: params pattern", "  length_penalty: params target_len, scale=0.001",
+                     "merge methods (merge `method:`): breadcrumbs,"]:
+        assert expected in out, expected
