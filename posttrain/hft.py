@@ -48,6 +48,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.config import ConfigError
+
 # A block is the first "<container>.<index>." in the name; `.*?` keeps it the outermost stack.
 _BLOCK_RE = re.compile(r"^(?P<block>(?:.*?\.)?(?:layers|h|blocks|layer)\.\d+)\.(?P<rest>.+)$")
 _NORM_SEG = re.compile(r"(norm|^ln(_\w+)?$)", re.IGNORECASE)
@@ -169,7 +171,7 @@ def _hft_modules(classified: dict[str, tuple[Kind, str | None, str]], cfg: Train
     groups: dict[str, dict[str, set[str]]] = {}
     for name, (kind, block, module) in classified.items():
         if kind == "block_other":
-            raise ValueError(
+            raise ConfigError(
                 f"hft: parameter {name!r} in block {block!r} is neither attention, MLP nor norm; "
                 "use mode 'patterns' for this architecture"
             )
@@ -186,10 +188,14 @@ def _hft_modules(classified: dict[str, tuple[Kind, str | None, str]], cfg: Train
 
 
 def _patterns_mask(names: list[str], cfg: TrainableConfig) -> dict[str, bool]:
-    """Trained iff it matches any ``train`` regex (or none given) and no ``freeze`` regex."""
+    """Trained iff it matches any ``train`` regex (or none given) and no ``freeze`` regex.
+
+    A regex that matches nothing is a ``ConfigError`` (the CLI exits 2): it is a mistake in the config, found
+    only once the model's names are known.
+    """
     for pattern in cfg.train + cfg.freeze:
         if not any(re.search(pattern, n) for n in names):
-            raise ValueError(f"trainable pattern {pattern!r} matches no parameter (e.g. {names[0]!r})")
+            raise ConfigError(f"trainable pattern {pattern!r} matches no parameter (e.g. {names[0]!r})")
     return {
         n: (not cfg.train or any(re.search(p, n) for p in cfg.train))
         and not any(re.search(p, n) for p in cfg.freeze)

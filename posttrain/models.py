@@ -2,11 +2,16 @@
 
 A model reference is one of: `world` (the embedded base), a named world model registered in WORLD_MODELS
 (e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, loaded by
-transformers from its cache; offline machines need it cached already).
+transformers from its cache; offline machines need it cached already). An `org/name` whose `org/` is a local
+folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder.
+
+A trained stage writes its model in the dtype its input is stored in (`saved_dtype`), whatever dtype it trained
+in, so a fine-tune stays comparable tensor by tensor with its base.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -31,10 +36,17 @@ class ModelError(ValueError):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# config.json `dtype` values saved_dtype trusts: names of torch's floating dtypes ("auto" and junk are unknown).
+_TORCH_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
-    """Turn a reference into something `from_pretrained` takes: a local folder path or a hub name."""
+    """Turn a reference into something `from_pretrained` takes: a local folder path or a hub name.
+
+    `models/llama_aa` has the shape of a hub name (`org/name`). When `models/` is a local folder and no hub model
+    `models/llama_aa` is cached, it is far more likely a mistyped folder than a hub name, so it is refused here
+    in one line, rather than handed to transformers, which retries the hub for about 50 s and then fails.
+    """
     if ref in WORLD_MODELS:
         return str(WORLD_MODELS.get(ref)(log=log))
     path = Path(ref).expanduser()
@@ -42,10 +54,28 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
-    if ref.startswith(("world", ".", "/", "~")) or ref.count("/") != 1:
-        hint = did_you_mean(ref, WORLD_MODELS.names())
-        raise ModelError(f"model {ref!r} is not a folder, a world model{hint} or a hub name (org/name)")
-    return ref  # a hub name
+    hub_shaped = not ref.startswith(("world", ".", "/", "~")) and ref.count("/") == 1
+    if hub_shaped and (not path.parent.is_dir() or hub_cache_folder(ref) is not None):
+        return ref  # a hub name
+    if "/" in ref and path.parent.is_dir():
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        hub = ", and no hub model of that name is cached (download it first if you meant one)" if hub_shaped else ""
+        raise ModelError(f"model {ref!r} is not a folder: {path.parent} has no {path.name!r}"
+                         f"{did_you_mean(path.name, siblings)}{hub}")
+    hint = did_you_mean(ref, WORLD_MODELS.names())
+    raise ModelError(f"model {ref!r} is not a folder, a world model{hint} or a hub name (org/name)")
+
+
+def hub_cache_folder(name: str) -> Path | None:
+    """The local snapshot folder of hub model `name` (its `main` revision) when its config.json is cached,
+    else None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id (huggingface_hub's validation errors are ValueErrors)
+        return None
+    return Path(found).parent if isinstance(found, str) else None  # None, or the cached "no such file" marker
 
 
 def check_weights(folder: str, allow_pickle: bool) -> None:
@@ -94,7 +124,13 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Load a causal LM for training; float32 on CPU (bf16 matmuls are slow and lossy there)."""
+    """Load a causal LM for training; float32 on CPU (bf16 matmuls are slow and lossy there).
+
+    The dtype trained in is not the dtype saved: `train_and_save` writes the input's stored dtype back
+    (`saved_dtype`). So a bf16 model trained in float32 on CPU comes out bf16, and a float32 model (the world
+    base) trained in bf16 on a bf16 GPU comes out float32, so that its fine-tunes still merge and transfer
+    against that base (both refuse a dtype difference between a base and its fine-tune).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,6 +144,41 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
     )
+
+
+def saved_dtype(ref: str | None) -> str | None:
+    """The dtype a model's weights are stored in (`"bfloat16"`, `"float32"`, ...), None when unknown.
+
+    Read from the safetensors headers: the floating dtype holding the most elements (a model that keeps a few
+    tensors in another dtype counts as its main one). The headers, not config.json, because they are what the
+    merge and transfer stages compare, and a config's `dtype`/`torch_dtype` is only what its writer claimed
+    (hub configs saying float32 over bf16 weights exist). A folder with pickle weights only falls back to its
+    config. A hub name is looked up in the local hub cache; one not cached, or not a folder at all, is None.
+    """
+    from posttrain.tensors import ShardedReader
+
+    if not ref:
+        return None
+    folder = Path(ref) if Path(ref).is_dir() else hub_cache_folder(ref)
+    if folder is None:
+        return None
+    counts: dict[str, int] = {}
+    try:
+        with ShardedReader(folder) as reader:  # pickle weights are refused here, unread: the config decides
+            for _, shape, dtype in reader.layout():
+                if dtype.is_floating_point:
+                    key = str(dtype).removeprefix("torch.")
+                    counts[key] = counts.get(key, 0) + math.prod(shape)
+    except (OSError, ValueError):  # no safetensors, or a shard missing (transformers names it when it loads)
+        pass
+    if counts:
+        return max(counts, key=counts.__getitem__)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        found = config.get("dtype") or config.get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if found in _TORCH_FLOAT_DTYPES else None
 
 
 # Below this size a CPU run uses one torch thread. Measured on 2 cores with the world's 1M-parameter model:
@@ -135,16 +206,68 @@ def folder_params(folder: str) -> int:
     return sum(f.stat().st_size for f in files) // 4 if files else SMALL_MODEL_PARAMS
 
 
-def save_model_folder(model: Any, tokenizer: Any, out: Path) -> Path:
-    """Write a complete HF folder: config, safetensors weights, tokenizer (with chat template), generation config."""
+def save_model_folder(model: Any, tokenizer: Any, out: Path, dtype: str | None = None) -> Path:
+    """Write a complete HF folder: config, safetensors weights, tokenizer (with chat template), generation config.
+
+    `dtype` (e.g. the input's `saved_dtype`) casts the model's floating weights, in place, before writing;
+    config.json's `dtype` follows (transformers writes the model's dtype). None writes them as they are.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        cast_model(model, dtype)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (out / "generation_config.json").is_file():
         gen.save_pretrained(out)
     return out
+
+
+def cast_model(model: Any, dtype: str) -> Any:
+    """Cast a model's floating parameters and buffers to `dtype` in place (integer tensors are left alone)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    if model.dtype == target:
+        return model
+    if target.itemsize > model.dtype.itemsize and model.device.type != "cpu":
+        # bf16 -> float32 on the GPU would double the weights' memory next to the optimizer state the trainer
+        # still holds there; save_pretrained copies every tensor to the CPU anyway, so cast there.
+        model.to("cpu")
+    return model.to(target)
+
+
+def cast_saved_weights(folder: Path, dtype: str) -> bool:
+    """Rewrite a model folder's safetensors with every floating tensor in `dtype`, and config.json's dtype;
+    True if anything changed. For weights that `trainer.save_model` wrote (FSDP/DeepSpeed gather them from
+    shards on save, so the model object cannot be cast beforehand)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder, target, changed = Path(folder), getattr(torch, dtype), False
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
+            tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+            save_file(tensors, str(file), metadata={"format": "pt"})
+            changed = True
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = folder / "model.safetensors.index.json"
+    if changed and index.is_file():  # the index's total_size counts bytes, which changed with the dtype
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+        if any(data.get(k) != dtype for k in keys):
+            data.update(dict.fromkeys(keys, dtype))
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed = True
+    return changed
 
 
 # Named trained world models (world-sft, ...) register themselves; imported last to avoid a cycle.

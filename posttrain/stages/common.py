@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from posttrain.config import Strict
+from posttrain.config import ConfigError, Strict
 from posttrain.hft import TrainableConfig, apply_trainable, lora_target_modules, write_trainable_json
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageBase, StageContext
@@ -91,7 +91,7 @@ def trl_args(config_cls: type, stage: TrainableStage, ctx: StageContext, **kind_
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in t.extra:
         if key not in fields:
-            raise ValueError(f"trainer.extra.{key}: not a field of {config_cls.__name__}{did_you_mean(key, fields)}")
+            raise ConfigError(f"trainer.extra.{key}: not a field of {config_cls.__name__}{did_you_mean(key, fields)}")
     cuda = torch.cuda.is_available()
     bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
     kwargs: dict[str, Any] = dict(
@@ -200,7 +200,7 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
         if stage.trainable.mode != "all":
             targets = lora_target_modules(names, summary["parameters"])
             if not targets:
-                raise ValueError("trainable: selects no attention or MLP module to put LoRA adapters on")
+                raise ConfigError("trainable: selects no attention or MLP module to put LoRA adapters on")
         peft_config = LoraConfig(
             r=stage.lora.r,
             lora_alpha=stage.lora.alpha,
@@ -227,29 +227,36 @@ def last_checkpoint(ctx: StageContext) -> str | None:
 def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
     """Run trainer.train (resuming when a checkpoint exists), then write model/ (merged if LoRA).
 
+    model/ is written in the dtype the input's weights are stored in (`saved_dtype`), whatever dtype trained
+    (float32 on CPU, bf16 on a bf16 GPU): a fine-tune must match its base tensor by tensor for the merge and
+    transfer stages, which refuse a dtype difference. Values that did not train (HFT's frozen half) come back
+    bit-identical, because bf16 -> float32 -> bf16 is exact. A hub model not cached, or a folder whose dtype
+    cannot be read, is written as trained.
+
     Under `accelerate launch` every rank trains and calls this; only the main process writes. With FSDP or
     DeepSpeed the weights live in shards, so every rank takes part in trainer.save_model, which gathers them.
     """
     from posttrain.distributed import is_main
-    from posttrain.models import fit_cpu_threads, save_model_folder
+    from posttrain.models import fit_cpu_threads, save_model_folder, saved_dtype
 
     fit_cpu_threads(sum(p.numel() for p in trainer.model.parameters()))
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     if sharded and lora:
-        raise ValueError("LoRA under FSDP/DeepSpeed: the adapter cannot be merged from shards; use DDP for LoRA")
+        raise ConfigError("LoRA under FSDP/DeepSpeed: the adapter cannot be merged from shards; use DDP for LoRA")
     resume = last_checkpoint(ctx)
     if resume:
         ctx.log(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
+    dtype = saved_dtype(ctx.input_model)
     if sharded:
-        _save_gathered(trainer, tokenizer, ctx.work_dir / "model")
+        _save_gathered(trainer, tokenizer, ctx.work_dir / "model", dtype)
     elif is_main():
         if lora:
             model.save_pretrained(ctx.work_dir / "adapter")
             model = model.merge_and_unload()
         _set_generation_ids(model, tokenizer)
-        save_model_folder(model, tokenizer, ctx.work_dir / "model")
+        save_model_folder(model, tokenizer, ctx.work_dir / "model", dtype)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["global_step"] = result.global_step
     if is_main():
@@ -258,22 +265,38 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     return metrics
 
 
-def _save_gathered(trainer: Any, tokenizer: Any, out: Path) -> None:
+def _save_gathered(trainer: Any, tokenizer: Any, out: Path, dtype: str | None) -> None:
     """FSDP / DeepSpeed: trainer.save_model gathers the full weights (a collective: every rank calls it) and
-    writes them on the main process (FULL_STATE_DICT, zero3_save_16bit_model in configs/accelerate/)."""
+    writes them on the main process (FULL_STATE_DICT, zero3_save_16bit_model in configs/accelerate/). They are
+    written in the dtype they trained in, so the files are cast to the input's `dtype` afterwards."""
     from posttrain.distributed import is_main
+    from posttrain.models import cast_saved_weights
 
     _set_generation_ids(trainer.model, tokenizer)
     trainer.save_model(str(out))
     if is_main():
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; model folders hold safetensors only
+        if dtype is not None:
+            cast_saved_weights(out, dtype)
         tokenizer.save_pretrained(out)
         trainer.model.generation_config.save_pretrained(out)
 
 
 def _set_generation_ids(model: Any, tokenizer: Any) -> None:
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config
+    gen.eos_token_id = eos_ids(tokenizer.eos_token_id, gen.eos_token_id)
+    gen.pad_token_id = tokenizer.pad_token_id
+
+
+def eos_ids(tokenizer_eos: int | None, listed: int | list[int] | None) -> int | list[int] | None:
+    """The generation config's stop ids: the tokenizer's eos first, then the other ids the input listed.
+
+    Instruct models list several (end-of-turn and end-of-text: Qwen2.5-Instruct, Llama-3-Instruct); keeping
+    only the tokenizer's would let generation run past the others. One id stays a plain int, as HF writes it.
+    """
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = list(dict.fromkeys(([tokenizer_eos] if tokenizer_eos is not None else []) + listed))
+    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def optimizer_param_names(trainer: Any) -> set[str]:
