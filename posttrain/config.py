@@ -2,11 +2,21 @@
 
 Every config class forbids unknown keys; defaults live only here; YAML files state differences. A bad key or
 value raises `ConfigError` with one line naming the file, the dotted path and, for unknown keys, the closest
-known field ("did you mean"). `--set a.b=v` overrides are typed by the schema: a string field keeps the raw
-text, any other field parses it as YAML and lets pydantic coerce it.
+known field ("did you mean"; a stage-level key that belongs to a nested block, TRL-style `learning_rate`,
+gets `trainer.learning_rate`). `--set a.b=v` overrides are typed by the schema: a string field keeps the raw
+text, any other field parses it as YAML and lets pydantic coerce it; `null` and `~` are None for every field.
+A boolean is never taken for a number (`max_steps: true` is refused, not read as 1); an int is still a float.
+
+Checked at load, before any model loads: every `${...}` in a stage's config must be exactly
+`${stages.<name of an earlier stage>.model}`, and a model reference that is an explicit local path (`/`, `./`,
+`../`, `~`) must exist, as must a bare name (no `/`): it can only be a world model or a local folder.
+Unnamed stages are named by `default_stage_name` (the kind, then kind<i>), for the run and for `--set`.
 """
 from __future__ import annotations
 
+import copy
+import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,8 +32,45 @@ class ConfigError(ValueError):
     """A config problem the user must fix; its message is one line."""
 
 
+# Names that become folder names (stages, the pipeline's run dir): no slashes, no leading dot.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
+_STAGE_FIELD_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.([A-Za-z0-9_]+)\}$")
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: Any) -> Any:
+        # pydantic's lax mode reads True as 1 for an int or float field; a YAML `true` there is a mistake. Full
+        # strict mode would also refuse the ints YAML gives float fields, so only bools are refused, here.
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and isinstance(v, (bool, list, dict)) and _bool_for_number(v, field.annotation):
+            raise ValueError(f"expected a number, got {v!r}" if isinstance(v, bool) else
+                             "expected a number for every entry, got a boolean (true/false)")
+        return v
+
+
+def _bool_for_number(v: Any, tp: Any) -> bool:
+    """True when `v` is (or holds, in a list or dict value) a bool where `tp` wants an int or float."""
+    alts = _unwrap(tp, into_containers=False)
+    if isinstance(v, bool):
+        return bool not in alts and Any not in alts and any(t in (int, float) for t in alts)
+    for t in alts:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if isinstance(v, list) and origin in (list, tuple, set) and args:
+            return any(_bool_for_number(x, args[0]) for x in v)
+        if isinstance(v, dict) and origin is dict and len(args) == 2:
+            return any(_bool_for_number(x, args[1]) for x in v.values())
+    return False
+
+
+def default_stage_name(kind: str, index: int) -> str:
+    """The name of an unnamed stage: its kind for the first stage, else kind<index> (`sft`, `sft1`, `dpo2`)."""
+    return kind if index == 0 else f"{kind}{index}"
 
 
 class EvalConfig(Strict):
@@ -44,7 +91,7 @@ class EvalConfig(Strict):
 class PipelineConfig(Strict):
     """A pipeline YAML: stages run in order, each handing the next an HF model folder."""
 
-    name: str = "pipeline"
+    name: str = Field("pipeline", pattern=NAME_PATTERN, description="names the run dir (runs/<time>-<name>)")
     seed: int = 0
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[Any] = Field(min_length=1)
@@ -60,20 +107,90 @@ class PipelineConfig(Strict):
                 out.append(raw)
                 continue
             if not isinstance(raw, dict) or "kind" not in raw:
-                raise ValueError(f"stages[{i}] needs a 'kind' ({', '.join(STAGES.names())})")
+                raise _Nested(f"stages[{i}]: needs a 'kind' ({', '.join(STAGES.names())})")
             try:
                 spec = STAGES.get(raw["kind"])
             except RegistryError as e:
-                raise ValueError(f"stages[{i}].kind: {e}") from None
+                raise _Nested(f"stages[{i}].kind: {e}") from None
             out.append(_validate(spec.config, raw, prefix=f"stages[{i}]"))
-        for i, stage in enumerate(out):  # unnamed stages: the kind, then kind<i>; checked with the rest below
+        for i, stage in enumerate(out):  # unnamed stages get default names; checked with the rest below
             if stage.name is None:
-                stage.name = stage.kind if i == 0 else f"{stage.kind}{i}"
+                stage.name = default_stage_name(stage.kind, i)
         names = [s.name for s in out]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"stage names must be unique; repeated: {', '.join(sorted(dup))}")
+            raise _Nested(f"stages: stage names must be unique; repeated: {', '.join(sorted(dup))}")
+        for i, stage in enumerate(out):
+            problem = stage_ref_problem(stage, names[:i], names[i + 1 :], prefix=f"stages[{i}].")
+            if problem:
+                raise _Nested(problem)
         return out
+
+
+def _strings(obj: Any, loc: tuple = ()) -> typing.Iterator[tuple[tuple, str]]:
+    """(key path, value) of every string in a dumped config."""
+    if isinstance(obj, str):
+        yield loc, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, loc + (k,))
+    elif isinstance(obj, (list, tuple)):
+        for j, v in enumerate(obj):
+            yield from _strings(v, loc + (j,))
+
+
+def stage_ref_problem(stage: Any, earlier: list[str], later: list[str] = (), prefix: str = "") -> str | None:
+    """The one-line problem with the first `${...}` in `stage`'s config that is not exactly
+    `${stages.<one of earlier>.model}`, or None. Any field is scanned, not only `model`/`other_inputs()`."""
+    for loc, value in _strings(stage.model_dump()):
+        if "${" not in value:
+            continue
+        where = f"{prefix}{_dotted(loc)}"
+        m = _STAGE_REF.match(value)
+        if m is None:
+            f = _STAGE_FIELD_REF.match(value)
+            hint = f" (did you mean '${{stages.{f.group(1)}.model}}'?)" if f else ""
+            return f"{where}: {value} is not a model reference{hint}; write ${{stages.<earlier stage name>.model}}"
+        name = m.group(1)
+        if name in earlier:
+            continue
+        if name == stage.name:
+            why = f" ('{name}' is this stage)"
+        elif name in later:
+            why = f" ('{name}' runs after this stage)"
+        else:
+            why = did_you_mean(name, earlier) or (f"; earlier stages: {', '.join(earlier)}" if earlier else "")
+        return f"{where}: {value} names no earlier stage{why}"
+    return None
+
+
+def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
+    """The one-line problem with a model reference of `stage` (`model` and `other_inputs()`) that cannot exist:
+    an explicit local path (`/`, `./`, `../`, `~`) that is missing, or a bare name (no `/`) that is neither a
+    world model nor a local folder. Checks names and the filesystem only: builds no world model, asks no hub."""
+    from posttrain.models import WORLD_MODELS
+
+    refs = ([stage.model] if stage.model else []) + list(stage.other_inputs())
+    dumped = None
+    for ref in dict.fromkeys(refs):
+        if not ref or "${" in ref:
+            continue
+        path = Path(ref).expanduser()
+        if path.exists():
+            continue
+        if ref.startswith(("/", "./", "../", "~")) or ref in (".", ".."):
+            parent = path.parent
+            hint = did_you_mean(path.name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
+            problem = f"model {ref!r} is not a folder (no such path){hint}"
+        elif "/" not in ref and ref not in WORLD_MODELS:
+            problem = (f"model {ref!r} is not a folder, a world model{did_you_mean(ref, WORLD_MODELS.names())} "
+                       "or a hub name (org/name)")
+        else:
+            continue
+        dumped = dumped if dumped is not None else list(_strings(stage.model_dump()))
+        loc = next((loc for loc, v in dumped if v == ref), ("model",))
+        return f"{prefix}{_dotted(loc)}: {problem}"
+    return None
 
 
 class _Nested(ValueError):
@@ -124,7 +241,9 @@ def _dotted(loc: tuple) -> str:
 
 
 def _format_error(e: ValidationError, cls: type[BaseModel], prefix: str = "") -> str:
-    err = e.errors()[0]
+    errors = e.errors()
+    # An unknown key first: a mistyped required key also reports the real one missing, which hides the typo.
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     path = _dotted(loc)
     full = f"{prefix}.{path}" if prefix and path else (prefix or path)
@@ -136,12 +255,33 @@ def _format_error(e: ValidationError, cls: type[BaseModel], prefix: str = "") ->
     if err["type"] == "extra_forbidden":
         owner = _model_at(cls, loc)
         fields = list(owner.model_fields) if owner else []
-        return f"{full}: unknown key{did_you_mean(str(loc[-1]), fields)}" + (
-            f"; known: {', '.join(fields)}" if fields and not did_you_mean(str(loc[-1]), fields) else ""
-        )
-    if "input" in err and err["type"] not in ("missing",):
-        return f"{full}: {msg} (got {err['input']!r})"
+        key = str(loc[-1])  # a nested field of that exact name beats a fuzzy match (num_train_epochs: trainer)
+        hint = _nested_hint(owner, key, exact=True) or did_you_mean(key, fields) or _nested_hint(owner, key)
+        return f"{full}: unknown key{hint}" + (f"; known: {', '.join(fields)}" if fields and not hint else "")
+    inp = err.get("input")
+    # The input only when it is short and not already quoted: a stage's dict or the whole stages list would
+    # turn the one line into a dump of the config.
+    if "input" in err and err["type"] != "missing" and not isinstance(inp, (dict, list, tuple, set, BaseModel)) \
+            and len(repr(inp)) <= 80 and repr(inp) not in msg:
+        return f"{full}: {msg} (got {inp!r})"
     return f"{full}: {msg}" if full else msg
+
+
+def _nested_hint(owner: type[BaseModel] | None, key: str, exact: bool = False) -> str:
+    """' (did you mean 'trainer.learning_rate'?)' when `key` (or a close spelling) is a field of a block nested
+    in `owner` (TRL-style flat keys at stage level), else ''."""
+    if owner is None:
+        return ""
+    nested: dict[str, list[str]] = {}  # field name -> dotted paths
+    for name, field in owner.model_fields.items():
+        for sub in _unwrap(field.annotation, into_containers=False):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                for leaf in sub.model_fields:
+                    nested.setdefault(leaf, []).append(f"{name}.{leaf}")
+    leaves = [key] if key in nested else [] if exact else difflib.get_close_matches(key, list(nested), n=2,
+                                                                                      cutoff=0.8)
+    paths = [p for leaf in leaves for p in nested[leaf]]
+    return " (did you mean " + " or ".join(repr(p) for p in paths) + "?)" if paths else ""
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -150,6 +290,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: config file not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); is this a YAML file?") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -173,7 +315,8 @@ def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:
 
 
 def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> None:
-    """Set `a.b.c=raw` in `data` in place; `stages.<i|name>.x` addresses a pipeline's stage."""
+    """Set `a.b.c=raw` in `data` in place; `stages.<i|name>.x` addresses a pipeline's stage (an unnamed one by
+    its default name, see `default_stage_name`), `data.<i>.x` an entry of any other list."""
     if not dotted or any(not p for p in dotted.split(".")):
         raise ConfigError(f"--set {dotted}={raw}: expected a.b.c=value")
     parts = dotted.split(".")
@@ -181,33 +324,77 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
     cls: Any = root
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node, cls = _stage_node(node, part, dotted), None
-            cls = _stage_cls(node)
+            if i == 1 and parts[0] == "stages" and root is PipelineConfig:
+                node = _stage_node(node, part, dotted)
+                cls = _stage_cls(node)
+            else:  # an entry of a list of blocks (`data.0.source`): cls stays the entry's model
+                node = node[_list_index(node, part, dotted, ".".join(parts[:i]))]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])} is {node!r}, not a block with keys")
         if cls is not None and part not in cls.model_fields:
             raise ConfigError(f"--set {dotted}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
         nxt = node.get(part)
         if nxt is None:
-            nxt = node[part] = {}
+            nxt = node[part] = _default_for_set(cls, part, dotted)
         sub = cls.model_fields[part].annotation if cls is not None else None
         models = [t for t in _unwrap(sub) if isinstance(t, type) and issubclass(t, BaseModel)] if sub else []
         node, cls = nxt, (models[0] if models else None)
     key = parts[-1]
     if isinstance(node, list):
-        raise ConfigError(f"--set {dotted}: cannot replace a whole stage")
+        what = "a whole stage" if len(parts) == 2 and parts[0] == "stages" else "a list entry"
+        raise ConfigError(f"--set {dotted}: cannot replace {what}; set one of its keys ({dotted}.<key>=...)"
+                          f" or the whole list")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {dotted}: {'.'.join(parts[:-1])} is {node!r}, not a block with keys")
     if cls is not None and key not in cls.model_fields:
         raise ConfigError(f"--set {dotted}: unknown key '{key}'{did_you_mean(key, list(cls.model_fields))}")
-    node[key] = raw if _field_is_str(cls, key, raw) else yaml.safe_load(raw)
+    if raw.strip() in _YAML_NULLS:  # YAML's null, for a string field too (resets it to its None default)
+        node[key] = None
+    else:
+        node[key] = raw if _field_is_str(cls, key, raw) else yaml.safe_load(raw)
+
+
+def _default_for_set(cls: type[BaseModel] | None, part: str, dotted: str) -> Any:
+    """What `--set a.part.x=v` edits when the config leaves `part` out: a block ({}: the rest keep their
+    defaults), or a copy of a list's default, so that `data.0.limit=3` edits the default data list."""
+    if cls is None:
+        return {}
+    field = cls.model_fields[part]
+    types_ = _unwrap(field.annotation, into_containers=False)
+    if not any((isinstance(t, type) and issubclass(t, BaseModel)) or typing.get_origin(t) in (dict, list)
+               or t is Any for t in types_):
+        raise ConfigError(f"--set {dotted}: {part} is a value, not a block with keys")
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        return [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
+    return {}
+
+
+def _entries(n: int) -> str:
+    return f"{n} entries (0..{n - 1})" if n > 1 else ("1 entry (0)" if n else "no entries")
+
+
+def _list_index(items: list, part: str, dotted: str, what: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    raise ConfigError(f"--set {dotted}: {what} has {_entries(len(items))}; no entry '{part}'")
 
 
 def _stage_node(stages: list, part: str, dotted: str) -> dict:
+    names = [s.get("name") or default_stage_name(str(s.get("kind")), i) if isinstance(s, dict) else None
+             for i, s in enumerate(stages)]
     if part.isdigit() and int(part) < len(stages):
-        return stages[int(part)]
-    for i, s in enumerate(stages):
-        if s.get("name", s.get("kind") if i == 0 else None) == part:
-            return s
-    names = [s.get("name", s.get("kind")) for s in stages]
-    raise ConfigError(f"--set {dotted}: no stage '{part}'{did_you_mean(part, names)}")
+        found = int(part)
+    elif part in names:
+        found = names.index(part)
+    else:
+        known = list(dict.fromkeys(n for n in names if n))  # deduped: a clash is reported at validation
+        raise ConfigError(f"--set {dotted}: no stage '{part}'{did_you_mean(part, known)}; stages has "
+                          f"{_entries(len(stages))}: {', '.join(known)}")
+    if not isinstance(stages[found], dict):
+        raise ConfigError(f"--set {dotted}: stages[{found}] is {stages[found]!r}, not a stage")
+    return stages[found]
 
 
 def _stage_cls(node: dict) -> type[BaseModel] | None:
@@ -232,7 +419,10 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
     import posttrain.stages  # noqa: F401  (registers the stage kinds; a library caller need not know to)
 
     where = str(path) if path else "<config>"
-    raw = read_yaml(path) if path else dict(data or {})
+    raw = read_yaml(path) if path else copy.deepcopy(dict(data or {}))  # --set must not edit the caller's dicts
+    if "stages" not in raw and isinstance(raw.get("kind"), str):
+        raise ConfigError(f"{where}: stages: missing; this is a stage config (kind: {raw['kind']}): run it with "
+                          f"`posttrain stage {raw['kind']} --config {where}`")
     for key, value in parse_sets(sets):
         apply_override(raw, key, value, PipelineConfig)
     try:
@@ -252,6 +442,9 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
         raise ConfigError(str(e)) from None
     where = str(path) if path else f"<{kind} defaults>"
     stage = read_yaml(path) if path else {}
+    if "stages" in stage:
+        raise ConfigError(f"{where}: stages: this is a pipeline file, not a stage config: run it with "
+                          f"`posttrain run {where}`")
     if stage.get("kind", kind) != kind:
         raise ConfigError(f"{where}: kind is {stage['kind']!r} but the command asked for {kind!r}")
     stage["kind"] = kind
@@ -265,6 +458,10 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
         validated = spec.config.model_validate(stage)
     except ValidationError as e:
         raise ConfigError(f"{where}: {_format_error(e, spec.config)}") from None
+    problem = stage_ref_problem(validated, [], [])  # before PipelineConfig, whose paths start at stages[0]
+    if problem:
+        raise ConfigError(f"{where}: {problem}" + ("; `posttrain stage` runs one stage, so there is none"
+                                                   if "names no earlier stage" in problem else ""))
     pipe.setdefault("name", kind)
     pipe["stages"] = [validated]
     try:
@@ -275,10 +472,14 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
 
 
 def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:
-    """Refuse local data files that do not exist now, not after the base model was loaded and evaluated."""
+    """Refuse local data files and model folders that do not exist now, not after the base model was loaded
+    and evaluated and earlier stages trained."""
     from posttrain.data import missing_file
 
     for i, stage in enumerate(cfg.stages):
+        problem = model_ref_problem(stage, prefix.format(i=i))
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         for j, src in enumerate(getattr(stage, "data", None) or []):
             path = missing_file(src)
             if path is not None:

@@ -123,3 +123,163 @@ def test_unnamed_stages_get_kind_names_and_a_clash_with_one_is_refused():
     with pytest.raises(ConfigError) as e:  # an explicit name equal to another stage's default name
         load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "sft", "name": "sft"}]})
     assert "stage names must be unique; repeated: sft" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- checked at load: stage references and local model paths (before any stage trains) --------------------------
+
+def _load(stages, sets=None, **top):
+    return load_pipeline(None, sets, data={"eval": {"enabled": False}, **top, "stages": stages})
+
+
+@pytest.mark.parametrize("stages,expected", [
+    ([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "sft", "model": "${stages.aa.model}"}],
+     "stages[1].model: ${stages.aa.model} names no earlier stage (did you mean 'a'?)"),
+    ([{"name": "a", "kind": "sft", "model": "${stages.b.model}"}, {"name": "b", "kind": "sft"}],
+     "stages[0].model: ${stages.b.model} names no earlier stage ('b' runs after this stage)"),
+    ([{"name": "a", "kind": "sft", "model": "${stages.a.model}"}],
+     "stages[0].model: ${stages.a.model} names no earlier stage ('a' is this stage)"),
+    ([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "sft", "model": "${stages.a.modle}"}],
+     "stages[1].model: ${stages.a.modle} is not a model reference (did you mean '${stages.a.model}'?)"),
+    ([{"name": "a", "kind": "sft"}, {"name": "m", "kind": "merge", "method": "linear",
+                                     "models": [{"model": "${stages.a.model}"}, {"model": "${stages.bb.model}"}]}],
+     "stages[1].models[1].model: ${stages.bb.model} names no earlier stage"),
+    ([{"name": "a", "kind": "sft"}, {"name": "m", "kind": "merge", "base": "${stages.m.model}"}],
+     "stages[1].base: ${stages.m.model} names no earlier stage ('m' is this stage)"),
+    ([{"name": "a", "kind": "sft"}, {"name": "t", "kind": "transfer", "target_base": "${stages.x.model}"}],
+     "stages[1].target_base: ${stages.x.model} names no earlier stage; earlier stages: a"),
+    ([{"kind": "sft"}, {"kind": "sft", "trains_on": ["${stages.sft.data}"]}],  # any field, not only models
+     "stages[1].trains_on[0]: ${stages.sft.data} is not a model reference"),
+])
+def test_stage_references_are_checked_when_the_config_loads(stages, expected):
+    with pytest.raises(ConfigError) as e:
+        _load(stages)
+    assert str(e.value).startswith(f"<config>: {expected}") and "\n" not in str(e.value)
+
+
+def test_valid_references_and_the_stage_command(tmp_path):
+    cfg = _load([{"kind": "sft"}, {"kind": "sft", "model": "${stages.sft.model}"},
+                 {"kind": "merge", "method": "linear", "models": [{"model": "${stages.sft1.model}"}]}])
+    assert cfg.stages[2].models[0].model == "${stages.sft1.model}"
+    with pytest.raises(ConfigError, match=r"^<sft defaults>: model: \$\{stages\.a\.model\} names no earlier stage"):
+        stage_pipeline("sft", None, ["model=${stages.a.model}"])
+
+
+def test_missing_local_model_paths_are_refused_with_their_key_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nodir").mkdir()
+    with pytest.raises(ConfigError, match=r"^<config>: stages\[1\]\.model: model './no_such_dir' is not a folder"):
+        _load([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "sft", "model": "./no_such_dir"}])
+    gone = str(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.models\[1\]\.model: model '.*gone' is not a folder"):
+        _load([{"kind": "merge", "method": "linear", "models": [{"model": "world"}, {"model": gone}]}])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.target_base: model 'world-nope' is not a folder, a world "
+                                          r"model \(did you mean 'world-v2'"):
+        _load([{"kind": "transfer", "target_base": "world-nope"}])
+    with pytest.raises(ConfigError, match=r"^<sft defaults>: model: model '~/no/such/model' is not a folder"):
+        stage_pipeline("sft", None, ["model=~/no/such/model"])
+    # What exists, world models and hub-shaped names (never looked up here) load.
+    cfg = _load([{"kind": "sft", "model": "./nodir"}, {"kind": "sft", "model": "nodir"},
+                 {"kind": "transfer", "source_finetuned": "some-org/some-model", "target_base": "world-v2"}])
+    assert [s.model for s in cfg.stages[:2]] == ["./nodir", "nodir"]
+
+
+# ---- error lines: the unknown key first, hints for flat keys, no dump of the input ---------------------------------
+
+def test_an_unknown_key_is_reported_before_the_required_key_it_misspells():
+    with pytest.raises(ConfigError) as e:
+        _load([{"kind": "sft", "data": [{"sourc": "arithmetic"}]}])
+    assert str(e.value) == "<config>: stages[0].data[0].sourc: unknown key (did you mean 'source'?)"
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("learning_rate", "'trainer.learning_rate'"), ("num_train_epochs", "'trainer.num_train_epochs'"),
+    ("per_device_train_batch_size", "'trainer.per_device_train_batch_size'"), ("r", "'lora.r'"),
+    ("learning_rat", "'trainer.learning_rate'"),
+])
+def test_a_flat_trl_key_at_stage_level_suggests_its_block(key, hint):
+    with pytest.raises(ConfigError) as e:
+        _load([{"kind": "sft", key: 1}])
+    assert str(e.value) == f"<config>: stages[0].{key}: unknown key (did you mean {hint}?)"
+
+
+@pytest.mark.parametrize("stages,expected", [
+    ([{"name": "a", "kind": "stf"}], "<config>: stages[0].kind: unknown stage kind 'stf' (did you mean 'sft'?)"),
+    ([{"name": "a"}], "<config>: stages[0]: needs a 'kind'"),
+    ([{"name": "a", "kind": "sft"}, {"name": "a", "kind": "sft"}], "<config>: stages: stage names must be unique"),
+    ([{"kind": "grpo", "rewards": [{"name": "format_regex", "params": {"patern": "x"}}]}],
+     "<config>: stages[0].rewards[0]: reward 'format_regex' has no param 'patern' (did you mean 'pattern'?)"),
+])
+def test_errors_name_the_path_once_and_do_not_dump_the_input(stages, expected):
+    with pytest.raises(ConfigError) as e:
+        _load(stages)
+    msg = str(e.value)
+    assert msg.startswith(expected) and "(got" not in msg and "{" not in msg and len(msg) < 200, msg
+
+
+def test_a_non_utf8_file_is_a_config_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_bytes(b"stages:\n  - kind: sft\n    name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: not UTF-8 text"):
+        load_pipeline(f)
+
+
+# ---- --set: auto-named stages, null, booleans, list indices; the pipeline name; the other command -----------------
+
+UNNAMED = [{"kind": "sft"}, {"kind": "sft", "data": [{"source": "reversal"}]}, {"kind": "dpo"}]
+
+
+def test_set_addresses_unnamed_stages_by_the_names_they_get():
+    cfg = _load(UNNAMED, ["stages.sft1.trainer.max_steps=5", "stages.dpo2.trainer.max_steps=6"])
+    assert [(s.name, s.trainer.max_steps) for s in cfg.stages][1:] == [("sft1", 5), ("dpo2", 6)]
+    with pytest.raises(ConfigError) as e:
+        _load(UNNAMED, ["stages.sft3.trainer.max_steps=5"])
+    assert "no stage 'sft3' (did you mean 'sft' or 'sft1'?); stages has 3 entries (0..2): sft, sft1, dpo2" in str(e.value)
+    with pytest.raises(ConfigError, match=r"stages has 2 entries \(0\.\.1\)"):
+        _load([{"kind": "sft", "name": "x"}, {"kind": "sft", "name": "x"}], ["stages.2.kind=sft"])
+
+
+def test_set_index_into_other_lists():
+    cfg = _load(UNNAMED, ["stages.1.data.0.limit=3"])
+    assert cfg.stages[1].data[0].limit == 3 and cfg.stages[1].data[0].source == "reversal"
+    with pytest.raises(ConfigError, match=r"--set stages\.1\.data\.1\.source: stages\.1\.data has 1 entry \(0\)"):
+        _load(UNNAMED, ["stages.1.data.1.source=x"])
+    with pytest.raises(ConfigError, match=r"unknown key 'sourc' \(did you mean 'source'\?\)"):
+        _load(UNNAMED, ["stages.1.data.0.sourc=x"])
+    one = stage_pipeline("merge", None, ["models.1.weight=0.25"]).stages[0]  # the default list, edited
+    assert [m.weight for m in one.models] == [1.0, 0.25]
+    with pytest.raises(ConfigError, match="max_steps is a value, not a block"):
+        stage_pipeline("sft", None, ["trainer.max_steps.x=1"])
+
+
+@pytest.mark.parametrize("null", ["null", "~", "NULL"])
+def test_set_null_resets_a_field_to_none(null):
+    cfg = _load([{"kind": "sft", "model": "world", "trainer": {"max_length": 64}}],
+                [f"stages.0.model={null}", f"stages.0.trainer.max_length={null}"])
+    assert cfg.stages[0].model is None and cfg.stages[0].trainer.max_length is None
+
+
+def test_booleans_are_not_numbers_but_ints_are_floats():
+    for sets in (["trainer.max_steps=true"], ["trainer.learning_rate=false"], ["eval.max_drop={arithmetic: true}"]):
+        with pytest.raises(ConfigError, match="expected a number"):
+            stage_pipeline("sft", None, sets)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.trainer\.max_steps: expected a number, got True"):
+        _load([{"kind": "sft", "trainer": {"max_steps": True}}])
+    st = stage_pipeline("sft", None, ["trainer.learning_rate=1", "trainer.bf16=true", "eval.max_drop={a: 0}"])
+    assert st.stages[0].trainer.learning_rate == 1.0 and isinstance(st.stages[0].trainer.learning_rate, float)
+    assert st.stages[0].trainer.bf16 is True and st.eval.max_drop == {"a": 0.0}
+
+
+@pytest.mark.parametrize("name", ["../../x", "foo bar", "a/b", ".hidden"])
+def test_pipeline_name_is_checked_like_a_stage_name(name):
+    with pytest.raises(ConfigError, match=r"^<config>: name: String should match pattern"):
+        _load([{"kind": "sft"}], [f"name={name}"])
+    assert _load([{"kind": "sft"}], ["name=run-1.b_c"]).name == "run-1.b_c"
+
+
+def test_a_file_for_the_other_command_names_that_command(tmp_path):
+    pipe = REPO / "configs" / "pipelines" / "sft_two_tasks.yaml"
+    with pytest.raises(ConfigError, match=rf"pipeline file, not a stage config: run it with `posttrain run {pipe}`"):
+        stage_pipeline("sft", pipe, None)
+    stage = REPO / "configs" / "stages" / "sft.yaml"
+    with pytest.raises(ConfigError, match=rf"stage config \(kind: sft\): run it with `posttrain stage sft --config {stage}`"):
+        load_pipeline(stage)
