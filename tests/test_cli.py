@@ -72,3 +72,13 @@ def test_list_shows_every_key_a_pipeline_can_hold(capsys):
                      "  format_regex: params pattern", "  length_penalty: params target_len, scale=0.001",
                      "merge methods (merge `method:`): breadcrumbs,"]:
         assert expected in out, expected
+
+
+def test_drop_records_after_keeps_events_and_earlier_steps(tmp_path):
+    from posttrain.stages.common import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "data"}\n{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+                    '{"step": 3, "loss": 1.0}\n{"step": 3, "lo')  # the last line cut by a kill
+    assert drop_records_after(path, 2) == 2
+    assert path.read_text() == '{"event": "data"}\n{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

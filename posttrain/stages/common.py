@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from posttrain.config import ConfigError, Strict
 from posttrain.hft import TrainableConfig, apply_trainable, lora_target_modules, write_trainable_json
 from posttrain.registry import did_you_mean
+from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
 
 
@@ -172,6 +173,29 @@ def metrics_callback(ctx: StageContext):
     return _Metrics()
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the training records of steps after `step` from metrics.jsonl (training resumed from that
+    checkpoint logs them again; kept, a loss curve would double back) and a line a kill cut short. Returns how
+    many lines went. Records without a step (events) stay."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step \
+                and record.get("event") is None:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
 def checkpoints(folder: Path) -> dict[int, Path]:
     """The trainer's `checkpoint-N` folders by step N."""
     return {int(p.name[11:]): p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()}
@@ -246,6 +270,10 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     resume = last_checkpoint(ctx)
     if resume:
         ctx.log(f"resuming from {resume}")
+        if is_main():
+            step = int(Path(resume).name.removeprefix("checkpoint-"))
+            drop_records_after(ctx.metrics_path, step)
+            ctx.log_metrics({"event": "resume", "step": step, "checkpoint": str(resume)})
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     dtype = saved_dtype(ctx.input_model)
@@ -303,17 +331,3 @@ def optimizer_param_names(trainer: Any) -> set[str]:
     """Names of the parameters in the trainer's optimizer groups (HFT: frozen ones get no optimizer state)."""
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     return {names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"] if id(p) in names}
-
-
-def ensure_clean_work_dir(work: Path, config_hash: str) -> None:
-    """Keep a half-done work folder only when it was started by the same config (so resuming is valid)."""
-    marker = work / "ATTEMPT.json"
-    if work.exists():
-        try:
-            same = json.loads(marker.read_text()).get("config_sha256") == config_hash
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if not same:
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"config_sha256": config_hash}) + "\n")

@@ -1,6 +1,8 @@
 """Item 1: `kill -9` during training, then the same command: it resumes from the last checkpoint and the final
 weights are bit-identical to an uninterrupted run, also when the kill lands at an epoch boundary or halfway
 through a gradient accumulation (data order and RNG states are restored from the checkpoint)."""
+import json
+
 import pytest
 
 from tests.conftest import run_cli
@@ -26,3 +28,9 @@ def test_kill_then_rerun_resumes_bit_identical(uninterrupted, tmp_path, kill_at,
     assert "resuming from" in r.stderr
     assert weights_sha(run_dir) == weights_sha(uninterrupted[accum])
     assert not work.exists()
+    # The steps logged after the checkpoint and before the kill are logged again: metrics.jsonl keeps them once.
+    records = [json.loads(x) for x in (run_dir / "stages" / "01_sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+    resumed = [r for r in records if r.get("event") == "resume"]
+    assert len(resumed) == 1 and f"resuming from {resumed[0]['checkpoint']}" in r.stderr
