@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import posttrain.stages  # noqa: F401
-from posttrain.config import load_pipeline
-from posttrain.pipeline import PipelineError, run_pipeline
+from posttrain.config import ConfigError, load_pipeline
+from posttrain.pipeline import run_pipeline
 
 TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}
 
@@ -24,10 +24,9 @@ def test_stage_reference_and_unknown_reference(world, tmp_path):
     run_pipeline(cfg, tmp_path / "r", logs.append)
     started = [line for line in logs if "] sft from" in line]
     assert str(tmp_path / "r" / "stages" / "01_a" / "model") in started[2]
-    stages[2]["model"] = "${stages.zz.model}"
-    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": stages})
-    with pytest.raises(PipelineError, match="names no earlier stage"):
-        run_pipeline(cfg, tmp_path / "r", lambda m: None)
+    stages[2]["model"] = "${stages.zz.model}"  # refused when the config loads, before any stage trains
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.model: \$\{stages\.zz\.model\} names no earlier stage"):
+        load_pipeline(None, data={"eval": {"enabled": False}, "stages": stages})
 
 
 @pytest.mark.slow  # five evals and a rerun: about 50 s on two shared cores
