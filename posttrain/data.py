@@ -210,19 +210,29 @@ def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -
     return rows, {"source": name, "rows": len(rows), "bad_rows": len(bad), "bad_examples": bad[:5]}
 
 
-def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
-    """Concatenate sources into one `datasets.Dataset` (uniform columns) plus per-source stats."""
-    from datasets import Dataset
-
+def load_sources(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
+    """The checked rows of every source, in order, plus per-source stats."""
     all_rows: list[dict] = []
     stats = []
     for src in sources:
         rows, st = load_rows(src, shape, log)
         all_rows += rows
         stats.append(st)
-    all_rows = sft_rows(all_rows) if shape == "sft" else all_rows
-    keys = sorted({k for r in all_rows for k in r})
-    return Dataset.from_list([{k: r.get(k) for k in keys} for r in all_rows]), stats
+    return all_rows, stats
+
+
+def rows_dataset(rows: list[dict]):
+    """One `datasets.Dataset` with uniform columns: a column some rows lack is None there."""
+    from datasets import Dataset
+
+    keys = sorted({k for r in rows for k in r})
+    return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
+
+
+def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
+    """Concatenate sources into one `datasets.Dataset` (uniform columns) plus per-source stats."""
+    rows, stats = load_sources(sources, shape, log)
+    return rows_dataset(sft_rows(rows) if shape == "sft" else rows), stats
 
 
 def sft_rows(rows: list[dict]) -> list[dict]:

@@ -56,7 +56,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.data import DataError, DataSource, load_rows
+from posttrain.data import DataError, DataSource, load_rows, load_sources
 from posttrain.models import load_model, load_tokenizer
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageContext, StageResult, stage
@@ -161,12 +161,7 @@ def preference_dataset(sources: list[DataSource], chat: bool, log,
     """
     from datasets import Dataset
 
-    rows: list[dict] = []
-    stats: list[dict] = []
-    for src in sources:
-        got, st = load_rows(src, "preference", log)
-        rows += got
-        stats.append(st)
+    rows, stats = load_sources(sources, "preference", log)
     rows += extra[0]
     stats += extra[1]
     if chat:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.data import DataError, DataSource, load_rows
+from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs, reward_file
 from posttrain.rollout import (
@@ -116,20 +116,11 @@ def prompt_rows(rows: list[dict], chat: bool) -> list[dict]:
 def prompt_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
     """Checked prompt rows of every source as one `datasets.Dataset`, plus per-source stats.
 
-    Not data.load_dataset_rows: rows are normalised by `prompt_rows` before the Dataset is built, since one
-    Arrow column cannot hold both strings and message lists (a plain source mixed with a conversational one).
+    Rows are normalised by `prompt_rows` before the Dataset is built, since one Arrow column cannot hold both
+    strings and message lists (a plain source mixed with a conversational one).
     """
-    from datasets import Dataset
-
-    rows: list[dict] = []
-    stats: list[dict] = []
-    for src in sources:
-        got, st = load_rows(src, "prompt", log)
-        rows += got
-        stats.append(st)
-    rows = prompt_rows(rows, chat)
-    keys = sorted({k for r in rows for k in r})  # a column some sources lack is None there, as in load_dataset_rows
-    return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows]), stats
+    rows, stats = load_sources(sources, "prompt", log)
+    return rows_dataset(prompt_rows(rows, chat)), stats
 
 
 def epoch_sampler(**repeat_sampler_kwargs: Any):
