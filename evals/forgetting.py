@@ -42,7 +42,8 @@ Metrics and where they depart from their papers:
   BWT = 1/(T-1) sum_{i<T} (R_{T,i} - R_{i,i}). The tasks are the stages that name ``trains_on``; R_{j,i} is
   the mean score over task i's keys after stage j. Departures: R_{T,i} is read at the *final* stage of the
   pipeline (the model it delivers), which is GEM exactly when a training stage comes last but also counts a
-  trailing merge; terms whose task has no score at either stage are dropped and the mean is over the rest.
+  trailing merge; terms whose task has no score at either stage are dropped and the mean is over the rest
+  (``backward_transfer_note`` says which, and why BWT is None when it is, for the report to state).
 - Every metric assumes higher is better; a lower-is-better metric (perplexity, loss) reads with its sign
   flipped.
 """
@@ -265,6 +266,35 @@ def backward_transfer(stages: list[Stage], at: int = -1) -> float | None:
     return float(sum(terms) / len(terms)) if terms else None
 
 
+def backward_transfer_note(stages: list[Stage], at: int = -1) -> str | None:
+    """Why ``backward_transfer(stages, at)`` is None, or which of its terms it leaves out; None when every
+    training stage before the last has its term.
+
+    The causes, as the report states them: fewer than two training stages on the lineage; a stage whose
+    ``trains_on`` names tasks no row scored (a typo, or a task the suite lacks); a stage whose tasks have no
+    score at that stage or at the final one.
+    """
+    keys, m, _, rows = measured_matrices(stages)
+    final = at % len(rows)
+    lineage = ancestor_rows(stages)[final] + [final]
+    trained = [i for i in lineage if rows[i].get("trains_on")]
+    if len(trained) < 2:
+        where = "" if is_linear(stages) else f" on the lineage of `{rows[final]['name']}`"
+        return f"fewer than two stages{where} in the report name trains_on"
+    scored = {task_of(k) for k in keys}
+    causes = []
+    for i in trained[:-1]:
+        tasks = list(rows[i]["trains_on"])
+        unscored = [t for t in tasks if t not in scored]
+        cols = [c for c, k in enumerate(keys) if task_of(k) in tasks]
+        if unscored:
+            left = "its term is left out" if len(unscored) == len(tasks) else "left out of its term"
+            causes.append(f"`{rows[i]['name']}` trains_on names {', '.join(unscored)}, which no eval scored ({left})")
+        elif _task_mean(m[final], m[i], cols) is None:
+            causes.append(f"`{rows[i]['name']}`'s trains_on tasks have no score there or at `{rows[final]['name']}`")
+    return "; ".join(causes) or None
+
+
 def branch_summaries(stages: list[Stage]) -> list[dict[str, Any]]:
     """``[{"stage", "average_forgetting", "backward_transfer"}]`` at the end of every branch (``leaf_rows``),
     in pipeline order, when there are two or more ends; empty for a chain, whose only end is the last stage
@@ -275,7 +305,8 @@ def branch_summaries(stages: list[Stage]) -> list[dict[str, Any]]:
         return []
     rows = measured(stages)
     return [{"stage": rows[k]["name"], "average_forgetting": average_forgetting(stages, at=k),
-             "backward_transfer": backward_transfer(stages, at=k)} for k in leaves]
+             "backward_transfer": backward_transfer(stages, at=k),
+             "backward_transfer_note": backward_transfer_note(stages, at=k)} for k in leaves]
 
 
 def _drop_record(stages, keys, m, se, cur: int, ref: int, j: int, z: float, against: str) -> dict | None:
@@ -356,10 +387,12 @@ def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
     """Everything the forgetting report shows, JSON-serialisable (NaN -> None).
 
     ``{"stages": [...as given...], "tasks": {key: {"delta_vs_base": [...], "delta_vs_previous": [...],
-    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer"[, "branches"]},
+    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer",
+    "backward_transfer_note"[, "branches"]},
     "significant_drops": [...]}``; each per-task list has one entry per row of ``stages``, references
     included: their ``delta_vs_base`` is measured, their ``delta_vs_previous`` (the delta vs the parent) and
-    ``forgetting`` are None. ``summary["branches"]`` is there only when the pipeline branches (see
+    ``forgetting`` are None. ``backward_transfer_note`` is ``backward_transfer_note(stages)`` (None when BWT
+    has every term). ``summary["branches"]`` is there only when the pipeline branches (see
     ``branch_summaries``).
     """
     keys, _ = score_matrix(stages)
@@ -368,7 +401,7 @@ def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
     tasks = {key: {"delta_vs_base": d_base[:, j], "delta_vs_previous": d_prev[:, j],
                    "forgetting": forg[:, j]} for j, key in enumerate(keys)}
     summary = {"average_forgetting": average_forgetting(stages), "max_drop": max_drop(stages),
-               "backward_transfer": backward_transfer(stages)}
+               "backward_transfer": backward_transfer(stages), "backward_transfer_note": backward_transfer_note(stages)}
     branches = branch_summaries(stages)
     if branches:
         summary["branches"] = branches

@@ -3,8 +3,10 @@
 ::
 
     <out_dir>/                 usually <run-dir>/report/
-      forgetting.json          build_report(stages): stages as given, per-key deltas and forgetting, summary
-      forgetting.md            scores table (a "from" column when stages branch), forgetting table, flagged
+      forgetting.json          build_report(stages): stages as given, per-key deltas and forgetting, summary;
+                               "not_comparable" and "pending" when write_report was given any
+      forgetting.md            scores table (a "from" column when stages branch), the rows left out as not
+                               comparable, the stages a run has still to evaluate, forgetting table, flagged
                                drops, summary (per branch when stages branch), extra sections
       forgetting.png           one line per key from each stage to its parent, error bars where stderrs are known
 
@@ -17,7 +19,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,19 @@ NA = "n/a"
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace`` (atomic on POSIX)."""
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace`` (atomic on POSIX).
+
+    The temp file is created with mode 0o666 less the umask, as ``open()`` would make it: ``tempfile.mkstemp``
+    makes 0600 files, which the rename kept, so a report in a shared run dir was readable by its owner only.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    while True:
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # another writer's temp name: draw again
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -93,12 +105,18 @@ def _trains_on_cell(stage: Stage) -> str:
 
 def from_cells(stages: list[Stage]) -> list[str]:
     """Per row, the parents a stage was built from ("–" for the base and reference rows; "outside the run"
-    for a stage whose input is no row of the report)."""
+    for a stage whose input is a model outside the run; "<name> (left out)" for a parent without a row)."""
     rows = measured(stages)
     names = [[rows[p]["name"] for p in ps] for ps in parent_rows(stages)]
     by_name = {s["name"]: n for s, n in zip(rows, names)}
-    return ["–" if is_reference(s) or s is rows[0] else ", ".join(by_name[s["name"]]) or "outside the run"
-            for s in stages]
+    return ["–" if is_reference(s) or s is rows[0] else _parents_cell(s, by_name[s["name"]]) for s in stages]
+
+
+def _parents_cell(stage: Stage, shown: list[str]) -> str:
+    """The recorded parents, those without a row marked "(left out)" (see the "Not comparable" section), so a
+    stage whose parent was left out does not read as built from outside the run."""
+    names = [p if p in shown else f"{p} (left out)" for p in stage.get("parents", shown)]
+    return ", ".join(names) or "outside the run"
 
 
 def scores_table(stages: list[Stage]) -> str:
@@ -156,28 +174,58 @@ def summary_list(summary: dict[str, Any]) -> str:
         drop = "0.000 (nothing fell below base)"
     else:
         drop = f"{md['drop']:.3f} ({md['key']} after `{md['stage']}`)"
-    bwt = summary["backward_transfer"]
-    bwt_s = NA + " (fewer than two stages name trains_on)" if bwt is None else fmt_delta(bwt)
+    bwt_s = _bwt_text(summary["backward_transfer"], summary.get("backward_transfer_note"))
     lines = [
         f"- Average forgetting at the last stage: {fmt_delta(summary['average_forgetting'])}",
         f"- Largest drop below base: {drop}",
         f"- Backward transfer (GEM): {bwt_s}",
     ]
     for b in summary.get("branches") or []:
-        bwt = NA if b["backward_transfer"] is None else fmt_delta(b["backward_transfer"])
+        bwt = _bwt_text(b["backward_transfer"], b.get("backward_transfer_note"))
         lines.append(f"- Branch ending at `{b['stage']}`: average forgetting {fmt_delta(b['average_forgetting'])}, "
                      f"backward transfer {bwt}")
     return "\n".join(lines)
 
 
+def _bwt_text(bwt: float | None, note: str | None) -> str:
+    """BWT, or n/a, followed by why it is n/a or which terms it leaves out (``backward_transfer_note``)."""
+    text = NA if bwt is None else fmt_delta(bwt)
+    return f"{text} ({note})" if note else text
+
+
+def not_comparable_section(left_out: list[dict[str, Any]]) -> str:
+    """The rows ``evals.runner.rerender_report`` left out, each with its eval.json and why; empty when none."""
+    if not left_out:
+        return ""
+    lines = [f"- `{r['name']}` (`{r['eval']}`): {'; '.join(r['why'])}" for r in left_out]
+    return ("## Not comparable\n\nLeft out of every table, figure and metric in this report: these eval.json "
+            "files were made with other eval settings than pipeline.yaml's eval block, or the stage was built "
+            "from an earlier version of a stage it descends from, so their scores do not compare with the rows "
+            "shown. The next `posttrain run` of this pipeline re-evaluates (or retrains) them.\n\n"
+            + "\n".join(lines))
+
+
+def pending_section(pending: list[str]) -> str:
+    """The stages a running (or stopped) pipeline has not evaluated yet; empty when none."""
+    if not pending:
+        return ""
+    return ("## Not yet evaluated in this run\n\n" + ", ".join(f"`{n}`" for n in pending) + ": a row appears "
+            "when the run reaches the stage. An eval.json an earlier attempt left in its folder is not shown, "
+            "since this run may retrain the stage (`posttrain report` shows what the folders hold).")
+
+
 def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
                     extra_sections: list[str] | None = None) -> str:
-    """The whole ``forgetting.md``: scores, forgetting, flagged drops, summary, then ``extra_sections``."""
+    """The whole ``forgetting.md``: scores, the rows left out and the stages still to come (when there are
+    any: ``report["not_comparable"]``, ``report["pending"]``), forgetting, flagged drops, summary, then
+    ``extra_sections``."""
     parts = [
         "# Forgetting report",
         "Scores after each stage as value ± stderr (change vs base). Higher is better.",
         scores_table(stages),
         references_note(stages),
+        not_comparable_section(report.get("not_comparable") or []),
+        pending_section(report.get("pending") or []),
         "## Forgetting per stage",
         "Best score among the stage's ancestors minus the current one (Chaudhry et al. 2018); positive means "
         "forgotten. The ancestors are every earlier stage in a chain, and the `from` chain back to the base when "
@@ -200,14 +248,24 @@ def _lineage_segments(stages: list[Stage]) -> list[tuple[int, int, bool]]:
     return [(rows[p], rows[k], n == 0) for k, ps in enumerate(parent_rows(stages)) for n, p in enumerate(ps)]
 
 
+PNG_DPI = 120
+
+
 def render_png(stages: list[Stage]) -> bytes:
+    """``render_figure(stages)`` as PNG bytes."""
+    buf = io.BytesIO()
+    render_figure(stages).savefig(buf, format="png", dpi=PNG_DPI)
+    return buf.getvalue()
+
+
+def render_figure(stages: list[Stage]) -> Figure:
     """One line per key across the base and stages (x ticks = row names), with stderr bars; reference rows
     are unjoined hollow markers at their own ticks, since no line runs through a model outside the run. When
     stages branch, each stage is joined to its parents instead of to the row before it (dashed for a merge's
-    further parents), so no line runs between siblings. PNG."""
+    further parents), so no line runs between siblings. Stage names are slanted when they would touch."""
     keys, m = score_matrix(stages)
     _, se = stderr_matrix(stages)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5), dpi=PNG_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(stages))
@@ -221,7 +279,7 @@ def render_png(stages: list[Stage]) -> bytes:
         if ref.any():
             ax.errorbar(x[ref], m[ref, j], yerr=se[ref, j], fmt="D", mfc="none", capsize=3,
                         color=line.lines[0].get_color())
-    ax.set_xticks(x, [s["name"] for s in stages], rotation=30 if len(stages) > 6 else 0)
+    ax.set_xticks(x, [s["name"] for s in stages])
     ax.set_xlabel("stage")
     ax.set_ylabel("score")
     ax.set_title("Scores across stages")
@@ -229,19 +287,43 @@ def render_png(stages: list[Stage]) -> bytes:
     if keys:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
+    _fit_tick_labels(fig, ax)
+    return fig
+
+
+def tick_labels_overlap(fig: Figure, ax: Any) -> bool:
+    """True when two neighbouring x tick labels' boxes touch (horizontal labels that run into each other)."""
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()), key=lambda b: b.x0)
+    gap = 4  # pixels: labels closer than this read as one word ("sft_arithmeticsft_reversal")
+    return any(a.x1 + gap > b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def _fit_tick_labels(fig: Figure, ax: Any) -> None:
+    """Slant the stage names when they would run into each other; the width they need depends on the names
+    and on the legend beside the axes, so it is measured on the laid-out figure, not guessed from a count."""
+    if tick_labels_overlap(fig, ax):
+        for label in ax.get_xticklabels():
+            label.set(rotation=30, ha="right", rotation_mode="anchor")
+        fig.tight_layout()
 
 
 def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | None = None,
-                 z: float = 2.0) -> dict[str, Any]:
+                 z: float = 2.0, not_comparable: list[dict[str, Any]] | None = None,
+                 pending: list[str] | None = None) -> dict[str, Any]:
     """Write ``forgetting.{json,md,png}`` into ``out_dir`` (created if needed); return the JSON report.
 
     ``extra_sections`` are markdown strings appended to ``forgetting.md`` (e.g. the HFT masks per stage).
+    ``not_comparable`` (``[{"name", "eval", "why": [...]}]``: rows left out of ``stages`` because their scores
+    do not compare) and ``pending`` (stage names a run has not evaluated yet) are listed in the md and, when
+    not empty, kept in the JSON under the same names.
     """
     os.makedirs(out_dir, exist_ok=True)
     report = build_report(stages, z=z)
+    if not_comparable:
+        report["not_comparable"] = [dict(r) for r in not_comparable]
+    if pending:
+        report["pending"] = list(pending)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"  # allow_nan=False: strict JSON or fail
     atomic_write(os.path.join(out_dir, "forgetting.json"), text.encode())
     md = render_markdown(stages, report, z, extra_sections)

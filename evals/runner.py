@@ -7,10 +7,11 @@ turns lm-eval's results into `{"<task>/<metric>": {"value", "stderr"}}` for the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import Field
 
@@ -59,14 +60,18 @@ def render_world_tasks(log: Callable[[str], None] = print, split: str = "test") 
     out.mkdir(exist_ok=True)
     hashes = {}
     for src in sorted(WORLD_TASKS_DIR.glob("*.yaml")):
-        text = src.read_text().replace("__WORLD_DATA__", str(world / "data"))
-        if split != "test":
-            text = text.replace("test_split: test", f"test_split: {split}")
+        text = _rendered_task(src, world, split)
         dest = out / src.name
         if not dest.is_file() or dest.read_text() != text:
             dest.write_text(text)
         hashes[src.stem] = sha256_json(text)
     return out, hashes
+
+
+def _rendered_task(src: Path, world: Path, split: str) -> str:
+    """The text of one world task YAML as lm-eval reads it: the data path filled in, `split` scored."""
+    text = src.read_text().replace("__WORLD_DATA__", str(world / "data"))
+    return text if split == "test" else text.replace("test_split: test", f"test_split: {split}")
 
 
 def _backend(requested: str) -> str:
@@ -135,13 +140,10 @@ def evaluate_model(
         spec = spec.model_copy(update={"apply_chat_template": False})
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
-    task_hashes = {t: task_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks}
     model_path = Path(model_dir)
     model_hash = sha256_json(hash_folder(model_path)) if model_path.is_dir() else f"hub:{model_dir}"
-    limit = settings.limit if settings.limit is not None else spec.limit
-    key = {"model_sha256": model_hash, "task_hashes": task_hashes, "limit": limit, "seed": settings.seed,
-           "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens,
-           "split": split}
+    key = {"model_sha256": model_hash, **eval_settings(settings, spec, task_hashes, split)}
+    limit = key["limit"]
     if out and Path(out).is_file():
         old = json.loads(Path(out).read_text())
         if old.get("key") == key:
@@ -152,6 +154,75 @@ def evaluate_model(
     if out:
         atomic_write_json(Path(out), record)
     return record
+
+
+def eval_settings(settings: EvalConfig, spec: Suite, world_hashes: dict[str, str], split: str = "test") -> dict:
+    """An eval's key without the model hash: the settings two evals must share for their scores to compare.
+
+    `world_hashes` holds the rendered world tasks' hashes; a task not in it (lm-eval's own) is named instead.
+    """
+    return {"task_hashes": {t: world_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks},
+            "limit": settings.limit if settings.limit is not None else spec.limit, "seed": settings.seed,
+            "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens,
+            "split": split}
+
+
+def current_eval_settings(settings: EvalConfig, split: str = "test") -> dict:
+    """`eval_settings` of what `evaluate_model` would run now with `settings`, without building the world.
+
+    The world task hashes cover the data path, so they are those of the world folder `world_dir()` would
+    return on this machine (same cache root and version); an eval made under another cache root reads as made
+    with other task files, which it is as far as a rerun here goes (it would re-evaluate).
+    """
+    from posttrain.world import VERSION, cache_root
+
+    spec = load_suite(settings.suite)
+    world = cache_root() / f"world-{VERSION}"  # world_dir()'s folder, named without building it
+    hashes = {src.stem: sha256_json(_rendered_task(src, world, split))
+              for src in sorted(WORLD_TASKS_DIR.glob("*.yaml"))}
+    return eval_settings(settings, spec, hashes, split)
+
+
+_SETTINGS = ("suite", "limit", "seed", "num_fewshot", "max_new_tokens", "split")
+
+
+def settings_differences(key: dict | None, expected: dict) -> list[str]:
+    """How an eval.json's `key` departs from `expected` (`current_eval_settings`), one phrase each; [] when
+    its scores compare with evals made now. The model hash is not compared: it is what differs between rows.
+
+    A suite recorded with `apply_chat_template: false` where the suite says true matches: `evaluate_model`
+    scores a model without a chat template on plain prompts, and that is a property of the model, not of
+    the settings.
+    """
+    if not isinstance(key, dict):
+        return ["no eval settings recorded (no key)"]
+    out = []
+    for field in _SETTINGS:
+        got, want = key.get(field), expected[field]
+        phrase = _suite_difference(got, want) if field == "suite" else None
+        if phrase or (field != "suite" and got != want):
+            out.append(phrase or f"{field} {got!r} (pipeline: {want!r})")
+    hashes = key.get("task_hashes") if isinstance(key.get("task_hashes"), dict) else {}
+    changed = sorted(t for t in set(hashes) | set(expected["task_hashes"])
+                     if hashes.get(t) != expected["task_hashes"].get(t))
+    if changed:
+        out.append("task files of " + ", ".join(changed) + " differ from the current ones")
+    return out
+
+
+def _suite_difference(got: Any, want: dict) -> str | None:
+    """One phrase for a recorded suite that is not `want` (see `settings_differences`), else None."""
+    if not isinstance(got, dict):
+        return f"suite {got!r} (pipeline: {want['name']!r})"
+    if got.get("apply_chat_template") is False:
+        got = {**got, "apply_chat_template": want["apply_chat_template"]}
+    if got == want:
+        return None
+    if got.get("name") != want["name"]:
+        return f"suite {got.get('name')!r} (pipeline: {want['name']!r})"
+    fields = [f"{k} {got.get(k)!r} (now {want.get(k)!r})"
+              for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    return f"suite {want['name']!r} as it was then: " + ", ".join(fields)
 
 
 def _has_chat_template(model_dir: str) -> bool:
@@ -185,29 +256,54 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
             fit_cpu_threads(folder_params(str(model_dir)))
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
-    results = lm_eval.simple_evaluate(
-        model=backend,
-        model_args=model_args,
-        tasks=list(spec.tasks),
-        task_manager=TaskManager(include_path=str(include) if include else None),
-        num_fewshot=settings.num_fewshot or None,
-        batch_size=settings.batch_size,
-        limit=limit,
-        apply_chat_template=spec.apply_chat_template,
-        gen_kwargs={"max_gen_toks": settings.max_new_tokens},
-        random_seed=settings.seed,
-        numpy_random_seed=settings.seed,
-        torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed,
-        log_samples=False,
-        bootstrap_iters=1000,
-    )
+    with _no_git_hash():
+        results = lm_eval.simple_evaluate(
+            model=backend,
+            model_args=model_args,
+            tasks=list(spec.tasks),
+            task_manager=TaskManager(include_path=str(include) if include else None),
+            num_fewshot=settings.num_fewshot or None,
+            batch_size=settings.batch_size,
+            limit=limit,
+            apply_chat_template=spec.apply_chat_template,
+            gen_kwargs={"max_gen_toks": settings.max_new_tokens},
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
     seconds = round(time.time() - start, 1)
     scores = scores_from_results(results)
     log("eval: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in sorted(scores.items())) + f" ({seconds}s)")
     keep = {k: results.get(k) for k in ("results", "versions", "n-samples", "higher_is_better")}
     return {"scores": scores, "seconds": seconds, "backend": backend, "lm_eval": keep,
             "task_configs": {t: _config_hash(c) for t, c in (results.get("configs") or {}).items()}}
+
+
+@contextlib.contextmanager
+def _no_git_hash() -> Iterator[None]:
+    """Keep lm-eval from running `git describe` while it evaluates.
+
+    lm-eval 0.4 records a commit (`results["git_hash"]`) by running `git describe --always` with the
+    caller's stderr, so every eval outside a git checkout printed `fatal: not a git repository`. No argument
+    of `simple_evaluate` and no environment variable git or lm-eval honours turns that off, and sending fd 2
+    elsewhere for the whole eval would hide lm-eval's own warnings and progress. eval.json keeps no git_hash
+    (it records package versions), so the name `lm_eval.evaluator` calls returns None for the length of the
+    call, and is put back after it; a later lm-eval without that name is left alone.
+    """
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _config_hash(cfg: Any) -> str:
@@ -218,6 +314,82 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- config checks, before anything runs ---------------------------------------------------------------------
+
+
+def check_eval_config(cfg: Any) -> None:
+    """Refuse a pipeline whose `eval.max_drop` or `trains_on:` names what its suite never scores.
+
+    `cfg` is a loaded PipelineConfig. `eval.max_drop` keys are matched as `check_gate` matches them: a task
+    name (all its metrics) or a full `task/metric` key; `trains_on` entries are task names, as
+    `backward_transfer` matches a key's task. Cheap: the suite YAML lists its tasks and the world task YAMLs
+    their metrics; no model loads and lm-eval's task index is not built, so the metric of an lm-eval task is
+    left to the gate, and a task that is not in the suite passes when it reads as a subtask of one of the
+    suite's lm-eval tasks (`mmlu_anatomy` under `mmlu`: lm-eval reports a group's subtasks too). Nothing is
+    checked when evals are off: nothing reads the block then. Raises ConfigError naming the key path.
+    """
+    if not cfg.eval.enabled:
+        return
+    spec = load_suite(cfg.eval.suite)
+    for name in cfg.eval.max_drop:
+        problem = _unknown_gate_key(name, spec)
+        if problem:
+            raise ConfigError(f"eval.max_drop.{name}: {problem}")
+    for stage in cfg.stages:
+        for task in stage.trains_on:
+            problem = _unknown_task(task, spec)
+            if problem and "/" in task and not _unknown_task(task.split("/", 1)[0], spec):
+                problem = f"trains_on names tasks, not task/metric keys (did you mean {task.split('/', 1)[0]!r}?)"
+            if problem:
+                raise ConfigError(f"stages.{stage.name}.trains_on: {problem}")
+
+
+def _world_task(task: str) -> Path | None:
+    path = WORLD_TASKS_DIR / f"{task}.yaml"
+    return path if path.is_file() else None
+
+
+def _unknown_task(task: str, spec: Suite) -> str | None:
+    """Why `task` is scored by no eval of `spec`, or None when it is (see `check_eval_config`)."""
+    if task in spec.tasks:
+        return None
+    groups = [t for t in spec.tasks if not _world_task(t)]
+    if any(task.startswith(f"{g}_") for g in groups):
+        return None
+    from posttrain.registry import did_you_mean
+
+    return (f"no task {task!r} in suite {spec.name!r}{did_you_mean(task, spec.tasks)}; "
+            f"its tasks: {', '.join(spec.tasks)}")
+
+
+def _unknown_gate_key(name: str, spec: Suite) -> str | None:
+    """Why the `eval.max_drop` entry `name` (a task, or a `task/metric` key) matches no key, or None."""
+    task, _, metric = name.partition("/")
+    problem = _unknown_task(task, spec)
+    keys = _world_task_keys(task) if metric and not problem else None
+    if problem or keys is None or name in keys:
+        return problem
+    from posttrain.registry import did_you_mean
+
+    return f"task {task!r} has no metric {metric!r}{did_you_mean(name, keys)}; its keys: {', '.join(keys)}"
+
+
+def _world_task_keys(task: str) -> list[str] | None:
+    """The score keys a world task reports (as `scores_from_results` names them); None when unknown here."""
+    import yaml
+
+    path = _world_task(task)
+    if path is None:
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}  # world task YAMLs use no !function tags
+    metrics = [m["metric"] for m in doc.get("metric_list") or [] if isinstance(m, dict) and "metric" in m]
+    filters = [f["name"] for f in doc.get("filter_list") or [] if isinstance(f, dict) and "name" in f] or ["none"]
+    if not metrics:  # lm-eval's defaults for the output type: not known without lm-eval
+        return None
+    # One filter: the key is task/metric; several: task/metric@filter (see scores_from_results).
+    return [f"{task}/{m}" if len(filters) == 1 else f"{task}/{m}@{f}" for m in metrics for f in filters]
 
 
 # ---- the pipeline's hooks ------------------------------------------------------------------------------------
@@ -283,7 +455,8 @@ def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> Non
     name = "base" if stage is None else stage.name
     pipe.records.append(_record(name, folder, model_dir, stage, result))
     report_dir = pipe.rd.root / "report"
-    write_report(pipe.records, report_dir, extra_sections=_hft_sections(pipe.rd.root))
+    write_report(pipe.records, report_dir, extra_sections=_hft_sections(pipe.rd.root),
+                 pending=pending_stages(pipe.records, [s.name for s in pipe.cfg.stages]))
     pipe.log(f"report: {report_dir / 'forgetting.md'}")
     if stage is None or not pipe.cfg.eval.max_drop:
         return
@@ -291,6 +464,18 @@ def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> Non
         if pipe.cfg.eval.on_drop == "stop":
             raise PipelineError(f"eval gate: {msg}")
         pipe.log(f"warning: eval gate: {msg}")
+
+
+def pending_stages(records: list[dict], stage_names: list[str]) -> list[str]:
+    """The stages of the pipeline that have no row yet, in order.
+
+    The report a run writes holds only rows it has evaluated (or found evaluated with matching keys) itself:
+    the eval.json a later stage's folder holds from an earlier attempt may be of a model this run is about to
+    retrain (its config or inputs changed), which only the run can tell when it gets there. So after an
+    interrupted rerun the report lists these stages instead of showing stale rows.
+    """
+    shown = {r["name"] for r in records}
+    return [n for n in stage_names if n not in shown]
 
 
 def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[dict]:
@@ -316,7 +501,11 @@ def rerender_report(run_dir: Path) -> Path:
     """Rebuild report/ from the eval.json files of a run dir: the rows the pipeline wrote, in its order.
 
     The base, then per stage with an eval.json: the reference rows of its inputs (inputs/<ref>/eval.json),
-    then the stage itself, with the lineage (`parents`) its eval.json records.
+    then the stage itself, with the lineage (`parents`) its eval.json records. A row whose scores do not
+    compare with the others is left out of every metric and listed in the report as not comparable, with
+    why (`not_comparable_rows`): its eval key's settings are not pipeline.yaml's eval block (an interrupted
+    rerun with another `eval.limit`, say), or its stage was built from an earlier version of a parent. When
+    that is the base, nothing has a base to compare with: a one-line error says so.
     """
     import yaml
 
@@ -329,23 +518,86 @@ def rerender_report(run_dir: Path) -> Path:
         raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
     cfg = yaml.safe_load(pipe_file.read_text())
     records: list[dict] = []
+    keys: list[Any] = []  # per record, the key of its eval.json
     shown: set[str] = set()
     base = run_dir / "stages" / "00_base" / "eval.json"
     if base.is_file():
         result = json.loads(base.read_text())
         records.append(_record("base", "00_base", result["model"], None, result))
+        keys.append(result.get("key"))
         shown.add(result["model"])
     for i, raw in enumerate(cfg["stages"], start=1):
         folder = f"{i:02d}_{raw['name']}"
         path = run_dir / "stages" / folder / "eval.json"
         if path.is_file():
             stage = STAGES.get(raw["kind"]).config.model_validate(raw)
-            records += _reference_records(run_dir, stage, shown)
+            refs = _reference_records(run_dir, stage, shown)
+            records += refs
+            keys += [json.loads((run_dir / r["folder"] / "eval.json").read_text()).get("key") for r in refs]
             result = json.loads(path.read_text())
             records.append(_record(raw["name"], folder, result["model"], stage, result))
+            keys.append(result.get("key"))
             shown.add(result["model"])
     if not records:
         raise ConfigError(f"{run_dir}: no eval.json found; nothing to report")
+    try:
+        settings = EvalConfig.model_validate(cfg.get("eval") or {})
+    except ValueError as e:  # pydantic's ValidationError: one line naming the file
+        raise ConfigError(f"{pipe_file}: eval: {str(e).splitlines()[0]}") from None
+    expected = current_eval_settings(settings)
+    left_out = not_comparable_rows(records, keys, expected, run_dir)
+    if records[0]["name"] == "base" and left_out and left_out[0]["name"] == "base":
+        raise ConfigError(f"{run_dir / left_out[0]['eval']}: the base was evaluated with other settings than "
+                          f"pipeline.yaml's eval block ({'; '.join(left_out[0]['why'])}), so no row has a base to "
+                          "compare with; rerun the pipeline to re-evaluate")
+    names = {r["name"] for r in left_out}
     out = run_dir / "report"
-    write_report(records, out, extra_sections=_hft_sections(run_dir))
+    write_report([r for r in records if r["name"] not in names], out, extra_sections=_hft_sections(run_dir),
+                 not_comparable=left_out)
     return out / "forgetting.md"
+
+
+def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, run_dir: Path) -> list[dict]:
+    """`[{"name", "eval", "why": [...]}]` for the records (`keys`: their eval.json keys) whose scores do not
+    compare with evals made now: settings that differ from `expected` (`settings_differences`), or a stage
+    built from an earlier version of a parent: its DONE is older than the parent's (a parent that reran
+    always makes its children rerun, so such a child is stale until the next run retrains it), or its parent
+    is such a stage. A record without `parents` (an older run) descends from the stage row before it."""
+    out, stale, previous = [], set(), "base"
+    dirs = {r["name"]: run_dir / "stages" / r["folder"] for r in records if not r.get("reference")}
+    for record, key in zip(records, keys):
+        why = settings_differences(key, expected)
+        if not record.get("reference") and record["name"] != "base":
+            parents = record.get("parents", [previous])
+            built_from = _stale_parents(dirs[record["name"]], [dirs[p] for p in parents if p in dirs], stale)
+            why += built_from
+            previous = record["name"]
+            if built_from:
+                stale.add(record["name"])
+        if why:  # the eval.json relative to the run dir (a stage row's folder is relative to stages/)
+            folder = Path(record["folder"]) if record.get("reference") else Path("stages") / record["folder"]
+            out.append({"name": record["name"], "eval": str(folder / "eval.json"), "why": why})
+    return out
+
+
+def _stale_parents(stage_dir: Path, parent_dirs: list[Path], stale: set[str]) -> list[str]:
+    """One phrase per parent stage (its folder) that is stale itself or finished after the stage in
+    `stage_dir` (DONE's `finished`, ISO to the second: within one run a child finishes after its parent)."""
+    finished = _finished(stage_dir)
+    out = []
+    for parent_dir in parent_dirs:
+        parent, then = parent_dir.name.split("_", 1)[1], _finished(parent_dir)
+        if parent in stale:
+            out.append(f"built from `{parent}`, which is left out as built from an earlier version itself")
+        elif finished and then and then > finished:
+            out.append(f"built from an earlier `{parent}` (that stage reran, finishing at {then}, after this one "
+                       f"finished at {finished})")
+    return out
+
+
+def _finished(stage_dir: Path) -> str | None:
+    """The `finished` time (ISO, seconds) in a stage folder's DONE; None without a readable one."""
+    try:
+        return json.loads((stage_dir / "DONE").read_text()).get("finished")
+    except (OSError, ValueError):
+        return None

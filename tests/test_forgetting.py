@@ -175,6 +175,7 @@ def test_build_report_shape():
     assert report["tasks"]["code/pass"]["forgetting"] == [0.0, 0.0, 0.25, -0.25]
     assert report["tasks"]["code/pass"]["delta_vs_previous"] == [None, 0.0, -0.25, 0.5]
     assert report["summary"] == {"average_forgetting": 0.21875, "backward_transfer": -0.375,
+                                 "backward_transfer_note": None,
                                  "max_drop": {"drop": 0.25, "stage": "dpo", "key": "code/pass"}}
 
 
@@ -308,8 +309,8 @@ def test_branched_backward_transfer_counts_the_final_lineage():
     assert backward_transfer(branched(), at=2) == -0.625
     report = build_report(branched())
     assert report["summary"]["branches"] == [
-        {"stage": "full_r", "average_forgetting": 0.0, "backward_transfer": -0.625},
-        {"stage": "hft_r", "average_forgetting": -0.125, "backward_transfer": -0.125}]
+        {"stage": "full_r", "average_forgetting": 0.0, "backward_transfer": -0.625, "backward_transfer_note": None},
+        {"stage": "hft_r", "average_forgetting": -0.125, "backward_transfer": -0.125, "backward_transfer_note": None}]
 
 
 def test_branched_max_drop_drops_and_gate():
@@ -366,3 +367,126 @@ def test_report_md_shows_lineage_when_stages_branch(tmp_path):
     assert "| from" not in write_report_md(make_stages(), tmp_path / "chain")
     merged = write_report_md(branched([("merge", ["full_r", "hft_r"], None, [0.5, 0.75])]), tmp_path / "m")
     assert table_rows(merged.split("##")[0])["merge"][0] == "full_r, hft_r"
+
+
+# ---- why BWT is n/a, the rows left out, file modes, the plot's stage names --------------------------------------
+
+
+def with_trains_on(**trains_on: list[str]) -> list[dict]:
+    """make_stages() with some stages' trains_on replaced."""
+    return [dict(s, trains_on=trains_on[s["name"]]) if s["name"] in trains_on else s for s in make_stages()]
+
+
+def test_backward_transfer_note_states_the_real_cause(tmp_path):
+    from evals.forgetting import backward_transfer_note
+
+    assert backward_transfer_note(make_stages()) is None  # every term there
+    # Two training stages, the first naming a task no eval scored (a typo): BWT has no term, and the note says
+    # so instead of "fewer than two stages name trains_on" (both do).
+    typo = with_trains_on(sft=["maths"])[:3]
+    assert backward_transfer(typo) is None
+    assert backward_transfer_note(typo) == "`sft` trains_on names maths, which no eval scored (its term is left out)"
+    md = write_report_md(typo, tmp_path / 'typo')
+    assert "Backward transfer (GEM): n/a (`sft` trains_on names maths, which no eval scored" in md
+    assert "fewer than two" not in md
+    # Three training stages, one term lost: BWT is the chat term alone (-0.375), and the note says what is missing.
+    assert backward_transfer(with_trains_on(sft=["maths"])) == -0.375
+    md = write_report_md(with_trains_on(sft=["maths"]), tmp_path / "one")
+    assert "Backward transfer (GEM): -0.375 (`sft` trains_on names maths" in md
+    # One of two tasks unscored: the term keeps the other.
+    assert backward_transfer(with_trains_on(sft=["math", "maths"])) == -0.375
+    assert backward_transfer_note(with_trains_on(sft=["math", "maths"])) == (
+        "`sft` trains_on names maths, which no eval scored (left out of its term)")
+    # A task scored elsewhere but not at the final stage.
+    gap = make_stages()
+    del gap[-1]["scores"]["chat/win"]
+    assert backward_transfer_note(gap) == "`dpo`'s trains_on tasks have no score there or at `grpo`"
+    # Really fewer than two.
+    assert backward_transfer_note(make_stages()[:2]) == "fewer than two stages in the report name trains_on"
+    md = write_report_md(make_stages()[:2], tmp_path / "two")
+    assert "n/a (fewer than two stages in the report name trains_on)" in md
+
+
+def test_branch_notes_name_their_lineage():
+    rows = branched()
+    rows[1]["trains_on"] = ["aa"]  # full_a: a typo
+    report = build_report(rows)
+    notes = {b["stage"]: b["backward_transfer_note"] for b in report["summary"]["branches"]}
+    assert notes == {"full_r": "`full_a` trains_on names aa, which no eval scored (its term is left out)",
+                     "hft_r": None}
+
+
+def test_report_lists_rows_left_out_and_stages_to_come(tmp_path):
+    """write_report's not_comparable and pending: sections in the md, same-named lists in the JSON; a stage
+    whose parent was left out reads "(left out)" in the from column, not "outside the run"."""
+    stages = [dict(s, parents=[p]) for s, p in zip(make_stages(), [None, "base", "sft", "dpo"])]
+    stages[0].pop("parents")
+    kept = [s for s in stages if s["name"] != "dpo"]  # dpo left out
+    left_out = [{"name": "dpo", "eval": "stages/02_dpo/eval.json", "why": ["limit 20 (pipeline: 50)"]}]
+    out = tmp_path / "r"
+    report = write_report(kept, str(out), not_comparable=left_out, pending=["ppo"])
+    loaded = json.loads((out / "forgetting.json").read_text())
+    assert loaded == report and loaded["not_comparable"] == left_out and loaded["pending"] == ["ppo"]
+    assert [s["name"] for s in loaded["stages"]] == ["base", "sft", "grpo"]
+    md = (out / "forgetting.md").read_text()
+    assert "## Not comparable" in md and "- `dpo` (`stages/02_dpo/eval.json`): limit 20 (pipeline: 50)" in md
+    assert "## Not yet evaluated in this run" in md and "`ppo`: a row appears" in md
+    assert table_rows(md.split("## Not comparable")[0])["grpo"][0] == "dpo (left out)"
+    # Nothing given: neither section nor key.
+    plain = write_report(make_stages(), str(tmp_path / "p"))
+    assert "not_comparable" not in plain and "pending" not in plain
+    md = (tmp_path / "p" / "forgetting.md").read_text()
+    assert "Not comparable" not in md and "Not yet evaluated" not in md
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_report_files_follow_the_umask(tmp_path, umask):
+    """forgetting.{json,md,png} get 0o666 less the umask, as files open() makes do (mkstemp made them 0600)."""
+    old = os.umask(umask)
+    try:
+        write_report(make_stages(), str(tmp_path / "r"))
+    finally:
+        os.umask(old)
+    for name in ("forgetting.json", "forgetting.md", "forgetting.png"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def _label_collisions(fig) -> list[tuple[str, str]]:
+    """Neighbouring x tick labels that touch: their boxes when horizontal; when slanted, whether the gap
+    between their parallel baselines (tick spacing * sin(angle)) is under one line of text."""
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.get_xticklabels() if t.get_text()]
+    out = []
+    for a, b in zip(labels, labels[1:]):
+        angle = math.radians(a.get_rotation())
+        if angle == 0:
+            touch = a.get_window_extent(renderer).x1 >= b.get_window_extent(renderer).x0
+        else:
+            spacing = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+            touch = spacing * math.sin(angle) < a.get_fontsize() * fig.dpi / 72
+        if touch:
+            out.append((a.get_text(), b.get_text()))
+    return out
+
+
+def world_rows(names: list[str]) -> list[dict]:
+    """Rows with the world suite's five keys (whose legend narrows the axes) under the given stage names."""
+    keys = ["world_arithmetic/exact_match", "world_facts/acc", "world_reversal/exact_match",
+            "world_style/exact_match", "world_verifiable/exact_match"]
+    return [{"name": n, "scores": {k: {"value": 0.5, "stderr": 0.1} for k in keys}} for n in names]
+
+
+def test_stage_names_on_the_plot_do_not_run_into_each_other():
+    from evals.report import render_figure
+
+    # The tester's runs/ms: "sft_arithmeticsft_reversal" on the x axis.
+    fig = render_figure(world_rows(["base", "sft_arithmetic", "sft_reversal", "merge"]))
+    assert _label_collisions(fig) == []
+    assert fig.axes[0].get_xticklabels()[1].get_rotation() == 30
+    # Short names that fit stay level.
+    fig = render_figure(world_rows(["base", "sft", "dpo"]))
+    assert _label_collisions(fig) == [] and fig.axes[0].get_xticklabels()[1].get_rotation() == 0
+    # Many long names.
+    fig = render_figure(world_rows(["base"] + [f"stage_{i}_with_a_long_name" for i in range(9)]))
+    assert _label_collisions(fig) == []
