@@ -194,7 +194,7 @@ def _bwt_text(bwt: float | None, note: str | None) -> str:
 
 
 def not_comparable_section(left_out: list[dict[str, Any]]) -> str:
-    """The rows ``evals.runner.rerender_report`` left out, each with its eval.json and why; empty when none."""
+    """The rows ``evals.run_report.rerender_report`` left out, each with its eval.json and why; empty when none."""
     if not left_out:
         return ""
     lines = [f"- `{r['name']}` (`{r['eval']}`): {'; '.join(r['why'])}" for r in left_out]

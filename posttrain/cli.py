@@ -103,10 +103,9 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
         raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
                           "launcher: drop --launcher)")
-    if cfg.eval.enabled:
-        from evals.runner import load_suite
+    from evals.runner import check_eval_config
 
-        load_suite(cfg.eval.suite)
+    check_eval_config(cfg)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
@@ -259,7 +258,7 @@ def _one_line(cfg) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
 
     out = rerender_report(Path(args.run_dir))
     print(out)

@@ -218,7 +218,7 @@ class Pipeline:
         """Evaluate a model with the pipeline's eval block and rewrite the report (no-op when disabled)."""
         if not self.cfg.eval.enabled or not model_dir:
             return
-        from evals.runner import evaluate_into_run
+        from evals.run_report import evaluate_into_run
 
         evaluate_into_run(self, stage, folder, model_dir)
 
@@ -228,7 +228,8 @@ class Pipeline:
         names = getattr(stage, "reference_models", None)
         if not self.cfg.eval.enabled or names is None:
             return
-        from evals.runner import evaluate_model, keep_in_eval, reference_record
+        from evals.run_report import keep_in_eval, reference_record
+        from evals.runner import evaluate_model
 
         for ref in names():
             if is_stage_ref(ref):

@@ -82,3 +82,9 @@ def test_drop_records_after_keeps_events_and_earlier_steps(tmp_path):
                     '{"step": 3, "loss": 1.0}\n{"step": 3, "lo')  # the last line cut by a kill
     assert drop_records_after(path, 2) == 2
     assert path.read_text() == '{"event": "data"}\n{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_a_max_drop_typo_exits_2_before_the_run_dir_exists(tmp_path, cli):
+    r = cli("stage", "sft", "--set", "eval.max_drop.world_factz=0.05", "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and r.stderr.startswith("error: eval.max_drop.world_factz: no task 'world_factz'")
+    assert "did you mean 'world_facts'" in r.stderr and not (tmp_path / "r").exists()

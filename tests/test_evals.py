@@ -109,7 +109,7 @@ def test_report_rerenders_recycle_then_finetune_from_eval_files(tmp_path):
     """`posttrain report` on the recycle_then_finetune layout: the transfer source's reference row comes back
     from inputs/world-sft/eval.json, and sft_from_v2 (from world-v2, the base) is measured against the base,
     not against sft_recycled before it. An eval.json without parents (an older run) reads as a chain."""
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
     from posttrain.pipeline import Pipeline
 
     cfg = load_pipeline(REPO / "configs" / "pipelines" / "recycle_then_finetune.yaml")
@@ -185,7 +185,7 @@ def test_report_leaves_out_evals_made_with_other_settings(tmp_path):
     """The tester's runs/pint: pipeline.yaml now says limit 50 (an interrupted rerun got as far as the base
     eval), the stages' eval.json files say 20. Their deltas would compare different example sets: they are
     left out of every metric and listed as not comparable, with why."""
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
 
     run, settings = _run_dir(tmp_path, TWO_TASKS, {"limit": 50})
     _fake_eval(run / "stages/00_base/eval.json", "m/base", 0.25, [], _key(settings, "m/base"))
@@ -231,7 +231,7 @@ def test_report_leaves_out_evals_made_with_other_settings(tmp_path):
 
 
 def test_report_refuses_a_base_made_with_other_settings(tmp_path):
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
 
     run, settings = _run_dir(tmp_path, TWO_TASKS, {"limit": 50})
     _fake_eval(run / "stages/00_base/eval.json", "m/base", 0.25, [], _key(settings, "m/base", limit=20))
@@ -244,7 +244,7 @@ def test_report_refuses_a_base_made_with_other_settings(tmp_path):
 def test_report_leaves_out_stages_built_from_an_earlier_parent(tmp_path):
     """After a rerun retrained `a` and was interrupted before `b`: b (and c, built on b) descend from the old
     a. Their DONE markers are older than a's, and they are left out until the next run retrains them."""
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
 
     stages = [{"name": n, "kind": "sft", "data": [{"source": "arithmetic"}]} for n in ("a", "b", "c")]
     run, settings = _run_dir(tmp_path, stages, {"limit": 50})
@@ -285,7 +285,7 @@ def test_in_run_report_lists_the_stages_still_to_come(world, tmp_path, monkeypat
     """During a (re)run the report holds the rows this run has evaluated; the stages it has not reached are
     named, not shown from an earlier attempt's eval.json (the run may retrain them)."""
     import evals.runner
-    from evals.runner import evaluate_into_run
+    from evals.run_report import evaluate_into_run
     from posttrain.pipeline import Pipeline
 
     def fake(model_dir, spec, include, limit, settings, log):

@@ -82,7 +82,7 @@ def test_branched_pipeline_records_lineage_and_report_rerenders_the_same(world, 
     """Two branches from the base (left -> left2, and right): right is measured against the base only, not
     against its sibling left; `posttrain report` rebuilds the same forgetting.json, reference rows included."""
     import evals.runner
-    from evals.runner import rerender_report
+    from evals.run_report import rerender_report
 
     monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
     stages = [

@@ -9,7 +9,6 @@ The CLI runs in this process with the fault installed by monkeypatch (tests/reli
 """
 import math
 
-import pytest
 
 from tests.reliability.conftest import cli_here, error_lines, sft_args
 from tests.reliability.faults import install

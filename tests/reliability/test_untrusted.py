@@ -102,7 +102,7 @@ def test_trust_remote_code_is_off_unless_set(remote_code_model):
 def test_base_eval_does_not_load_an_untrusted_model_first(kind, pickle_model, remote_code_model, tmp_path,
                                                           monkeypatch):
     """With evals on, the pipeline evaluates the input model before the first stage: the refusal must come first."""
-    import evals.runner
+    import evals.run_report
     import posttrain.stages  # noqa: F401
     from posttrain.config import load_pipeline
     from posttrain.pipeline import run_pipeline
@@ -113,7 +113,7 @@ def test_base_eval_does_not_load_an_untrusted_model_first(kind, pickle_model, re
     def evaluate_into_run(pipe, stage, folder, model_dir):
         raise Loaded(f"{folder}: evaluated {model_dir} before the stage refused it")
 
-    monkeypatch.setattr(evals.runner, "evaluate_into_run", evaluate_into_run)
+    monkeypatch.setattr(evals.run_report, "evaluate_into_run", evaluate_into_run)
     model = pickle_model if kind == "pickle" else remote_code_model[0]
     cfg = load_pipeline(None, data={"eval": {"limit": 1}, "stages": [{"kind": "sft", "model": str(model)}]})
     with pytest.raises(ModelError, match="allow_pickle: true" if kind == "pickle" else "trust_remote_code: true"):

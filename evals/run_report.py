@@ -1,0 +1,221 @@
+"""The evals of a run: after the base and every stage (`evaluate_into_run`, called by posttrain.pipeline), the
+rows of the forgetting report, and `posttrain report`, which rebuilds it from the eval.json files of a run dir,
+leaving out rows not comparable with the pipeline's eval settings. Evaluating one model: evals.runner.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evals import runner
+from posttrain.config import ConfigError, EvalConfig
+from posttrain.rundir import atomic_write_json
+
+
+def _trains_on(stage: Any) -> list[str]:
+    """Explicit `trains_on:`, else the world tasks the stage trains on (world_<task>)."""
+    if stage is None:
+        return []
+    if stage.trains_on:
+        return list(stage.trains_on)
+    from posttrain.world.tasks import TASKS
+
+    return [f"world_{d.source}" for d in getattr(stage, "data", None) or [] if d.source in TASKS]
+
+
+def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict) -> dict:
+    """A base or stage row of the report; `parents` (its lineage) when its eval.json records them."""
+    record = {"name": name, "folder": folder, "model": model_dir, "scores": result["scores"],
+              "trains_on": _trains_on(stage)}
+    if "parents" in result:
+        record["parents"] = list(result["parents"])
+    return record
+
+
+def reference_record(ref: str, folder: Path, model_dir: str, result: dict, input_of: str) -> dict:
+    """The reference row of an input model that is not a stage of the run (see posttrain.pipeline)."""
+    return {"name": f"input:{ref}", "folder": str(folder), "model": model_dir, "scores": result["scores"],
+            "trains_on": [], "reference": True, "input_of": input_of}
+
+
+def keep_in_eval(out: Path, result: dict, **fields: Any) -> dict:
+    """`result` with `fields` set, rewriting the eval.json at `out` when they differ, so that `posttrain
+    report` rebuilds from the eval.json files the rows the pipeline built (the lineage above all)."""
+    if all(result.get(k) == v for k, v in fields.items()):
+        return result
+    result = {**result, **fields}
+    atomic_write_json(out, result)
+    return result
+
+
+def _hft_sections(run_dir: Path) -> list[str]:
+    """One markdown line per stage that wrote a trainable.json (HFT / patterns masks)."""
+    lines = []
+    for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
+        info = json.loads(path.read_text())
+        total = info["trained"] + info["frozen"]
+        lines.append(f"- `{path.parent.name}`: mode `{info['mode']}`, trained {info['trained']:,} of {total:,} "
+                     f"parameters ({100 * info['trained'] / max(total, 1):.1f}%)")
+    return ["## Trainable parameters\n\n" + "\n".join(lines) + "\n"] if lines else []
+
+
+def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> None:
+    """Evaluate after a stage (or the base), rewrite the forgetting report, apply the max_drop gate."""
+    from evals.forgetting import check_gate
+    from evals.report import write_report
+    from posttrain.pipeline import PipelineError
+
+    out = pipe.rd.stages / folder / "eval.json"
+    result = runner.evaluate_model(model_dir, out=out, settings=pipe.cfg.eval, log=pipe.log)
+    parents = [] if stage is None else list(pipe.parents.get(stage.name, []))
+    result = keep_in_eval(out, result, model=model_dir, parents=parents)
+    name = "base" if stage is None else stage.name
+    pipe.records.append(_record(name, folder, model_dir, stage, result))
+    report_dir = pipe.rd.root / "report"
+    write_report(pipe.records, report_dir, extra_sections=_hft_sections(pipe.rd.root),
+                 pending=pending_stages(pipe.records, [s.name for s in pipe.cfg.stages]))
+    pipe.log(f"report: {report_dir / 'forgetting.md'}")
+    if stage is None or not pipe.cfg.eval.max_drop:
+        return
+    for msg in check_gate(pipe.records, pipe.cfg.eval.max_drop):
+        if pipe.cfg.eval.on_drop == "stop":
+            raise PipelineError(f"eval gate: {msg}")
+        pipe.log(f"warning: eval gate: {msg}")
+
+
+def pending_stages(records: list[dict], stage_names: list[str]) -> list[str]:
+    """The stages of the pipeline that have no row yet, in order.
+
+    The report a run writes holds only rows it has evaluated (or found evaluated with matching keys) itself:
+    the eval.json a later stage's folder holds from an earlier attempt may be of a model this run is about to
+    retrain (its config or inputs changed), which only the run can tell when it gets there. So after an
+    interrupted rerun the report lists these stages instead of showing stale rows.
+    """
+    shown = {r["name"] for r in records}
+    return [n for n in stage_names if n not in shown]
+
+
+def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[dict]:
+    """The reference rows the pipeline put before `stage`, from `inputs/<ref>/eval.json`: the same refs in the
+    same order, skipping stage references and models that already have a row, as Pipeline._evaluate_inputs."""
+    from posttrain.pipeline import input_folder, is_stage_ref
+
+    names = getattr(stage, "reference_models", None)
+    records = []
+    for ref in names() if names else []:
+        path = run_dir / input_folder(ref) / "eval.json"
+        if is_stage_ref(ref) or not path.is_file():  # no file: a LoRA adapter, or evals were off
+            continue
+        result = json.loads(path.read_text())
+        if result["model"] in shown:
+            continue
+        shown.add(result["model"])
+        records.append(reference_record(ref, input_folder(ref), result["model"], result, stage.name))
+    return records
+
+
+def rerender_report(run_dir: Path) -> Path:
+    """Rebuild report/ from the eval.json files of a run dir: the rows the pipeline wrote, in its order.
+
+    The base, then per stage with an eval.json: the reference rows of its inputs (inputs/<ref>/eval.json),
+    then the stage itself, with the lineage (`parents`) its eval.json records. A row whose scores do not
+    compare with the others is left out of every metric and listed in the report as not comparable, with
+    why (`not_comparable_rows`): its eval key's settings are not pipeline.yaml's eval block (an interrupted
+    rerun with another `eval.limit`, say), or its stage was built from an earlier version of a parent. When
+    that is the base, nothing has a base to compare with: a one-line error says so.
+    """
+    import yaml
+
+    import posttrain.stages  # noqa: F401
+    from evals.report import write_report
+    from posttrain.registry import STAGES
+
+    pipe_file = run_dir / "pipeline.yaml"
+    if not pipe_file.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
+    cfg = yaml.safe_load(pipe_file.read_text())
+    records: list[dict] = []
+    keys: list[Any] = []  # per record, the key of its eval.json
+    shown: set[str] = set()
+    base = run_dir / "stages" / "00_base" / "eval.json"
+    if base.is_file():
+        result = json.loads(base.read_text())
+        records.append(_record("base", "00_base", result["model"], None, result))
+        keys.append(result.get("key"))
+        shown.add(result["model"])
+    for i, raw in enumerate(cfg["stages"], start=1):
+        folder = f"{i:02d}_{raw['name']}"
+        path = run_dir / "stages" / folder / "eval.json"
+        if path.is_file():
+            stage = STAGES.get(raw["kind"]).config.model_validate(raw)
+            refs = _reference_records(run_dir, stage, shown)
+            records += refs
+            keys += [json.loads((run_dir / r["folder"] / "eval.json").read_text()).get("key") for r in refs]
+            result = json.loads(path.read_text())
+            records.append(_record(raw["name"], folder, result["model"], stage, result))
+            keys.append(result.get("key"))
+            shown.add(result["model"])
+    if not records:
+        raise ConfigError(f"{run_dir}: no eval.json found; nothing to report")
+    try:
+        settings = EvalConfig.model_validate(cfg.get("eval") or {})
+    except ValueError as e:  # pydantic's ValidationError: one line naming the file
+        raise ConfigError(f"{pipe_file}: eval: {str(e).splitlines()[0]}") from None
+    expected = runner.current_eval_settings(settings)
+    left_out = not_comparable_rows(records, keys, expected, run_dir)
+    if records[0]["name"] == "base" and left_out and left_out[0]["name"] == "base":
+        raise ConfigError(f"{run_dir / left_out[0]['eval']}: the base was evaluated with other settings than "
+                          f"pipeline.yaml's eval block ({'; '.join(left_out[0]['why'])}), so no row has a base to "
+                          "compare with; rerun the pipeline to re-evaluate")
+    names = {r["name"] for r in left_out}
+    out = run_dir / "report"
+    write_report([r for r in records if r["name"] not in names], out, extra_sections=_hft_sections(run_dir),
+                 not_comparable=left_out)
+    return out / "forgetting.md"
+
+
+def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, run_dir: Path) -> list[dict]:
+    """`[{"name", "eval", "why": [...]}]` for the records (`keys`: their eval.json keys) whose scores do not
+    compare with evals made now: settings that differ from `expected` (`settings_differences`), or a stage
+    built from an earlier version of a parent: its DONE is older than the parent's (a parent that reran
+    always makes its children rerun, so such a child is stale until the next run retrains it), or its parent
+    is such a stage. A record without `parents` (an older run) descends from the stage row before it."""
+    out, stale, previous = [], set(), "base"
+    dirs = {r["name"]: run_dir / "stages" / r["folder"] for r in records if not r.get("reference")}
+    for record, key in zip(records, keys):
+        why = runner.settings_differences(key, expected)
+        if not record.get("reference") and record["name"] != "base":
+            parents = record.get("parents", [previous])
+            built_from = _stale_parents(dirs[record["name"]], [dirs[p] for p in parents if p in dirs], stale)
+            why += built_from
+            previous = record["name"]
+            if built_from:
+                stale.add(record["name"])
+        if why:  # the eval.json relative to the run dir (a stage row's folder is relative to stages/)
+            folder = Path(record["folder"]) if record.get("reference") else Path("stages") / record["folder"]
+            out.append({"name": record["name"], "eval": str(folder / "eval.json"), "why": why})
+    return out
+
+
+def _stale_parents(stage_dir: Path, parent_dirs: list[Path], stale: set[str]) -> list[str]:
+    """One phrase per parent stage (its folder) that is stale itself or finished after the stage in
+    `stage_dir` (DONE's `finished`, ISO to the second: within one run a child finishes after its parent)."""
+    finished = _finished(stage_dir)
+    out = []
+    for parent_dir in parent_dirs:
+        parent, then = parent_dir.name.split("_", 1)[1], _finished(parent_dir)
+        if parent in stale:
+            out.append(f"built from `{parent}`, which is left out as built from an earlier version itself")
+        elif finished and then and then > finished:
+            out.append(f"built from an earlier `{parent}` (that stage reran, finishing at {then}, after this one "
+                       f"finished at {finished})")
+    return out
+
+
+def _finished(stage_dir: Path) -> str | None:
+    """The `finished` time (ISO, seconds) in a stage folder's DONE; None without a readable one."""
+    try:
+        return json.loads((stage_dir / "DONE").read_text()).get("finished")
+    except (OSError, ValueError):
+        return None
