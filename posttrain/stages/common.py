@@ -110,7 +110,7 @@ def trl_args(config_cls: type, stage: TrainableStage, ctx: StageContext, **kind_
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 renamed it (the old name warns)
         bf16=bf16,
         seed=t.seed if t.seed is not None else ctx.seed,
         report_to=[],
