@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("pipeline")
     s = sub.add_parser("stage", help="run one stage on the embedded default (or --config)")
     s.add_argument("kind")
-    s.add_argument("--config", help="stage config YAML (default: configs/stages/<kind>.yaml)")
+    s.add_argument("--config", help="stage config YAML (default: the checkout's configs/stages/<kind>.yaml, not ./configs)")
     for q in (r, s):
         q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
         q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>")
