@@ -164,7 +164,7 @@ def eval_settings(settings: EvalConfig, spec: Suite, world_hashes: dict[str, str
     return {"task_hashes": {t: world_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks},
             "limit": settings.limit if settings.limit is not None else spec.limit, "seed": settings.seed,
             "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens,
-            "split": split}
+            "split": split, "backend": _backend(settings.backend)}  # vLLM and transformers generate differently
 
 
 def current_eval_settings(settings: EvalConfig, split: str = "test") -> dict:
@@ -183,7 +183,8 @@ def current_eval_settings(settings: EvalConfig, split: str = "test") -> dict:
     return eval_settings(settings, spec, hashes, split)
 
 
-_SETTINGS = ("suite", "limit", "seed", "num_fewshot", "max_new_tokens", "split")
+_SETTINGS = ("suite", "limit", "seed", "num_fewshot", "max_new_tokens", "split", "backend")
+_BEFORE_BACKEND = "hf"  # a key from before keys named the backend: transformers, the CPU default
 
 
 def settings_differences(key: dict | None, expected: dict) -> list[str]:
@@ -198,7 +199,7 @@ def settings_differences(key: dict | None, expected: dict) -> list[str]:
         return ["no eval settings recorded (no key)"]
     out = []
     for field in _SETTINGS:
-        got, want = key.get(field), expected[field]
+        got, want = key.get(field, _BEFORE_BACKEND if field == "backend" else None), expected[field]
         phrase = _suite_difference(got, want) if field == "suite" else None
         if phrase or (field != "suite" and got != want):
             out.append(phrase or f"{field} {got!r} (pipeline: {want!r})")

@@ -218,12 +218,17 @@ def test_report_leaves_out_evals_made_with_other_settings(tmp_path):
     for changes, why in [({"seed": 1}, "seed 1 (pipeline: 0)"), ({"num_fewshot": 5}, "num_fewshot 5 (pipeline: 0)"),
                          ({"max_new_tokens": 8}, "max_new_tokens 8 (pipeline: 24)"),
                          ({"split": "dev"}, "split 'dev' (pipeline: 'test')"),
+                         ({"backend": "vllm"}, "backend 'vllm' (pipeline: 'hf')"),
                          ({"suite": {**suite, "name": "standard"}}, "suite 'standard' (pipeline: 'world')"),
                          ({"task_hashes": hashes}, "task files of world_facts differ from the current ones")]:
         _fake_eval(run / "stages/02_sft_reversal/eval.json", "m/2", 0.5, ["sft_arithmetic"],
                    _key(settings, "m/2", **changes))
         rerender_report(run)
         assert json.loads((run / "report" / "forgetting.json").read_text())["not_comparable"][0]["why"] == [why]
+    before_backend = {k: v for k, v in _key(settings, "m/2").items() if k != "backend"}  # an older eval.json
+    _fake_eval(run / "stages/02_sft_reversal/eval.json", "m/2", 0.5, ["sft_arithmetic"], before_backend)
+    rerender_report(run)
+    assert "not_comparable" not in json.loads((run / "report" / "forgetting.json").read_text())
     _fake_eval(run / "stages/02_sft_reversal/eval.json", "m/2", 0.5, ["sft_arithmetic"], None)
     rerender_report(run)
     assert json.loads((run / "report" / "forgetting.json").read_text())["not_comparable"][0]["why"] == [
