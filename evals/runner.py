@@ -64,8 +64,17 @@ def render_world_tasks(log: Callable[[str], None] = print, split: str = "test") 
         dest = out / src.name
         if not dest.is_file() or dest.read_text() != text:
             dest.write_text(text)
-        hashes[src.stem] = sha256_json(text)
+        hashes[src.stem] = _task_hash(src, split)
     return out, hashes
+
+
+def _task_hash(src: Path, split: str) -> str:
+    """A world task's identity: its YAML as rendered into a folder named by the world's version, not by this
+    machine's cache path, so a run dir copied elsewhere still compares (the world's data is a function of its
+    version)."""
+    from posttrain.world import VERSION
+
+    return sha256_json(_rendered_task(src, Path(f"world-{VERSION}"), split))
 
 
 def _rendered_task(src: Path, world: Path, split: str) -> str:
@@ -170,16 +179,10 @@ def eval_settings(settings: EvalConfig, spec: Suite, world_hashes: dict[str, str
 def current_eval_settings(settings: EvalConfig, split: str = "test") -> dict:
     """`eval_settings` of what `evaluate_model` would run now with `settings`, without building the world.
 
-    The world task hashes cover the data path, so they are those of the world folder `world_dir()` would
-    return on this machine (same cache root and version); an eval made under another cache root reads as made
-    with other task files, which it is as far as a rerun here goes (it would re-evaluate).
+    The world task hashes cover the task YAMLs and the world's version, not the cache path (`_task_hash`).
     """
-    from posttrain.world import VERSION, cache_root
-
     spec = load_suite(settings.suite)
-    world = cache_root() / f"world-{VERSION}"  # world_dir()'s folder, named without building it
-    hashes = {src.stem: sha256_json(_rendered_task(src, world, split))
-              for src in sorted(WORLD_TASKS_DIR.glob("*.yaml"))}
+    hashes = {src.stem: _task_hash(src, split) for src in sorted(WORLD_TASKS_DIR.glob("*.yaml"))}
     return eval_settings(settings, spec, hashes, split)
 
 

@@ -404,3 +404,12 @@ def test_every_shipped_pipeline_passes_check_eval_config(path):
     from evals.runner import check_eval_config
 
     check_eval_config(load_pipeline(path))
+
+
+def test_eval_settings_do_not_depend_on_this_machines_cache_path(monkeypatch, tmp_path):
+    """A run dir copied to a machine with another cache root still compares (`posttrain report` there)."""
+    from evals.runner import current_eval_settings
+
+    here = current_eval_settings(EvalConfig())
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "elsewhere"))
+    assert current_eval_settings(EvalConfig()) == here
