@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from posttrain.config import Strict
+from posttrain.config import NAME_PATTERN, Strict
 from posttrain.registry import STAGES
 
 
@@ -40,7 +40,7 @@ def stage(kind: str, config: type) -> Callable:
 class StageBase(Strict):
     """Fields every stage has. `model` defaults to the previous stage's output (the world base for the first)."""
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = Field(None, pattern=NAME_PATTERN)
     kind: str
     model: str | None = Field(None, description="world | <local folder> | <hub name> | ${stages.<name>.model}")
     trains_on: list[str] = Field(default_factory=list, description="eval tasks this stage trains for (for BWT)")
