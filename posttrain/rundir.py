@@ -12,7 +12,8 @@
           eval.json            the stage model's eval, with `parents`: the rows it is built from (its lineage)
           DONE                 written last: sha256 of every model file, of the config and of the inputs
         .02_<name>.tmp/        a stage in progress (its checkpoints/ let a rerun resume)
-        .02_<name>.discarded/  an attempt whose config or inputs have changed since (removed once the stage is done)
+        .02_<name>.discarded-<h>/  an attempt of another config or inputs (resumed if they come back; removed once
+                               the stage is done)
         .01_<name>.old-<pid>/  a folder being replaced by a rerun (removed once the new one is in place)
       inputs/<ref>/eval.json   the eval of an input model a stage reads that is not a stage of the run (a merge's
                                `models:`, a transfer's `source_finetuned`; <ref> with unsafe characters as _)
@@ -144,24 +145,33 @@ class RunDir:
     def prepare_work_dir(work: Path, config_hash: str, inputs_hash: str, log=print) -> None:
         """Keep a half-done work folder (its checkpoints) only when the same config on the same inputs started
         it, so that a resume continues the same training (checkpoints trained on an earlier input model, data
-        file or seed would make the stage descend from inputs it no longer has). Otherwise the folder is moved
-        to `.NN_<name>.discarded` (replacing an older one) with a log line, and removed when the stage is done:
-        a mistyped `--set` on a resume command loses no checkpoints."""
+        file or seed would make the stage descend from inputs it no longer has).
+
+        Another attempt with checkpoints is set aside as `.NN_<name>.discarded-<attempt>` (one folder per
+        config and inputs, logged) and one set aside earlier for the current config and inputs is moved back:
+        a mistyped `--set`, interrupted, then the right command again resumes the original checkpoints. An
+        attempt without checkpoints holds nothing to keep. All are removed when the stage is done."""
         marker = work / "ATTEMPT.json"
         if work.exists():
-            try:
-                old = json.loads(marker.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {}
+            old = _read_json(marker)
             # A marker from before inputs were recorded keeps its folder when the config matches, as it did.
             same = old.get("config_sha256") == config_hash and old.get("inputs_sha256", inputs_hash) == inputs_hash
-            if not same:
-                aside = work.with_name(work.name.removesuffix(".tmp") + ".discarded")
+            if same:
+                atomic_write_json(marker, {"config_sha256": config_hash, "inputs_sha256": inputs_hash})
+                return
+            why = "config" if old.get("config_sha256") != config_hash else "inputs"
+            if any((work / "checkpoints").glob("checkpoint-*")):
+                aside = _discarded(work, old.get("config_sha256", ""), old.get("inputs_sha256", ""))
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(work, aside)
-                why = "config" if old.get("config_sha256") != config_hash else "inputs"
                 log(f"{work.name}: its {why} changed since the interrupted attempt; its checkpoints are kept in "
-                    f"{aside} until this stage finishes (move it back to resume the old attempt)")
+                    f"{aside} until this stage finishes (rerun with the old config to resume them)")
+            else:
+                shutil.rmtree(work)
+        kept = _discarded(work, config_hash, inputs_hash)
+        if kept.is_dir():
+            os.replace(kept, work)
+            log(f"{work.name}: resuming the attempt set aside earlier for this config and inputs")
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"config_sha256": config_hash, "inputs_sha256": inputs_hash})
 
@@ -178,7 +188,8 @@ class RunDir:
         else:
             os.replace(work, final)
         _fsync_dir(final.parent)
-        for leftover in [*final.parent.glob(f".{final.name}.old-*"), final.with_name(f".{final.name}.discarded")]:
+        leftovers = [*final.parent.glob(f".{final.name}.old-*"), *final.parent.glob(f".{final.name}.discarded-*")]
+        for leftover in leftovers:
             shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
@@ -221,6 +232,20 @@ class RunDir:
         if added:  # a stray file (a pickle .bin, say) would ship in a folder marked done
             return None, f"model file {model / added[0]} was added after DONE"
         return done, ""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _discarded(work: Path, config_hash: str, inputs_hash: str) -> Path:
+    """Where the attempt of one config and inputs is set aside: `.NN_<name>.discarded-<12 hex>`."""
+    tag = hashlib.sha256(f"{config_hash}:{inputs_hash}".encode()).hexdigest()[:12]
+    return work.with_name(f"{work.name.removesuffix('.tmp')}.discarded-{tag}")
 
 
 def _fsync_dir(path: Path) -> None:

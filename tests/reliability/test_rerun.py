@@ -122,6 +122,8 @@ def test_an_interrupted_attempt_on_other_inputs_is_set_aside_not_resumed(run_dir
 
 
 def test_work_dir_is_kept_for_the_same_config_and_inputs_and_set_aside_otherwise(tmp_path):
+    """A typo'd config sets the attempt aside; interrupted before its first checkpoint and run with the right
+    config again, the original attempt comes back with its checkpoints (the typo's empty attempt goes)."""
     from posttrain.rundir import RunDir
 
     work, logs = tmp_path / ".01_s.tmp", []
@@ -129,9 +131,17 @@ def test_work_dir_is_kept_for_the_same_config_and_inputs_and_set_aside_otherwise
     (work / "checkpoints" / "checkpoint-5").mkdir(parents=True)
     RunDir.prepare_work_dir(work, "c1", "i1", logs.append)
     assert (work / "checkpoints" / "checkpoint-5").is_dir() and not logs
-    RunDir.prepare_work_dir(work, "c2", "i1", logs.append)
+    RunDir.prepare_work_dir(work, "c2", "i1", logs.append)  # the typo
     assert not (work / "checkpoints").exists() and "its config changed" in logs[-1]
-    assert (tmp_path / ".01_s.discarded" / "checkpoints" / "checkpoint-5").is_dir()
+    [aside] = tmp_path.glob(".01_s.discarded-*")
+    assert (aside / "checkpoints" / "checkpoint-5").is_dir()
+    RunDir.prepare_work_dir(work, "c1", "i1", logs.append)  # the right command again
+    assert (work / "checkpoints" / "checkpoint-5").is_dir() and "resuming the attempt set aside" in logs[-1]
+    assert not list(tmp_path.glob(".01_s.discarded-*"))
+    RunDir.prepare_work_dir(work, "c1", "i2", logs.append)  # other inputs: set aside under their own name
+    (work / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    RunDir.prepare_work_dir(work, "c1", "i3", logs.append)
+    assert len(list(tmp_path.glob(".01_s.discarded-*"))) == 2  # both attempts with checkpoints kept
 
 
 def test_model_retrained_in_place_reruns_the_merge_that_reads_it_and_an_unread_input_does_not(merge_trio,
