@@ -1,6 +1,7 @@
 """posttrain command line: run | stage | eval | report | list.
 
-Exit codes: 0 success, 2 bad input (config, data, model reference), 1 a failed run. Errors print one line;
+Exit codes: 0 success, 2 bad input (config, data, model reference), 1 a failed run, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM; unwinds as Ctrl-C does). Errors print one line;
 the traceback of a failed run goes to <run-dir>/error.log. The last line `stage` and `run` print is the run
 directory.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -75,9 +78,10 @@ def _run(args: argparse.Namespace) -> int:
     except RunDirLocked as e:
         _log(f"error: {e}")
         return 1
-    except KeyboardInterrupt:
-        _log(f"interrupted; resume with: {_resume_command(args, run_dir)}")
-        return 130
+    except KeyboardInterrupt as e:
+        _log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; resume with: "
+             f"{_resume_command(args, run_dir)}")
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - a failed run: one line here, the traceback in error.log
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not dist.is_main():
@@ -100,6 +104,8 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
 
     if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
         raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
+    if args.run_dir:
+        _check_writable_parent(Path(args.run_dir), "--run-dir")
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
         raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
                           "launcher: drop --launcher)")
@@ -151,6 +157,15 @@ def _make_run_dir(run_dir: Path, latest: bool) -> _Created | None:
     if latest:
         point_latest(run_dir)
     return None if existed else _Created(run_dir, before, latest)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, Slurm, Kubernetes) raised as an interrupt, so that it unwinds as Ctrl-C does:
+    the rollout server and sandboxes are stopped, the run dir unlocked, and the resume command printed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _quiet(msg: str) -> None:
@@ -266,19 +281,36 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import posttrain.stages  # noqa: F401  (registers every world model name, world-v2 included)
     from evals.runner import evaluate_model
-
     from posttrain.config import ConfigError
-    from posttrain.models import resolve_model
+    from posttrain.models import ModelError, check_weights, resolve_model
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    if args.out:
+        _check_writable_parent(Path(args.out), "--out")
     model = resolve_model(args.model, _log)  # world names and local folders as stages take them
-    result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
+    check_weights(model, args.allow_pickle, opt_in="pass --allow-pickle")  # as a stage would, for the same folder
+    try:
+        result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
+    except OSError as e:  # transformers could not load it (a hub name not cached here, a broken folder)
+        raise ModelError(f"{args.model}: cannot load the model: {str(e).strip().splitlines()[0]}") from None
     for key, score in sorted(result["scores"].items()):
         stderr = score.get("stderr")
         print(f"{key}: {score['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
     return 0
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    """Refuse a path under an existing file (mkdir would raise NotADirectoryError / FileExistsError)."""
+    from posttrain.config import ConfigError
+
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir() and parent != path:
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            return
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--suite", default="world")
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--out", help="write eval.json here")
+    e.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights (they can run code)")
     return p
 
 
@@ -315,11 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:  # before a run dir exists (imports, config): nothing to resume
-        _log("interrupted")
-        return 130
+    except KeyboardInterrupt as e:  # before a run dir exists (imports, config), or eval/report: nothing to resume
+        _log("terminated" if isinstance(e, Terminated) else "interrupted")
+        return 143 if isinstance(e, Terminated) else 130
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2

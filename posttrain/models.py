@@ -54,16 +54,33 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
-    hub_shaped = not ref.startswith(("world", ".", "/", "~")) and ref.count("/") == 1
-    if hub_shaped and (not path.parent.is_dir() or hub_cache_folder(ref) is not None):
+    problem = mistyped_folder(ref)
+    if problem:
+        raise ModelError(problem)
+    if _hub_shaped(ref):
         return ref  # a hub name
-    if "/" in ref and path.parent.is_dir():
-        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
-        hub = ", and no hub model of that name is cached (download it first if you meant one)" if hub_shaped else ""
-        raise ModelError(f"model {ref!r} is not a folder: {path.parent} has no {path.name!r}"
-                         f"{did_you_mean(path.name, siblings)}{hub}")
     hint = did_you_mean(ref, WORLD_MODELS.names())
     raise ModelError(f"model {ref!r} is not a folder, a world model{hint} or a hub name (org/name)")
+
+
+def _hub_shaped(ref: str) -> bool:
+    return not ref.startswith(("world", ".", "/", "~")) and ref.count("/") == 1
+
+
+def mistyped_folder(ref: str) -> str | None:
+    """The one-line reason a missing `dir/name` (or deeper) path whose parent is a local folder is a mistyped
+    folder, or None: when it exists, has no `/`, its parent is no local folder, or it is hub-shaped (`org/name`)
+    and that hub model is cached. The rule `resolve_model` applies; the config check runs it at load. Reads the
+    filesystem and the hub cache only, never the network."""
+    path = Path(ref).expanduser()
+    if "/" not in ref or path.exists() or not path.parent.is_dir():
+        return None
+    hub_shaped = _hub_shaped(ref)
+    if hub_shaped and hub_cache_folder(ref) is not None:
+        return None
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    hub = ", and no hub model of that name is cached (download it first if you meant one)" if hub_shaped else ""
+    return f"model {ref!r} is not a folder: {path.parent} has no {path.name!r}{did_you_mean(path.name, siblings)}{hub}"
 
 
 def hub_cache_folder(name: str) -> Path | None:
@@ -78,8 +95,8 @@ def hub_cache_folder(name: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None  # None, or the cached "no such file" marker
 
 
-def check_weights(folder: str, allow_pickle: bool) -> None:
-    """Refuse pickle weights (arbitrary code on load) unless the config opts in with allow_pickle: true."""
+def check_weights(folder: str, allow_pickle: bool, opt_in: str = "set allow_pickle: true in the stage config") -> None:
+    """Refuse pickle weights (arbitrary code on load) unless the caller opted in (`opt_in` says how)."""
     path = Path(folder)
     if not path.is_dir():
         return  # hub names are checked by transformers with use_safetensors
@@ -88,7 +105,7 @@ def check_weights(folder: str, allow_pickle: bool) -> None:
     if pickles and not has_safe and not allow_pickle:
         raise ModelError(
             f"{path}: weights are pickle files ({', '.join(sorted(pickles)[:3])}), which can run code when loaded; "
-            "convert them to safetensors or set allow_pickle: true in the stage config"
+            f"convert them to safetensors or {opt_in}"
         )
     if not has_safe and not pickles:
         raise ModelError(f"{path}: no weights found (*.safetensors)")

@@ -88,3 +88,43 @@ def test_a_max_drop_typo_exits_2_before_the_run_dir_exists(tmp_path, cli):
     r = cli("stage", "sft", "--set", "eval.max_drop.world_factz=0.05", "--run-dir", str(tmp_path / "r"))
     assert r.returncode == 2 and r.stderr.startswith("error: eval.max_drop.world_factz: no task 'world_factz'")
     assert "did you mean 'world_facts'" in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_prints_the_resume_command(tmp_path):
+    """`timeout`, Slurm and Kubernetes stop a job with SIGTERM: the run stops cleanly (exit 143, the run dir
+    unlocked, the resume command printed), and that command resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, run_cli
+
+    run_dir = tmp_path / "r"
+    args = ["stage", "sft", "--set", "eval.enabled=false", "--set", "trainer.max_steps=2000",
+            "--set", "trainer.save_steps=5", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    checkpoints = run_dir / "stages" / ".01_sft.tmp" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated; resume with: posttrain stage sft" in err and f"--run-dir {run_dir}" in err
+    r = run_cli(*args[:-2], "--set", "trainer.max_steps=10", "--run-dir", str(run_dir))  # not locked: it runs
+    assert r.returncode == 0 and "its config changed" in r.stderr, r.stderr[-2000:]
+
+
+def test_eval_opt_ins_and_bad_paths_are_one_line(tmp_path, cli):
+    from tests.conftest import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
+    r = cli("eval", str(folder))
+    assert r.returncode == 2 and "pass --allow-pickle" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "afile").write_text("x")
+    r = cli("eval", "world", "--out", str(tmp_path / "afile" / "eval.json"))
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr
+    r = cli("eval", "world-v3")
+    assert r.returncode == 2 and "'world-v2'" in r.stderr  # every world model is known to eval
