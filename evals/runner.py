@@ -323,7 +323,7 @@ def _device() -> str:
 # ---- config checks, before anything runs ---------------------------------------------------------------------
 
 
-def check_eval_config(cfg: Any) -> None:
+def check_eval_config(cfg: Any, warn: Callable[[str], None] = print) -> None:
     """Refuse a pipeline whose `eval.max_drop` or `trains_on:` names what its suite never scores.
 
     `cfg` is a loaded PipelineConfig. `eval.max_drop` keys are matched as `check_gate` matches them: a task
@@ -332,7 +332,10 @@ def check_eval_config(cfg: Any) -> None:
     their metrics; no model loads and lm-eval's task index is not built, so the metric of an lm-eval task is
     left to the gate, and a task that is not in the suite passes when it reads as a subtask of one of the
     suite's lm-eval tasks (`mmlu_anatomy` under `mmlu`: lm-eval reports a group's subtasks too). Nothing is
-    checked when evals are off: nothing reads the block then. Raises ConfigError naming the key path.
+    checked when evals are off: nothing reads the block then. Raises ConfigError naming the key path. A
+    `trains_on` task that exists (a world task, or a task of a shipped suite) but is not in this suite is only
+    warned about: backward transfer leaves that stage's term out, the run is otherwise fine (a shipped pipeline
+    run with a custom suite).
     """
     if not cfg.eval.enabled:
         return
@@ -346,8 +349,17 @@ def check_eval_config(cfg: Any) -> None:
             problem = _unknown_task(task, spec)
             if problem and "/" in task and not _unknown_task(task.split("/", 1)[0], spec):
                 problem = f"trains_on names tasks, not task/metric keys (did you mean {task.split('/', 1)[0]!r}?)"
-            if problem:
+            if problem and _known_task(task):
+                warn(f"warning: stages.{stage.name}.trains_on: {task!r} is not in suite {spec.name!r}; backward "
+                     "transfer leaves this stage's term out")
+            elif problem:
                 raise ConfigError(f"stages.{stage.name}.trains_on: {problem}")
+
+
+def _known_task(task: str) -> bool:
+    """A world task or a task of a shipped suite (a real task, though maybe not in the suite at hand)."""
+    return _world_task(task) is not None or any(
+        task in load_suite(path.stem).tasks for path in sorted(SUITES_DIR.glob("*.yaml")))
 
 
 def _world_task(task: str) -> Path | None:

@@ -111,7 +111,7 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
                           "launcher: drop --launcher)")
     from evals.runner import check_eval_config
 
-    check_eval_config(cfg)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
+    check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:

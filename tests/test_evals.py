@@ -394,6 +394,19 @@ def test_check_eval_config_accepts_what_the_gate_and_bwt_match(eval_block, train
     check_eval_config(_cfg(eval_block, trains_on, suite))
 
 
+def test_a_real_task_the_suite_does_not_score_in_trains_on_only_warns(monkeypatch):
+    """A shipped pipeline run with a custom suite: a stage's trains_on task exists (a world task) but this
+    suite does not score it; backward transfer leaves that term out, so a warning, not an error."""
+    import posttrain.world
+    from evals.runner import check_eval_config
+
+    monkeypatch.setattr(posttrain.world, "world_dir", None)
+    warnings = []
+    check_eval_config(_cfg({}, ["world_arithmetic"], "standard"), warnings.append)
+    assert warnings == ["warning: stages.sft_arithmetic.trains_on: 'world_arithmetic' is not in suite 'standard'; "
+                        "backward transfer leaves this stage's term out"]
+
+
 def _pipeline_yamls():
     return sorted(p for p in (REPO / "configs").rglob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})
                   and p.parts[-2] != "stages")
