@@ -50,13 +50,26 @@ def keep_in_eval(out: Path, result: dict, **fields: Any) -> dict:
 
 
 def _hft_sections(run_dir: Path) -> list[str]:
-    """One markdown line per stage that wrote a trainable.json (HFT / patterns masks)."""
+    """One markdown line per stage that wrote a trainable.json: what it trained (HFT / patterns / LoRA).
+
+    A LoRA stage's file has a "lora" entry (posttrain.stages.common.select_parameters): its "trained" counts
+    adapter elements and its base weights are all frozen. Files without it (every non-LoRA stage, and LoRA
+    stages of runs made before it was written) are read as before.
+    """
     lines = []
     for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
         info = json.loads(path.read_text())
         total = info["trained"] + info["frozen"]
-        lines.append(f"- `{path.parent.name}`: mode `{info['mode']}`, trained {info['trained']:,} of {total:,} "
-                     f"parameters ({100 * info['trained'] / max(total, 1):.1f}%)")
+        pct = 100 * info["trained"] / max(total, 1)
+        lora = info.get("lora")
+        if lora:
+            chosen = "" if info["mode"] == "all" else f" chosen by mode `{info['mode']}`"
+            lines.append(f"- `{path.parent.name}`: LoRA r={lora['r']} on {len(lora['modules'])} modules{chosen}: "
+                         f"{info['trained']:,} adapter parameters trained ({pct:.1f}% of {total:,}); "
+                         "base weights frozen")
+        else:
+            lines.append(f"- `{path.parent.name}`: mode `{info['mode']}`, trained {info['trained']:,} of {total:,} "
+                         f"parameters ({pct:.1f}%)")
     return ["## Trainable parameters\n\n" + "\n".join(lines) + "\n"] if lines else []
 
 

@@ -166,10 +166,15 @@ def stage_ref_problem(stage: Any, earlier: list[str], later: list[str] = (), pre
 
 def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
     """The one-line problem with a model reference of `stage` (`model` and `other_inputs()`) that cannot exist:
-    an explicit local path (`/`, `./`, `../`, `~`) that is missing, or a bare name (no `/`) that is neither a
-    world model nor a local folder. Checks names and the filesystem only: builds no world model, asks no hub."""
-    from posttrain.models import WORLD_MODELS
+    an empty one, an explicit local path (`/`, `./`, `../`, `~`) that is missing, a bare name (no `/`) that is
+    neither a world model nor a local folder, or a `dir/name` whose `dir/` is a local folder without `name` (and,
+    for `org/name`, no such model in the hub cache: `models.mistyped_folder`, the rule `resolve_model` applies).
+    Checks names, the filesystem and the hub cache only: builds no world model, asks no hub."""
+    from posttrain.models import WORLD_MODELS, mistyped_folder
 
+    empty = _empty_model_ref(stage)
+    if empty is not None:
+        return f"{prefix}{_dotted(empty)}: empty model reference (null or omit it for the default)"
     refs = ([stage.model] if stage.model else []) + list(stage.other_inputs())
     dumped = None
     for ref in dict.fromkeys(refs):
@@ -186,10 +191,42 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
             problem = (f"model {ref!r} is not a folder, a world model{did_you_mean(ref, WORLD_MODELS.names())} "
                        "or a hub name (org/name)")
         else:
-            continue
+            problem = mistyped_folder(ref)
+            if problem is None:
+                continue
         dumped = dumped if dumped is not None else list(_strings(stage.model_dump()))
         loc = next((loc for loc, v in dumped if v == ref), ("model",))
         return f"{prefix}{_dotted(loc)}: {problem}"
+    return None
+
+
+_PROBE = "posttrain-probe/empty-model-ref"
+
+
+def _empty_model_ref(stage: Any) -> tuple | None:
+    """The key path of the first empty (or blank) string where `stage` takes a model reference, or None.
+
+    `Path("")` is `.`, and a stage may test an empty `base:` as unset in one place and as set in another, so ''
+    is refused rather than read as either. Which empty strings are model references is asked of the stage
+    itself: a blank `model`, or one that `other_inputs()` returns once it is set to a probe value, so a stage
+    kind's model field needs no list here (`other_inputs` may leave an empty `base:` out, as it does None)."""
+    if isinstance(stage.model, str) and not stage.model.strip():
+        return ("model",)
+    dump = stage.model_dump()
+    for loc, value in _strings(dump):
+        if value.strip() or loc in (("model",), ("name",), ("kind",)):
+            continue
+        probe = copy.deepcopy(dump)
+        node = probe
+        for part in loc[:-1]:
+            node = node[part]
+        node[loc[-1]] = _PROBE
+        try:
+            probed = type(stage).model_validate(probe)
+        except ValidationError:
+            continue  # the probe value is refused there: not a model reference
+        if _PROBE in probed.other_inputs():
+            return loc
     return None
 
 
@@ -474,14 +511,14 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
 def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:
     """Refuse local data files and model folders that do not exist now, not after the base model was loaded
     and evaluated and earlier stages trained."""
-    from posttrain.data import missing_file
+    from posttrain.data import source_problem
 
     for i, stage in enumerate(cfg.stages):
         problem = model_ref_problem(stage, prefix.format(i=i))
         if problem:
             raise ConfigError(f"{where}: {problem}")
         for j, src in enumerate(getattr(stage, "data", None) or []):
-            path = missing_file(src)
-            if path is not None:
-                raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].source: data file {path} not found")
+            problem = source_problem(src)
+            if problem is not None:
+                raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].source: {problem}")
     return cfg

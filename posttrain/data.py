@@ -122,17 +122,30 @@ def _iter_table(rows: Any) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_SUFFIX_WORDS = "use a .jsonl, .json or .parquet file"
 
 
-def missing_file(src: DataSource) -> Path | None:
-    """The local data file `src` names when it does not exist (so a config can be refused before any model
-    loads); None for world tasks, hub names and files that exist."""
+def source_problem(src: DataSource) -> str | None:
+    """What is wrong with `src.source`, in one line without the key path, when that is known before anything
+    loads (so a config is refused at load, not after earlier stages trained), else None: a local data file that
+    does not exist, a folder, or a bare name (no `/`, no suffix) close to a world task name, which is a typo of
+    it far more often than a hub dataset (those are named org/name). Reads the filesystem only, never the hub."""
+    from posttrain.registry import did_you_mean
     from posttrain.world.tasks import TASKS
 
-    path = Path(src.source).expanduser()
-    if src.source in TASKS or path.suffix not in DATA_SUFFIXES:
+    if src.source in TASKS:
         return None
-    return None if path.is_file() else path
+    path = Path(src.source).expanduser()
+    if not src.source.strip():
+        return f"empty source (a world task: {', '.join(TASKS)}; a .jsonl/.json/.parquet file; or a hub dataset)"
+    if path.is_dir():
+        return f"{path} is a folder, not a data file ({_SUFFIX_WORDS})"
+    if path.suffix in DATA_SUFFIXES:
+        return None if path.is_file() else f"data file {path} not found"
+    hint = did_you_mean(src.source, TASKS)
+    if hint and "/" not in src.source and not path.suffix and not path.exists():
+        return f"no world task {src.source!r}{hint}; a hub dataset is named org/name"
+    return None
 
 
 def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iterator]:
@@ -146,6 +159,8 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
         return str(path), _iter_jsonl(path)
     path = Path(src.source).expanduser()
     if path.suffix in DATA_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(f"{path} is a folder, not a data file ({_SUFFIX_WORDS})")
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
         if path.suffix == ".jsonl":
@@ -164,7 +179,7 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
             import pyarrow.parquet as pq
 
             return str(path), _iter_table(pq.read_table(path).to_pylist())
-        raise DataError(f"{path}: unsupported data file type (use .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: unsupported data file type ({_SUFFIX_WORDS})")
     from datasets import load_dataset
 
     try:

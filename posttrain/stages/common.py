@@ -213,7 +213,17 @@ def drop_checkpoints_from(folder: Path, step: int) -> str | None:
 
 
 def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
-    """Apply `trainable:` (HFT / patterns) and LoRA; returns (model, peft_config or None, summary)."""
+    """Apply `trainable:` (HFT / patterns) and LoRA; returns (model, peft_config or None, summary).
+
+    The summary (also written as the stage's trainable.json, and whose "trained" the stages log as
+    `trained_params`) says what the stage really trains. Without LoRA it is `apply_trainable`'s. With LoRA only
+    the adapters train (TRL wraps the model with `peft_config`; peft freezes every base weight), so "trained"
+    counts adapter elements, "frozen" every base element, "parameters" marks every base parameter false, and
+    "lora" = {"r", "alpha", "modules": the base modules carrying adapters, "adapter_params"}. With a
+    `trainable:` mode other than `all`, the modules are the attention/MLP projections it selects; its other
+    choices (norms, embeddings, lm_head) do not apply. model/ is the merged model, so the weights of the
+    modules in "lora" differ from the input's although they did not train.
+    """
     names = [n for n, _ in model.named_parameters()]
     summary = apply_trainable(model, stage.trainable, ctx.index)
     peft_config = None
@@ -232,12 +242,38 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
             target_modules=targets,
             task_type="CAUSAL_LM",
         )
-        summary["lora_target_modules"] = targets
+        modules, adapter_params = lora_adapters(model, peft_config)
+        summary.update(
+            trained=adapter_params,
+            frozen=summary["trained"] + summary["frozen"],
+            parameters=dict.fromkeys(summary["parameters"], False),
+            lora={"r": stage.lora.r, "alpha": stage.lora.alpha, "modules": modules, "adapter_params": adapter_params},
+        )
     from posttrain.distributed import is_main
 
     if is_main():  # under accelerate launch every rank selects the same parameters; one writes them down
         write_trainable_json(summary, ctx.work_dir / "trainable.json")
     return model, peft_config, summary
+
+
+def lora_adapters(model: Any, peft_config: Any) -> tuple[list[str], int]:
+    """(module paths, element count) of the LoRA adapters the trainer's `get_peft_model` will add to `model`.
+
+    peft itself decides, on an empty copy of the model built on the meta device (no memory, no weights), so
+    `all-linear`, suffix matching and each layer type's adapter shapes are peft's own. The config is copied
+    because peft rewrites `all-linear` into module names in place; fork_rng keeps torch's generator where it
+    was, so that the trainer's adapter initialisation draws the same numbers as without this count.
+    """
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        shell = get_peft_model(type(model)(model.config), copy.deepcopy(peft_config))
+    adapters = {n: p.numel() for n, p in shell.named_parameters() if ".lora_" in n}
+    modules = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in adapters}
+    return sorted(modules), sum(adapters.values())
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
