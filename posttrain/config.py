@@ -8,9 +8,13 @@ text, any other field parses it as YAML and lets pydantic coerce it; `null` and 
 A boolean is never taken for a number (`max_steps: true` is refused, not read as 1); an int is still a float.
 
 Checked at load, before any model loads: every `${...}` in a stage's config must be exactly
-`${stages.<name of an earlier stage>.model}`, and a model reference that is an explicit local path (`/`, `./`,
-`../`, `~`) must exist, as must a bare name (no `/`): it can only be a world model or a local folder.
-Unnamed stages are named by `default_stage_name` (the kind, then kind<i>), for the run and for `--set`.
+`${stages.<name of an earlier stage>.model}`; a model reference must not be empty, and one that is an explicit
+local path (`/`, `./`, `../`, `~`) must exist, as must a bare name (no `/`): it can only be a world model or a
+local folder; a `dir/name` whose `dir/` is a local folder must exist too unless the hub cache holds it (the rule
+`resolve_model` applies; an `org/name` with no local `org/` is a hub name, never looked up here). A data source
+must not be a missing data file, a folder or a bare name close to a world task (`data.source_problem`).
+Unnamed stages are named by `stage_names` (the kind, then kind<i>, skipping names the user gave), for the run
+and for `--set`.
 """
 from __future__ import annotations
 
@@ -68,9 +72,28 @@ def _bool_for_number(v: Any, tp: Any) -> bool:
     return False
 
 
-def default_stage_name(kind: str, index: int) -> str:
-    """The name of an unnamed stage: its kind for the first stage, else kind<index> (`sft`, `sft1`, `dpo2`)."""
-    return kind if index == 0 else f"{kind}{index}"
+def default_stage_name(kind: str, index: int, taken: typing.Collection[str] = ()) -> str:
+    """The name of an unnamed stage: its kind for the first stage, else kind<index> (`sft`, `sft1`, `dpo2`); when
+    another stage has that name (`taken`), the first free one of kind_<index>, kind_<index>_2, ..."""
+    first = kind if index == 0 else f"{kind}{index}"
+    if first not in taken:
+        return first
+    return next(n for n in (f"{kind}_{index}", *(f"{kind}_{index}_{k}" for k in range(2, len(taken) + 3)))
+                if n not in taken)
+
+
+def stage_names(stages: list[tuple[Any, str]]) -> list[Any]:
+    """The name of each (name or None, kind): its own, or `default_stage_name` skipping every name a stage was
+    given and the defaults before it, so a default never clashes with a name the user wrote. The one rule for
+    the pipeline's validation and for `--set stages.<name>` addressing."""
+    taken = {name for name, _ in stages if name is not None}
+    out = []
+    for i, (name, kind) in enumerate(stages):
+        if name is None:
+            name = default_stage_name(kind, i, taken)
+            taken.add(name)
+        out.append(name)
+    return out
 
 
 class EvalConfig(Strict):
@@ -113,10 +136,9 @@ class PipelineConfig(Strict):
             except RegistryError as e:
                 raise _Nested(f"stages[{i}].kind: {e}") from None
             out.append(_validate(spec.config, raw, prefix=f"stages[{i}]"))
-        for i, stage in enumerate(out):  # unnamed stages get default names; checked with the rest below
-            if stage.name is None:
-                stage.name = default_stage_name(stage.kind, i)
-        names = [s.name for s in out]
+        names = stage_names([(s.name, s.kind) for s in out])
+        for stage, name in zip(out, names):  # unnamed stages get default names; duplicates are checked below
+            stage.name = name
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise _Nested(f"stages: stage names must be unique; repeated: {', '.join(sorted(dup))}")
@@ -174,7 +196,7 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
 
     empty = _empty_model_ref(stage)
     if empty is not None:
-        return f"{prefix}{_dotted(empty)}: empty model reference (null or omit it for the default)"
+        return f"{prefix}{_dotted(empty)}: empty model reference{_default_hint(type(stage), empty)}"
     refs = ([stage.model] if stage.model else []) + list(stage.other_inputs())
     dumped = None
     for ref in dict.fromkeys(refs):
@@ -198,6 +220,16 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
         loc = next((loc for loc, v in dumped if v == ref), ("model",))
         return f"{prefix}{_dotted(loc)}: {problem}"
     return None
+
+
+def _default_hint(cls: type[BaseModel], loc: tuple) -> str:
+    """How to ask for the default of the stage field at `loc`: null (when None is allowed) or leaving it out."""
+    field = cls.model_fields.get(loc[0]) if len(loc) == 1 else None
+    if field is None or field.is_required():
+        return ""
+    if type(None) in _unwrap(field.annotation, into_containers=False):
+        return " (null or omit it for the default)"
+    return " (omit it for the default)"
 
 
 _PROBE = "posttrain-probe/empty-model-ref"
@@ -353,7 +385,7 @@ def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:
 
 def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> None:
     """Set `a.b.c=raw` in `data` in place; `stages.<i|name>.x` addresses a pipeline's stage (an unnamed one by
-    its default name, see `default_stage_name`), `data.<i>.x` an entry of any other list."""
+    its default name, see `stage_names`), `data.<i>.x` an entry of any other list."""
     if not dotted or any(not p for p in dotted.split(".")):
         raise ConfigError(f"--set {dotted}={raw}: expected a.b.c=value")
     parts = dotted.split(".")
@@ -419,8 +451,8 @@ def _list_index(items: list, part: str, dotted: str, what: str) -> int:
 
 
 def _stage_node(stages: list, part: str, dotted: str) -> dict:
-    names = [s.get("name") or default_stage_name(str(s.get("kind")), i) if isinstance(s, dict) else None
-             for i, s in enumerate(stages)]
+    names = stage_names([(s.get("name"), str(s.get("kind"))) if isinstance(s, dict) else ("", "")
+                         for s in stages])
     if part.isdigit() and int(part) < len(stages):
         found = int(part)
     elif part in names:

@@ -128,7 +128,7 @@ _SUFFIX_WORDS = "use a .jsonl, .json or .parquet file"
 def source_problem(src: DataSource) -> str | None:
     """What is wrong with `src.source`, in one line without the key path, when that is known before anything
     loads (so a config is refused at load, not after earlier stages trained), else None: a local data file that
-    does not exist, a folder, or a bare name (no `/`, no suffix) close to a world task name, which is a typo of
+    does not exist or is of another type, a folder, or a bare name (no `/`, no suffix) close to a world task name, which is a typo of
     it far more often than a hub dataset (those are named org/name). Reads the filesystem only, never the hub."""
     from posttrain.registry import did_you_mean
     from posttrain.world.tasks import TASKS
@@ -140,10 +140,12 @@ def source_problem(src: DataSource) -> str | None:
         return f"empty source (a world task: {', '.join(TASKS)}; a .jsonl/.json/.parquet file; or a hub dataset)"
     if path.is_dir():
         return f"{path} is a folder, not a data file ({_SUFFIX_WORDS})"
-    if path.suffix in DATA_SUFFIXES:
-        return None if path.is_file() else f"data file {path} not found"
+    if path.suffix in DATA_SUFFIXES or path.exists():  # a local file, as _open_source reads it
+        if not path.is_file():
+            return f"data file {path} not found"
+        return None if path.suffix in DATA_SUFFIXES else f"{path}: unsupported data file type ({_SUFFIX_WORDS})"
     hint = did_you_mean(src.source, TASKS)
-    if hint and "/" not in src.source and not path.suffix and not path.exists():
+    if hint and "/" not in src.source and not path.suffix:
         return f"no world task {src.source!r}{hint}; a hub dataset is named org/name"
     return None
 

@@ -116,13 +116,22 @@ def test_load_pipeline_registers_the_stage_kinds_itself():
     assert out.stdout.strip().splitlines()[-1] == "['sft', 'merge']"
 
 
-def test_unnamed_stages_get_kind_names_and_a_clash_with_one_is_refused():
+def test_unnamed_stages_get_kind_names_that_skip_the_names_users_gave():
     cfg = load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "merge", "method": "linear"},
                                                {"kind": "sft"}]})
     assert [s.name for s in cfg.stages] == ["sft", "merge1", "sft2"]
-    with pytest.raises(ConfigError) as e:  # an explicit name equal to another stage's default name
-        load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "sft", "name": "sft"}]})
-    assert "stage names must be unique; repeated: sft" in str(e.value) and "\n" not in str(e.value)
+    # A default name another stage was given by the user is skipped (it used to be refused as a repeat the
+    # user never wrote); --set addresses the stage by the name it gets, as validation names it.
+    clash = [{"kind": "sft", "name": "sft1"}, {"kind": "sft"}, {"kind": "sft", "name": "sft_1"}]
+    cfg = load_pipeline(None, ["stages.sft_1_2.trainer.max_steps=4", "stages.sft1.trainer.max_steps=5"],
+                        data={"stages": clash})
+    assert [(s.name, s.trainer.max_steps) for s in cfg.stages][:2] == [("sft1", 5), ("sft_1_2", 4)]
+    assert cfg.stages[2].name == "sft_1" and cfg.stages[2].trainer.max_steps not in (4, 5)
+    cfg = load_pipeline(None, data={"stages": [{"kind": "sft"}, {"kind": "sft", "name": "sft"}]})
+    assert [s.name for s in cfg.stages] == ["sft_0", "sft"]
+    with pytest.raises(ConfigError) as e:  # a name the user wrote twice is still refused
+        load_pipeline(None, data={"stages": [{"kind": "sft", "name": "a"}, {"kind": "dpo", "name": "a"}]})
+    assert "stage names must be unique; repeated: a" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- checked at load: stage references and local model paths (before any stage trains) --------------------------
@@ -181,6 +190,93 @@ def test_missing_local_model_paths_are_refused_with_their_key_path(tmp_path, mon
     cfg = _load([{"kind": "sft", "model": "./nodir"}, {"kind": "sft", "model": "nodir"},
                  {"kind": "transfer", "source_finetuned": "some-org/some-model", "target_base": "world-v2"}])
     assert [s.model for s in cfg.stages[:2]] == ["./nodir", "nodir"]
+
+
+def _cache_hub_model(cache: Path, name: str) -> None:
+    """A hub cache entry for `name` as huggingface_hub lays it out (refs/main -> snapshots/<sha>/config.json)."""
+    repo = cache / ("models--" + name.replace("/", "--"))
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+
+
+def test_a_dir_name_model_ref_whose_dir_is_local_is_checked_at_load(tmp_path, monkeypatch):
+    """`models/llama_aa` with a local `models/` is refused at load, as resolve_model refuses it when the stage
+    starts (after earlier stages trained); an `org/name` without a local `org/`, or cached, loads untouched."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llama_a").mkdir(parents=True)
+    (tmp_path / "models" / "deeper").mkdir()
+    with pytest.raises(ConfigError) as e:
+        _load([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "sft", "model": "models/llama_aa"}])
+    assert str(e.value) == ("<config>: stages[1].model: model 'models/llama_aa' is not a folder: models has no "
+                            "'llama_aa' (did you mean 'llama_a'?), and no hub model of that name is cached "
+                            "(download it first if you meant one)")
+    with pytest.raises(ConfigError, match=r"^<config>: stages\[1\]\.models\[1\]\.model: model 'models/llama_zz' "
+                                          r"is not a folder: models has no 'llama_zz' \(did you mean 'llama_a'"):
+        _load([{"name": "a", "kind": "sft"}, {"name": "m", "kind": "merge", "method": "linear",
+                                             "models": [{"model": "${stages.a.model}"}, {"model": "models/llama_zz"}]}])
+    with pytest.raises(ConfigError, match=r"^<transfer defaults>: target_base: model 'models/deeper/x' is not a "
+                                          r"folder: models/deeper has no 'x'$"):
+        stage_pipeline("transfer", None, ["target_base=models/deeper/x"])
+    _cache_hub_model(tmp_path / "hub", "models/cached")
+    cfg = _load([{"kind": "sft", "model": "some-org/some-model"}, {"kind": "sft", "model": "models/cached"},
+                 {"kind": "sft", "model": "models/llama_a"}])
+    assert [s.model for s in cfg.stages] == ["some-org/some-model", "models/cached", "models/llama_a"]
+
+
+@pytest.mark.parametrize("kind,sets,expected", [
+    ("sft", ["model="], "model: empty model reference (null or omit it for the default)"),
+    ("merge", ["base="], "base: empty model reference (null or omit it for the default)"),
+    ("merge", ["base= "], "base: empty model reference (null or omit it for the default)"),
+    ("merge", ["models.1.model= "], "models[1].model: empty model reference"),
+    ("transfer", ["target_base="], "target_base: empty model reference (null or omit it for the default)"),
+    ("transfer", ["source_finetuned="], "source_finetuned: empty model reference (omit it for the default)"),
+])
+def test_an_empty_model_reference_is_refused_at_load(kind, sets, expected):
+    """'' is `Path('.')` to the loader, and a merge read an empty `base:` as unset for its lineage but as set for
+    its input (a TypeError once earlier stages had trained): refused at load, with the key path."""
+    with pytest.raises(ConfigError) as e:
+        stage_pipeline(kind, None, sets)
+    assert str(e.value) == f"<{kind} defaults>: {expected}"
+
+
+def test_an_empty_model_reference_in_a_pipeline_names_its_stage():
+    with pytest.raises(ConfigError) as e:
+        _load([{"kind": "sft"}, {"kind": "merge", "method": "linear", "base": ""}])
+    assert str(e.value) == "<config>: stages[1].base: empty model reference (null or omit it for the default)"
+    with pytest.raises(ConfigError, match=r"^<config>: stages\[2\]\.model: empty model reference"):
+        _load(UNNAMED, ["stages.dpo2.model="])
+    assert _load([{"kind": "sft", "model": "world"}], ["stages.0.model=null"]).stages[0].model is None
+
+
+def test_a_world_task_typo_is_refused_at_load_and_hub_dataset_names_are_not():
+    """`reversl` was taken for a hub dataset: 5 hub retries after earlier stages trained, then an error with no
+    key path or did-you-mean. A bare name close to a world task is refused at load; others still reach the hub."""
+    with pytest.raises(ConfigError) as e:
+        _load([{"kind": "sft"}, {"kind": "sft", "data": [{"source": "reversl"}]}])
+    assert str(e.value) == ("<config>: stages[1].data[0].source: no world task 'reversl' (did you mean "
+                            "'reversal'?); a hub dataset is named org/name")
+    cfg = _load([{"kind": "sft", "data": [{"source": "reversal"}, {"source": "gsm8k"}, {"source": "org/reversl"}]}])
+    assert [d.source for d in cfg.stages[0].data] == ["reversal", "gsm8k", "org/reversl"]
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("fact", "no world task 'fact' (did you mean 'facts'?); a hub dataset is named org/name"),
+    ("", "empty source (a world task: arithmetic, reversal, facts, style, verifiable; a .jsonl/.json/.parquet "
+         "file; or a hub dataset)"),
+    ("{tmp}", "{tmp} is a folder, not a data file (use a .jsonl, .json or .parquet file)"),
+    ("{tmp}/notes.txt", "{tmp}/notes.txt: unsupported data file type (use a .jsonl, .json or .parquet file)"),
+])
+def test_data_sources_that_cannot_load_are_refused_at_load(tmp_path, source, expected):
+    (tmp_path / "notes.txt").write_text("a line\n")
+    stages = [{"kind": "sft"}, {"kind": "sft", "data": [{"source": source.format(tmp=tmp_path)}]}]
+    with pytest.raises(ConfigError) as e:
+        _load(stages)
+    assert str(e.value) == f"<config>: stages[1].data[0].source: {expected.format(tmp=tmp_path)}"
 
 
 # ---- error lines: the unknown key first, hints for flat keys, no dump of the input ---------------------------------

@@ -91,3 +91,10 @@ def test_messages_rows_keep_only_messages(tmp_path):
     a = _write(tmp_path, [json.dumps({**GOOD, "prompt": "hi"}).encode()], "a.jsonl")
     ds, _ = load_dataset_rows([DataSource(source=str(a))], "sft")
     assert ds.column_names == ["messages"] and ds[0] == GOOD and is_conversational(ds)
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    """A source that is a folder said "data file not found", as if it did not exist."""
+    with pytest.raises(DataError) as e:
+        load_rows(DataSource(source=str(tmp_path)), "sft")
+    assert str(e.value) == f"{tmp_path} is a folder, not a data file (use a .jsonl, .json or .parquet file)"
