@@ -95,7 +95,7 @@ class MergeStageConfig(StageBase):
         return self.models[0].model if self.method == "linear" else self.model
 
     def reads_input(self) -> bool:
-        return self.base is None and self.method != "linear"
+        return not self.base and self.method != "linear"
 
     def other_inputs(self) -> list[str]:
         return [m.model for m in self.models] + ([self.base] if self.base else [])
