@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import Field
 
-from posttrain.config import ConfigError, EvalConfig, Strict, read_yaml
+from posttrain.config import ConfigError, EvalConfig, Strict, read_yaml, validated
 from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
 
 HERE = Path(__file__).resolve().parent
@@ -39,10 +39,7 @@ def load_suite(name_or_path: str) -> Suite:
 
         known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
         raise ConfigError(f"eval.suite: unknown suite {name_or_path!r}{did_you_mean(name_or_path, known)}; known: {', '.join(known)}")
-    try:
-        return Suite.model_validate(read_yaml(path))
-    except Exception as e:  # noqa: BLE001 - pydantic error -> one line naming the file
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    return validated(Suite, read_yaml(path), str(path))
 
 
 def render_world_tasks(log: Callable[[str], None] = print, split: str = "test") -> tuple[Path, dict[str, str]]:

@@ -266,6 +266,15 @@ class _Nested(ValueError):
     """Carries an already-formatted path out of a nested validation."""
 
 
+def validated(cls: type[BaseModel], data: Any, where: str) -> BaseModel:
+    """`cls.model_validate(data)`, or ConfigError `<where>: <key path>: <problem>` in one line (for config
+    files other than pipelines: eval suites)."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_format_error(e, cls)}") from None
+
+
 def _validate(cls: type[BaseModel], data: dict, prefix: str) -> BaseModel:
     try:
         return cls.model_validate(data)

@@ -426,3 +426,13 @@ def test_eval_settings_do_not_depend_on_this_machines_cache_path(monkeypatch, tm
     here = current_eval_settings(EvalConfig())
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "elsewhere"))
     assert current_eval_settings(EvalConfig()) == here
+
+
+def test_a_bad_suite_file_is_one_line_naming_the_key(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text("name: mine\ntasks: [world_facts]\nlimt: 3\n")
+    with pytest.raises(ConfigError, match=r"^.*suite\.yaml: limt: unknown key \(did you mean 'limit'\?\)$"):
+        load_suite(str(path))
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"suite\.yaml: name: Field required$"):
+        load_suite(str(path))
