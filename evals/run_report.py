@@ -53,8 +53,9 @@ def _hft_sections(run_dir: Path) -> list[str]:
     """One markdown line per stage that wrote a trainable.json: what it trained (HFT / patterns / LoRA).
 
     A LoRA stage's file has a "lora" entry (posttrain.stages.common.select_parameters): its "trained" counts
-    adapter elements and its base weights are all frozen. Files without it (every non-LoRA stage, and LoRA
-    stages of runs made before it was written) are read as before.
+    adapter elements and its base weights are all frozen. A LoRA stage of a run made before that has
+    "lora_target_modules" instead, and counts of the `trainable:` selection that did not train, so only its
+    targets are shown. Other files (every non-LoRA stage) read as they always did.
     """
     lines = []
     for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
@@ -67,6 +68,11 @@ def _hft_sections(run_dir: Path) -> list[str]:
             lines.append(f"- `{path.parent.name}`: LoRA r={lora['r']} on {len(lora['modules'])} modules{chosen}: "
                          f"{info['trained']:,} adapter parameters trained ({pct:.1f}% of {total:,}); "
                          "base weights frozen")
+        elif "lora_target_modules" in info:
+            targets = info["lora_target_modules"]
+            on = f"`{targets}`" if isinstance(targets, str) else f"{len(targets)} modules"
+            lines.append(f"- `{path.parent.name}`: LoRA on {on}, mode `{info['mode']}`: adapter parameters not "
+                         "recorded (an older run); base weights frozen")
         else:
             lines.append(f"- `{path.parent.name}`: mode `{info['mode']}`, trained {info['trained']:,} of {total:,} "
                          f"parameters ({pct:.1f}%)")

@@ -29,7 +29,9 @@ How this module departs from, or fills gaps in, the paper:
   because "half of the block" would then silently mean something else.
 * **LoRA.** HFT is a full-weight method. To combine it with LoRA, put adapters only on the selected modules
   (``lora_target_modules``). On a peft model, ``select_trainable`` trains the adapters whose host module is
-  selected and freezes every base weight, which is what LoRA means.
+  selected and freezes every base weight, which is what LoRA means. Only the attention/MLP choice matters
+  then (the norms / embeddings / lm_head switches pick no adapters), and the stage's trainable.json counts
+  the adapters, not this selection (``posttrain.stages.common.select_parameters``).
 
 The block layouts understood: Llama/Qwen2/Mistral (``model.layers.<i>.self_attn.q_proj``,
 ``...mlp.up_proj``), GPT-2 (``transformer.h.<i>.attn.c_attn``, ``...mlp.c_fc``), GPT-NeoX and others with
@@ -259,6 +261,8 @@ def apply_trainable(model: Any, cfg: TrainableConfig, stage_index: int) -> dict[
     ``{"mode", "seed", "stage_index", "trained", "frozen", "parameters": {name: bool}}``, plus the config.
     Tied parameters appear once, under the name ``named_parameters`` gives them (a tied lm_head follows the
     embeddings switch because it is the same tensor).
+    A LoRA stage rewrites the counts and the mask to say that only its adapters train
+    (``posttrain.stages.common.select_parameters``).
     """
     params = dict(model.named_parameters())
     mask = select_trainable(list(params), cfg, stage_index)

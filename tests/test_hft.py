@@ -228,3 +228,27 @@ def test_lora_adapters_only_on_selected_modules(llama):
     assert lora_target_modules(list(summary["parameters"]), summary["parameters"]) == targets
     counts = Counter(n.split(".lora_")[1].split(".")[0] for n in on)
     assert counts == {"A": len(targets), "B": len(targets)}
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "model.layers.1.mlp.down_proj"]])
+def test_lora_adapters_counts_what_peft_adds_without_touching_the_model_or_the_seed(llama, targets):
+    """What a LoRA stage's trainable.json counts: the same modules and elements peft's get_peft_model adds to
+    the real model, found without changing the model, the config, or torch's generator (the trainer's
+    adapter init must draw the same numbers as without the count)."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.stages.common import lora_adapters
+
+    model = fresh_llama(llama)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+    given, rng = copy.deepcopy(cfg.target_modules), torch.random.get_rng_state()
+    modules, count = lora_adapters(model, cfg)
+    assert torch.equal(torch.random.get_rng_state(), rng) and cfg.target_modules == given
+    assert dict(model.named_parameters()).keys() == before.keys()  # no adapter injected into the model
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    peft_model = get_peft_model(model, cfg)
+    adapters = {n: p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n}
+    assert count == sum(adapters.values()) > 0
+    assert modules == sorted({n.split(".lora_")[0].removeprefix("base_model.model.") for n in adapters})
+    assert "lm_head" not in modules and len(modules) == (3 * 7 if targets == "all-linear" else 3 + 1)

@@ -2,7 +2,8 @@
 
 Checked on the outputs, not on the mask function: every frozen tensor is bit-identical to the stage's input
 (sha256 of the safetensors tensor), every trained tensor moved, each block trains exactly the documented half
-of its projections, the optimizer holds only trained parameters, and the mask is redrawn per stage.
+of its projections, the optimizer holds only trained parameters, and the mask is redrawn per stage. With LoRA,
+trainable.json, the logged `trained_params` and the report count the adapters the stage saved, not the base.
 """
 import hashlib
 import json
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 import posttrain.stages  # noqa: F401
 import posttrain.stages.dpo as dpo_stage
 import posttrain.stages.sft as sft_stage
+from evals.run_report import _hft_sections
 from posttrain.config import load_pipeline
 from posttrain.hft import assert_optimizer_holds_only
 from posttrain.pipeline import run_pipeline
@@ -96,11 +98,15 @@ def hft_full(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hft_lora(world, tmp_path_factory):
+    """The same two stages with LoRA, then a plain LoRA sft (`trainable:` left at mode all, `all-linear`)."""
     mp = pytest.MonkeyPatch()
     try:
         seen = _spy_optimizer(mp)
         run_dir = tmp_path_factory.mktemp("hft_lora") / "run"
-        cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": _stages(lora={"r": 4, "alpha": 8})})
+        plain = {"name": "sft_lora", "kind": "sft", "data": [{"source": "arithmetic", "limit": 16}],
+                 "trainer": dict(TINY), "lora": {"r": 4, "alpha": 8}}
+        stages = _stages(lora={"r": 4, "alpha": 8}) + [plain]
+        cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": stages})
         run_pipeline(cfg, run_dir, lambda m: None)
     finally:
         mp.undo()
@@ -158,10 +164,10 @@ def test_same_seed_same_stage_same_mask_and_lora_only_on_selected_modules(hft_fu
     lora_dir, seen = hft_lora
     full = json.loads((full_dir / "stages" / f"{index:02d}_{name}" / "trainable.json").read_text())
     lora = json.loads((lora_dir / "stages" / f"{index:02d}_{name}" / "trainable.json").read_text())
-    assert lora["parameters"] == full["parameters"]  # same seed and stage index, another run: same draw
     selected = {n.rsplit(".", 1)[0] for n, on in full["parameters"].items()
                 if on and re.search(r"\.(self_attn|mlp)\.", n)}
-    assert set(lora["lora_target_modules"]) == selected
+    # same seed and stage index, another run: the same draw puts the adapters
+    assert set(lora["lora"]["modules"]) == selected
     adapter_dir = lora_dir / "stages" / f"{index:02d}_{name}" / "adapter"
     hosts = {re.sub(r"^base_model\.model\.|\.lora_[AB]\.weight$", "", k)
              for k in load_file(adapter_dir / "adapter_model.safetensors")}
@@ -169,3 +175,61 @@ def test_same_seed_same_stage_same_mask_and_lora_only_on_selected_modules(hft_fu
     record = [s for s in seen if s["stage"] == index][0]
     assert record["held"] == record["requires_grad"] and all(".lora_" in n for n in record["held"])
     assert {re.sub(r"^base_model\.model\.|\.lora_[AB]\.default\.weight$", "", n) for n in record["held"]} == selected
+
+
+def _adapter_numel(stage_dir) -> int:
+    return sum(t.numel() for t in load_file(stage_dir / "adapter" / "adapter_model.safetensors").values())
+
+
+LORA_STAGES = [(1, "sft_hft"), (2, "dpo_hft"), (3, "sft_lora")]
+
+
+@pytest.mark.parametrize("index, name", LORA_STAGES)
+def test_lora_stage_records_the_adapters_it_trained_not_the_base_selection(hft_full, hft_lora, index, name):
+    """With LoRA only the adapters train: trainable.json and the logged trained_params count exactly the adapter
+    the stage saved, every base parameter is frozen (norms too, though hft's norms switch is on), and the
+    total is base + adapter."""
+    lora_dir, _ = hft_lora
+    out = lora_dir / "stages" / f"{index:02d}_{name}"
+    info = json.loads((out / "trainable.json").read_text())
+    base = json.loads((hft_full[0] / "stages" / "01_sft_hft" / "trainable.json").read_text())
+    base_total = base["trained"] + base["frozen"]
+    adapter = _adapter_numel(out)
+    assert info["trained"] == info["lora"]["adapter_params"] == adapter > 0
+    assert info["frozen"] == base_total
+    assert set(info["parameters"]) == set(base["parameters"]) and not any(info["parameters"].values())
+    assert info["lora"]["r"] == 4 and info["mode"] == ("all" if name == "sft_lora" else "hft")
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained_params"] for r in logged if r.get("event") == "data"] == [adapter]
+    if name == "sft_lora":  # all-linear: every attention and MLP projection of the world's 4 blocks, not lm_head
+        assert len(info["lora"]["modules"]) == 4 * (len(ATTN) + len(MLP))
+        assert {m.rsplit(".", 1)[1] for m in info["lora"]["modules"]} == ATTN | MLP
+
+
+def test_report_says_what_a_lora_stage_trained_and_still_reads_older_files(hft_lora, tmp_path):
+    lora_dir, _ = hft_lora
+    (section,) = _hft_sections(lora_dir)
+    lines = section.splitlines()[2:]
+    expected = []
+    for index, name in LORA_STAGES:
+        info = json.loads((lora_dir / "stages" / f"{index:02d}_{name}" / "trainable.json").read_text())
+        n, total = _adapter_numel(lora_dir / "stages" / f"{index:02d}_{name}"), info["trained"] + info["frozen"]
+        chosen = "" if name == "sft_lora" else " chosen by mode `hft`"
+        expected.append(f"- `{index:02d}_{name}`: LoRA r=4 on {len(info['lora']['modules'])} modules{chosen}: "
+                        f"{n:,} adapter parameters trained ({100 * n / total:.1f}% of {total:,}); base weights frozen")
+    assert lines == expected
+    assert "28 modules: " in lines[2]
+    # Files of older run dirs: a non-LoRA stage renders as it always did; a LoRA stage, whose counts were of
+    # the `trainable:` selection, shows its targets only.
+    older = {"mode": "all", "trained": 918656, "frozen": 0, "parameters": {}}
+    for folder, info in [("01_sft", older), ("02_sft_lora", {**older, "lora_target_modules": "all-linear"}),
+                         ("03_dpo_lora", {**older, "mode": "hft", "lora_target_modules": ["a.q_proj", "a.v_proj"]})]:
+        (tmp_path / "stages" / folder).mkdir(parents=True)
+        (tmp_path / "stages" / folder / "trainable.json").write_text(json.dumps(info))
+    assert _hft_sections(tmp_path)[0].splitlines()[2:] == [
+        "- `01_sft`: mode `all`, trained 918,656 of 918,656 parameters (100.0%)",
+        "- `02_sft_lora`: LoRA on `all-linear`, mode `all`: adapter parameters not recorded (an older run); "
+        "base weights frozen",
+        "- `03_dpo_lora`: LoRA on 2 modules, mode `hft`: adapter parameters not recorded (an older run); "
+        "base weights frozen",
+    ]
