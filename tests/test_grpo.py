@@ -1,8 +1,10 @@
 """GRPO stage: tiny runs on the world base (parameters move, rewards and their errors are logged), config
 errors, prompts for tokenizers with and without a chat template, the epoch order of the prompt sampler, reruns
-after a reward file changes, and the slow acceptance run of `posttrain stage grpo` from world-sft."""
+after a reward file or a module next to it changes, rewards that never score, and the slow acceptance run of
+`posttrain stage grpo` from world-sft."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -93,6 +95,8 @@ def test_crashing_and_hanging_rewards_are_counted_and_training_finishes(world, t
     assert last["rewards/segfault/mean"] == 0.0 and last["rewards/hang/mean"] == 0.0
     done = json.loads((out / "DONE").read_text())["metrics"]
     assert done["rewards/errors/crash"] == completions and done["global_step"] == 2
+    # Each bad reward scored nothing: named, while `spread` trained the model, so the stage is done.
+    assert done["rewards/failed_every_call"] == ["segfault", "hang"]
     trainable = json.loads((out / "trainable.json").read_text())
     frozen = [n for n, on in trainable["parameters"].items() if not on]
     before = load_file(world / "base" / "model.safetensors")
@@ -115,12 +119,37 @@ def test_lora_grpo_writes_adapter_and_merged_model(world, tmp_path):
     assert changed and all("proj" in k for k in changed)
 
 
+def test_rewards_that_never_scored_are_named_and_fail_the_stage_only_when_they_are_all(world, tmp_path):
+    from posttrain.rewards import RewardsFailed, RewardStats
+    from posttrain.stages.grpo import failed_rewards
+
+    stats, lines = RewardStats(), []
+    stats.rows("a", failed=4), stats.record("a", "exception"), stats.rows("b", scored=4)
+    assert failed_rewards(stats, ["a", "b"], lines.append) == ["a"]
+    assert lines == ["warning: reward 'a' failed on every completion of this run (exception: 1); it scored none, "
+                     "so it gave the training no signal"]
+    assert failed_rewards(RewardStats(), ["a"], lines.append) == [] and len(lines) == 1  # no call: no failure
+    # The only reward raised on every call (rw_raise.py): training "succeeded" on all-zero rewards.
+    (tmp_path / "raise.py").write_text("def digits(completions, **kw):\n    raise RuntimeError('boom')\n")
+    with pytest.raises(RewardsFailed, match=r"every reward failed on every completion \('digits'\)"):
+        _run(tmp_path, _tiny_stage(rewards=[{"name": f"{tmp_path}/raise.py:digits"}]))
+    assert not (tmp_path / "r" / "stages" / "01_grpo").exists()  # not done: no DONE, later stages do not run
+    work = tmp_path / "r" / "stages" / ".01_grpo.tmp"
+    assert (work / "model" / "model.safetensors").is_file()
+    assert [r["rewards/errors/exception"] for r in _records(work) if "rewards/digits/mean" in r] == [1.0, 2.0]
+
+
 def test_unknown_reward_is_a_config_error_with_did_you_mean(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\]\.rewards\[0\]\.name.*did you mean 'numeric_match'"):
         load_pipeline(None, data={"stages": [{"kind": "grpo", "rewards": [{"name": "numeric_mach"}]}]})
     (tmp_path / "r.py").write_text("def score(completions, **kw):\n    return [0.0] * len(completions)\n")
     with pytest.raises(ConfigError, match=r"defines no function 'scor'.*did you mean 'score'"):
         load_pipeline(None, data={"stages": [{"kind": "grpo", "rewards": [{"name": f"{tmp_path}/r.py:scor"}]}]})
+    (tmp_path / "imp.py").write_text("from helpr import X\ndef score(completions, **kw):\n    return []\n")
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.name.*imp.py': no module named 'helpr' \(did you mean "
+                                          r"'helper'"):
+        load_pipeline(None, data={"stages": [{"kind": "grpo", "rewards": [{"name": f"{tmp_path}/imp.py:score"}]}]})
 
 
 def test_group_must_divide_the_batch():
@@ -201,20 +230,37 @@ def test_conversational_prompts_without_chat_template_exit_2_before_the_model_lo
     assert errors == ["error: conversational prompts need a tokenizer with a chat template; this one has none"]
 
 
-def test_input_files_are_the_user_reward_files_as_the_loader_resolves_them(tmp_path, monkeypatch):
+def test_input_files_are_the_reward_files_as_the_loader_resolves_them_and_the_py_files_next_to_them(
+        tmp_path, monkeypatch):
     from posttrain.stages.grpo import GRPOStageConfig
 
     (tmp_path / "r.py").write_text(SPREAD)
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    (tmp_path / "notes.txt").write_text("not code\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "deep.py").write_text("Y = 1\n")  # not followed: the folder only, not below it
     monkeypatch.chdir(tmp_path)
     cfg = GRPOStageConfig(rewards=[{"name": "numeric_match"}, {"name": "r.py:spread"},
                                    {"name": "r.py:spread", "sandbox": True}])
-    assert cfg.input_files() == [str(tmp_path / "r.py")] * 2
+    assert cfg.input_files() == [str(tmp_path / "helper.py"), str(tmp_path / "r.py")]
     assert GRPOStageConfig().input_files() == []
 
 
-def test_editing_a_reward_file_reruns_a_finished_stage(world, tmp_path):
+# A reward whose numbers come from a module next to it.
+SPREAD_WITH_HELPER = '''
+from spread_helper import OFFSET
+
+def spread(completions, answer, **kwargs):
+    return [float((i + OFFSET) % 2) for i in range(len(completions))]
+'''
+
+
+def test_editing_a_reward_file_or_a_module_next_to_it_reruns_a_finished_stage(world, tmp_path, monkeypatch):
     reward = tmp_path / "spread.py"
-    reward.write_text(SPREAD)
+    reward.write_text(SPREAD_WITH_HELPER)
+    (tmp_path / "spread_helper.py").write_text("OFFSET = 0\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the reward's folder joins it
+    monkeypatch.delitem(sys.modules, "spread_helper", raising=False)
     stage = _tiny_stage(rewards=[{"name": f"{reward}:spread"}],
                         trainer={"max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 5})
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
@@ -225,11 +271,16 @@ def test_editing_a_reward_file_reruns_a_finished_stage(world, tmp_path):
         return [line for line in lines if line.startswith("[01 grpo]")]
 
     run()
+    out = tmp_path / "r" / "stages" / "01_grpo"
+    assert [r["rewards/spread/mean"] for r in _records(out) if "rewards/spread/mean" in r] == [0.5]
+    assert json.loads((out / "DONE").read_text())["metrics"]["rewards/errors/exception"] == 0.0
     assert any("done already; skipping" in line for line in run())
-    reward.write_text(SPREAD.replace("i % 2", "(i + 1) % 2"))
-    again = run()
-    assert any("rerunning" in line for line in again) and not any("skipping" in line for line in again)
-    assert any("skipping" in line for line in run())
+    for edited, text in [(tmp_path / "spread_helper.py", "OFFSET = 1\n"),
+                         (reward, SPREAD_WITH_HELPER.replace("i + OFFSET", "OFFSET + i"))]:
+        edited.write_text(text)
+        again = run()
+        assert any("rerunning" in line for line in again) and not any("skipping" in line for line in again)
+        assert any("skipping" in line for line in run())
 
 
 def _mean(values):

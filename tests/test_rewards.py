@@ -166,3 +166,103 @@ def test_user_reward_in_process(user_file):
     (fn,), _ = build_reward_funcs([spec])
     assert fn.__name__ == "length_reward"
     assert fn(prompts=["p", "q"], completions=["abc", "a"], answer=["yes", "no"]) == [4.5, 2.0]
+
+
+# ---------------------------------------------------------------- modules next to a user reward
+
+HELPER_REWARD = '''
+from scale_helper import SCALE  # next to this file, as a script would import it
+
+def scaled(prompts, completions, **kwargs):
+    import lazy_helper  # imported when called: still found
+    return [SCALE * len(c) + lazy_helper.BONUS for c in completions]
+'''
+
+
+@pytest.fixture
+def helper_reward(tmp_path, monkeypatch):
+    """A reward file that imports two modules next to it, one of which imports a third; the folder is 0700
+    (as pytest makes it), so a sandbox that drops to `nobody` could not read it."""
+    (tmp_path / "helper_reward.py").write_text(HELPER_REWARD)
+    (tmp_path / "scale_helper.py").write_text("from base_scale import BASE\nSCALE = 2 * BASE\n")
+    (tmp_path / "base_scale.py").write_text("BASE = 1.5\n")
+    (tmp_path / "lazy_helper.py").write_text("BONUS = 0.25\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield tmp_path / "helper_reward.py"
+    for name in ("scale_helper", "base_scale", "lazy_helper"):
+        sys.modules.pop(name, None)
+
+
+def test_user_reward_imports_modules_next_to_it_in_process(helper_reward):
+    folder = str(helper_reward.parent)
+    (fn,), _ = build_reward_funcs([{"name": f"{helper_reward}:scaled"}])  # imported here: a broken one stops
+    assert fn(prompts=["p", "q"], completions=["ab", "abcd"]) == [6.25, 12.25]
+    # Script-like while it imports, then last: the trainer's own later imports are not shadowed by it.
+    assert sys.path[-1] == folder and sys.path.count(folder) == 1
+
+
+@linux_only
+def test_sandboxed_user_reward_imports_modules_next_to_it(helper_reward):
+    stats = RewardStats()
+    (fn,), _ = build_reward_funcs([{"name": f"{helper_reward}:scaled", "sandbox": True}], stats)
+    assert fn(prompts=["p", "q"], completions=["ab", "abcd"]) == [6.25, 12.25]
+    assert stats.count() == 0
+    # Only what the file's import statements name reaches the child: not the folder itself.
+    (helper_reward.parent / "dynamic.py").write_text(
+        "import importlib\n\ndef f(completions, **kw):\n    importlib.import_module('base_scale')\n"
+        "    return [1.0] * len(completions)\n")
+    (fn,), _ = build_reward_funcs([{"name": f"{helper_reward.parent / 'dynamic.py'}:f", "sandbox": True}], stats)
+    assert fn(prompts=["p"], completions=["a"]) == [0.0] and stats.count("exception") == 1
+
+
+def test_a_missing_module_is_refused_when_the_name_is_checked(helper_reward):
+    folder = helper_reward.parent
+    (folder / "typo.py").write_text("from scale_helpr import SCALE\n\ndef f(completions, **kw):\n    return []\n")
+    with pytest.raises(ValueError, match=r"typo.py': no module named 'scale_helpr' \(did you mean 'scale_helper'"):
+        validate_reward_name(f"{folder / 'typo.py'}:f")
+    # A module next to it that it imports is checked too, and the first file that lacks the module is named.
+    (folder / "base_scale.py").write_text("import no_such_module_xyz\nBASE = 1\n")
+    with pytest.raises(ValueError, match=r"base_scale.py', imported by reward file .*no module named 'no_such_"):
+        validate_reward_name(f"{helper_reward}:scaled")
+    # Left to the stage: imports that may be optional (in a def, a try) and files that set up sys.path.
+    (folder / "optional.py").write_text(
+        "import sys\ntry:\n    import no_such_module_xyz\nexcept ImportError:\n    pass\n\n"
+        "def f(completions, **kw):\n    import no_such_module_xyz\n")
+    (folder / "own_path.py").write_text("import sys\nsys.path.insert(0, '/opt/x')\nimport no_such_module_xyz\n\n"
+                                        "def f(completions, **kw):\n    return []\n")
+    validate_reward_name(f"{folder / 'optional.py'}:f")
+    validate_reward_name(f"{folder / 'own_path.py'}:f")
+
+
+# ---------------------------------------------------------------- a reward that never scores
+
+def test_stats_name_the_rewards_that_failed_on_every_completion(user_file):
+    stats = RewardStats()
+    (user_file.parent / "bad.py").write_text(
+        "def boom(completions, **kw):\n    raise RuntimeError('boom')\n\n"
+        "def short(completions, **kw):\n    return [1.0]\n\n"
+        "def once(completions, **kw):\n    return [1.0] * len(completions)\n")
+    bad = user_file.parent / "bad.py"
+    funcs, _ = build_reward_funcs([{"name": f"{bad}:boom"}, {"name": f"{bad}:short"}, {"name": f"{bad}:once"},
+                                   {"name": "exact_match"}], stats)
+    for completions in (["a", "b"], ["c", "d"]):
+        for fn in funcs:
+            fn(prompts=["p"] * 2, completions=completions, answer=["a", "x"])
+    funcs[2](prompts=["p"], completions=["a", "b"])  # fails once (wrong length), after scoring earlier calls
+    assert stats.failed_every_call() == {"boom": {"exception": 2}, "short": {"exception": 2}}
+    restored = pickle.loads(pickle.dumps(stats))
+    assert restored.failed_every_call() == stats.failed_every_call()
+    stats.reset()
+    assert stats.failed_every_call() == {}
+
+
+@linux_only
+def test_a_sandboxed_reward_fails_every_call_only_when_no_row_scored(tmp_path):
+    (tmp_path / "rows.py").write_text(
+        "def odd(completions, **kw):\n    return [1.0 / (len(completions[0]) % 2)]\n\n"
+        "def never(completions, **kw):\n    return ['x']\n")
+    stats = RewardStats()
+    funcs, _ = build_reward_funcs([{"name": f"{tmp_path}/rows.py:odd", "sandbox": True},
+                                   {"name": f"{tmp_path}/rows.py:never", "sandbox": True}], stats)
+    assert [fn(prompts=["p"] * 2, completions=["a", "ab"]) for fn in funcs] == [[1.0, 0.0], [0.0, 0.0]]
+    assert stats.failed_every_call() == {"never": {"exception": 2}}

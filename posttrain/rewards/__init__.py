@@ -11,8 +11,11 @@ for ``GRPOConfig(reward_weights=...)``::
     funcs, weights = build_reward_funcs(cfg.rewards, stats)
     ...
     metrics.update(stats.as_metrics())  # error counts by kind: timeout, memory, crash, fork_limit, exception
+    stats.failed_every_call()           # the rewards that scored no completion at all, with their error kinds
 
 A reward never raises into the trainer: a failing call scores 0 for its rows and is counted in ``stats``.
+A user reward's file may import modules next to it, as a script can: in-process its folder is on
+``sys.path``; in the sandbox the trainer reads the ``.py`` files it imports from there and hands them over.
 Builtins get completions as text (the last message's content for conversational completions); user
 functions get exactly what TRL passes. With ``sandbox: true`` a user function runs in ``run_sandboxed``, one
 child process per row, so one hostile completion cannot zero its whole group; TRL's live objects
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.machinery
 import importlib.util
 import inspect
 import logging
 import math
 import os
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -36,10 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from posttrain.registry import REWARDS, RegistryError, did_you_mean
 from posttrain.rewards import builtin  # importing it registers the builtin rewards
-from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, run_sandboxed
+from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, imported_names, run_sandboxed
 
-__all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "build_reward_funcs", "completion_text",
-           "reward_file", "run_sandboxed", "validate_reward_name"]
+__all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "RewardsFailed", "build_reward_funcs",
+           "completion_text", "reward_file", "run_sandboxed", "validate_reward_name"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,25 @@ class RewardStats:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._rows: Counter[tuple[str, bool]] = Counter()  # (reward, scored) -> completions
         self._lock = threading.Lock()  # reward calls may come from a thread pool
 
     def record(self, reward: str, kind: str) -> None:
         with self._lock:
             self._counts[(reward, kind)] += 1
+
+    def rows(self, reward: str, scored: int = 0, failed: int = 0) -> None:
+        """Count completions that ``reward`` scored, and those it failed on (each scored 0 instead)."""
+        with self._lock:
+            self._rows[(reward, True)] += scored
+            self._rows[(reward, False)] += failed
+
+    def failed_every_call(self) -> dict[str, dict[str, int]]:
+        """``{reward: {kind: count}}`` for each reward that failed on every completion it was given: it
+        scored none, so it gave the training no signal at all."""
+        with self._lock:
+            failed = [r for (r, scored), n in self._rows.items() if not scored and n and not self._rows[(r, True)]]
+            return {r: {k: n for (r2, k), n in self._counts.items() if r2 == r and n} for r in failed}
 
     def count(self, kind: str | None = None, reward: str | None = None) -> int:
         """Failures matching ``kind`` and ``reward`` (None matches any)."""
@@ -78,12 +97,17 @@ class RewardStats:
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._rows.clear()
 
     def __getstate__(self) -> dict[str, Any]:  # pickles without its lock (TRL may ship rewards to a process)
-        return {"_counts": Counter(self._counts)}
+        return {"_counts": Counter(self._counts), "_rows": Counter(self._rows)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._counts, self._lock = state["_counts"], threading.Lock()
+        self._counts, self._rows, self._lock = state["_counts"], state["_rows"], threading.Lock()
+
+
+class RewardsFailed(RuntimeError):
+    """Every reward of a stage failed on every completion: the run trained on no reward signal."""
 
 
 class RewardSpec(BaseModel):
@@ -130,7 +154,10 @@ def reward_file(name: str) -> str | None:
 
 def validate_reward_name(name: str) -> None:
     """Raise ValueError (with "did you mean") unless ``name`` is a registered reward or a ``file.py:function``
-    whose file exists and defines ``function`` at top level. The file is parsed, never run."""
+    whose file exists, defines ``function`` at top level and imports only modules that can be found (next to
+    it or installed). The file is parsed, never run: this runs wherever a config is read, and a sandboxed
+    reward must not run in the trainer's process at all. So a helper that fails when it runs, or an import
+    inside a function or a ``try``, is left to the stage (see ``build_reward_funcs``)."""
     ref = _file_ref(name)
     if ref is None:
         try:
@@ -151,6 +178,44 @@ def validate_reward_name(name: str) -> None:
         hint = did_you_mean(func, defined)
         raise ValueError(f"reward file {path!r} defines no function {func!r}{hint}; defines: "
                          f"{', '.join(defined) or 'none'}")
+    _check_imports(path, tree)
+
+
+def _check_imports(path: str, tree: ast.Module) -> None:
+    """Raise ValueError when the file, or a module next to it that it imports at top level, imports at top
+    level a module that is neither next to it nor installed. Finding a top-level module runs none of its
+    code. A file that touches ``sys.path`` is not checked further: the module may be where it points."""
+    folder = os.path.dirname(os.path.abspath(path))
+    todo, seen = [(path, tree)], {os.path.abspath(path)}
+    while todo:
+        file, parsed = todo.pop()
+        if any(isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+               and n.value.id == "sys" for n in ast.walk(parsed)):
+            continue
+        for name in imported_names(parsed, top_level=True):
+            sibling = os.path.join(folder, name + ".py")
+            if os.path.isfile(sibling) and sibling not in seen:
+                seen.add(sibling)
+                try:
+                    todo.append((sibling, ast.parse(Path(sibling).read_text(encoding="utf-8"), filename=sibling)))
+                except (SyntaxError, UnicodeDecodeError) as e:
+                    raise ValueError(f"reward file {path!r} imports {sibling!r}, which does not parse: {e}") from None
+            elif not _findable(name, folder):
+                nearby = [p.stem for p in Path(folder).glob("*.py") if p.stem != Path(file).stem]
+                what = "reward file" if file == path else f"{file!r}, imported by reward file"
+                raise ValueError(f"{what} {path!r}: no module named {name!r}{did_you_mean(name, nearby)} next to "
+                                 f"it ({folder}) or installed")
+
+
+def _findable(name: str, folder: str) -> bool:
+    if name in sys.modules or name in sys.builtin_module_names:
+        return True
+    if importlib.machinery.PathFinder.find_spec(name, [folder]) is not None:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def completion_text(completion: Any) -> str:
@@ -170,13 +235,25 @@ def completion_text(completion: Any) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _load_user_function(path: str, func: str) -> Callable[..., Any]:
-    """Import a user's reward file by path (trusted code: the user's own) and return ``func`` from it."""
+    """Import a user's reward file by path (trusted code: the user's own) and return ``func`` from it.
+
+    Its folder is first on ``sys.path`` while it is imported, as when Python runs it as a script, so modules
+    next to it import and win over installed ones of the same name. Afterwards the folder moves to the end:
+    an import inside the reward function still finds them, and the trainer's own later imports (TRL, ...)
+    are not shadowed by a user's file that happens to share a name."""
     module_name = f"posttrain_user_reward_{abs(hash(path))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot import reward file {path!r}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = os.path.dirname(path)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+        if folder not in sys.path:
+            sys.path.append(folder)
     return getattr(module, func)
 
 
@@ -200,13 +277,21 @@ class RewardFunc:
             values = list(self._score(prompts, completions, kwargs))
             if len(values) != n:
                 raise ValueError(f"returned {len(values)} rewards for {n} completions")
-            return [None if v is None else float(v) for v in values]
+            values = [None if v is None else float(v) for v in values]
         except Exception as e:  # a reward bug must cost one batch's score, never the training run
             self.stats.record(self.__name__, EXCEPTION)
+            self.stats.rows(self.__name__, failed=n)
             if type(e).__name__ not in self._warned:  # once per kind of failure, not once per step
                 self._warned.add(type(e).__name__)
                 log.warning("reward %r failed; scoring its batch 0", self.__name__, exc_info=True)
             return [0.0] * n
+        if not self._sandboxed:  # a sandboxed user reward counts its rows one by one
+            self.stats.rows(self.__name__, scored=n)
+        return values
+
+    @property
+    def _sandboxed(self) -> bool:
+        return self.spec.sandbox and _file_ref(self.spec.name) is not None
 
     def _score(self, prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> list[Any]:
         spec, ref = self.spec, _file_ref(self.spec.name)
@@ -239,6 +324,7 @@ class RewardFunc:
                 kind = EXCEPTION  # the function broke TRL's contract: one number (or None) per completion
             if kind is not None:
                 self.stats.record(self.__name__, kind)
+            self.stats.rows(self.__name__, scored=kind is None, failed=kind is not None)
             out.append(value[0] if kind is None else 0.0)
         return out
 

@@ -25,6 +25,7 @@ not (Docker's default seccomp profile, a masked ``/proc``), the sandbox runs wit
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import logging
@@ -148,11 +149,27 @@ def run(job, sources):
             return False
         return True
     import types
+    sys.meta_path.insert(0, Siblings(job["modules"]))  # first, as a script's folder comes first on sys.path
     mod = types.ModuleType("posttrain_sandboxed_reward")
     mod.__file__ = job["path"]
     sys.modules[mod.__name__] = mod
     exec(compiled[0], mod.__dict__)
     return getattr(mod, job["func"])(*job["args"], **job["kwargs"])
+
+class Siblings:
+    # The modules next to the reward file that it imports, read by the trainer (no sys.path entry: the
+    # worker may not be allowed to read that folder, and should see nothing else in it).
+    def __init__(self, modules):
+        self.modules = modules
+    def find_spec(self, name, path=None, target=None):
+        if path is None and name in self.modules:
+            from importlib.machinery import ModuleSpec
+            return ModuleSpec(name, self, origin=self.modules[name][1])
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        source, module.__file__ = self.modules[module.__name__]
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
 
 def worker(job, sources, wfd):
     os.setpgid(0, 0)
@@ -294,8 +311,45 @@ def _job(fn_or_code: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None)
         fn_or_code = FileFunction(inspect.getsourcefile(fn_or_code) or "", fn_or_code.__name__)
     if not isinstance(fn_or_code, FileFunction):
         raise TypeError(f"cannot sandbox {type(fn_or_code).__name__}; pass code or a module-level function")
-    return {"mode": "call", "path": os.path.abspath(fn_or_code.path), "func": fn_or_code.name,
-            "args": list(args), "kwargs": dict(kwargs or {})}
+    path = os.path.abspath(fn_or_code.path)
+    modules = {name: [_read(file), file] for name, file in sibling_imports(path).items()}
+    return {"mode": "call", "path": path, "func": fn_or_code.name, "modules": modules, "args": list(args),
+            "kwargs": dict(kwargs or {})}
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def imported_names(tree: ast.Module, top_level: bool = False) -> list[str]:
+    """The top package of each absolute import in ``tree`` (``a`` for ``import a.b``); ``top_level``: only
+    the module's own statements, none in a ``def``, ``if`` or ``try``."""
+    names = []
+    for node in tree.body if top_level else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name.partition(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module.partition(".")[0])
+    return list(dict.fromkeys(names))
+
+
+def sibling_imports(path: str) -> dict[str, str]:
+    """``{name: file}`` of the ``name.py`` files next to ``path`` that it imports, and that those import:
+    what a sandboxed call gets of its folder. Found from import statements (``importlib.import_module`` is
+    not followed); a package next to it is not served."""
+    found, todo = {}, [path]
+    while todo:
+        try:
+            names = imported_names(ast.parse(_read(todo.pop())))
+        except (SyntaxError, ValueError):
+            continue  # the child fails on it the same way, and that is counted
+        for name in names:
+            file = os.path.join(os.path.dirname(path), name + ".py")
+            if name not in found and os.path.isfile(file):
+                found[name] = file
+                todo.append(file)
+    return found
 
 
 def run_sandboxed(
@@ -313,9 +367,11 @@ def run_sandboxed(
     ``__sandbox__``, so ``if __name__ == "__main__"`` blocks are skipped, as in HumanEval-style harnesses;
     value ``True`` when all ran, ``False`` when an ``AssertionError`` stopped them), or a module-level
     function / ``FileFunction``, whose file the child loads by path and calls with ``*args, **kwargs`` (JSON
-    values in and out). ``cpu_s`` defaults to ``timeout_s``; ``max_procs`` counts every process and thread
-    of the sandbox user, the supervisor (and the namespace's init) included. Error kinds are those in
-    ``ERROR_KINDS``; this function never raises for anything the child does.
+    values in and out); the modules next to the file that it imports (``sibling_imports``) are read here and
+    found there first, as a script's folder is, and nothing of the parent's ``sys.path`` is added. ``cpu_s``
+    defaults to ``timeout_s``; ``max_procs`` counts every process and thread of the sandbox user, the
+    supervisor (and the namespace's init) included. Error kinds are those in ``ERROR_KINDS``; this function
+    never raises for anything the child does.
     """
     try:
         job = _job(fn_or_code, args, kwargs)

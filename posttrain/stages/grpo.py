@@ -16,6 +16,8 @@ How this stage departs from, or adds to, the paper and TRL:
     epoch matches an uninterrupted one; TRL's sampler orders epoch k by how many epochs it has produced.
   * A reward never stops training: a crash, timeout or bad return value scores 0 and is counted; the counts
     (`rewards/errors/<kind>` and `rewards/errors/<reward>/<kind>`) go into every record of metrics.jsonl.
+    At the end, a reward that failed on every completion is named in a warning and in the stage's metrics
+    (`rewards/failed_every_call`); when every reward did, the stage fails (`failed_rewards`).
   * Completions come from the backend `rollout:` picks (posttrain/rollout.py). With `vllm_server` and no
     `url`, the stage starts `vllm serve` itself (the command TRL builds for server mode) and stops it when it
     ends, fails or is interrupted.
@@ -25,13 +27,14 @@ How this stage departs from, or adds to, the paper and TRL:
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.models import load_model, load_tokenizer
-from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs, reward_file
+from posttrain.rewards import RewardsFailed, RewardSpec, RewardStats, build_reward_funcs, reward_file
 from posttrain.rollout import (
     SERVER_ENV,
     RolloutConfig,
@@ -91,9 +94,13 @@ class GRPOStageConfig(TrainableStage):
         return self
 
     def input_files(self) -> list[str]:
-        """The user rewards' .py files, so that editing one reruns the stage. A module such a file imports is
-        not followed: keep a reward in one file, or rename the file when a helper changes."""
-        return [f for f in (reward_file(r.name) for r in self.rewards) if f is not None]
+        """The user rewards' .py files and every other .py file in their folders (not in subfolders), sorted,
+        so that editing a reward or a helper module next to it reruns the stage. That is more than a reward
+        imports (an unrelated .py there reruns it too), but misses no import however it is written. Not
+        followed: a package (subfolder) next to a reward, importable in-process, and folders a reward adds to
+        sys.path itself; after editing those, rename the reward file (or its function) to force a rerun."""
+        files = {f for f in (reward_file(r.name) for r in self.rewards) if f is not None}
+        return sorted(files | {str(p) for f in files for p in Path(f).parent.glob("*.py") if p.is_file()})
 
 
 def _as_chat(prompt: Any) -> list[dict[str, str]]:
@@ -228,7 +235,37 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
         metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
     metrics.update(stats.as_metrics())
     metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
+    metrics["rewards/failed_every_call"] = failed_rewards(stats, [f.__name__ for f in reward_funcs], ctx.log)
     return StageResult(ctx.work_dir / "model", metrics)
+
+
+def failed_rewards(stats: RewardStats, names: list[str], log) -> list[str]:
+    """The rewards (of ``names``, in order) that failed on every completion of the run, each warned about;
+    raise RewardsFailed when that is all of them.
+
+    Why fail only then: a reward error scores 0 so that one bad batch does not cost a run, and a reward that
+    never scored gave the policy no signal, but the others still trained it as configured minus that term:
+    the model is a result (named as incomplete in DONE's metrics and the log). With no reward left, every
+    group's rewards were equal, every advantage 0, and the run trained on nothing (beta > 0 only pulled it
+    to its input). Reporting that as done would be a lie, and later stages would build on it. The stage
+    fails before DONE: its work folder keeps the model and metrics.jsonl, a rerun with the same config
+    trains again, and fixing the reward file changes the stage's inputs, so the rerun starts afresh.
+
+    Each process counts its own calls (TRL scores each rank's completions where they were generated), so
+    the main process's view is taken by every rank: they fail together or not at all (none waits forever).
+    """
+    from posttrain.distributed import agree
+
+    failed = agree(stats.failed_every_call())
+    for name in (n for n in names if n in failed):
+        kinds = ", ".join(f"{k}: {n}" for k, n in failed[name].items())
+        log(f"warning: reward {name!r} failed on every completion of this run ({kinds}); it scored none, so it "
+            f"gave the training no signal")
+    if names and all(n in failed for n in names):
+        raise RewardsFailed(
+            f"every reward failed on every completion ({', '.join(map(repr, names))}): the run trained on no "
+            f"reward signal, so the stage is not marked done; fix the reward and rerun")
+    return [n for n in names if n in failed]
 
 
 def _server_env(gpus: list[int]) -> dict[str, str]:
