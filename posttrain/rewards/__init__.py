@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from posttrain.registry import REWARDS, RegistryError, did_you_mean
 from posttrain.rewards import builtin  # importing it registers the builtin rewards
-from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, imported_names, run_sandboxed
+from posttrain.rewards.imports import imported_names
+from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, run_sandboxed
 
 __all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "RewardsFailed", "build_reward_funcs",
            "completion_text", "reward_file", "run_sandboxed", "validate_reward_name"]

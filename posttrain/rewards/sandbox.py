@@ -25,7 +25,6 @@ not (Docker's default seccomp profile, a masked ``/proc``), the sandbox runs wit
 """
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import logging
@@ -41,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from posttrain.rewards.imports import read_source, sibling_imports
 from posttrain.rewards.namespace import CHILD_CODE, log_unavailable
 
 log = logging.getLogger(__name__)
@@ -312,44 +312,9 @@ def _job(fn_or_code: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None)
     if not isinstance(fn_or_code, FileFunction):
         raise TypeError(f"cannot sandbox {type(fn_or_code).__name__}; pass code or a module-level function")
     path = os.path.abspath(fn_or_code.path)
-    modules = {name: [_read(file), file] for name, file in sibling_imports(path).items()}
+    modules = {name: [read_source(file), file] for name, file in sibling_imports(path).items()}
     return {"mode": "call", "path": path, "func": fn_or_code.name, "modules": modules, "args": list(args),
             "kwargs": dict(kwargs or {})}
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def imported_names(tree: ast.Module, top_level: bool = False) -> list[str]:
-    """The top package of each absolute import in ``tree`` (``a`` for ``import a.b``); ``top_level``: only
-    the module's own statements, none in a ``def``, ``if`` or ``try``."""
-    names = []
-    for node in tree.body if top_level else ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [a.name.partition(".")[0] for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module.partition(".")[0])
-    return list(dict.fromkeys(names))
-
-
-def sibling_imports(path: str) -> dict[str, str]:
-    """``{name: file}`` of the ``name.py`` files next to ``path`` that it imports, and that those import:
-    what a sandboxed call gets of its folder. Found from import statements (``importlib.import_module`` is
-    not followed); a package next to it is not served."""
-    found, todo = {}, [path]
-    while todo:
-        try:
-            names = imported_names(ast.parse(_read(todo.pop())))
-        except (SyntaxError, ValueError):
-            continue  # the child fails on it the same way, and that is counted
-        for name in names:
-            file = os.path.join(os.path.dirname(path), name + ".py")
-            if name not in found and os.path.isfile(file):
-                found[name] = file
-                todo.append(file)
-    return found
 
 
 def run_sandboxed(

@@ -310,6 +310,8 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
             step = int(Path(resume).name.removeprefix("checkpoint-"))
             drop_records_after(ctx.metrics_path, step)
             ctx.log_metrics({"event": "resume", "step": step, "checkpoint": str(resume)})
+    elif is_main() and drop_records_after(ctx.metrics_path, 0):  # an attempt that failed after training
+        ctx.log_metrics({"event": "restart"})
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     dtype = saved_dtype(ctx.input_model)

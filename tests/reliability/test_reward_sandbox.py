@@ -250,6 +250,7 @@ def load(name):
     spec.loader.exec_module(mod)
     return mod
 load("posttrain.rewards.namespace")
+load("posttrain.rewards.imports")
 sandbox = load("posttrain.rewards.sandbox")
 key, value = marker.split("=")
 sandbox._CHILD_ENV[key] = value
