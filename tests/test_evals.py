@@ -436,3 +436,22 @@ def test_a_bad_suite_file_is_one_line_naming_the_key(tmp_path):
     path.write_text("")
     with pytest.raises(ConfigError, match=r"suite\.yaml: name: Field required$"):
         load_suite(str(path))
+
+
+@pytest.mark.parametrize("where", ["jinja", "tokenizer_config", "none"])
+def test_chat_template_is_found_where_transformers_saves_it(tmp_path, where):
+    """The files `_has_chat_template` reads agree with the tokenizer transformers loads from the folder."""
+    from transformers import AutoTokenizer
+
+    from evals.runner import _has_chat_template
+    from tests.conftest import TINY_TEMPLATE, tiny_tokenizer, tiny_words
+
+    tok = tiny_tokenizer(tiny_words(16), template=None if where == "none" else TINY_TEMPLATE)
+    tok.save_pretrained(tmp_path)
+    if where == "tokenizer_config":  # the older layout: the template inside tokenizer_config.json
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        config["chat_template"] = (tmp_path / "chat_template.jinja").read_text()
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        (tmp_path / "chat_template.jinja").unlink()
+    assert _has_chat_template(str(tmp_path)) == bool(AutoTokenizer.from_pretrained(tmp_path).chat_template)
+    assert _has_chat_template(str(tmp_path)) == (where != "none")
