@@ -159,9 +159,11 @@ class Pipeline:
         return self.rd.root
 
     def _base_model(self) -> str:
-        """The model the first stage builds on (its lineage input: a merge's `base:` rather than its unused
-        `model:`), evaluated as the report's base row."""
-        ref = self.cfg.stages[0].lineage_input() or "world"
+        """The report's base row: what the first stage builds on (`builds_on()`: a merge's `base:` rather than
+        its unused `model:`), else its `model:` input (the world base by default; also for a linear merge, whose
+        lineage starts at its first model but whose run is compared with the pipeline's base)."""
+        first = self.cfg.stages[0]
+        ref = first.builds_on() or first.model or "world"
         return "" if _STAGE_REF.match(ref) else resolve_model(ref, self.log)
 
     def _dump(self) -> dict:

@@ -165,3 +165,22 @@ def test_first_stage_merge_with_base_is_measured_against_that_base_and_never_bui
     rows = json.loads((tmp_path / "r" / "report" / "forgetting.json").read_text())["stages"]
     assert rows[0]["name"] == "base" and rows[-1]["name"] == "m" and rows[-1]["parents"] == ["base"]
     assert any(f"merge from {base}" in line for line in logs)
+
+
+def test_first_stage_linear_merge_is_compared_with_the_pipeline_base_not_its_first_model(merge_trio, tmp_path,
+                                                                                        monkeypatch):
+    """A linear merge has no base: the report's base row is the first stage's `model:` (the world by default),
+    as claims 4a/4b compare merges with it, not the first model averaged."""
+    import evals.runner
+
+    base, a, b = merge_trio
+    evaluated = []
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", lambda model_dir, *x, **k: evaluated.append(str(model_dir))
+                        or {"scores": {"world_arithmetic/exact_match": {"value": 0.5, "stderr": 0.0}},
+                            "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}})
+    stage = {"name": "avg", "kind": "merge", "method": "linear", "model": str(base),
+             "models": [{"model": str(a)}, {"model": str(b)}]}
+    run_pipeline(load_pipeline(None, data={"eval": {"limit": 2}, "stages": [stage]}), tmp_path / "r", lambda m: None)
+    assert evaluated[0] == str(base)
+    rows = json.loads((tmp_path / "r" / "report" / "forgetting.json").read_text())["stages"]
+    assert [r["name"] for r in rows] == ["base", f"input:{a}", f"input:{b}", "avg"]

@@ -52,6 +52,11 @@ class StageBase(Strict):
         previous stage). A stage that builds on another field (a merge's `base:`) returns that one."""
         return self.model
 
+    def builds_on(self) -> str | None:
+        """The model the stage adds to when that is not its `model:` input (a merge's `base:`, a transfer's
+        `target_base:`), else None. A pipeline whose first stage sets one reports it as its base row."""
+        return None
+
     def reads_input(self) -> bool:
         """False when the stage never loads its `model:` input (a merge with `base:`), so that a change of
         the input does not rerun it."""

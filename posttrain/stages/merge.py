@@ -94,6 +94,9 @@ class MergeStageConfig(StageBase):
             return self.base
         return self.models[0].model if self.method == "linear" else self.model
 
+    def builds_on(self) -> str | None:
+        return self.base or None
+
     def reads_input(self) -> bool:
         return not self.base and self.method != "linear"
 

@@ -83,6 +83,9 @@ class TransferStageConfig(StageBase):
     def lineage_input(self) -> str | None:
         return self.target_base or self.model
 
+    def builds_on(self) -> str | None:
+        return self.target_base or None
+
     def reads_input(self) -> bool:
         return self.target_base is None
 
