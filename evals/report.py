@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import secrets
 from typing import Any
 
 import numpy as np
@@ -30,34 +29,9 @@ from matplotlib.figure import Figure
 
 from evals.forgetting import (Stage, base_index, build_report, forgetting, is_linear, is_reference, measured,
                               parent_rows, score_matrix, stderr_matrix)
+from posttrain.rundir import atomic_write_bytes
 
 NA = "n/a"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace`` (atomic on POSIX).
-
-    The temp file is created with mode 0o666 less the umask, as ``open()`` would make it: ``tempfile.mkstemp``
-    makes 0600 files, which the rename kept, so a report in a shared run dir was readable by its owner only.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # another writer's temp name: draw again
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def fmt_value(x: float | None) -> str:
@@ -325,8 +299,8 @@ def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | 
     if pending:
         report["pending"] = list(pending)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"  # allow_nan=False: strict JSON or fail
-    atomic_write(os.path.join(out_dir, "forgetting.json"), text.encode())
+    atomic_write_bytes(os.path.join(out_dir, "forgetting.json"), text.encode())
     md = render_markdown(stages, report, z, extra_sections)
-    atomic_write(os.path.join(out_dir, "forgetting.md"), md.encode())
-    atomic_write(os.path.join(out_dir, "forgetting.png"), render_png(stages))
+    atomic_write_bytes(os.path.join(out_dir, "forgetting.md"), md.encode())
+    atomic_write_bytes(os.path.join(out_dir, "forgetting.png"), render_png(stages))
     return report
