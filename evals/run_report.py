@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import runner
-from posttrain.config import ConfigError, EvalConfig
+from posttrain.config import ConfigError, EvalConfig, validated
 from posttrain.rundir import atomic_write_json
 
 
@@ -115,9 +115,10 @@ def pending_stages(records: list[dict], stage_names: list[str]) -> list[str]:
     return [n for n in stage_names if n not in shown]
 
 
-def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[dict]:
-    """The reference rows the pipeline put before `stage`, from `inputs/<ref>/eval.json`: the same refs in the
-    same order, skipping stage references and models that already have a row, as Pipeline._evaluate_inputs."""
+def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[tuple[dict, Any]]:
+    """The reference rows the pipeline put before `stage`, from `inputs/<ref>/eval.json`, each with the key of
+    that eval.json: the same refs in the same order, skipping stage references and models that already have a
+    row, as Pipeline._evaluate_inputs."""
     from posttrain.pipeline import input_folder, is_stage_ref
 
     names = getattr(stage, "reference_models", None)
@@ -130,7 +131,8 @@ def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[dict]
         if result["model"] in shown:
             continue
         shown.add(result["model"])
-        records.append(reference_record(ref, input_folder(ref), result["model"], result, stage.name))
+        records.append((reference_record(ref, input_folder(ref), result["model"], result, stage.name),
+                        result.get("key")))
     return records
 
 
@@ -168,19 +170,16 @@ def rerender_report(run_dir: Path) -> Path:
         path = run_dir / "stages" / folder / "eval.json"
         if path.is_file():
             stage = STAGES.get(raw["kind"]).config.model_validate(raw)
-            refs = _reference_records(run_dir, stage, shown)
-            records += refs
-            keys += [json.loads((run_dir / r["folder"] / "eval.json").read_text()).get("key") for r in refs]
+            for record, key in _reference_records(run_dir, stage, shown):
+                records.append(record)
+                keys.append(key)
             result = json.loads(path.read_text())
             records.append(_record(raw["name"], folder, result["model"], stage, result))
             keys.append(result.get("key"))
             shown.add(result["model"])
     if not records:
         raise ConfigError(f"{run_dir}: no eval.json found; nothing to report")
-    try:
-        settings = EvalConfig.model_validate(cfg.get("eval") or {})
-    except ValueError as e:  # pydantic's ValidationError: one line naming the file
-        raise ConfigError(f"{pipe_file}: eval: {str(e).splitlines()[0]}") from None
+    settings = validated(EvalConfig, cfg.get("eval") or {}, f"{pipe_file}: eval")
     expected = runner.current_eval_settings(settings)
     left_out = not_comparable_rows(records, keys, expected, run_dir)
     if records[0]["name"] == "base" and left_out and left_out[0]["name"] == "base":

@@ -153,8 +153,7 @@ class _Nested(ValueError):
 
 
 def validated(cls: type[BaseModel], data: Any, where: str) -> BaseModel:
-    """`cls.model_validate(data)`, or ConfigError `<where>: <key path>: <problem>` in one line (for config
-    files other than pipelines: eval suites)."""
+    """`cls.model_validate(data)`, or ConfigError `<where>: <key path>: <problem>` in one line."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -382,11 +381,7 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
                           f"`posttrain stage {raw['kind']} --config {where}`")
     for key, value in parse_sets(sets):
         apply_override(raw, key, value, PipelineConfig)
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_format_error(e, PipelineConfig)}") from None
-    return _check_files(cfg, where)
+    return _check_files(validated(PipelineConfig, raw, where), where)
 
 
 def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
@@ -411,21 +406,14 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
             apply_override(pipe, key, value, PipelineConfig)
         else:
             apply_override(stage, key, value, spec.config)
-    try:
-        validated = spec.config.model_validate(stage)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_format_error(e, spec.config)}") from None
-    problem = stage_ref_problem(validated, [], [])  # before PipelineConfig, whose paths start at stages[0]
+    stage_cfg = validated(spec.config, stage, where)
+    problem = stage_ref_problem(stage_cfg, [], [])  # before PipelineConfig, whose paths start at stages[0]
     if problem:
         raise ConfigError(f"{where}: {problem}" + ("; `posttrain stage` runs one stage, so there is none"
                                                    if "names no earlier stage" in problem else ""))
     pipe.setdefault("name", kind)
-    pipe["stages"] = [validated]
-    try:
-        cfg = PipelineConfig.model_validate(pipe)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_format_error(e, PipelineConfig)}") from None
-    return _check_files(cfg, where, prefix="")
+    pipe["stages"] = [stage_cfg]
+    return _check_files(validated(PipelineConfig, pipe, where), where, prefix="")
 
 
 def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:
