@@ -48,9 +48,9 @@ class StageBase(Strict):
     allow_pickle: bool = False
 
     def lineage_input(self) -> str | None:
-        """The model ref this stage builds on, for the report's lineage (its first parent): `model` (None: the
-        previous stage). A stage that builds on another field (a merge's `base:`) returns that one."""
-        return self.model
+        """The model ref this stage builds on, for the report's lineage (its first parent): `builds_on()` when
+        set, else `model` (None: the previous stage)."""
+        return self.builds_on() or self.model
 
     def builds_on(self) -> str | None:
         """The model the stage adds to when that is not its `model:` input (a merge's `base:`, a transfer's
@@ -58,9 +58,9 @@ class StageBase(Strict):
         return None
 
     def reads_input(self) -> bool:
-        """False when the stage never loads its `model:` input (a merge with `base:`), so that a change of
-        the input does not rerun it."""
-        return True
+        """False when the stage never loads its `model:` input (it builds on another field: `builds_on()`), so
+        that a change of the input does not rerun it."""
+        return self.builds_on() is None
 
     def other_inputs(self) -> list[str]:
         """Model refs the stage reads besides `model:` (a merge's models and base, a transfer's sources): the

@@ -43,6 +43,7 @@ from pydantic import Field, field_validator, model_validator
 import posttrain.merge_methods  # noqa: F401  (fills MERGE_METHODS)
 from posttrain import merge_search, merge_stream
 from posttrain.config import ConfigError, Strict
+from posttrain.config_refs import STAGE_REF
 from posttrain.compat import block_of, check_compatible, coefficients_for
 from posttrain.merge_search import Coefficients, SearchConfig
 from posttrain.merge_stream import Scratch
@@ -90,15 +91,13 @@ class MergeStageConfig(StageBase):
     def lineage_input(self) -> str | None:
         """The merge builds on its `base:` when set; else a task-vector method on the stage input and a linear
         average on its first model (the defaults of `base:`)."""
-        if self.base:
-            return self.base
-        return self.models[0].model if self.method == "linear" else self.model
+        return self.builds_on() or (self.models[0].model if self.method == "linear" else self.model)
 
     def builds_on(self) -> str | None:
         return self.base or None
 
     def reads_input(self) -> bool:
-        return not self.base and self.method != "linear"
+        return super().reads_input() and self.method != "linear"
 
     def other_inputs(self) -> list[str]:
         return [m.model for m in self.models] + ([self.base] if self.base else [])
@@ -172,9 +171,7 @@ def _dry_run(fn: Callable, method: str, weights: list[float], params: dict[str, 
 
 def _resolve(ref: str, ctx: StageContext) -> str:
     """A plain ref through ctx.resolve; `${stages.<name>.model}` to that earlier stage's folder in the run dir."""
-    from posttrain.pipeline import _STAGE_REF  # lazy: pipeline imports the stages package
-
-    m = _STAGE_REF.match(ref)
+    m = STAGE_REF.match(ref)
     if not m:
         path = Path(ref).expanduser()
         if (path / "adapter_config.json").is_file():

@@ -80,14 +80,8 @@ class TransferStageConfig(StageBase):
     search: SearchConfig | None = Field(None, description="search λ on a dev split (scope shared or per_block)")
     max_shard_bytes: int = Field(5_000_000_000, gt=0)
 
-    def lineage_input(self) -> str | None:
-        return self.target_base or self.model
-
     def builds_on(self) -> str | None:
         return self.target_base or None
-
-    def reads_input(self) -> bool:
-        return self.target_base is None
 
     def other_inputs(self) -> list[str]:
         return [self.source_base, self.source_finetuned] + ([self.target_base] if self.target_base else [])
