@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from posttrain.registry import did_you_mean
 
-_STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
+# `${stages.<name>.model}`, the one way a stage names an earlier stage's output (the pipeline resolves it).
+STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
 _STAGE_FIELD_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.([A-Za-z0-9_]+)\}$")
 
 
@@ -45,7 +46,7 @@ def stage_ref_problem(stage: Any, earlier: list[str], later: list[str] = (), pre
         if "${" not in value:
             continue
         where = f"{prefix}{dotted(loc)}"
-        m = _STAGE_REF.match(value)
+        m = STAGE_REF.match(value)
         if m is None:
             f = _STAGE_FIELD_REF.match(value)
             hint = f" (did you mean '${{stages.{f.group(1)}.model}}'?)" if f else ""

@@ -35,12 +35,12 @@ from typing import Any, Callable
 import yaml
 
 from posttrain.config import PipelineConfig
+from posttrain.config_refs import STAGE_REF
 from posttrain.models import check_remote_code, check_weights, resolve_model
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import RunDir, atomic_write_text, hash_folder, sha256_file, sha256_json
 from posttrain.stages.base import StageContext
 
-_STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
 _ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -102,7 +102,7 @@ class Pipeline:
             else:
                 prev = self.cfg.stages[i - 1].name
                 return f"stage:{prev}", str(self.outputs[prev] / "model")
-        m = _STAGE_REF.match(ref)
+        m = STAGE_REF.match(ref)
         if m:
             name = m.group(1)
             if name not in self.outputs:
@@ -118,7 +118,7 @@ class Pipeline:
         merge's `base:`), or "base" when that input is the base model (nothing for a model outside the run),
         then every other stage its config names, in order."""
         ref = stage.lineage_input()
-        m = _STAGE_REF.match(ref or "")
+        m = STAGE_REF.match(ref or "")
         if m:
             first = [m.group(1)]
         elif ref is None and i > 0:
@@ -164,7 +164,7 @@ class Pipeline:
         lineage starts at its first model but whose run is compared with the pipeline's base)."""
         first = self.cfg.stages[0]
         ref = first.builds_on() or first.model or "world"
-        return "" if _STAGE_REF.match(ref) else resolve_model(ref, self.log)
+        return "" if STAGE_REF.match(ref) else resolve_model(ref, self.log)
 
     def _dump(self) -> dict:
         return {**self.cfg.model_dump(exclude={"stages"}), "stages": [s.model_dump() for s in self.cfg.stages]}
