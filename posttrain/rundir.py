@@ -161,13 +161,10 @@ class RunDir:
         a mistyped `--set`, interrupted, then the right command again resumes the original checkpoints. An
         attempt without checkpoints holds nothing to keep. All are removed when the stage is done."""
         marker = work / "ATTEMPT.json"
-        if work.exists():
-            old = _read_json(marker)
-            # A marker from before inputs were recorded keeps its folder when the config matches, as it did.
-            same = old.get("config_sha256") == config_hash and old.get("inputs_sha256", inputs_hash) == inputs_hash
-            if same:
-                atomic_write_json(marker, {"config_sha256": config_hash, "inputs_sha256": inputs_hash})
-                return
+        old = _read_json(marker) if work.exists() else {}
+        # A marker from before inputs were recorded keeps its folder when the config matches, as it did.
+        if work.exists() and (old.get("config_sha256") != config_hash
+                              or old.get("inputs_sha256", inputs_hash) != inputs_hash):
             why = "config" if old.get("config_sha256") != config_hash else "inputs"
             if any((work / "checkpoints").glob("checkpoint-*")):
                 aside = _discarded(work, old.get("config_sha256", ""), old.get("inputs_sha256", ""))
@@ -178,7 +175,7 @@ class RunDir:
             else:
                 shutil.rmtree(work)
         kept = _discarded(work, config_hash, inputs_hash)
-        if kept.is_dir():
+        if not work.exists() and kept.is_dir():
             os.replace(kept, work)
             log(f"{work.name}: resuming the attempt set aside earlier for this config and inputs")
         work.mkdir(parents=True, exist_ok=True)
