@@ -26,7 +26,8 @@ from posttrain.rewards import sandbox
 from posttrain.rewards.sandbox import FileFunction
 
 IS_ROOT = os.geteuid() == 0
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__))))
+# The sandbox modules the uid-65534 driver below loads; it needs only the standard library.
+SANDBOX_MODULES = ("namespace", "imports", "sandbox")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
 USER_REWARDS = '''
@@ -305,10 +306,36 @@ def _python_for_nobody() -> str | None:
     return None
 
 
+@pytest.fixture
+def readable_sandbox_modules():
+    """A copy of the sandbox modules in a fresh folder every user may read, for the driver that runs as `nobody`.
+
+    The checkout may sit under a folder only root can enter (a clone under /root, a `mktemp -d`), which the
+    driver could not import from; production never needs that (the sandboxed child gets its code on stdin)."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="posttrain-sandbox-modules-")
+    try:
+        package = os.path.join(root, "posttrain", "rewards")
+        os.makedirs(package)
+        for name in SANDBOX_MODULES:
+            shutil.copyfile(os.path.join(os.path.dirname(sandbox.__file__), f"{name}.py"),
+                            os.path.join(package, f"{name}.py"))
+        for folder, dirs, files in os.walk(root):  # whatever the umask: nobody reads, nobody writes
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @linux_only
 @pytest.mark.parametrize("user, mask_proc", [("root", False), ("non-root", False), ("non-root", True),
                                              ("root", True)])
-def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, namespaces_work, no_strays):
+def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, namespaces_work, no_strays,
+                                                             readable_sandbox_modules):
     """The trainer (the driver) holds a secret in its environment; the reward code scans every readable
     /proc/<pid>/environ. Non-root, the namespace is what hides it: the same scan without one finds it.
     With /proc masked (Docker), the namespace fails: one warning, then the unprotected fallback."""
@@ -320,7 +347,7 @@ def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, nam
     if exe is None:
         pytest.skip("no Python interpreter that uid 65534 may run")
     env = {"PATH": "/usr/bin:/bin", "POSTTRAIN_TEST_SECRET": "hunter2"}
-    done = subprocess.run([exe, "-I", "-c", DRIVER, REPO, no_strays], env=env, cwd="/", capture_output=True,
+    done = subprocess.run([exe, "-I", "-c", DRIVER, readable_sandbox_modules, no_strays], env=env, cwd="/", capture_output=True,
                           preexec_fn=_preexec(mask_proc, IS_ROOT and user == "non-root"), text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
