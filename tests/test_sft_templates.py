@@ -1,5 +1,7 @@
-"""SFT on chat data and the tokenizer's chat template: conversational prompt/completion rows, no template, and a
-template without `{% generation %}` markers (refused before any model loads, naming the setting that fixes it)."""
+"""SFT on chat data and the tokenizer's chat template: conversational prompt/completion rows, no template (refused
+before any model loads), and a template without `{% generation %}` markers that TRL does not know (posttrain marks
+the assistant tokens from the template; a row whose template rewrites an earlier turn is refused, naming the row
+and the turn). Real templates: tests/test_chat_mask.py and tests/test_sft_qwen3.py."""
 import json
 
 import pytest
@@ -12,13 +14,20 @@ from posttrain.pipeline import run_pipeline
 from posttrain.stages.sft import check_chat_template
 from tests.conftest import TINY_SPECIALS, load_tensors, make_tiny_llama, tiny_tokenizer
 
-WORDS = TINY_SPECIALS + ["[", "]", "system", "user", "assistant", "What", "is", "2", "+", "3", "?", "5", "s"]
+WORDS = TINY_SPECIALS + ["[", "]", "system", "user", "assistant", "What", "is", "2", "+", "3", "?", "5", "s", "END",
+                         "final"]
 # The shape of most hub templates: roles and contents, nothing that tells TRL which tokens are the assistant's.
 NO_MARKERS = "{% for m in messages %}[ {{ m['role'] }} ] {{ m['content'] }} <eot>{% endfor %}"
 MARKED = ("{% for m in messages %}[ {{ m['role'] }} ] {% if m['role'] == 'assistant' %}{% generation %}"
           "{{ m['content'] }} <eot>{% endgeneration %}{% else %}{{ m['content'] }} <eot>{% endif %}{% endfor %}")
 PROMPT = [{"role": "system", "content": "s"}, {"role": "user", "content": "What is 2 + 3 ?"}]
 MESSAGES = PROMPT + [{"role": "assistant", "content": "5"}]
+# Words only (the word-level test tokenizer splits "<eot>" into unknown pieces), with a generation prompt.
+PLAIN = ("{% for m in messages %}[ {{ m['role'] }} ] {{ m['content'] }} END {% endfor %}"
+         "{% if add_generation_prompt %}[ assistant ] {% endif %}")
+# ... and one that writes the last assistant turn otherwise ("final 5 END") than an earlier one ("5 END").
+REWRITES = PLAIN.replace("] {{ m['content'] }}",
+                         "] {% if loop.last and m['role'] == 'assistant' %}final {% endif %}{{ m['content'] }}")
 
 
 def _model(tmp_path, template):
@@ -62,10 +71,37 @@ def test_chat_rows_without_a_template_refused_before_the_model_loads(tmp_path, n
         _run(tmp_path, model, _data(tmp_path, {"prompt": PROMPT, "completion": "5"}))
 
 
-def test_template_without_generation_markers_refused_naming_the_setting(tmp_path, no_model_load):
-    model = _model(tmp_path, NO_MARKERS)
-    with pytest.raises(DataError, match=r"generation %\} markers.*set assistant_only_loss: false to train on the whole"):
-        _run(tmp_path, model, _data(tmp_path, {"messages": MESSAGES}))
+def test_template_without_markers_trains_on_assistant_tokens_only(tmp_path, monkeypatch):
+    # Before: refused (exit 2, "need {% generation %} markers"). Now the masks come from the template itself.
+    import trl
+
+    seen = []
+
+    class Recording(trl.SFTTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.train_dataset)
+
+    monkeypatch.setattr(trl, "SFTTrainer", Recording)
+    model = _model(tmp_path, PLAIN)
+    two_turns = MESSAGES + [{"role": "user", "content": "What is 2 + 3 ?"}, {"role": "assistant", "content": "5"}]
+    out = _run(tmp_path, model, _data(tmp_path, {"messages": two_turns}))
+    assert (out / "model.safetensors").is_file()
+    row = seen[0][0]
+    tok = tiny_tokenizer(WORDS)
+    trained = [tok.convert_ids_to_tokens(t) for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained == ["5", "END", "5", "END"]  # both assistant turns and their end word, no header, no prompt
+    assert tok.convert_ids_to_tokens(row["input_ids"]).count("assistant") == 2
+
+
+def test_a_row_whose_template_rewrites_an_earlier_turn_is_refused_naming_row_and_turn(tmp_path, no_model_load):
+    model = _model(tmp_path, REWRITES)
+    data = tmp_path / "d.jsonl"
+    two_turns = MESSAGES + [{"role": "user", "content": "What is 2 + 3 ?"}, {"role": "assistant", "content": "5"}]
+    data.write_text(json.dumps({"messages": MESSAGES}) + "\n" + json.dumps({"messages": two_turns}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl row 2: messages\[2\]: the chat template writes this turn as "
+                                        r"'final 5 END' .*set assistant_only_loss: false"):
+        _run(tmp_path, model, data)
 
 
 def test_template_without_markers_trains_on_the_whole_conversation_when_asked(tmp_path):
@@ -74,14 +110,13 @@ def test_template_without_markers_trains_on_the_whole_conversation_when_asked(tm
     assert (out / "model.safetensors").is_file()
 
 
-def test_check_chat_template_passes_what_trl_can_train():
+def test_check_chat_template_leaves_to_trl_what_trl_can_mark():
     marked, plain = tiny_tokenizer(WORDS, template=MARKED), tiny_tokenizer(WORDS, template=NO_MARKERS)
-    check_chat_template(marked, conversational=True, assistant_only=True)
-    check_chat_template(plain, conversational=True, assistant_only=False)
-    check_chat_template(tiny_tokenizer(WORDS), conversational=False, assistant_only=False)  # plain rows: no template
-    # A template TRL ships a marked copy of (here Qwen2.5's) is patched by SFTTrainer, so it is not refused.
+    assert not check_chat_template(marked, conversational=True, assistant_only=True)
+    assert not check_chat_template(plain, conversational=True, assistant_only=False)
+    assert not check_chat_template(tiny_tokenizer(WORDS), conversational=False, assistant_only=False)  # no template
+    # A template TRL ships a marked copy of (here Qwen2.5's) is patched by SFTTrainer: TRL marks it.
     from trl.chat_template_utils import qwen2_5_chat_template
 
-    check_chat_template(tiny_tokenizer(WORDS, template=qwen2_5_chat_template), conversational=True, assistant_only=True)
-    with pytest.raises(DataError, match="assistant_only_loss: false"):
-        check_chat_template(plain, conversational=True, assistant_only=True)
+    assert not check_chat_template(tiny_tokenizer(WORDS, template=qwen2_5_chat_template), True, True)
+    assert check_chat_template(plain, conversational=True, assistant_only=True)  # any other: posttrain marks it

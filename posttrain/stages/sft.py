@@ -1,15 +1,17 @@
 """Supervised fine-tuning on TRL's SFTTrainer, full or LoRA, with `trainable:` (HFT) applied.
 
-Chat data (`messages`) trains on assistant tokens only (TRL's `assistant_only_loss`, which needs the chat
-template's `{% generation %}` markers); prompt/completion data trains on the completion only (TRL's default),
-conversational or not. Conversational rows need a chat template; without markers, TRL patches the templates it
-knows (Qwen2.5, Llama 3, ...), and for any other template `messages` rows with `assistant_only_loss: true` are
-refused before the model loads (the fix: `assistant_only_loss: false`, or markers in the template).
+Chat data (`messages`) trains on assistant tokens only (`assistant_only_loss: true`); prompt/completion data trains
+on the completion only (TRL's default), conversational or not. Conversational rows need a chat template. Where the
+template has `{% generation %}` markers, or is one TRL ships a marked copy of (Qwen2.5, Llama 3, ...), TRL marks
+the assistant tokens itself; for any other template posttrain marks them from the template (posttrain/chat_mask.py)
+and hands TRL the tokenized rows, refusing before the model loads only a conversation whose template rewrites an
+earlier turn (naming the row and the turn).
 """
 from __future__ import annotations
 
 from pydantic import Field
 
+from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_dataset_rows
 from posttrain.models import load_model, load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
@@ -39,31 +41,28 @@ class SFTStageConfig(TrainableStage):
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
 
 
-def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> None:
-    """Refuse, before any model loads, the chat data this tokenizer's template cannot train on (TRL fails there
-    only after the model has loaded, with a TypeError when there is no template)."""
+def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> bool:
+    """Refuse, before any model loads, chat data without a chat template (TRL fails there only after the model has
+    loaded, with a TypeError). Returns whether posttrain must mark the assistant tokens itself: assistant-only loss
+    on a template that has no `{% generation %}` markers and that TRL has no marked copy of."""
     if not conversational:
-        return
-    name = tokenizer.name_or_path or "the input model"
+        return False
     if not tokenizer.chat_template:
+        name = tokenizer.name_or_path or "the input model"
         raise DataError(f"conversational SFT rows need a tokenizer with a chat template; {name}'s has none")
     if not assistant_only:
-        return
+        return False
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if has_generation_markers(tokenizer.chat_template):
-        return
+        return False
     # SFTTrainer swaps in TRL's own marked copy of a template it knows (get_training_chat_template) and raises
     # ValueError for any other; asking the same function here makes the same decision without the model.
     try:
         get_training_chat_template(tokenizer)
     except ValueError:
-        raise DataError(
-            f"messages rows with assistant_only_loss: true (the default) need {{% generation %}} markers in the chat "
-            f"template, and {name}'s template has none (nor is it one TRL can mark): set assistant_only_loss: false "
-            "to train on the whole conversation, prompts included, or add the markers, or give the rows as "
-            "prompt/completion (loss on the completion only)"
-        ) from None
+        return True
+    return False
 
 
 @stage("sft", SFTStageConfig)
@@ -72,10 +71,13 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     dataset, data_stats = load_dataset_rows(cfg.data, "sft", ctx.log)
     assistant_only = cfg.assistant_only_loss and "messages" in dataset.column_names
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    check_chat_template(tokenizer, is_conversational(dataset), assistant_only)
+    own_masks = check_chat_template(tokenizer, is_conversational(dataset), assistant_only)
+    if own_masks:  # TRL takes tokenized rows as they are and trains on their assistant_masks (-100 labels off them)
+        dataset = mask_conversations(tokenizer, dataset, source_row_names(data_stats))
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
 
-    args = trl_args(SFTConfig, cfg, ctx, assistant_only_loss=assistant_only, packing=False, dataset_num_proc=None)
+    args = trl_args(SFTConfig, cfg, ctx, assistant_only_loss=assistant_only and not own_masks, packing=False,
+                    dataset_num_proc=None)
     model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     model, peft_config, trainable = select_parameters(model, cfg, ctx)
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"]})
