@@ -4,7 +4,6 @@ folder fails in one line instead of going to the hub, and a trainable regex that
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -18,32 +17,12 @@ from posttrain.models import ModelError, cast_saved_weights, resolve_model, save
 from posttrain.pipeline import run_pipeline
 from posttrain.stages.common import eos_ids
 from tests.conftest import make_tiny_llama, tiny_words
+from tests.tiny_archs import headers as _headers
+from tests.tiny_archs import tensor_bytes as _tensor_bytes
 
 # A constant 1e-2 moves every trained tensor by more than bf16's spacing at 1.0 (2**-7), norms included.
 TINY = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2,
         "lr_scheduler_type": "constant", "warmup_steps": 0, "save_steps": 50}
-
-
-def _headers(folder: Path) -> dict[str, dict]:
-    """Every tensor's safetensors header entry (dtype, shape, offsets) of a folder, one file or shards."""
-    out: dict[str, dict] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        raw = f.read_bytes()
-        n = struct.unpack("<Q", raw[:8])[0]
-        out.update({k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"})
-    return out
-
-
-def _tensor_bytes(folder: Path) -> dict[str, bytes]:
-    """name -> the raw stored bytes of each tensor (a byte-identity check, not a value check)."""
-    out: dict[str, bytes] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        raw = f.read_bytes()
-        n = struct.unpack("<Q", raw[:8])[0]
-        for k, v in json.loads(raw[8:8 + n]).items():
-            if k != "__metadata__":
-                out[k] = raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
-    return out
 
 
 def _sft(tmp_path: Path, model: Path, **stage) -> Path:
