@@ -284,7 +284,7 @@ def _eval(args: argparse.Namespace) -> int:
     import posttrain.stages  # noqa: F401  (registers every world model name, world-v2 included)
     from evals.runner import evaluate_model
     from posttrain.config import ConfigError
-    from posttrain.models import ModelError, check_weights, resolve_model
+    from posttrain.models import ModelError, check_remote_code, check_weights, resolve_model
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
@@ -292,6 +292,8 @@ def _eval(args: argparse.Namespace) -> int:
         _check_writable_parent(Path(args.out), "--out")
     model = resolve_model(args.model, _log)  # world names and local folders as stages take them
     check_weights(model, args.allow_pickle, opt_in="pass --allow-pickle")  # as a stage would, for the same folder
+    # lm-eval loads with trust_remote_code off: a folder with its own code loads only where transformers has the class
+    check_remote_code(model, False, _log, opt_in="posttrain eval does not run a model's own code")
     try:
         result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
     except OSError as e:  # transformers could not load it (a hub name not cached here, a broken folder)

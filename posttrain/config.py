@@ -9,9 +9,10 @@ A boolean is never taken for a number (`max_steps: true` is refused, not read as
 
 Checked at load, before any model loads: every `${...}` in a stage's config must be exactly
 `${stages.<name of an earlier stage>.model}`; a model reference must not be empty, and one that is an explicit
-local path (`/`, `./`, `../`, `~`) must exist, as must a bare name (no `/`): it can only be a world model or a
-local folder; a `dir/name` whose `dir/` is a local folder must exist too unless the hub cache holds it (the rule
-`resolve_model` applies; an `org/name` with no local `org/` is a hub name, never looked up here). A data source
+local path (`/`, `./`, `../`, `~`) must exist; a bare name (no `/`) that is no world model or local folder is a
+hub name (`gpt2`) unless it is a typo of a world model's (`wrold`); a `dir/name` whose `dir/` is a local folder
+must exist too unless the hub cache holds it (the rules `resolve_model` applies; an `org/name` with no local
+`org/` is a hub name, never looked up here). A data source
 must not be a missing data file, a folder or a bare name close to a world task (`data.source_problem`).
 Unnamed stages are named by `stage_names` (the kind, then kind<i>, skipping names the user gave), for the run
 and for `--set`.

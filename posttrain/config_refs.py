@@ -1,7 +1,7 @@
 """Model references in stage configs, checked when a config loads (posttrain.config), before any stage runs:
 every `${...}` must be `${stages.<an earlier stage>.model}`, and a model reference must be able to exist (not
-empty, not a missing explicit path, not an unknown bare name, not a mistyped `dir/name`). The checks read names,
-the filesystem and the hub cache only: they build no world model and ask no hub.
+empty, not a missing explicit path, not a typo of a world model's name, not a mistyped `dir/name`). The checks
+read names, the filesystem and the hub cache only: they build no world model and ask no hub.
 """
 from __future__ import annotations
 
@@ -66,11 +66,12 @@ def stage_ref_problem(stage: Any, earlier: list[str], later: list[str] = (), pre
 
 def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
     """The one-line problem with a model reference of `stage` (`model` and `other_inputs()`) that cannot exist:
-    an empty one, an explicit local path (`/`, `./`, `../`, `~`) that is missing, a bare name (no `/`) that is
-    neither a world model nor a local folder, or a `dir/name` whose `dir/` is a local folder without `name` (and,
-    for `org/name`, no such model in the hub cache: `models.mistyped_folder`, the rule `resolve_model` applies).
-    Checks names, the filesystem and the hub cache only: builds no world model, asks no hub."""
-    from posttrain.models import WORLD_MODELS, mistyped_folder
+    an empty one, an explicit local path (`/`, `./`, `../`, `~`) that is missing, a bare name (no `/`) that is a
+    typo of a world model's or no hub name (`models.bare_name_problem`), or a `dir/name` whose `dir/` is a local
+    folder without `name` (and, for `org/name`, no such model in the hub cache: `models.mistyped_folder`); the
+    rules `resolve_model` applies. Checks names, the filesystem and the hub cache only: builds no world model,
+    asks no hub."""
+    from posttrain.models import bare_name_problem, mistyped_folder
 
     empty = _empty_model_ref(stage)
     if empty is not None:
@@ -87,11 +88,8 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
             parent = path.parent
             hint = did_you_mean(path.name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
             problem = f"model {ref!r} is not a folder (no such path){hint}"
-        elif "/" not in ref and ref not in WORLD_MODELS:
-            problem = (f"model {ref!r} is not a folder, a world model{did_you_mean(ref, WORLD_MODELS.names())} "
-                       "or a hub name (org/name)")
         else:
-            problem = mistyped_folder(ref)
+            problem = mistyped_folder(ref) or bare_name_problem(ref)
             if problem is None:
                 continue
         dumped = dumped if dumped is not None else list(_strings(stage.model_dump()))

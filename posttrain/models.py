@@ -1,9 +1,15 @@
 """Load and save Hugging Face model folders: safetensors only unless pickle is allowed, tokenizer, dtype.
 
 A model reference is one of: `world` (the embedded base), a named world model registered in WORLD_MODELS
-(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, loaded by
-transformers from its cache; offline machines need it cached already). An `org/name` whose `org/` is a local
-folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder.
+(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`;
+loaded by transformers from its cache; offline machines need it cached already). An `org/name` whose `org/` is
+a local folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder. A bare
+name that starts with `world` or is close to a world model's name (`wrold`) is a typo of it unless the hub
+cache holds it.
+
+A folder whose config names its own code (`auto_map`) loads only with `trust_remote_code`, except when its
+`model_type` is one transformers has (Phi-3 as released): then transformers' own class loads it, as
+transformers itself does with `trust_remote_code` off, and the output's config no longer names the code.
 
 A trained stage writes its model in the dtype its input is stored in (`saved_dtype`), whatever dtype it trained
 in, so a fine-tune stays comparable tensor by tensor with its base.
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,17 +61,42 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
-    problem = mistyped_folder(ref)
+    problem = mistyped_folder(ref) or bare_name_problem(ref)
     if problem:
         raise ModelError(problem)
     if _hub_shaped(ref):
         return ref  # a hub name
-    hint = did_you_mean(ref, WORLD_MODELS.names())
-    raise ModelError(f"model {ref!r} is not a folder, a world model{hint} or a hub name (org/name)")
+    raise ModelError(f"model {ref!r} is not a folder, a world model or a hub name (org/name or name)")
 
 
 def _hub_shaped(ref: str) -> bool:
-    return not ref.startswith(("world", ".", "/", "~")) and ref.count("/") == 1
+    return not ref.startswith(("world", ".", "/", "~")) and ref.count("/") <= 1 and _valid_repo_id(ref)
+
+
+def _valid_repo_id(ref: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
+def bare_name_problem(ref: str) -> str | None:
+    """The one-line reason a bare name (no `/`) that is neither a world model nor a local folder cannot be a hub
+    name, or None. `gpt2` is a hub name. Names starting with `world` belong to the world, so `world-sftt` is a
+    typo; so is a name close to a world model's (`wrold`, the did-you-mean) unless the hub cache holds a model of
+    that name. A name the hub does not allow (`my model`) is nothing. The rule `resolve_model` applies; the
+    config check runs it at load. Reads names, the filesystem and the hub cache only, never the network."""
+    if "/" in ref or ref in WORLD_MODELS or Path(ref).expanduser().exists():
+        return None
+    hint = did_you_mean(ref, WORLD_MODELS.names())
+    if ref.startswith("world") or (hint and hub_cache_folder(ref) is None):
+        return f"model {ref!r} is not a folder, a world model{hint} or a hub model cached here"
+    if not _hub_shaped(ref):
+        return f"model {ref!r} is not a folder, a world model or a hub name (org/name or name)"
+    return None
 
 
 def mistyped_folder(ref: str) -> str | None:
@@ -111,30 +143,81 @@ def check_weights(folder: str, allow_pickle: bool, opt_in: str = "set allow_pick
         raise ModelError(f"{path}: no weights found (*.safetensors)")
 
 
-def check_remote_code(folder: str, trust_remote_code: bool) -> None:
-    """Refuse a folder whose config names its own Python code (`auto_map`) unless the config opts in."""
-    path = Path(folder)
-    if trust_remote_code or not path.is_dir():
-        return  # hub names: transformers refuses remote code itself while trust_remote_code is off
+def check_remote_code(folder: str, trust_remote_code: bool, log: Callable[[str], None] | None = None,
+                      opt_in: str = "set trust_remote_code: true in the stage config if you trust it") -> bool:
+    """Refuse a folder whose config names its own Python code (`auto_map`) unless the caller opted in (`opt_in`
+    says how), except where transformers has the class itself: a config.json whose `model_type` it knows (with
+    a causal-LM class), a tokenizer_config.json whose `tokenizer_class` it has. Such a folder (Phi-3 as
+    released) loads with transformers' class, as transformers itself loads it with trust_remote_code off, and
+    `log` (default: stderr) says so once per folder. Returns True then: `load_model` and `load_tokenizer` drop the
+    auto_map, so an output does not name code it does not carry. A hub name is read from the hub cache; one not
+    cached is left to transformers, which refuses remote code itself while trust_remote_code is off."""
+    path = Path(folder) if Path(folder).is_dir() else hub_cache_folder(folder)
+    if trust_remote_code or path is None:
+        return False
+    native = []
     for name in ("config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((path / name).read_text()).get("auto_map")
-        except (OSError, ValueError, AttributeError):
+        auto_map = _read_json(path / name).get("auto_map")
+        if not auto_map:
             continue
-        if auto_map:
+        own = _transformers_class(path, name, auto_map)
+        if own is None:
             refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
             modules = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in refs})
-            raise ModelError(
-                f"{path}: {name} names the model's own code ({', '.join(modules) or 'auto_map'}), which runs when "
-                "loaded; set trust_remote_code: true in the stage config if you trust it"
-            )
+            raise ModelError(f"{path}: {name} names the model's own code ({', '.join(modules) or 'auto_map'}), "
+                             f"which runs when loaded; {opt_in}")
+        native.append(f"{own} for {name}")
+    if native and str(path) not in _NATIVE_NOTED:
+        _NATIVE_NOTED.add(str(path))
+        (log or _stderr)(f"{path}: its auto_map names the model's own code, which transformers has built in: "
+                         f"loading {', '.join(native)}, not the folder's code")
+    return bool(native)
+
+
+_NATIVE_NOTED: set[str] = set()  # folders check_remote_code has logged as loaded with transformers' classes
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _transformers_class(folder: Path, name: str, auto_map: dict) -> str | None:
+    """The name of transformers' own class for what `name`'s auto_map points at, or None when it has none.
+    Asked as transformers' Auto classes ask it (`has_local_code`): the config's model_type in CONFIG_MAPPING, the
+    tokenizer config's tokenizer_class a class of transformers. A config.json auto_map that also names a
+    tokenizer needs the tokenizer config's class too."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if name == "config.json":
+        model_type = _read_json(folder / name).get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            return None
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map \
+                and _transformers_class(folder, "tokenizer_config.json", {}) is None:
+            return None
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    tokenizer_class = _read_json(folder / name).get("tokenizer_class")
+    found = tokenizer_class_from_name(tokenizer_class) if isinstance(tokenizer_class, str) else None
+    return found.__name__ if found is not None and found.__module__.startswith("transformers.") else None
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    check_remote_code(ref, trust_remote_code)
+    native = check_remote_code(ref, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    if native:
+        tok.init_kwargs.pop("auto_map", None)  # else save_pretrained writes it back into tokenizer_config.json
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # as TRL does when a tokenizer has no pad token
     return tok
@@ -149,10 +232,15 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
     against that base (both refuse a dtype difference between a base and its fine-tune).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights(ref, allow_pickle)
-    check_remote_code(ref, trust_remote_code)
+    extra: dict[str, Any] = {}
+    if check_remote_code(ref, trust_remote_code):
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
+        if hasattr(config, "auto_map"):
+            del config.auto_map  # save_pretrained would write it into the output, which has no code to load
+        extra["config"] = config
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     return AutoModelForCausalLM.from_pretrained(
@@ -160,6 +248,7 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
         dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
+        **extra,
     )
 
 

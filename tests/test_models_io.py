@@ -4,6 +4,7 @@ folder fails in one line instead of going to the hub, and a trainable regex that
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,37 @@ def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
     assert resolve_model("models/cached") == "models/cached"  # a local models/ too, but the hub has it cached
     make_tiny_llama(snapshot, dtype=torch.bfloat16, tokenizer=False)
     assert saved_dtype("models/cached") == "bfloat16"  # and its dtype is read from the cache
+
+
+def test_bare_hub_names_resolve_and_train_from_the_hub_cache(tmp_path, monkeypatch):
+    """`gpt2` is a hub name: offline, with the model in the hub cache, a stage trains from it. A typo of a world
+    model's name (`wrold`) or a name in the world's namespace is still refused, at load, with the did-you-mean,
+    and so is a name the hub does not allow."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_archs import make_tiny
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    make_tiny("gpt2", _cache_hub_model(tmp_path / "hub", "gpt2"))
+    assert resolve_model("gpt2") == "gpt2"
+    run_dir = tmp_path / "run"
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
+        {"kind": "sft", "model": "gpt2", "data": [{"source": "arithmetic", "limit": 4}], "trainer": TINY}]})
+    run_pipeline(cfg, run_dir, lambda m: None)
+    out = run_dir / "stages" / "01_sft" / "model"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
+    for ref, hint in (("wrold", " (did you mean 'world'"), ("world-sftt", " (did you mean 'world-sft'")):
+        with pytest.raises(ModelError, match=rf"^model '{ref}' is not a folder, a world model{re.escape(hint)}"):
+            resolve_model(ref, log=lambda m: None)
+        with pytest.raises(ConfigError, match=rf"stages\[0\]\.model: model '{ref}' is not a folder, a world model"):
+            load_pipeline(None, data={"stages": [{"kind": "sft", "model": ref}]})
+    with pytest.raises(ModelError, match=r"^model 'my model' is not a folder, a world model or a hub name"):
+        resolve_model("my model", log=lambda m: None)
+    _cache_hub_model(tmp_path / "hub", "wrold")  # a hub model of that name, downloaded: it is one
+    assert resolve_model("wrold") == "wrold"
 
 
 # ---- a trainable regex that matches nothing is a config error (exit 2) --------------------------------------------

@@ -118,3 +118,65 @@ def test_base_eval_does_not_load_an_untrusted_model_first(kind, pickle_model, re
     cfg = load_pipeline(None, data={"eval": {"limit": 1}, "stages": [{"kind": "sft", "model": str(model)}]})
     with pytest.raises(ModelError, match="allow_pickle: true" if kind == "pickle" else "trust_remote_code: true"):
         run_pipeline(cfg, tmp_path / "run", lambda m: None)  # Loaded (the eval ran first) fails the test
+
+
+# ---- a model_type transformers has: its auto_map is set aside, transformers' class loads it ----------------------
+
+@pytest.fixture
+def phi3_as_released(tmp_path):
+    """A tiny Phi-3 whose config.json names its own code (`auto_map`), as microsoft/Phi-3-mini-4k-instruct's
+    does; the named modeling file leaves a marker behind if Python ever imports it."""
+    from tests.tiny_archs import make_tiny
+
+    out = make_tiny("phi3", tmp_path / "phi3")
+    marker = tmp_path / "modeling_phi3.ran"
+    (out / "modeling_phi3.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (out / "configuration_phi3.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config",
+                          "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    (out / "config.json").write_text(json.dumps(config))
+    return out, marker
+
+
+def test_auto_map_of_a_model_type_transformers_has_loads_its_own_class(phi3_as_released, tmp_path, capsys):
+    folder, marker = phi3_as_released
+    code, err = cli_here(capsys, "stage", "sft", "--run-dir", str(tmp_path / "run"), "--set", "eval.enabled=false",
+                         "--set", f"model={folder}", "--set", "data=[{source: arithmetic, limit: 4}]",
+                         "--set", "trainer.max_steps=1", "--set", "trainer.per_device_train_batch_size=4")
+    assert code == 0, err[-2000:]
+    notes = [line for line in err.splitlines() if "its auto_map names" in line]
+    assert len(notes) == 1 and "Phi3ForCausalLM for config.json" in notes[0], notes  # logged once, not per load
+    assert not marker.exists()  # the folder's code never ran
+    out = tmp_path / "run" / "stages" / "01_sft" / "model"
+    assert "auto_map" not in json.loads((out / "config.json").read_text())  # the output carries no code to name
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)).__name__ == "Phi3ForCausalLM"
+
+
+def test_tokenizer_auto_map_is_set_aside_only_for_a_tokenizer_class_transformers_has(phi3_as_released):
+    folder, _ = phi3_as_released
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    path.write_text(json.dumps(config))  # tokenizer_class: the world's TokenizersBackend, transformers' own
+    tok = load_tokenizer(str(folder))
+    assert "auto_map" not in tok.init_kwargs  # so the stage's output tokenizer names no code either
+    path.write_text(json.dumps({**config, "tokenizer_class": "XTokenizer"}))
+    with pytest.raises(ModelError, match=r"tokenizer_config.json names the model's own code \(tokenization_x.py\)"):
+        load_tokenizer(str(folder))
+
+
+def test_posttrain_eval_follows_the_same_rule(phi3_as_released, remote_code_model, monkeypatch, capsys):
+    import evals.runner
+
+    seen = []
+    monkeypatch.setattr(evals.runner, "evaluate_model", lambda model, **kw: seen.append(model) or {"scores": {}})
+    code, err = cli_here(capsys, "eval", str(remote_code_model[0]))
+    assert code == 2 and error_lines(err) == [
+        f"error: {remote_code_model[0]}: config.json names the model's own code (modeling_x.py), which runs when "
+        "loaded; posttrain eval does not run a model's own code"]
+    assert not seen and not remote_code_model[1].exists()
+    code, err = cli_here(capsys, "eval", str(phi3_as_released[0]))
+    assert code == 0 and seen == [str(phi3_as_released[0].resolve())] and "Phi3ForCausalLM" in err
