@@ -27,25 +27,27 @@ TRAINER = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
 SPREAD = "def spread(completions, **kwargs):\n    return [float(i % 2) for i in range(len(completions))]\n"
 
 
-def _stages(base: Path, reward: Path) -> dict[str, dict]:
-    """cell -> its stage config. Trainable cells start from the base; the merges and the transfer combine the
-    sft outputs with it, as a real recipe would."""
+def _stage(cell: str, base: Path, reward: Path, out) -> dict:
+    """The stage config of `cell`; `out(cell)` is another cell's model folder. Trainable cells start from the
+    base; the merges and the transfer combine the sft outputs with it, as a real recipe would."""
     sft = {"kind": "sft", "model": str(base), "data": [{"source": "arithmetic", "limit": 8}], "trainer": TRAINER}
-    return {
-        "sft": sft,
-        "sft_hft": {**sft, "trainable": {"mode": "hft", "seed": 0}},
-        "sft_lora": {**sft, "lora": {"r": 2, "alpha": 4}},
-        "dpo": {"kind": "dpo", "model": str(base), "data": [{"source": "style", "limit": 8}], "trainer": TRAINER},
-        "grpo": {"kind": "grpo", "model": str(base), "data": [{"source": "verifiable", "limit": 8}],
-                 "rewards": [{"name": f"{reward}:spread"}], "num_generations": 2, "max_completion_length": 4,
-                 "trainer": {**TRAINER, "max_length": None}},
-        "merge_ta": {"kind": "merge", "method": "task_arithmetic", "base": str(base),
-                     "models": [{"model": "@sft", "weight": 0.5}, {"model": "@sft_hft", "weight": 0.5}]},
-        "merge_ties": {"kind": "merge", "method": "ties", "base": str(base),
-                       "models": [{"model": "@sft", "weight": 1.0}, {"model": "@sft_hft", "weight": 1.0}]},
-        "transfer": {"kind": "transfer", "model": "@sft_lora", "source_base": str(base),
-                     "source_finetuned": "@sft"},
+    stages = {
+        "sft": lambda: sft,
+        "sft_hft": lambda: {**sft, "trainable": {"mode": "hft", "seed": 0}},
+        "sft_lora": lambda: {**sft, "lora": {"r": 2, "alpha": 4}},
+        "dpo": lambda: {"kind": "dpo", "model": str(base), "data": [{"source": "style", "limit": 8}],
+                        "trainer": TRAINER},
+        "grpo": lambda: {"kind": "grpo", "model": str(base), "data": [{"source": "verifiable", "limit": 8}],
+                         "rewards": [{"name": f"{reward}:spread"}], "num_generations": 2,
+                         "max_completion_length": 4, "trainer": {**TRAINER, "max_length": None}},
+        "merge_ta": lambda: {"kind": "merge", "method": "task_arithmetic", "base": str(base), "models": [
+            {"model": str(out("sft")), "weight": 0.5}, {"model": str(out("sft_hft")), "weight": 0.5}]},
+        "merge_ties": lambda: {"kind": "merge", "method": "ties", "base": str(base), "models": [
+            {"model": str(out("sft")), "weight": 1.0}, {"model": str(out("sft_hft")), "weight": 1.0}]},
+        "transfer": lambda: {"kind": "transfer", "model": str(out("sft_lora")), "source_base": str(base),
+                             "source_finetuned": str(out("sft"))},
     }
+    return stages[cell]()
 
 
 CELLS = ["sft", "sft_hft", "sft_lora", "dpo", "grpo", "merge_ta", "merge_ties", "transfer", "eval"]
@@ -63,7 +65,7 @@ class ArchRuns:
         self.reward = root / "spread.py"
         self.reward.write_text(SPREAD)
         self.bases: dict[str, Path] = {}
-        self.done: dict[tuple[str, str], Path | BaseException] = {}
+        self.done: dict[tuple[str, str], Path | Exception] = {}
 
     def base(self, arch: str) -> Path:
         if arch not in self.bases:
@@ -75,30 +77,18 @@ class ArchRuns:
         if key not in self.done:
             try:
                 self.done[key] = self._run(arch, cell)
-            except BaseException as e:  # noqa: BLE001 (kept and raised again for every cell that needs it)
+            except Exception as e:  # kept, and raised again for every cell that needs this output
                 self.done[key] = e
-        if isinstance(self.done[key], BaseException):
+        if isinstance(self.done[key], Exception):
             raise self.done[key]
         return self.done[key]
 
     def _run(self, arch: str, cell: str) -> Path:
-        stage = json.loads(json.dumps(_stages(self.base(arch), self.reward)[cell]))
-        for holder, key in _refs(stage):  # "@sft": the model folder the sft cell wrote
-            holder[key] = str(self.output(arch, holder[key][1:]))
+        stage = _stage(cell, self.base(arch), self.reward, lambda other: self.output(arch, other))
         cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [{"name": cell, **stage}]})
         run_dir = self.root / arch / cell
         run_pipeline(cfg, run_dir, lambda m: None)
         return run_dir / "stages" / f"01_{cell}" / "model"
-
-
-def _refs(stage: dict):
-    if isinstance(stage.get("model"), str) and stage["model"].startswith("@"):
-        yield stage, "model"
-    for key in ("source_finetuned",):
-        if stage.get(key, "").startswith("@"):
-            yield stage, key
-    for entry in stage.get("models", []):
-        yield entry, "model"
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +155,7 @@ def _check_loads_like(base: Path, out: Path) -> None:
 
     want, got = headers(base), headers(out)
     assert sorted(got) == sorted(want)
-    layout = lambda h: {k: (v["dtype"], v["shape"]) for k, v in h.items()}  # noqa: E731
-    assert layout(got) == layout(want)
+    assert _layout(got) == _layout(want)
     cfg_in, cfg_out = (json.loads((f / "config.json").read_text()) for f in (base, out))
     for key in ("model_type", "architectures", "tie_word_embeddings", "vocab_size"):
         assert cfg_out.get(key) == cfg_in.get(key), key
@@ -176,6 +165,10 @@ def _check_loads_like(base: Path, out: Path) -> None:
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert tied == bool(cfg_in.get("tie_word_embeddings")), "the embedding tie changed"
     assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def _layout(heads: dict[str, dict]) -> dict[str, tuple]:
+    return {k: (v["dtype"], v["shape"]) for k, v in heads.items()}
 
 
 def _check_frozen_bit_identical(trainable_json: Path, sources: dict[str, set[str]], before: dict, after: dict):
