@@ -105,17 +105,25 @@ def test_new_stage_or_seed_redraws_the_mask():
     assert select_trainable(names, TrainableConfig(mode="hft", seed=8), stage_index=0) != base
 
 
-def test_hft_gpt2_one_of_two_per_kind_and_tied_head():
+def test_hft_gpt2_two_of_q_k_v_o_one_of_two_mlp_and_tied_head():
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from posttrain.hft_layouts import model_info
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=4, n_head=2, vocab_size=50, n_positions=32,
                                        bos_token_id=0, eos_token_id=0))
-    names = [n for n, _ in model.named_parameters()]
-    mask = select_trainable(names, HFT, stage_index=0)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    mask = select_trainable(shapes, HFT, stage_index=0, info=model_info(model))
     for b in range(4):
-        for kind in ("attn", "mlp"):
-            on = {m[1] for n, v in mask.items() if v and (m := re.search(rf"\.h\.{b}\.{kind}\.(\w+)\.", n))}
-            assert len(on) == 1
+        mlp = {m[1] for n, v in mask.items() if v and (m := re.search(rf"\.h\.{b}\.mlp\.(\w+)\.", n))}
+        assert len(mlp) == 1
+        # c_attn's q, k, v (16 columns each of its [16, 48] weight) and c_proj: 2 of these 4 units train.
+        # (2 of 4 always holds one or two of q, k, v, so c_attn is always partly trained.)
+        c_attn = mask[f"transformer.h.{b}.attn.c_attn.weight"]
+        columns = {c for a, z in c_attn.spans for c in range(a, z)}
+        parts = {c // 16 for c in columns}
+        assert c_attn.dim == 1 and len(columns) == 16 * len(parts)  # whole thirds of the columns
+        assert len(parts) + mask[f"transformer.h.{b}.attn.c_proj.weight"] == 2
     # wte is also the (tied) lm_head: frozen with the embeddings; wpe frozen; ln_* trained.
     assert not mask["transformer.wte.weight"] and not mask["transformer.wpe.weight"]
     assert mask["transformer.ln_f.weight"] and mask["transformer.h.0.ln_1.bias"]
@@ -243,7 +251,7 @@ def test_lora_adapters_counts_what_peft_adds_without_touching_the_model_or_the_s
     before = {n: p.clone() for n, p in model.named_parameters()}
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets)
     given, rng = copy.deepcopy(cfg.target_modules), torch.random.get_rng_state()
-    modules, count = lora_adapters(model, cfg)
+    modules, parameters, count = lora_adapters(model, cfg)
     assert torch.equal(torch.random.get_rng_state(), rng) and cfg.target_modules == given
     assert dict(model.named_parameters()).keys() == before.keys()  # no adapter injected into the model
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -252,3 +260,4 @@ def test_lora_adapters_counts_what_peft_adds_without_touching_the_model_or_the_s
     assert count == sum(adapters.values()) > 0
     assert modules == sorted({n.split(".lora_")[0].removeprefix("base_model.model.") for n in adapters})
     assert "lm_head" not in modules and len(modules) == (3 * 7 if targets == "all-linear" else 3 + 1)
+    assert parameters == []  # a dense model: no expert tensors

@@ -18,10 +18,11 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from posttrain.config import ConfigError, Strict
-from posttrain.hft import TrainableConfig, apply_trainable, lora_target_modules, write_trainable_json
+from posttrain.hft import TrainableConfig, frozen_slices
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
+from posttrain.stages.selection import lora_adapters, select_parameters  # noqa: F401 (the stages import them here)
 
 
 class TrainerConfig(Strict):
@@ -47,12 +48,18 @@ class TrainerConfig(Strict):
 
 
 class LoraSpec(Strict):
-    """LoRA via peft (Hu et al. 2021). The stage writes the adapter and a merged HF folder as model/."""
+    """LoRA via peft (Hu et al. 2021). The stage writes the adapter and a merged HF folder as model/.
+
+    `target_parameters` (peft's): parameters adapted directly, for the routed experts of an MoE model, which
+    transformers stores as 3-D tensors that no `target_modules` entry reaches. None: the expert tensors when
+    `target_modules` is `all-linear`, none otherwise; [] adapts no expert.
+    """
 
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+    target_parameters: list[str] | None = None
 
 
 class TrainableStage(StageBase):
@@ -212,70 +219,6 @@ def drop_checkpoints_from(folder: Path, step: int) -> str | None:
     return f"checkpoint-{max(left)}" if left else None
 
 
-def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
-    """Apply `trainable:` (HFT / patterns) and LoRA; returns (model, peft_config or None, summary).
-
-    The summary (also written as the stage's trainable.json, and whose "trained" the stages log as
-    `trained_params`) says what the stage really trains. Without LoRA it is `apply_trainable`'s. With LoRA only
-    the adapters train (TRL wraps the model with `peft_config`; peft freezes every base weight), so "trained"
-    counts adapter elements, "frozen" every base element, "parameters" marks every base parameter false, and
-    "lora" = {"r", "alpha", "modules": the base modules carrying adapters, "adapter_params"}. With a
-    `trainable:` mode other than `all`, the modules are the attention/MLP projections it selects; its other
-    choices (norms, embeddings, lm_head) do not apply. model/ is the merged model, so the weights of the
-    modules in "lora" differ from the input's although they did not train.
-    """
-    names = [n for n, _ in model.named_parameters()]
-    summary = apply_trainable(model, stage.trainable, ctx.index)
-    peft_config = None
-    if stage.lora is not None:
-        from peft import LoraConfig
-
-        targets: Any = stage.lora.target_modules
-        if stage.trainable.mode != "all":
-            targets = lora_target_modules(names, summary["parameters"])
-            if not targets:
-                raise ConfigError("trainable: selects no attention or MLP module to put LoRA adapters on")
-        peft_config = LoraConfig(
-            r=stage.lora.r,
-            lora_alpha=stage.lora.alpha,
-            lora_dropout=stage.lora.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        modules, adapter_params = lora_adapters(model, peft_config)
-        summary.update(
-            trained=adapter_params,
-            frozen=summary["trained"] + summary["frozen"],
-            parameters=dict.fromkeys(summary["parameters"], False),
-            lora={"r": stage.lora.r, "alpha": stage.lora.alpha, "modules": modules, "adapter_params": adapter_params},
-        )
-    from posttrain.distributed import is_main
-
-    if is_main():  # under accelerate launch every rank selects the same parameters; one writes them down
-        write_trainable_json(summary, ctx.work_dir / "trainable.json")
-    return model, peft_config, summary
-
-
-def lora_adapters(model: Any, peft_config: Any) -> tuple[list[str], int]:
-    """(module paths, element count) of the LoRA adapters the trainer's `get_peft_model` will add to `model`.
-
-    peft itself decides, on an empty copy of the model built on the meta device (no memory, no weights), so
-    `all-linear`, suffix matching and each layer type's adapter shapes are peft's own. The config is copied
-    because peft rewrites `all-linear` into module names in place; fork_rng keeps torch's generator where it
-    was, so that the trainer's adapter initialisation draws the same numbers as without this count.
-    """
-    import copy
-
-    import torch
-    from peft import get_peft_model
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        shell = get_peft_model(type(model)(model.config), copy.deepcopy(peft_config))
-    adapters = {n: p.numel() for n, p in shell.named_parameters() if ".lora_" in n}
-    modules = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in adapters}
-    return sorted(modules), sum(adapters.values())
-
-
 def last_checkpoint(ctx: StageContext) -> str | None:
     """The newest complete checkpoint: transformers writes trainer_state.json last, so a checkpoint folder
     without it was cut short (kill -9, full disk) and is skipped. (transformers' get_last_checkpoint takes the
@@ -303,6 +246,11 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     if sharded and lora:
         raise ConfigError("LoRA under FSDP/DeepSpeed: the adapter cannot be merged from shards; use DDP for LoRA")
+    guard = frozen_slices(trainer.model)  # HFT's partly trained tensors (fused projections, experts)
+    if guard and sharded:
+        raise ConfigError("trainable: hft splits fused or expert tensors, which FSDP/DeepSpeed shard flat; use DDP")
+    if guard:
+        trainer.add_callback(guard.callback())  # restores the frozen parts after every optimizer step
     resume = last_checkpoint(ctx)
     if resume:
         ctx.log(f"resuming from {resume}")
