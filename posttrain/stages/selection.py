@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import ConfigError
-from posttrain.hft import apply_trainable, lora_targets, write_trainable_json
+from posttrain.hft import apply_trainable, frozen_slices, lora_targets, write_trainable_json
 from posttrain.hft_layouts import is_expert_tensor, router_names
 from posttrain.stages.base import StageContext
 
@@ -24,12 +24,16 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
     `apply_trainable`'s. With LoRA only the adapters train (TRL wraps the model with `peft_config`; peft
     freezes every base weight), so "trained" counts adapter elements, "frozen" every base element,
     "parameters" marks every base parameter false, "blocks" (base shares) is dropped, and "lora" = {"r",
-    "alpha", "modules", "parameters" (expert tensors adapted through target_parameters), "adapter_params"}.
+    "alpha", "modules", "parameters" (adapted through peft's target_parameters: MoE experts, routers),
+    "adapter_params"}.
     model/ is the merged model, so the adapted weights differ from the input's although they did not train.
     """
     summary = apply_trainable(model, stage.trainable, ctx.index)
     peft_config = None
     if stage.lora is not None:
+        guard = frozen_slices(model)
+        if guard:  # peft freezes every base weight: HFT's partial masks have nothing left to guard
+            guard.remove()
         peft_config = lora_config(model, stage, summary["parameters"], summary["warnings"])
         modules, parameters, adapter_params = lora_adapters(model, peft_config)
         summary.pop("blocks")
@@ -94,8 +98,9 @@ def moe_linear_parameters(model: Any) -> list[str]:
     import torch
 
     names = [n for n, _ in model.named_parameters()]
-    linear = {n for n in router_names(names) if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Linear)}
-    return sorted(n for n in names if is_expert_tensor(n) or n in router_names(names) - linear)
+    routers = {n for n in router_names(names)  # Qwen2-MoE's shared_expert_gate is an nn.Linear: all-linear has it
+               if not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Linear)}
+    return sorted(n for n in names if is_expert_tensor(n) or n in routers)
 
 
 def lora_adapters(model: Any, peft_config: Any) -> tuple[list[str], list[str], int]:
@@ -117,7 +122,8 @@ def lora_adapters(model: Any, peft_config: Any) -> tuple[list[str], list[str], i
         try:
             shell = get_peft_model(type(model)(model.config), copy.deepcopy(peft_config))
         except ValueError as err:  # e.g. dropout on experts peft's compatibility layer adds itself (Mixtral)
-            raise ConfigError(_NO_DROPOUT if "lora_dropout" in str(err) else f"lora: peft refuses the targets: {err}")
+            raise ConfigError(_NO_DROPOUT if "lora_dropout" in str(err)
+                              else f"lora: peft refuses the targets: {err}") from None
     count = sum(p.numel() for n, p in shell.named_parameters() if ".lora_" in n)
     modules: set[str] = set()
     parameters: set[str] = set()
