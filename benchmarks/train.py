@@ -29,11 +29,10 @@ KIND_ARGS = {
 
 
 def world_trainer(kind: str, steps: int) -> dict[str, Any]:
-    """The stage's own default trainer block (its world tuning: read from the config class, never copied)."""
-    import posttrain.stages  # noqa: F401  (registers the kinds)
-    from posttrain.registry import STAGES
+    """The world's trainer block for the stage kind (posttrain/world/tuning.py: read, never copied)."""
+    from posttrain.world.tuning import world_trainer as tuned
 
-    return {**STAGES.get(kind).config().trainer.model_dump(), "max_steps": steps}
+    return tuned(kind, max_steps=steps)
 
 
 def plain_args(kind: str, steps: int) -> dict[str, Any]:
@@ -68,7 +67,10 @@ def args_differences(kind: str, stage: dict[str, Any], plain: dict[str, Any], wo
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = STAGES.get(kind).config.model_validate(stage)
     ctx = StageContext(run_dir=work, work_dir=work, index=1, seed=0, input_model=stage["model"], resolve=str)
-    ours = trl_args(cls, cfg, ctx, **KIND_ARGS[kind]).to_dict()
+    kind_args = dict(KIND_ARGS[kind])
+    if kind == "dpo":  # the losses the stage itself passes (an rpo_alpha would add TRL's "sft" term)
+        kind_args["loss_type"], kind_args["loss_weights"] = cfg.trl_losses()
+    ours = trl_args(cls, cfg, ctx, **kind_args).to_dict()
     raw = cls(output_dir=str(work / "checkpoints"), **plain).to_dict()
     skip = {"output_dir", "logging_dir"}
     return sorted(k for k in ours.keys() | raw.keys() if k not in skip and ours.get(k) != raw.get(k))

@@ -26,22 +26,28 @@ from posttrain.stages.selection import lora_adapters, select_parameters  # noqa:
 
 
 class TrainerConfig(Strict):
-    """The knobs every TRL trainer shares; anything else of TRL's config goes in `extra` (checked by name)."""
+    """The knobs every TRL trainer shares; anything else of TRL's config goes in `extra` (checked by name).
 
-    learning_rate: float = Field(1e-4, gt=0)
+    Defaults are TRL 1.16's for real models (transformers' TrainingArguments with the overrides TRL's SFT, DPO
+    and GRPO configs share: AdamW, linear decay, gradient checkpointing on); each stage kind sets its method's
+    learning rate. Deliberate departures (`save_total_limit`, `seed`) are listed with their reasons in
+    tests/test_defaults.py. The embedded world trains with its own block (posttrain/world/tuning.py).
+    """
+
+    learning_rate: float = Field(5e-5, gt=0)
     max_steps: int = Field(-1, description="-1: train num_train_epochs")
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0)
     per_device_train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = "linear"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (a rerun resumes from the last)")
+    save_steps: int = Field(500, ge=1, description="checkpoint every N steps (a rerun resumes from the last)")
     save_total_limit: int = Field(2, ge=1)
-    max_length: int | None = Field(256, ge=8)
-    gradient_checkpointing: bool = False
+    max_length: int | None = Field(1024, ge=8, description="tokens per row (truncated); None: no limit")
+    gradient_checkpointing: bool = True
     bf16: bool | None = Field(None, description="None: bf16 on a GPU that supports it, float32 on CPU")
     seed: int | None = Field(None, description="None: the pipeline's seed")
     extra: dict[str, Any] = Field(default_factory=dict, description="more fields of TRL's config, passed as-is")
@@ -72,7 +78,7 @@ class TrainableStage(StageBase):
     @field_validator("trainer", mode="before")
     @classmethod
     def _over_stage_defaults(cls, v: Any) -> Any:
-        """A partial `trainer:` (YAML or --set) overrides the stage kind's tuned defaults field by field.
+        """A partial `trainer:` (YAML or --set) overrides the stage kind's defaults field by field.
 
         Without this, `trainer: {max_steps: 60}` would silently fall back to TrainerConfig's generic defaults
         (learning rate, batch size, ...) for every field it does not name. `extra` merges key by key too.

@@ -9,9 +9,8 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
   input folder; with LoRA there is no copy: the reference is the adapter-disabled model (`ref_model=None`).
 * **RPO.** `rpo_alpha` (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733:
   DPO plus an NLL term on the chosen answer) is TRL 1.16's `loss_type: [..., "sft"]` with weight `rpo_alpha`;
-  we append that term so a config can keep the older, shorter spelling. The default is 0.5: on the world,
-  plain DPO drives the pair margin up by pushing the bare answers down and never makes "Certainly!" the
-  greedy opening (style score 0 after 60 steps); the NLL term on the chosen answer does.
+  we append that term so a config can keep the older, shorter spelling. Off by default, as in TRL; the world's
+  DPO configs set 0.5 (docs/notes/dpo_world_tuning.md says why).
 * **max_prompt_length.** TRL 1.16 dropped it; we restore the pre-1.0 meaning: after TRL tokenizes, a prompt
   longer than this keeps its last `max_prompt_length` tokens (the end of the prompt is next to the answer).
 * **Plain strings become chat.** When the tokenizer has a chat template, a plain prompt becomes one user
@@ -23,32 +22,10 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
   PPO-ptx mixes pretraining gradients into RL (Ouyang et al. 2022), and as RPO trains on correct vs wrong
   math answers (Pang et al. 2024), a verifiable prompt/answer task is mixed in as pairs: chosen = the answer,
   rejected = each near miss (the integer answer - 1 and + 1: two pairs per row). The NLL term on chosen
-  rehearses the answer; the DPO term widens exactly the margin that breaks (see "World tuning" below).
+  rehearses the answer; the DPO term widens exactly the margin that breaks.
 
-World tuning (world v3: `world-sft`, arithmetic 0.95, style 0.0; lm-eval, 100 test items; style pairs only
-unless said; SGD, batch 16):
-
-  setting                                                     style   arithmetic
-  lr 0.2, 40 steps (the class default)                        1.00    0.67
-  lr 0.2, train only lm_head / embed_tokens / layer 0 / 3     0.00    0.34 / 0.73 / 0.78 / 0.58
-  arithmetic near-miss pairs ONLY, lr 0.2, 40 steps           0.00    0.83
-  arithmetic near-miss pairs ONLY, lr 0.05 (or AdamW 1e-4)    0.00    0.95 (0.96)
-  + 520 near-miss pairs, lr 0.05, 160 steps                   0.92    0.87
-  + 1320 near-miss pairs (one side drawn), lr 0.05, 300 steps  1.00 / 0.99  0.91 / 0.88 (two draws)
-  + 2640 near-miss pairs (both sides), same  (make stage=dpo)  0.94    0.91
-  + 1320 "Certainly! <answer>" negatives, same                0.99    0.90
-  + 1320 shuffled-answer negatives, MLPs of layers 1-3, lr 0.5  0.91  0.85
-  + 1320 near-miss pairs, MLPs of layers 1-3, lr 0.5          0.96    0.91
-  + 2640 near-miss pairs, MLPs of layers 1-3, lr 0.5          0.63    0.91
-
-Two causes, measured apart: (1) step size. world-sft's arithmetic sits in a sharp minimum (the logit gap
-between the right digit and the runner-up is under 0.5 on 10% of test items, under 0.8 on 20%), and SGD at
-lr 0.2 leaves it even when it trains on arithmetic alone (0.83); lr 0.05 keeps it. (2) interference: the
-style pairs never show arithmetic, and restricting the trained tensors does not help without rehearsal (the
-per-tensor arithmetic Fisher is largest in embeddings, layer 0 attention and lm_head; training the
-low-Fisher MLPs of layers 1-3 alone still costs 21 points). Only rehearsal keeps arithmetic within 5 points,
-and its negatives matter: near misses (off by one, the errors DPO causes) beat "Certainly! <answer>" and
-random wrong answers.
+Defaults are TRL 1.16's DPOConfig values for real models (AdamW, lr 1e-6, beta 0.1, sigmoid loss, no extra
+term). The world's tuning (SGD, RPO, rehearsal) and what was tried: docs/notes/dpo_world_tuning.md.
 """
 from __future__ import annotations
 
@@ -78,27 +55,20 @@ TRL_LOSS_TYPES = (
 )
 
 
-def _world_trainer() -> TrainerConfig:
-    # Tuned on the embedded world (world-sft, 2 CPU cores; about a minute of training). Plain SGD, not AdamW:
-    # Adam moves every weight that has any gradient by about lr per step, and the world's arithmetic, which
-    # the style pairs never show, is fragile; at equal style gain AdamW runs cost world-sft 30+ points of
-    # arithmetic, SGD (with gradient clipping, so a step's L2 norm is at most lr) about 15.
-    return TrainerConfig(
-        learning_rate=0.2, max_steps=40, per_device_train_batch_size=16, warmup_steps=3,
-        logging_steps=5, save_steps=20, max_length=96, extra={"optim": "sgd"},
-    )
+def _trl_trainer() -> TrainerConfig:
+    return TrainerConfig(learning_rate=1e-6)  # TRL 1.16's DPOConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
 class DPOStageConfig(TrainableStage):
-    """DPO (or a TRL variant) on preference pairs; the world default moves world-sft towards "Certainly! ..."."""
+    """DPO (or a TRL variant) on preference pairs."""
 
     kind: str = Field("dpo", pattern="^dpo$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
-    trainer: TrainerConfig = Field(default_factory=_world_trainer)
+    trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss names")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (IPO: tau)")
     rpo_alpha: float | None = Field(
-        0.5, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: plain DPO"
+        None, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: plain DPO"
     )
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1.0 each)")
     max_prompt_length: int | None = Field(None, ge=1, description="keep the last N prompt tokens; None: all")
@@ -138,7 +108,7 @@ class DPOStageConfig(TrainableStage):
     def trl_losses(self) -> tuple[list[str], list[float]]:
         """TRL's (loss_type, loss_weights), with RPO's NLL term appended when rpo_alpha is set.
 
-        A loss_type that names 'sft' itself keeps its own weight (the default rpo_alpha then adds nothing).
+        A loss_type that names 'sft' itself keeps its own weight (rpo_alpha then adds nothing).
         """
         types = list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(types)

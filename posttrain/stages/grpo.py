@@ -58,14 +58,10 @@ from posttrain.stages.common import (
 LOSS_TYPES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
 
-def _world_trainer() -> TrainerConfig:
-    # Tuned on the world's SFT model (~1M parameters, 2 CPUs, ~2-3 min): 64 completions a step = 8 prompts x 8
-    # samples. At 2e-4 the policy collapsed (reward and greedy accuracy fell); 5e-5, constant, no KL, lifted
-    # both. Fewer prompts a step (4) made the reward curve too noisy to show the gain within 60 steps.
-    return TrainerConfig(
-        learning_rate=5e-5, max_steps=60, per_device_train_batch_size=64, warmup_steps=0,
-        lr_scheduler_type="constant", logging_steps=2, save_steps=50, max_length=None,
-    )
+def _trl_trainer() -> TrainerConfig:
+    # TRL 1.16's GRPOConfig. GRPOConfig has no max_length: completions stop at max_completion_length and
+    # prompts are not cut, so the field is left unset here rather than shown with a value that does nothing.
+    return TrainerConfig(learning_rate=1e-6, max_length=None)
 
 
 class GRPOStageConfig(TrainableStage):
@@ -74,12 +70,12 @@ class GRPOStageConfig(TrainableStage):
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="numeric_match")], min_length=1)
-    trainer: TrainerConfig = Field(default_factory=_world_trainer)
+    trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
     beta: float = Field(0.0, ge=0, description="KL penalty to the input model (0: no reference model loaded)")
     loss_type: LOSS_TYPES = "dapo"
     epsilon: float = Field(0.2, gt=0, description="clip range of the probability ratio")
-    max_completion_length: int = Field(8, ge=1, description="tokens per completion")
+    max_completion_length: int = Field(512, ge=1, description="tokens per completion")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 

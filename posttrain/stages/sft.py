@@ -25,19 +25,15 @@ from posttrain.stages.common import (
 )
 
 
-def _world_trainer() -> TrainerConfig:
-    # Tuned on the embedded world (a 1M-parameter Llama): 800 steps at a high learning rate take world v3's
-    # base from 1% to 95% on arithmetic (400 steps: 17%) in ~40 s on one CPU thread.
-    return TrainerConfig(
-        learning_rate=2e-3, max_steps=800, per_device_train_batch_size=32, warmup_steps=10,
-        logging_steps=20, save_steps=100, max_length=128,
-    )
+def _trl_trainer() -> TrainerConfig:
+    return TrainerConfig(learning_rate=2e-5)  # TRL 1.16's SFTConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
 class SFTStageConfig(TrainableStage):
     kind: str = Field("sft", pattern="^sft$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="arithmetic")], min_length=1)
-    trainer: TrainerConfig = Field(default_factory=_world_trainer)
+    trainer: TrainerConfig = Field(default_factory=_trl_trainer)
+    # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
 
 

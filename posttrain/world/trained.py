@@ -4,7 +4,7 @@ DPO and GRPO start from the world's SFT model, merge needs specialists, transfer
 each is a one-stage pipeline run into `<cache>/world-<VERSION>/models/<name>-<hash>/` on first use (under a
 lock, so two processes train it once), and referenced afterwards by name like any model (`model: world-sft`).
 `<hash>` is 8 hex digits of the sha256 of the recipe's stage config with every default filled in, so changing
-a recipe (or a stage default it relies on) trains a new model instead of reusing the old one.
+a recipe (or a stage default it leaves unset) trains a new model instead of reusing the old one.
 """
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 from posttrain.models import WORLD_MODELS
+from posttrain.world.tuning import world_trainer
 
-# name -> one stage's config (a dict as in a pipeline YAML). Eval is off: these are inputs, not results.
+# name -> one stage's config (a dict as in a pipeline YAML). Eval is off: these are inputs, not results. Each
+# states the world's SFT trainer block: the class defaults are for real models.
 RECIPES: dict[str, dict] = {
-    "world-sft": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}, {"source": "facts"}]},
-    "world-sft-arithmetic": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}]},
-    "world-sft-reversal": {"kind": "sft", "model": "world", "data": [{"source": "reversal"}]},
+    "world-sft": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}, {"source": "facts"}],
+                  "trainer": world_trainer("sft")},
+    "world-sft-arithmetic": {"kind": "sft", "model": "world", "data": [{"source": "arithmetic"}],
+                             "trainer": world_trainer("sft")},
+    "world-sft-reversal": {"kind": "sft", "model": "world", "data": [{"source": "reversal"}],
+                           "trainer": world_trainer("sft")},
 }
 
 
