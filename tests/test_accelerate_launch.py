@@ -13,6 +13,7 @@ import yaml
 
 from posttrain import distributed as dist
 from posttrain.cli import _strip_launcher_options
+from posttrain.world.tuning import world_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS, BATCH, STEPS = 256, 16, 24
@@ -61,8 +62,8 @@ def test_follower_context_writes_no_metrics(tmp_path):
 
 def _launch(tmp_path: Path, run_dir: Path) -> subprocess.CompletedProcess:
     stage = {"kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": ROWS}],
-             "trainer": {"learning_rate": 2e-3, "max_steps": STEPS, "per_device_train_batch_size": BATCH,
-                         "warmup_steps": 2, "logging_steps": 4, "save_steps": 1000, "max_length": 64}}
+             "trainer": world_trainer("sft", learning_rate=2e-3, max_steps=STEPS, per_device_train_batch_size=BATCH,
+                                      warmup_steps=2, logging_steps=4, save_steps=1000, max_length=64)}
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(stage))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "posttrain", "stage", "sft", "--config", str(tmp_path / "sft.yaml"),
@@ -104,7 +105,7 @@ def test_pipeline_sft_then_merge_under_two_processes(tmp_path):
     """A stage that does not train (merge) runs on the main process only; the other rank waits and follows."""
     pipeline = {"name": "dp", "eval": {"enabled": False}, "stages": [
         {"name": "sft", "kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 64}],
-         "trainer": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "max_length": 64}},
+         "trainer": world_trainer("sft", max_steps=4, per_device_train_batch_size=8, logging_steps=2, max_length=64)},
         {"name": "merged", "kind": "merge", "method": "task_arithmetic", "base": "world",
          "models": [{"model": "${stages.sft.model}", "weight": 0.5}]},
     ]}

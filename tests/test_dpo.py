@@ -14,8 +14,10 @@ from posttrain.config import ConfigError, load_pipeline
 from posttrain.data import DataError, DataSource
 from posttrain.pipeline import run_pipeline
 from posttrain.stages.dpo import TRL_LOSS_TYPES, DPOStageConfig, near_miss_pairs, preference_dataset, truncate_prompts
+from posttrain.world.tuning import world_trainer
 
-TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3, "save_steps": 50}
+TINY = world_trainer("dpo", max_steps=3, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3,
+                     save_steps=50)
 
 
 def _pipe(**stage):
@@ -40,7 +42,7 @@ def test_loss_types_mirror_what_trl_documents():
     ({"loss_type": ["sigmod"]}, "did you mean 'sigmoid'"),
     ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "1 weights for 2 loss_type"),
     ({"loss_type": ["sigmoid", "sft"], "rpo_alpha": 0.5}, "rpo_alpha adds the 'sft' loss"),
-    ({"max_prompt_length": 200}, "must be below trainer.max_length"),
+    ({"max_prompt_length": 1024}, "(1024) must be below trainer.max_length (1024)"),
     ({"beta": 0}, "beta"),
 ])
 def test_config_errors_name_the_field(stage, message):

@@ -12,6 +12,7 @@ import posttrain.stages  # noqa: F401
 from evals.runner import evaluate_model, load_suite, render_world_tasks, scores_from_results
 from posttrain.config import ConfigError, EvalConfig, load_pipeline
 from posttrain.pipeline import PipelineError, run_pipeline
+from posttrain.world.tuning import world_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,7 @@ def test_gate_stops_pipeline_naming_stage_and_task(world, tmp_path):
     cfg = load_pipeline(None, data={
         "eval": {"limit": 10, "max_drop": {"world_facts": -1.0}},  # any score fails: drop must be <= -1
         "stages": [{"name": "tiny", "kind": "sft", "data": [{"source": "reversal", "limit": 8}],
-                    "trainer": {"max_steps": 2, "per_device_train_batch_size": 4}}]})
+                    "trainer": world_trainer("sft", max_steps=2, per_device_train_batch_size=4)}]})
     with pytest.raises(PipelineError) as e:
         run_pipeline(cfg, tmp_path / "r", lambda m: None)
     assert "tiny" in str(e.value) and "world_facts" in str(e.value)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import posttrain.stages  # noqa: F401
 from posttrain.config import ConfigError, load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 
 # A reward with a guaranteed spread inside every group, so every step has a non-zero advantage (GRPO's
 # gradient is zero when a group's rewards are all equal) and every trainable tensor must move.
@@ -38,7 +39,8 @@ def _tiny_stage(**over):
         "kind": "grpo", "model": "world",
         "data": [{"source": "verifiable", "limit": 16}],
         "num_generations": 2, "max_completion_length": 4,
-        "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3},
+        "trainer": world_trainer("grpo", max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                                 learning_rate=1e-3),
     }
     stage.update(over)
     return stage
@@ -109,8 +111,8 @@ def test_crashing_and_hanging_rewards_are_counted_and_training_finishes(world, t
 def test_lora_grpo_writes_adapter_and_merged_model(world, tmp_path):
     (tmp_path / "spread.py").write_text(SPREAD)
     out = _run(tmp_path, _tiny_stage(rewards=[{"name": f"{tmp_path}/spread.py:spread"}], lora={"r": 4, "alpha": 8},
-                                     trainer={"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1,
-                                              "learning_rate": 1e-2}))
+                                     trainer=world_trainer("grpo", max_steps=1, per_device_train_batch_size=4,
+                                                           logging_steps=1, learning_rate=1e-2)))
     assert (out / "adapter" / "adapter_config.json").is_file()
     before = load_file(world / "base" / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
@@ -262,7 +264,7 @@ def test_editing_a_reward_file_or_a_module_next_to_it_reruns_a_finished_stage(wo
     monkeypatch.setattr(sys, "path", list(sys.path))  # the reward's folder joins it
     monkeypatch.delitem(sys.modules, "spread_helper", raising=False)
     stage = _tiny_stage(rewards=[{"name": f"{reward}:spread"}],
-                        trainer={"max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 5})
+                        trainer=world_trainer("grpo", max_steps=1, per_device_train_batch_size=4, save_steps=5))
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
 
     def run():

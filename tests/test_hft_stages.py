@@ -21,6 +21,7 @@ from posttrain.config import load_pipeline
 from posttrain.hft import assert_optimizer_holds_only
 from posttrain.pipeline import run_pipeline
 from posttrain.stages.common import optimizer_param_names
+from posttrain.world.tuning import world_trainer
 
 TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3, "save_steps": 50}
 HFT = {"mode": "hft", "seed": 0}
@@ -32,9 +33,9 @@ def _stages(lora: dict | None = None) -> list[dict]:
     extra = {"lora": lora} if lora else {}
     return [
         {"name": "sft_hft", "kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 16}],
-         "trainer": dict(TINY), "trainable": dict(HFT), **extra},
-        {"name": "dpo_hft", "kind": "dpo", "data": [{"source": "style", "limit": 16}],
-         "trainer": dict(TINY), "trainable": dict(HFT), **extra},
+         "trainer": world_trainer("sft", **TINY), "trainable": dict(HFT), **extra},
+        {"name": "dpo_hft", "kind": "dpo", "data": [{"source": "style", "limit": 16}], "rpo_alpha": 0.5,
+         "trainer": world_trainer("dpo", **TINY), "trainable": dict(HFT), **extra},
     ]
 
 
@@ -104,7 +105,7 @@ def hft_lora(world, tmp_path_factory):
         seen = _spy_optimizer(mp)
         run_dir = tmp_path_factory.mktemp("hft_lora") / "run"
         plain = {"name": "sft_lora", "kind": "sft", "data": [{"source": "arithmetic", "limit": 16}],
-                 "trainer": dict(TINY), "lora": {"r": 4, "alpha": 8}}
+                 "trainer": world_trainer("sft", **TINY), "lora": {"r": 4, "alpha": 8}}
         stages = _stages(lora={"r": 4, "alpha": 8}) + [plain]
         cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": stages})
         run_pipeline(cfg, run_dir, lambda m: None)

@@ -17,13 +17,14 @@ from posttrain.hft import TrainableConfig, select_trainable
 from posttrain.models import ModelError, cast_saved_weights, resolve_model, saved_dtype
 from posttrain.pipeline import run_pipeline
 from posttrain.stages.common import eos_ids
+from posttrain.world.tuning import world_trainer
 from tests.conftest import make_tiny_llama, tiny_words
 from tests.tiny_archs import headers as _headers
 from tests.tiny_archs import tensor_bytes as _tensor_bytes
 
 # A constant 1e-2 moves every trained tensor by more than bf16's spacing at 1.0 (2**-7), norms included.
-TINY = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant", "warmup_steps": 0, "save_steps": 50}
+TINY = world_trainer("sft", max_steps=2, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2,
+                     lr_scheduler_type="constant", warmup_steps=0, save_steps=50)
 
 
 def _sft(tmp_path: Path, model: Path, **stage) -> Path:

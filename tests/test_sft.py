@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,8 @@ def test_rerun_of_finished_stage_skips(sft_run):
 
 
 def _tiny(**trainer):
-    return {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3, **trainer}
+    return world_trainer("sft", max_steps=4, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3,
+                         **trainer)
 
 
 def test_lora_writes_adapter_and_merged_model(world, tmp_path):

@@ -12,6 +12,7 @@ from posttrain.config import load_pipeline
 from posttrain.data import DataError
 from posttrain.pipeline import run_pipeline
 from posttrain.stages.sft import check_chat_template
+from posttrain.world.tuning import world_trainer
 from tests.conftest import TINY_SPECIALS, load_tensors, make_tiny_llama, tiny_tokenizer
 
 WORDS = TINY_SPECIALS + ["[", "]", "system", "user", "assistant", "What", "is", "2", "+", "3", "?", "5", "s", "END",
@@ -43,7 +44,8 @@ def _data(tmp_path, row, n=8):
 def _run(tmp_path, model, data, **stage):
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [{
         "kind": "sft", "model": str(model), "data": [{"source": str(data)}],
-        "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}, **stage}]})
+        "trainer": world_trainer("sft", max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_steps=2),
+        **stage}]})
     run_pipeline(cfg, tmp_path / "r", lambda m: None)
     return tmp_path / "r" / "stages" / "01_sft" / "model"
 

@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from posttrain.world.tuning import world_trainer
+
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -28,8 +30,8 @@ def test_sft_under_fsdp_writes_one_whole_model(tmp_path):
 
     procs = min(2, torch.cuda.device_count())
     stage = {"kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 512}],
-             "trainer": {"learning_rate": 2e-3, "max_steps": 20, "per_device_train_batch_size": 16,
-                         "warmup_steps": 2, "logging_steps": 5, "save_steps": 1000, "max_length": 64}}
+             "trainer": world_trainer("sft", learning_rate=2e-3, max_steps=20, per_device_train_batch_size=16,
+                                      warmup_steps=2, logging_steps=5, save_steps=1000, max_length=64)}
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(stage))
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "posttrain", "stage", "sft", "--config", str(tmp_path / "sft.yaml"),

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,8 @@ def _run(tmp_path, **rollout):
         "kind": "grpo", "model": "world-sft",
         "data": [{"source": "verifiable", "limit": 64}],
         "num_generations": 4, "max_completion_length": 8,
-        "trainer": {"max_steps": 2, "per_device_train_batch_size": 16, "logging_steps": 1, "learning_rate": 1e-4},
+        "trainer": world_trainer("grpo", max_steps=2, per_device_train_batch_size=16, logging_steps=1,
+                                 learning_rate=1e-4),
         "rollout": rollout,
     }
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})

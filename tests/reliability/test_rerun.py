@@ -17,8 +17,9 @@ import torch
 import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 
-TINY = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}
+TINY = world_trainer("sft", max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=2)
 SOURCES = {"a": "arithmetic", "b": "reversal", "c": "facts"}
 
 
