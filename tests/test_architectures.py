@@ -19,6 +19,7 @@ import pytest
 import posttrain.stages  # noqa: F401  (registers the stage kinds)
 from posttrain.config import load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 from tests.tiny_archs import ARCHS, disk_sources, headers, make_tiny, tensor_bytes, world_tokenizer
 
 TRAINER = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2,
@@ -30,16 +31,18 @@ SPREAD = "def spread(completions, **kwargs):\n    return [float(i % 2) for i in 
 def _stage(cell: str, base: Path, reward: Path, out) -> dict:
     """The stage config of `cell`; `out(cell)` is another cell's model folder. Trainable cells start from the
     base; the merges and the transfer combine the sft outputs with it, as a real recipe would."""
-    sft = {"kind": "sft", "model": str(base), "data": [{"source": "arithmetic", "limit": 8}], "trainer": TRAINER}
+    sft = {"kind": "sft", "model": str(base), "data": [{"source": "arithmetic", "limit": 8}],
+           "trainer": world_trainer("sft", **TRAINER)}
     stages = {
         "sft": lambda: sft,
         "sft_hft": lambda: {**sft, "trainable": {"mode": "hft", "seed": 0}},
         "sft_lora": lambda: {**sft, "lora": {"r": 2, "alpha": 4}},
         "dpo": lambda: {"kind": "dpo", "model": str(base), "data": [{"source": "style", "limit": 8}],
-                        "trainer": TRAINER},
+                        "rpo_alpha": 0.5, "trainer": world_trainer("dpo", **TRAINER)},
         "grpo": lambda: {"kind": "grpo", "model": str(base), "data": [{"source": "verifiable", "limit": 8}],
                          "rewards": [{"name": f"{reward}:spread"}], "num_generations": 2,
-                         "max_completion_length": 4, "trainer": {**TRAINER, "max_length": None}},
+                         "max_completion_length": 4,
+                         "trainer": world_trainer("grpo", **{**TRAINER, "max_length": None})},
         "merge_ta": lambda: {"kind": "merge", "method": "task_arithmetic", "base": str(base), "models": [
             {"model": str(out("sft")), "weight": 0.5}, {"model": str(out("sft_hft")), "weight": 0.5}]},
         "merge_ties": lambda: {"kind": "merge", "method": "ties", "base": str(base), "models": [

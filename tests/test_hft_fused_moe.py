@@ -19,11 +19,12 @@ import torch
 import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 from tests.conftest import load_tensors, tiny_tokenizer, tiny_words
 from tests.test_hft_layouts import tiny_config
 
-TRAINER = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2,
-           "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.1, "save_steps": 50}
+TRAINER = world_trainer("sft", max_steps=3, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2,
+                        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, save_steps=50)
 
 
 def _model_folder(folder: Path, kind: str) -> Path:

@@ -10,6 +10,7 @@ import posttrain.stages  # noqa: F401
 from posttrain.config import load_pipeline
 from posttrain.data import DataError
 from posttrain.pipeline import run_pipeline
+from posttrain.world.tuning import world_trainer
 from tests.real_tokenizers import load_tokenizer
 
 CHAT = [
@@ -50,8 +51,8 @@ def _run(tmp_path, model, rows, **stage):
     data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [{
         "kind": "sft", "model": str(model), "data": [{"source": str(data)}],
-        "trainer": {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2,
-                    "max_length": 256}, **stage}]})
+        "trainer": world_trainer("sft", max_steps=2, per_device_train_batch_size=2, logging_steps=1, save_steps=2,
+                                 max_length=256), **stage}]})
     run_pipeline(cfg, tmp_path / "r", lambda m: None)
     return data, tmp_path / "r" / "stages" / "01_sft" / "model"
 
