@@ -241,3 +241,21 @@ def test_grpo_stage_fails_within_the_health_timeout_with_log_tail(world, tmp_pat
         time.sleep(0.05)
     assert not any(_alive(p) for p in children)
     assert not (run_dir / "stages" / "01_grpo").exists()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--set", "rollout.backend=vllm_server"],  # the server would start on GPU 0, the trainer's: NCCL refuses
+     "rollout: rollout.gpus: backend vllm_server starts a vLLM server, which needs GPUs apart from training's"),
+    (["--set", "rollout.backend=vllm_colocate", "--set", "rollout.tensor_parallel_size=2"],
+     "rollout: rollout.tensor_parallel_size 2 with rollout.backend vllm_colocate: each colocated vLLM engine spans "
+     "that many training processes, and this run has 1"),
+    # read before the launch, counted as the launch will run: 2 processes, refused before any is started
+    (["--launcher", "accelerate", "--num-processes", "2", "--set", "rollout.backend=vllm_colocate",
+      "--set", "rollout.tensor_parallel_size=3"], "this run has 2"),
+])
+def test_rollout_setups_trl_would_refuse_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch, args, error):
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
+    code, err = cli_here(capsys, "stage", "grpo", "--run-dir", str(tmp_path / "run"), *args)
+    errors = error_lines(err)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and error in errors[0], err[-2000:]
+    assert not (tmp_path / "run").exists()
