@@ -1,6 +1,7 @@
 """Rollout backends: config checks, the GRPOConfig mapping and the `vllm serve` command. The vLLM server's
 lifecycle (health wait, death, cleanup) is tested with a stand-in server in tests/reliability/test_vllm_server.py.
 """
+import os
 import sys
 
 import pytest
@@ -143,7 +144,7 @@ def test_config_read_before_an_accelerate_launch_counts_the_planned_processes(vl
         _load_grpo(block)
     with planned_launch("none", 2, None), pytest.raises(ConfigError, match="this run has 1"):
         _load_grpo(block)
-    assert rollout.PLANNED_PROCESSES_ENV not in __import__("os").environ  # put back after each
+    assert rollout.PLANNED_PROCESSES_ENV not in os.environ  # put back after each
 
 
 def test_server_gpus_index_the_devices_this_process_sees(monkeypatch):

@@ -283,17 +283,14 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
 
 
 def _release_trainer(trainer: Any) -> None:
-    """Drop the trainer's references to what it holds on the GPU and return PyTorch's cached memory, while the
-    stage still holds the trainer object: the eval that follows starts a vLLM engine only when its share of the
-    GPU is free, and the next stage trains there.
+    """Drop the trainer's references to what it holds on the GPU (the stage still holds the trainer) and return
+    PyTorch's cached memory: a vLLM eval next starts only when its share of the GPU is free.
 
-    accelerate's `free_memory` (checked first) drops the accelerator's own references (prepared models,
-    optimizers, schedulers, a DeepSpeed engine) and runs gc.collect and torch.cuda.empty_cache; the attributes
-    set to None here are transformers' Trainer's, its callback handler's and TRL's (a reference model, GRPO's
-    colocated vLLM engine and its client of a vLLM server, whose NCCL group TRL closes only at exit). The model
-    object the stage passed in is freed once the stage returns: it sits in reference cycles, so the eval runner
-    collects garbage first (evals/runner.py).
-    """
+    accelerate's `free_memory` (checked first) drops the accelerator's references (prepared models, optimizers,
+    schedulers, a DeepSpeed engine), then runs gc.collect and torch.cuda.empty_cache; the attributes cleared here
+    are transformers' and TRL's (reference model, GRPO's colocated vLLM engine, its vLLM server client, whose
+    NCCL group TRL closes only at exit). The stage's own model object sits in reference cycles: it goes when the
+    eval runner collects garbage, after the stage returned (evals/runner.py)."""
     import atexit
 
     client = getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None)
