@@ -252,18 +252,20 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
 
     backend = _backend(settings.backend)
     if backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ConfigError("eval.backend: vllm is not installed; pip install -e .[gpu]") from None
-        model_args = {"pretrained": model_dir, "dtype": "auto", "seed": settings.seed}
+        from posttrain import rollout
+
+        if not rollout.vllm_installed():
+            raise ConfigError(f"eval.backend: vllm is not installed; {rollout.GPU_INSTALL}")
+        # lm-eval passes keys it does not know on to vllm.LLM.
+        model_args = {"pretrained": model_dir, "dtype": "auto", "seed": settings.seed,
+                      "gpu_memory_utilization": settings.gpu_memory_utilization}
     else:
         model_args = {"pretrained": model_dir, "dtype": "float32", "device": _device()}
         if model_args["device"] == "cpu":
             fit_cpu_threads(folder_params(str(model_dir)))
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
-    with _no_git_hash():
+    with _no_git_hash(), _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
         results = lm_eval.simple_evaluate(
             model=backend,
             model_args=model_args,
@@ -287,6 +289,26 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
     keep = {k: results.get(k) for k in ("results", "versions", "n-samples", "higher_is_better")}
     return {"scores": scores, "seconds": seconds, "backend": backend, "lm_eval": keep,
             "task_configs": {t: _config_hash(c) for t, c in (results.get("configs") or {}).items()}}
+
+
+@contextlib.contextmanager
+def _device_memory_freed(on: bool) -> Iterator[None]:
+    """With `on`, collect garbage and return PyTorch's cached GPU memory to the driver before and after the eval.
+
+    Before: vLLM starts only when its `gpu_memory_utilization` share of the GPU is free, and the model of the
+    stage that just trained is held in reference cycles, so it is freed only when the garbage collector runs
+    (train_and_save has dropped the trainer's own references). After: the eval's own engine, so the next
+    stage trains on a free GPU. accelerate's clear_device_cache does both steps (gc.collect, empty_cache).
+    """
+    from accelerate.utils.memory import clear_device_cache
+
+    if on:
+        clear_device_cache(garbage_collection=True)
+    try:
+        yield
+    finally:
+        if on:
+            clear_device_cache(garbage_collection=True)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     from posttrain.pipeline import run_pipeline
     from posttrain.rundir import RunDirLocked, default_run_dir
 
-    cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
+    with dist.planned_launch(args.launcher, args.num_processes, args.accelerate_config):
+        cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
     if args.launcher == "accelerate" and not dist.launched():
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)

@@ -104,6 +104,9 @@ class EvalConfig(Strict):
     limit: int | None = Field(100, ge=1, description="examples per task (None = all)")
     batch_size: int = Field(32, ge=1)
     backend: Literal["auto", "hf", "vllm"] = "auto"
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="backend vllm: vLLM's share of the GPU's memory (vLLM's own default, 0.9, "
+                                     "refuses to start when less is free)")
     seed: int = 0
     num_fewshot: int = Field(0, ge=0)
     max_new_tokens: int = Field(24, ge=1)

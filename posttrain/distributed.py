@@ -68,6 +68,35 @@ def launched() -> bool:
     return world_size() > 1
 
 
+@contextlib.contextmanager
+def planned_launch(launcher: str, num_processes: int | None, config: str | None) -> Iterator[None]:
+    """While the CLI reads a config it is about to relaunch under `accelerate launch` (WORLD_SIZE is not set
+    yet), the number of processes the launch will start, for the config checks that depend on it (a colocated
+    vLLM's tensor_parallel_size): --num-processes, else the accelerate config's num_processes."""
+    from posttrain.rollout import PLANNED_PROCESSES_ENV
+
+    path = Path(config) if config else None
+    if launcher != "accelerate" or launched():
+        yield
+        return
+    if num_processes is None:
+        import yaml
+
+        path = path or default_accelerate_config()
+        doc = yaml.safe_load(path.read_text()) if path.is_file() else None  # a missing file: refused at launch
+        num_processes = doc.get("num_processes") if isinstance(doc, dict) else None
+    old = os.environ.get(PLANNED_PROCESSES_ENV)
+    if isinstance(num_processes, int):
+        os.environ[PLANNED_PROCESSES_ENV] = str(num_processes)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PLANNED_PROCESSES_ENV, None)
+        else:
+            os.environ[PLANNED_PROCESSES_ENV] = old
+
+
 def _state():
     import torch
     from accelerate.state import PartialState

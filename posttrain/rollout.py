@@ -8,7 +8,10 @@ Backends, as TRL's GRPOTrainer names them (`use_vllm`, `vllm_mode`):
   auto            vllm_colocate when CUDA is there and vllm imports, else hf
 
 vLLM is never imported here (it is a GPU-only extra): a vLLM backend without it installed fails when the
-config is read, before any model loads.
+config is read, before any model loads. So do setups TRL or NCCL would refuse only once training starts: a
+started server with no `gpus` of its own (it would land on the trainer's GPU, and TRL's NCCL weight sync
+refuses two ranks on one device), fewer `gpus` than `tensor_parallel_size`, and a colocated
+`tensor_parallel_size` that does not divide the number of training processes (TRL's "must divide world size").
 
 `VLLMServer` owns a started server: its own process group (so vLLM's engine workers go with it), its log in
 the stage folder, a health wait with a timeout, a watcher thread that notices an early exit, and a stop
@@ -27,13 +30,16 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import Strict
+from posttrain.config import ConfigError, Strict
 
 GPU_INSTALL = "pip install -e .[gpu]"
+# Set by the CLI while it reads a config it is about to relaunch under `accelerate launch`, where WORLD_SIZE is
+# not set yet: the number of processes the launch will start (see `training_processes`).
+PLANNED_PROCESSES_ENV = "POSTTRAIN_PLANNED_PROCESSES"
 
 
 def vllm_installed() -> bool:
@@ -41,14 +47,25 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def training_processes(local: bool = False) -> int:
+    """How many processes train: WORLD_SIZE (with `local`, LOCAL_WORLD_SIZE: those on this machine) as torchrun
+    and `accelerate launch` set them, else the planned launch's count (PLANNED_PROCESSES_ENV), else 1."""
+    env = os.environ
+    return int(env.get("LOCAL_WORLD_SIZE" if local else "WORLD_SIZE") or env.get(PLANNED_PROCESSES_ENV) or 1)
+
+
 class RolloutConfig(Strict):
     """How GRPO generates its completions (see the module docstring for the backends)."""
 
     backend: Literal["auto", "hf", "vllm_server", "vllm_colocate"] = "auto"
     url: str | None = Field(None, description="vllm_server: an external server (http://host:port); none is started")
-    gpus: list[int] = Field(default_factory=list, description="vllm_server: CUDA devices of the started server "
-                                                              "(empty: the devices this process sees)")
+    gpus: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="vllm_server: GPUs of the started server, as indices into the devices "
+                                          "this process sees (CUDA_VISIBLE_DEVICES); not the training processes' "
+                                          "own (0 .. processes-1). Needed unless url is set")
     port: int = Field(0, ge=0, le=65535, description="vllm_server: port of the started server (0: a free one)")
+    group_port: int = Field(0, ge=0, le=65535, description="vllm_server: port of TRL's NCCL weight-sync group on "
+                                                           "the training machine (0: a free one)")
     health_timeout_s: float = Field(600.0, gt=0, description="vllm_server: how long the server may take to start")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vLLM's share of each of its GPUs' memory (None: 0.9 for a server on gpus of "
@@ -62,11 +79,45 @@ class RolloutConfig(Strict):
         if self.backend in ("vllm_server", "vllm_colocate") and not vllm_installed():
             raise ValueError(f"rollout.backend {self.backend!r} needs vllm, which is not installed; "
                              f"`{GPU_INSTALL}` on a GPU machine (or use backend: hf)")
-        if self.backend != "vllm_server" and (self.url or self.gpus or self.server_args):
-            raise ValueError("rollout.url, gpus and server_args apply to backend: vllm_server only")
+        if self.backend != "vllm_server" and (self.url or self.gpus or self.server_args or self.group_port):
+            raise ValueError("rollout.url, gpus, group_port and server_args apply to backend: vllm_server only")
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"rollout.url must start with http:// or https://, got {self.url!r}")
+        if self.url and (self.gpus or self.port or self.server_args):
+            raise ValueError("rollout.url names a running server, so none is started: rollout.gpus, port and "
+                             "server_args (which place and start one) do not apply; drop them or the url")
+        if self.backend == "vllm_server" and not self.url:
+            _check_server_gpus(self.gpus, self.tensor_parallel_size)
+        if self.backend in ("vllm_colocate", "auto") and self.tensor_parallel_size > 1:
+            n = training_processes()
+            if n % self.tensor_parallel_size:  # TRL checks this when the trainer starts, after the model loaded
+                raise ValueError(
+                    f"rollout.tensor_parallel_size {self.tensor_parallel_size} with rollout.backend {self.backend}: "
+                    f"each colocated vLLM engine spans that many training processes, and this run has {n}; launch "
+                    f"a multiple of {self.tensor_parallel_size} (--launcher accelerate --num-processes N) or use "
+                    "backend: vllm_server")
         return self
+
+
+def _check_server_gpus(gpus: list[int], tensor_parallel_size: int) -> None:
+    """A server the stage starts needs GPUs of its own: TRL's NCCL weight sync adds the trainer's main process
+    to the server's ranks, and NCCL refuses two ranks on one device. Training process k uses visible device k."""
+    if not gpus:
+        raise ValueError("rollout.gpus: backend vllm_server starts a vLLM server, which needs GPUs apart from "
+                         "training's (the training process uses GPU 0): set rollout.gpus (e.g. [1]) or rollout.url "
+                         "of a running server; on one GPU use backend: vllm_colocate")
+    repeated = sorted({g for g in gpus if gpus.count(g) > 1})
+    if repeated:
+        raise ValueError(f"rollout.gpus: GPU {repeated[0]} is listed twice")
+    if len(gpus) < tensor_parallel_size:
+        raise ValueError(f"rollout.gpus: {len(gpus)} GPU(s) for rollout.tensor_parallel_size "
+                         f"{tensor_parallel_size}; list at least {tensor_parallel_size}")
+    local = training_processes(local=True)
+    taken = [g for g in gpus if g < local]
+    if taken:
+        raise ValueError(f"rollout.gpus: GPU {taken[0]} is a training process's (the {local} training process(es) "
+                         f"on this machine use GPUs 0-{local - 1}); NCCL's weight sync refuses the server on it: "
+                         f"use GPUs from {local} up")
 
 
 def resolve_backend(cfg: RolloutConfig) -> str:
@@ -85,8 +136,10 @@ def memory_utilization(cfg: RolloutConfig) -> float:
     return 0.9 if cfg.backend == "vllm_server" and cfg.gpus else 0.3
 
 
-def grpo_rollout_args(cfg: RolloutConfig, backend: str, base_url: str | None = None) -> dict[str, Any]:
-    """GRPOConfig fields for `backend`; `base_url` is the server to use in vllm_server mode."""
+def grpo_rollout_args(cfg: RolloutConfig, backend: str, base_url: str | None = None,
+                      group_port: int | None = None) -> dict[str, Any]:
+    """GRPOConfig fields for `backend`; `base_url` is the server to use in vllm_server mode, `group_port` the
+    port of its NCCL weight-sync group (TRL's fixed default, 51216, would collide between runs on one host)."""
     if backend == "hf":
         return {"use_vllm": False}
     if backend == "vllm_colocate":
@@ -97,12 +150,14 @@ def grpo_rollout_args(cfg: RolloutConfig, backend: str, base_url: str | None = N
             raise ValueError("vllm_server needs the server's URL")
         # TRL's client waits vllm_server_timeout for /health; ours has already waited when we started the server.
         return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": base_url.rstrip("/"),
-                "vllm_server_timeout": cfg.health_timeout_s}
+                "vllm_server_timeout": cfg.health_timeout_s,
+                **({"vllm_group_port": group_port} if group_port else {})}
     raise ValueError(f"unknown rollout backend {backend!r}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (another process could take it before the server does; rare)."""
+    """A port nothing listens on right now at `host` ("" for every interface: the NCCL group's store listens on
+    the machine's address); another process could take it before the server does (rare)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -122,6 +177,26 @@ def vllm_serve_command(model: str, cfg: RolloutConfig, port: int, trust_remote_c
     args = ScriptArguments(model=model, host="127.0.0.1", port=port, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=memory_utilization(cfg), trust_remote_code=trust_remote_code)
     return build_command(args, list(cfg.server_args))
+
+
+def server_env(gpus: list[int]) -> dict[str, str]:
+    """The started server's environment: SERVER_ENV and CUDA_VISIBLE_DEVICES naming `gpus`, which index the
+    devices this process sees: under CUDA_VISIBLE_DEVICES=4,5,6,7, gpus [3] is device 7. ConfigError for an index
+    past them (before any model loads: the stage calls this first)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+        where = f"CUDA_VISIBLE_DEVICES={visible}"
+    else:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]  # counts without starting CUDA
+        where = "no CUDA_VISIBLE_DEVICES"
+    past = [g for g in gpus if g >= len(devices)]
+    if past:
+        raise ConfigError(f"rollout.gpus: GPU {past[0]} is past the {len(devices)} GPU(s) this process sees "
+                          f"({where}); gpus index those")
+    return {**SERVER_ENV, "CUDA_VISIBLE_DEVICES": ",".join(devices[g] for g in gpus)}
 
 
 class RolloutServerError(RuntimeError):

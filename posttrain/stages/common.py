@@ -244,6 +244,7 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
 
     Under `accelerate launch` every rank trains and calls this; only the main process writes. With FSDP or
     DeepSpeed the weights live in shards, so every rank takes part in trainer.save_model, which gathers them.
+    Once saved, the trainer lets go of its model, optimizer and vLLM engine (`_release_trainer`).
     """
     from posttrain.distributed import is_main
     from posttrain.models import fit_cpu_threads, save_model_folder, saved_dtype
@@ -282,7 +283,34 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     if is_main():
         shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # the model folder supersedes them
         (ctx.work_dir / "train_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    del model
+    _release_trainer(trainer)
     return metrics
+
+
+def _release_trainer(trainer: Any) -> None:
+    """Drop the trainer's references to what it holds on the GPU (the stage still holds the trainer) and return
+    PyTorch's cached memory: a vLLM eval next starts only when its share of the GPU is free.
+
+    accelerate's `free_memory` (checked first) drops the accelerator's references (prepared models, optimizers,
+    schedulers, a DeepSpeed engine), then runs gc.collect and torch.cuda.empty_cache; the attributes cleared here
+    are transformers' and TRL's (reference model, GRPO's colocated vLLM engine, its vLLM server client, whose
+    NCCL group TRL closes only at exit). The stage's own model object sits in reference cycles: it goes when the
+    eval runner collects garbage, after the stage returned (evals/runner.py)."""
+    import atexit
+
+    client = getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None)
+    if client is not None:
+        client.close_communicator()
+        atexit.unregister(client.close_communicator)  # TRL registered it; it would keep the client alive
+    handler = getattr(trainer, "callback_handler", None)
+    for owner, names in ((trainer, ("model", "model_wrapped", "ref_model", "optimizer", "lr_scheduler",
+                                    "vllm_generation")),
+                         (handler, ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"))):
+        for name in names:
+            if getattr(owner, name, None) is not None:
+                setattr(owner, name, None)
+    trainer.accelerator.free_memory()
 
 
 def _save_gathered(trainer: Any, tokenizer: Any, out: Path, dtype: str | None) -> None:

@@ -19,8 +19,8 @@ How this stage departs from, or adds to, the paper and TRL:
     At the end, a reward that failed on every completion is named in a warning and in the stage's metrics
     (`rewards/failed_every_call`); when every reward did, the stage fails (`failed_rewards`).
   * Completions come from the backend `rollout:` picks (posttrain/rollout.py). With `vllm_server` and no
-    `url`, the stage starts `vllm serve` itself (the command TRL builds for server mode) and stops it when it
-    ends, fails or is interrupted.
+    `url`, the stage's main process starts `vllm serve` on `gpus` (the command TRL builds for server mode) and
+    stops it when the stage ends, fails or is interrupted.
   * The default input is `world-sft`, not the previous stage: RL needs a model that already answers in the
     task's format. In a pipeline, chain it explicitly (`model: ${stages.<previous>.model}`).
 """
@@ -36,13 +36,13 @@ from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import RewardsFailed, RewardSpec, RewardStats, build_reward_funcs, reward_file
 from posttrain.rollout import (
-    SERVER_ENV,
     RolloutConfig,
     VLLMServer,
     free_port,
     grpo_rollout_args,
     resolve_backend,
     server_callback,
+    server_env,
     vllm_serve_command,
 )
 from posttrain.stages.base import StageContext, StageResult, stage
@@ -189,10 +189,16 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
+    from posttrain.distributed import agree, is_main
+
     backend = resolve_backend(cfg.rollout)
-    start_server = backend == "vllm_server" and not cfg.rollout.url
-    port = (cfg.rollout.port or free_port()) if start_server else None
-    base_url = f"http://127.0.0.1:{port}" if start_server else cfg.rollout.url
+    serve = backend == "vllm_server" and not cfg.rollout.url
+    env = server_env(cfg.rollout.gpus) if serve else None  # a bad gpus index fails on every rank, before loading
+    # The main process's ports on every rank; it alone starts the server and talks to it (TRL's server mode).
+    port, group_port = agree(((cfg.rollout.port or free_port()) if serve else None,
+                              (cfg.rollout.group_port or free_port("")) if backend == "vllm_server" else None))
+    base_url = f"http://127.0.0.1:{port}" if serve else cfg.rollout.url
+    start_server = serve and is_main()
     args = trl_args(
         GRPOConfig, cfg, ctx,
         num_generations=cfg.num_generations,
@@ -203,7 +209,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
         temperature=cfg.temperature,
         reward_weights=weights,
         trust_remote_code=cfg.trust_remote_code,
-        **grpo_rollout_args(cfg.rollout, backend, base_url),
+        **grpo_rollout_args(cfg.rollout, backend, base_url, group_port),
     )
     model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     model, peft_config, trainable = select_parameters(model, cfg, ctx)
@@ -214,7 +220,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
         if start_server:
             server = stack.enter_context(VLLMServer(
                 vllm_serve_command(ctx.input_model, cfg.rollout, port, cfg.trust_remote_code), port,
-                ctx.work_dir / "vllm_server.log", env=_server_env(cfg.rollout.gpus),
+                ctx.work_dir / "vllm_server.log", env=env,
                 health_timeout_s=cfg.rollout.health_timeout_s, log=ctx.log))
             callbacks.append(server_callback(server))
             ctx.log_metrics({"event": "rollout_server", "pid": server.pid, "url": server.base_url,
@@ -262,7 +268,3 @@ def failed_rewards(stats: RewardStats, names: list[str], log) -> list[str]:
             f"every reward failed on every completion ({', '.join(map(repr, names))}): the run trained on no "
             f"reward signal, so the stage is not marked done; fix the reward and rerun")
     return [n for n in names if n in failed]
-
-
-def _server_env(gpus: list[int]) -> dict[str, str]:
-    return {**SERVER_ENV, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}

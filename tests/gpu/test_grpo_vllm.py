@@ -1,4 +1,5 @@
-"""GRPO with vLLM rollouts on a GPU: the colocated engine and a server this stage starts and stops.
+"""GRPO with vLLM rollouts on a GPU: the colocated engine and a server this stage starts and stops, and a vLLM
+eval after a colocated stage in the same process (it needs the trainer's and the engine's memory back).
 
 Marked `gpu` (skipped without CUDA by tests/conftest.py) and skipped without vllm (`pip install -e .[gpu]`).
 Two steps each from world-sft: the point is the plumbing (engine up, weights synced, completions scored,
@@ -19,7 +20,7 @@ from posttrain.world.tuning import world_trainer
 pytestmark = pytest.mark.gpu
 
 
-def _run(tmp_path, **rollout):
+def _run(tmp_path, eval_block=None, **rollout):
     pytest.importorskip("vllm")
     stage = {
         "kind": "grpo", "model": "world-sft",
@@ -29,7 +30,7 @@ def _run(tmp_path, **rollout):
                                  learning_rate=1e-4),
         "rollout": rollout,
     }
-    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [stage]})
+    cfg = load_pipeline(None, data={"eval": eval_block or {"enabled": False}, "stages": [stage]})
     run_pipeline(cfg, tmp_path / "r", print)
     out = tmp_path / "r" / "stages" / "01_grpo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -46,6 +47,15 @@ def _run(tmp_path, **rollout):
 
 def test_grpo_vllm_colocate_two_steps(tmp_path):
     _run(tmp_path, backend="vllm_colocate", gpu_memory_utilization=0.3)
+
+
+def test_vllm_eval_after_a_colocated_grpo_stage(tmp_path):
+    """vLLM starts only with its share of the GPU free: before the release, the trainer and the colocated
+    engine (0.3 of the GPU) still held theirs when the eval's engine asked for 0.9."""
+    out = _run(tmp_path, {"backend": "vllm", "limit": 8}, backend="vllm_colocate", gpu_memory_utilization=0.3)
+    record = json.loads((out / "eval.json").read_text())
+    assert record["backend"] == "vllm" and record["scores"]
+    assert json.loads((out.parent / "00_base" / "eval.json").read_text())["backend"] == "vllm"
 
 
 def test_grpo_vllm_server_two_steps_and_server_stopped(tmp_path):

@@ -23,7 +23,7 @@ import http.server, os, signal, subprocess, sys, threading, time
 
 port, delay, life = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 flags, pidfile = sys.argv[4], sys.argv[5]
-print("stand-in: starting", flush=True)
+print("stand-in: starting on CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 if "ignore_term" in flags:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if "child" in flags:  # a worker in the server's group, as vLLM's engine processes are
@@ -207,18 +207,32 @@ def test_grpo_stage_fails_within_the_health_timeout_with_log_tail(world, tmp_pat
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)  # the config accepts backend: vllm_server
     monkeypatch.setattr(grpo, "vllm_serve_command", lambda model, cfg, port, trust_remote_code=False: [
         sys.executable, str(script), str(port), "60", "0", "child", str(tmp_path / "child.pid")])
+    # rollout.gpus index the parent's visible devices: [1] of "6,7" is device 7 for the server.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    trl_kwargs = {}
+
+    def spy_trl_args(config_cls, cfg, ctx, **kw):
+        trl_kwargs.update(kw)
+        return trl_args(config_cls, cfg, ctx, **kw)
+
+    trl_args = grpo.trl_args
+    monkeypatch.setattr(grpo, "trl_args", spy_trl_args)
     run_dir = tmp_path / "run"
     start = time.monotonic()
     code, err = cli_here(capsys, "stage", "grpo", "--run-dir", str(run_dir), "--set", "eval.enabled=false",
                          "--set", "model=world", "--set", "data=[{source: verifiable, limit: 8}]",
                          "--set", "num_generations=2", "--set", "trainer.per_device_train_batch_size=4",
                          "--set", "trainer.max_steps=1", "--set", "rollout.backend=vllm_server",
-                         "--set", "rollout.health_timeout_s=2")
+                         "--set", "rollout.gpus=[1]", "--set", "rollout.health_timeout_s=2")
     took = time.monotonic() - start
     errors = error_lines(err)
     assert code == 1 and len(errors) == 1, err[-3000:]
     assert "did not answer" in errors[0] and "within 2s" in errors[0]
-    assert "stand-in: starting" in err.split(errors[0], 1)[1]  # the server's last log lines follow the error
+    # the server's last log lines follow the error
+    assert "stand-in: starting on CUDA_VISIBLE_DEVICES 7" in err.split(errors[0], 1)[1]
+    # TRL's client was pointed at the started server, and its NCCL group at a free port, not TRL's fixed 51216
+    port = int(trl_kwargs["vllm_server_base_url"].rsplit(":", 1)[1])
+    assert trl_kwargs["vllm_mode"] == "server" and trl_kwargs["vllm_group_port"] not in (51216, port, 0)
     assert took < 60, f"the stage took {took:.0f}s to fail"
     children = _child_pid(tmp_path)  # the server's own worker process, started in its group
     assert children and not _running_with(str(script))
@@ -227,3 +241,21 @@ def test_grpo_stage_fails_within_the_health_timeout_with_log_tail(world, tmp_pat
         time.sleep(0.05)
     assert not any(_alive(p) for p in children)
     assert not (run_dir / "stages" / "01_grpo").exists()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--set", "rollout.backend=vllm_server"],  # the server would start on GPU 0, the trainer's: NCCL refuses
+     "rollout: rollout.gpus: backend vllm_server starts a vLLM server, which needs GPUs apart from training's"),
+    (["--set", "rollout.backend=vllm_colocate", "--set", "rollout.tensor_parallel_size=2"],
+     "rollout: rollout.tensor_parallel_size 2 with rollout.backend vllm_colocate: each colocated vLLM engine spans "
+     "that many training processes, and this run has 1"),
+    # read before the launch, counted as the launch will run: 2 processes, refused before any is started
+    (["--launcher", "accelerate", "--num-processes", "2", "--set", "rollout.backend=vllm_colocate",
+      "--set", "rollout.tensor_parallel_size=3"], "this run has 2"),
+])
+def test_rollout_setups_trl_would_refuse_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch, args, error):
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
+    code, err = cli_here(capsys, "stage", "grpo", "--run-dir", str(tmp_path / "run"), *args)
+    errors = error_lines(err)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and error in errors[0], err[-2000:]
+    assert not (tmp_path / "run").exists()
