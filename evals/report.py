@@ -188,7 +188,7 @@ def summary_list(report: dict[str, Any]) -> str:
              f"- Average forgetting at `{last['stage']}`: {fmt_value(summary['average_forgetting'])} over the "
              f"{summary['forgetting_keys']} keys it does not train (drops only: a gain counts as 0)",
              f"- Average forgetting of tasks earlier stages trained: "
-             f"{fmt_value(summary['average_forgetting_earlier_tasks'])}",
+             f"{_or_why(summary['average_forgetting_earlier_tasks'], 'no earlier stage trains a scored task')}",
              f"- Gain on the tasks `{last['stage']}` trains: {gain_text(last)}"]
     if last["side_gains"]:
         lines.append("- Side gains (keys it does not train): " + ", ".join(
@@ -254,6 +254,10 @@ def terminal_summary(report: dict[str, Any], report_path: str | None = None) -> 
         lines += [f"summary (base: {model_name(base)}; *: significant drop):",
                   *md_table(["stage", *STAGE_HEADER], rows).splitlines()]
     return lines + ([f"report: {report_path}"] if report_path else [])
+
+
+def _or_why(value: float | None, why: str) -> str:
+    return fmt_value(value) if value is not None else f"{NA} ({why})"
 
 
 def _bwt_text(bwt: float | None, note: str | None) -> str:
