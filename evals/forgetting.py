@@ -34,10 +34,19 @@ input is a model outside the run (``parents: []``) has no ancestors, so no forge
 Metrics and where they depart from their papers:
 
 - ``forgetting``: Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning" (RWalk), eq. for f_j^k:
-  the best score on a task at any earlier stage minus its score now. The paper measures it only for tasks
-  learned before stage k; here it is measured for every evaluated key at every stage (base included as an
-  earlier stage), because a post-training pipeline cares about held-out capabilities it never trained on.
-  Like the paper it is not clipped at 0, so a key that keeps improving has negative forgetting.
+  the best score on a task at any earlier stage minus its score now, per evaluated key at every stage (base
+  included as an earlier stage). Like the paper it is not clipped at 0, so a key that keeps improving has
+  negative forgetting: this matrix is the raw material, not a headline.
+- ``average_forgetting``: RWalk's F_k, the mean of f_j^k over the tasks learned before stage k, never over the
+  task stage k trains. Here "learned before" is widened to every key the stage does not train (``trains_on``),
+  because a post-training pipeline cares about held-out capabilities it never trained on. Each term is
+  max(0, f_j^k) where the paper's is f_j^k, so that a side gain on one task never offsets a loss on another
+  (the paper's tasks were trained before, so a term below 0 was rare there; held-out tasks often rise).
+  ``earlier_only=True`` keeps only tasks an ancestor stage trains: the paper's set.
+- ``forgetting_drops``: the keys behind that average, each fall below its best ancestor score with the
+  two-sample z-test of ``significant_drops``, significant ones first: the report's headline is the first.
+- ``changes_vs_parent``: the gain on the tasks a stage trains (and the side gains on the others), measured
+  against the stage's first parent, the model it started from.
 - ``backward_transfer``: Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning" (GEM),
   BWT = 1/(T-1) sum_{i<T} (R_{T,i} - R_{i,i}). The tasks are the stages that name ``trains_on``; R_{j,i} is
   the mean score over task i's keys after stage j. Departures: R_{T,i} is read at the *final* stage of the
@@ -50,7 +59,6 @@ Metrics and where they depart from their papers:
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -205,15 +213,77 @@ def forgetting(stages: list[Stage]) -> np.ndarray:
     return out
 
 
-def _nanmean(values: np.ndarray) -> float | None:
-    finite = values[~np.isnan(values)]
-    return float(finite.mean()) if finite.size else None
+def trained_columns(stages: list[Stage], at: int = -1) -> list[int]:
+    """Columns (of ``score_matrix``'s keys) whose task the measured stage at row `at` names in ``trains_on``."""
+    keys, _, _, rows = measured_matrices(stages)
+    tasks = set(rows[at].get("trains_on") or [])
+    return [j for j, key in enumerate(keys) if task_of(key) in tasks]
 
 
-def average_forgetting(stages: list[Stage], at: int = -1) -> float | None:
-    """Mean over keys of the forgetting at measured row `at`, the last stage by default (RWalk's F_k at
-    k = last); None if no key has one."""
-    return _nanmean(forgetting(stages)[at])
+def forgetting_columns(stages: list[Stage], at: int = -1, earlier_only: bool = False) -> list[int]:
+    """The columns ``average_forgetting`` averages at measured row `at`: keys the stage does not train that have
+    a forgetting value; with ``earlier_only``, only keys of tasks one of its ancestors trains."""
+    keys, _, _, rows = measured_matrices(stages)
+    k = at % len(rows)
+    f = forgetting(stages)[k]
+    trained = set(trained_columns(stages, k))
+    cols = [j for j in range(len(keys)) if j not in trained and not np.isnan(f[j])]
+    if earlier_only:
+        earlier = {t for a in ancestor_rows(stages)[k] for t in rows[a].get("trains_on") or []}
+        cols = [j for j in cols if task_of(keys[j]) in earlier]
+    return cols if k else []
+
+
+def average_forgetting(stages: list[Stage], at: int = -1, earlier_only: bool = False) -> float | None:
+    """Average forgetting at measured row `at` (the last stage by default): the mean of max(0, f) over
+    ``forgetting_columns`` (see the module docstring); None when there is no such key (or `at` is the base)."""
+    cols = forgetting_columns(stages, at, earlier_only)
+    if not cols:
+        return None
+    return float(np.maximum(forgetting(stages)[at][cols], 0.0).mean())
+
+
+def forgetting_drops(stages: list[Stage], at: int = -1, z: float = 2.0) -> list[dict[str, Any]]:
+    """The keys the measured stage at row `at` does not train whose score fell below their best ancestor score.
+
+    Records ``{"key", "reference": the ancestor with the best score, "before", "after", "drop", "threshold",
+    "significant"}`` with the z-test of ``significant_drops`` against that ancestor; significant drops first,
+    then by size, ties in key order. The first is the report's headline. Empty for the base.
+    """
+    keys, m, se, rows = measured_matrices(stages)
+    k = at % len(rows)
+    ancestors, trained = ancestor_rows(stages)[k], set(trained_columns(stages, k))
+    out = []
+    for j in range(len(keys)):
+        if not k or j in trained or not ancestors or np.isnan(m[k, j]) or np.isnan(m[ancestors, j]).all():
+            continue
+        best = ancestors[int(np.nanargmax(m[ancestors, j]))]  # the first maximum: the earliest ancestor
+        drop = m[best, j] - m[k, j]
+        if drop > 0:
+            threshold = z * math.sqrt(se[best, j] ** 2 + se[k, j] ** 2)
+            out.append({"key": keys[j], "reference": rows[best]["name"], "before": float(m[best, j]),
+                        "after": float(m[k, j]), "drop": float(drop), "threshold": float(threshold),
+                        "significant": bool(drop > threshold)})
+    return sorted(out, key=lambda d: (not d["significant"], -d["drop"]))
+
+
+def changes_vs_parent(stages: list[Stage], at: int = -1, trained: bool = True) -> list[dict[str, Any]]:
+    """Per key the measured stage at row `at` trains (``trained=False``: every other key that rose), its
+    change from the stage's first parent: ``{"key", "before", "after", "change"}``. Empty for the base and for a
+    stage with no parent in the run; keys without a score at either end are left out."""
+    keys, m, _, rows = measured_matrices(stages)
+    k = at % len(rows)
+    parents = parent_rows(stages)[k]
+    if not parents:
+        return []
+    p, cols = parents[0], set(trained_columns(stages, k))
+    out = []
+    for j in range(len(keys)):
+        change = m[k, j] - m[p, j]
+        if np.isnan(change) or (j in cols) != trained or (not trained and not change > 0):
+            continue
+        out.append({"key": keys[j], "before": float(m[p, j]), "after": float(m[k, j]), "change": float(change)})
+    return out
 
 
 def max_drop(stages: list[Stage]) -> dict[str, Any]:
@@ -295,20 +365,6 @@ def backward_transfer_note(stages: list[Stage], at: int = -1) -> str | None:
     return "; ".join(causes) or None
 
 
-def branch_summaries(stages: list[Stage]) -> list[dict[str, Any]]:
-    """``[{"stage", "average_forgetting", "backward_transfer"}]`` at the end of every branch (``leaf_rows``),
-    in pipeline order, when there are two or more ends; empty for a chain, whose only end is the last stage
-    that the run-level figures already describe. Two branches from one base are two models a run delivers
-    side by side (full vs HFT fine-tuning, say), so each gets its own figures."""
-    leaves = leaf_rows(stages)
-    if len(leaves) < 2:
-        return []
-    rows = measured(stages)
-    return [{"stage": rows[k]["name"], "average_forgetting": average_forgetting(stages, at=k),
-             "backward_transfer": backward_transfer(stages, at=k),
-             "backward_transfer_note": backward_transfer_note(stages, at=k)} for k in leaves]
-
-
 def _drop_record(stages, keys, m, se, cur: int, ref: int, j: int, z: float, against: str) -> dict | None:
     drop = m[ref, j] - m[cur, j]
     threshold = z * math.sqrt(se[ref, j] ** 2 + se[cur, j] ** 2)
@@ -366,44 +422,3 @@ def check_gate(stages: list[Stage], max_drop: dict[str, float]) -> list[str]:
             messages.append(f"stage {last!r}: {key} fell {base - now:.3f} below base "
                             f"({base:.3f} -> {now:.3f}), more than the allowed {allowed:.3f}")
     return messages
-
-
-def _json_safe(obj: Any) -> Any:
-    """Recursively turn NaN/inf into None, and numpy values and paths into plain Python, for strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, os.PathLike):  # a stage's "model" may arrive as a pathlib.Path
-        return os.fspath(obj)
-    return obj
-
-
-def build_report(stages: list[Stage], z: float = 2.0) -> dict[str, Any]:
-    """Everything the forgetting report shows, JSON-serialisable (NaN -> None).
-
-    ``{"stages": [...as given...], "tasks": {key: {"delta_vs_base": [...], "delta_vs_previous": [...],
-    "forgetting": [...]}}, "summary": {"average_forgetting", "max_drop", "backward_transfer",
-    "backward_transfer_note"[, "branches"]},
-    "significant_drops": [...]}``; each per-task list has one entry per row of ``stages``, references
-    included: their ``delta_vs_base`` is measured, their ``delta_vs_previous`` (the delta vs the parent) and
-    ``forgetting`` are None. ``backward_transfer_note`` is ``backward_transfer_note(stages)`` (None when BWT
-    has every term). ``summary["branches"]`` is there only when the pipeline branches (see
-    ``branch_summaries``).
-    """
-    keys, _ = score_matrix(stages)
-    d_base = deltas_vs_base(stages)
-    d_prev, forg = to_rows(stages, deltas_vs_previous(stages)), to_rows(stages, forgetting(stages))
-    tasks = {key: {"delta_vs_base": d_base[:, j], "delta_vs_previous": d_prev[:, j],
-                   "forgetting": forg[:, j]} for j, key in enumerate(keys)}
-    summary = {"average_forgetting": average_forgetting(stages), "max_drop": max_drop(stages),
-               "backward_transfer": backward_transfer(stages), "backward_transfer_note": backward_transfer_note(stages)}
-    branches = branch_summaries(stages)
-    if branches:
-        summary["branches"] = branches
-    return _json_safe({"stages": stages, "tasks": tasks, "summary": summary,
-                       "significant_drops": significant_drops(stages, z=z)})

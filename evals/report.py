@@ -1,34 +1,35 @@
-"""Render the forgetting report of a run: ``<run-dir>/report/forgetting.{json,md,png}``.
+"""Render the forgetting report of a run: ``<run-dir>/report/forgetting.{json,md,png}``, and its summary for the
+terminal.
 
 ::
 
     <out_dir>/                 usually <run-dir>/report/
-      forgetting.json          build_report(stages): stages as given, per-key deltas and forgetting, summary;
-                               "not_comparable" and "pending" when write_report was given any
-      forgetting.md            scores table (a "from" column when stages branch), the rows left out as not
-                               comparable, the stages a run has still to evaluate, forgetting table, flagged
-                               drops, summary (per branch when stages branch), extra sections
-      forgetting.png           one line per key from each stage to its parent, error bars where stderrs are known
+      forgetting.json          evals.summary.build_report(stages): stages as given, per-key deltas and forgetting,
+                               per-stage gain and forgetting (stage_summaries), summary; "not_comparable" and
+                               "pending" when write_report was given any
+      forgetting.md            the base's model, the summary (headline: the last stage's largest significant
+                               drop), the per-stage table (gain on trained tasks, forgetting of the others),
+                               scores table (a "from" column when stages branch), the rows left out as not
+                               comparable, the stages a run has still to evaluate, forgetting per key, flagged
+                               drops, extra sections
+      forgetting.png           evals.plot: change-vs-base heatmap beside the scores across stages
 
 Each file is written to a temporary file in ``out_dir`` and renamed into place, so a reader never sees a
-half-written report. The metrics themselves live in ``evals.forgetting``; this module only formats them.
+half-written report. The metrics live in ``evals.forgetting`` and ``evals.summary``; this module only formats
+them, and the terminal summary (``stage_line``, ``terminal_summary``) reads the same JSON dict as the md, so
+what a run prints is what forgetting.json holds.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from typing import Any
 
-import numpy as np
-# The Figure API with an explicit Agg canvas renders headless without pyplot, so importing this module never
-# switches the backend of the caller's process (a notebook, say) and leaves no global figures open.
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from evals.forgetting import (Stage, base_index, build_report, forgetting, is_linear, is_reference, measured,
-                              parent_rows, score_matrix, stderr_matrix)
+from evals.forgetting import (Stage, base_index, forgetting, is_linear, is_reference, measured, parent_rows,
+                              score_matrix, trained_columns)
+from evals.plot import render_png
+from evals.summary import build_report
 from posttrain.rundir import atomic_write_bytes
 
 NA = "n/a"
@@ -106,16 +107,31 @@ def scores_table(stages: list[Stage]) -> str:
     for i, stage in enumerate(stages):
         cells = [score_cell(m[i, j], _stderr_of(stage, k), None if i == b else m[i, j] - m[b, j])
                  for j, k in enumerate(keys)]
-        rows.append([stage["name"]] + (lineage[i] if lineage else []) + [_trains_on_cell(stage)] + cells)
+        name = f"{stage['name']} ({model_name(stage)})" if i == b else stage["name"]
+        rows.append([name] + (lineage[i] if lineage else []) + [_trains_on_cell(stage)] + cells)
     return md_table(["stage"] + (["from"] if lineage else []) + ["trains on"] + keys, rows)
 
 
-def forgetting_table(stages: list[Stage]) -> str:
-    """Stage x key table of RWalk forgetting (best earlier score minus current); base and stages only."""
+def model_name(stage: Stage) -> str:
+    """The model a row evaluated, as the config named it (``model_ref``: `world-sft`, a hub name), else its
+    folder."""
+    return str(stage.get("model_ref") or stage.get("model") or "?")
+
+
+def forgetting_table(stages: list[Stage], summaries: list[dict[str, Any]]) -> str:
+    """Stage x key table of what each stage forgot: max(0, best ancestor score - current) per key it does not
+    train ("*": a significant drop), "trained" where it trains the key's task, and the row's average (the
+    mean of its numbers: ``average_forgetting``). Stages after the base only; ``summaries``: their
+    ``stage_summaries``."""
     keys, _ = score_matrix(stages)
     f = forgetting(stages)
-    rows = [[s["name"]] + [fmt_delta(f[i, j]) for j in range(len(keys))] for i, s in enumerate(measured(stages))]
-    return md_table(["stage"] + keys, rows)
+    rows = []
+    for k, (stage, summ) in enumerate(zip(measured(stages)[1:], summaries), start=1):
+        trained, flagged = set(trained_columns(stages, k)), set(summ["significant_drops"])
+        cells = ["trained" if j in trained else NA if math.isnan(f[k, j]) else
+                 fmt_value(max(f[k, j], 0.0)) + ("*" if key in flagged else "") for j, key in enumerate(keys)]
+        rows.append([stage["name"]] + cells + [fmt_value(summ["forgetting"])])
+    return md_table(["stage"] + keys + ["average"], rows)
 
 
 def references_note(stages: list[Stage]) -> str:
@@ -139,26 +155,109 @@ def drops_list(drops: list[dict[str, Any]], branched: bool = False) -> str:
                      f"(`{d['reference']}`), threshold {d['threshold']:.3f}" for d in drops)
 
 
-def summary_list(summary: dict[str, Any]) -> str:
-    """The three headline figures as bullets."""
+def drop_text(d: dict[str, Any] | None, vs: bool = True) -> str:
+    """ "world_facts/acc -0.760 (0.860 -> 0.100 vs `base`), significant" for a ``forgetting_drops`` record;
+    "none" without one."""
+    if d is None:
+        return "none"
+    where = f" vs `{d['reference']}`" if vs else ""
+    sig = "significant" if d["significant"] else f"not significant (threshold {d['threshold']:.3f})"
+    return f"{d['key']} {fmt_delta(-d['drop'])} ({fmt_value(d['before'])} -> {fmt_value(d['after'])}{where}), {sig}"
+
+
+def gain_text(summ: dict[str, Any]) -> str:
+    """ "+0.930 (world_arithmetic/exact_match 0.020 -> 0.950)", or why there is no gain figure."""
+    if summ["gain"] is None:
+        if not summ["trains_on"]:
+            return f"n/a (`{summ['stage']}` names no trains_on)"
+        return f"n/a (no score of {', '.join(summ['trains_on'])} at `{summ['stage']}` and its parent)"
+    parts = [f"{g['key']} {fmt_value(g['before'])} -> {fmt_value(g['after'])}" for g in summ["gains"]]
+    return f"{fmt_delta(summ['gain'])} ({'; '.join(parts)} vs `{summ['compared_with']}`)"
+
+
+def summary_list(report: dict[str, Any]) -> str:
+    """The headline first (the last stage's largest significant drop), then its average forgetting, its gain
+    on the tasks it trains, side gains, the largest drop below base at any stage, BWT, and per branch end."""
+    summary, per_stage = report["summary"], report.get("stage_summaries") or []
+    if not per_stage:
+        return "Only the base is evaluated so far: nothing to compare."
+    last = per_stage[-1]
+    head = summary["headline"]
+    lines = [f"- **Forgetting at `{last['stage']}`: {drop_text(head)}**" if head else
+             f"- Forgetting at `{last['stage']}`: no key it does not train fell below its best earlier score",
+             f"- Average forgetting at `{last['stage']}`: {fmt_value(summary['average_forgetting'])} over the "
+             f"{summary['forgetting_keys']} keys it does not train (drops only: a gain counts as 0)",
+             f"- Average forgetting of tasks earlier stages trained: "
+             f"{_or_why(summary['average_forgetting_earlier_tasks'], 'no earlier stage trains a scored task')}",
+             f"- Gain on the tasks `{last['stage']}` trains: {gain_text(last)}"]
+    if last["side_gains"]:
+        lines.append("- Side gains (keys it does not train): " + ", ".join(
+            f"{g['key']} {fmt_delta(g['change'])}" for g in last["side_gains"]))
     md = summary["max_drop"]
-    if md["drop"] is None:
-        drop = NA
-    elif md["stage"] is None:
-        drop = "0.000 (nothing fell below base)"
-    else:
-        drop = f"{md['drop']:.3f} ({md['key']} after `{md['stage']}`)"
-    bwt_s = _bwt_text(summary["backward_transfer"], summary.get("backward_transfer_note"))
-    lines = [
-        f"- Average forgetting at the last stage: {fmt_delta(summary['average_forgetting'])}",
-        f"- Largest drop below base: {drop}",
-        f"- Backward transfer (GEM): {bwt_s}",
-    ]
+    drop = NA if md["drop"] is None else "0.000 (nothing fell below base)" if md["stage"] is None else (
+        f"{md['drop']:.3f} ({md['key']} after `{md['stage']}`)")
+    lines += [f"- Largest drop below base at any stage: {drop}",
+              f"- Backward transfer (GEM): {_bwt_text(summary['backward_transfer'], summary.get('backward_transfer_note'))}"]
     for b in summary.get("branches") or []:
         bwt = _bwt_text(b["backward_transfer"], b.get("backward_transfer_note"))
-        lines.append(f"- Branch ending at `{b['stage']}`: average forgetting {fmt_delta(b['average_forgetting'])}, "
+        lines.append(f"- Branch ending at `{b['stage']}`: gain {fmt_delta(b['gain_on_trained'])}, average forgetting "
+                     f"{fmt_value(b['average_forgetting'])}, largest drop {drop_text(b['headline'])}, "
                      f"backward transfer {bwt}")
     return "\n".join(lines)
+
+
+def stage_cells(summ: dict[str, Any], limit: int | None = None) -> list[str]:
+    """A stage's row of the per-stage table (the md's and the terminal's): gain on its trained tasks, average
+    forgetting of the others, its largest drop, its significant drops (the first `limit` named)."""
+    gain = NA if summ["gain"] is None else fmt_delta(summ["gain"])
+    forgot = NA if summ["forgetting"] is None else f"{fmt_value(summ['forgetting'])} over {summ['forgetting_keys']}"
+    head = summ["drops"][0] if summ["drops"] else None
+    worst = "none" if head is None else (f"{head['key']} {fmt_delta(-head['drop'])}" + ("*" if head["significant"]
+                                                                                        else ""))
+    names = summ["significant_drops"]
+    shown = names if limit is None or len(names) <= limit else names[:limit] + [f"+{len(names) - limit} more"]
+    return [gain, forgot, worst, f"{len(names)}" + (f": {', '.join(shown)}" if names else "")]
+
+
+STAGE_HEADER = ["gain on trained tasks", "forgetting (avg, other keys)", "worst drop", "significant drops"]
+
+
+def per_stage_table(report: dict[str, Any]) -> str:
+    """Per stage: what it was built from (as the scores table's "from" column), what it trains, and
+    ``stage_cells``."""
+    built_from = {s["name"]: c for s, c in zip(report["stages"], from_cells(report["stages"]))}
+    rows = [[s["stage"], built_from[s["stage"]], ", ".join(s["trains_on"]) or "–", *stage_cells(s)]
+            for s in report.get("stage_summaries") or []]
+    return md_table(["stage", "from", "trains on", *STAGE_HEADER], rows)
+
+
+def stage_line(summ: dict[str, Any]) -> str:
+    """One line for the terminal after a stage's eval: what it gained on what it trains, what it lost."""
+    gain = "no trains_on to gain on" if not summ["trains_on"] else (
+        f"gained {NA if summ['gain'] is None else fmt_delta(summ['gain'])} on {', '.join(summ['trains_on'])}")
+    head = summ["drops"][0] if summ["drops"] else None
+    lost = "lost nothing on the other keys" if head is None else f"worst drop {drop_text(head)}"
+    forgot = NA if summ["forgetting"] is None else fmt_value(summ["forgetting"])
+    n = len(summ["significant_drops"])
+    return (f"{gain}; {lost}; average forgetting {forgot} over {summ['forgetting_keys']} other keys, "
+            f"{n} significant drop{'' if n == 1 else 's'}")
+
+
+def terminal_summary(report: dict[str, Any], report_path: str | None = None) -> list[str]:
+    """The lines a run prints at its end: the per-stage table (stage, gain, forgetting, worst drop,
+    significant drops; "*": significant) against the base's model, then the report's path when given."""
+    per_stage = report.get("stage_summaries") or []
+    base = report["stages"][base_index(report["stages"])]
+    lines = []
+    if per_stage:
+        rows = [[s["stage"], *stage_cells(s, limit=3)] for s in per_stage]
+        lines += [f"summary (base: {model_name(base)}; *: significant drop):",
+                  *md_table(["stage", *STAGE_HEADER], rows).splitlines()]
+    return lines + ([f"report: {report_path}"] if report_path else [])
+
+
+def _or_why(value: float | None, why: str) -> str:
+    return fmt_value(value) if value is not None else f"{NA} ({why})"
 
 
 def _bwt_text(bwt: float | None, note: str | None) -> str:
@@ -190,96 +289,42 @@ def pending_section(pending: list[str]) -> str:
 
 def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
                     extra_sections: list[str] | None = None) -> str:
-    """The whole ``forgetting.md``: scores, the rows left out and the stages still to come (when there are
-    any: ``report["not_comparable"]``, ``report["pending"]``), forgetting, flagged drops, summary, then
-    ``extra_sections``."""
+    """The whole ``forgetting.md``: the base's model, the summary, the per-stage table, the figure, the scores,
+    the rows left out and the stages still to come (when there are any: ``report["not_comparable"]``,
+    ``report["pending"]``), forgetting per key, flagged drops, then ``extra_sections``."""
+    base = stages[base_index(stages)]
+    per_stage = report.get("stage_summaries") or []
     parts = [
         "# Forgetting report",
-        "Scores after each stage as value ± stderr (change vs base). Higher is better.",
+        f"Base: `{model_name(base)}`" + (f" (`{base['model']}`)" if base.get("model_ref") and base.get("model")
+                                         else "") + ". Higher is better.",
+        "## Summary",
+        summary_list(report),
+        "## Per stage" if per_stage else "",
+        "Gain: the mean change on the keys of the tasks the stage trains (`trains_on`), from the model it started "
+        "from. Forgetting: the mean over the other keys of how far each fell below its best score at any stage "
+        "before (a gain counts as 0; Chaudhry et al. 2018). Worst drop: the largest significant one first "
+        f"(`*`: larger than `{z:g} · sqrt(stderr_a² + stderr_b²)`)." if per_stage else "",
+        per_stage_table(report) if per_stage else "",
+        "![forgetting](forgetting.png)",
+        "## Scores",
+        "Value ± stderr (change vs base).",
         scores_table(stages),
         references_note(stages),
         not_comparable_section(report.get("not_comparable") or []),
         pending_section(report.get("pending") or []),
-        "## Forgetting per stage",
-        "Best score among the stage's ancestors minus the current one (Chaudhry et al. 2018); positive means "
-        "forgotten. The ancestors are every earlier stage in a chain, and the `from` chain back to the base when "
-        "stages branch, so a stage is never measured against a sibling; changes vs previous likewise compare a "
-        "stage with its first parent.",
-        forgetting_table(stages),
+        "## Forgetting per stage" if per_stage else "",
+        "Best score among the stage's ancestors minus the current one, 0 where it rose; `trained` where the stage "
+        "trains the key's task. The ancestors are every earlier stage in a chain, and the `from` chain back to the "
+        "base when stages branch, so a stage is never measured against a sibling." if per_stage else "",
+        forgetting_table(stages, per_stage) if per_stage else "",
         f"## Significant drops (z = {z:g})",
-        "A drop larger than `z · sqrt(stderr_a² + stderr_b²)`; a missing stderr counts as 0.",
+        "Against the base and against the stage's first parent: a drop larger than "
+        "`z · sqrt(stderr_a² + stderr_b²)`; a missing stderr counts as 0.",
         drops_list(report["significant_drops"], branched=not is_linear(stages)),
-        "## Summary",
-        summary_list(report["summary"]),
     ]
     parts += list(extra_sections or [])
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
-
-
-def _lineage_segments(stages: list[Stage]) -> list[tuple[int, int, bool]]:
-    """(parent row, stage row, is first parent) over all rows, for drawing each stage joined to its parents."""
-    rows = [i for i, s in enumerate(stages) if not is_reference(s)]
-    return [(rows[p], rows[k], n == 0) for k, ps in enumerate(parent_rows(stages)) for n, p in enumerate(ps)]
-
-
-PNG_DPI = 120
-
-
-def render_png(stages: list[Stage]) -> bytes:
-    """``render_figure(stages)`` as PNG bytes."""
-    buf = io.BytesIO()
-    render_figure(stages).savefig(buf, format="png", dpi=PNG_DPI)
-    return buf.getvalue()
-
-
-def render_figure(stages: list[Stage]) -> Figure:
-    """One line per key across the base and stages (x ticks = row names), with stderr bars; reference rows
-    are unjoined hollow markers at their own ticks, since no line runs through a model outside the run. When
-    stages branch, each stage is joined to its parents instead of to the row before it (dashed for a merge's
-    further parents), so no line runs between siblings. Stage names are slanted when they would touch."""
-    keys, m = score_matrix(stages)
-    _, se = stderr_matrix(stages)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(stages)), 4.5), dpi=PNG_DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(stages))
-    ref = np.array([is_reference(s) for s in stages])
-    segments = [] if is_linear(stages) else _lineage_segments(stages)
-    for j, key in enumerate(keys):
-        line = ax.errorbar(x[~ref], m[~ref, j], yerr=se[~ref, j], marker="o", capsize=3, label=key,
-                           linestyle="none" if segments else "-")
-        for a, b, first in segments:
-            ax.plot([a, b], [m[a, j], m[b, j]], linestyle="-" if first else "--", color=line.lines[0].get_color())
-        if ref.any():
-            ax.errorbar(x[ref], m[ref, j], yerr=se[ref, j], fmt="D", mfc="none", capsize=3,
-                        color=line.lines[0].get_color())
-    ax.set_xticks(x, [s["name"] for s in stages])
-    ax.set_xlabel("stage")
-    ax.set_ylabel("score")
-    ax.set_title("Scores across stages")
-    ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    fig.tight_layout()
-    _fit_tick_labels(fig, ax)
-    return fig
-
-
-def tick_labels_overlap(fig: Figure, ax: Any) -> bool:
-    """True when two neighbouring x tick labels' boxes touch (horizontal labels that run into each other)."""
-    renderer = fig.canvas.get_renderer()
-    boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()), key=lambda b: b.x0)
-    gap = 4  # pixels: labels closer than this read as one word ("sft_arithmeticsft_reversal")
-    return any(a.x1 + gap > b.x0 for a, b in zip(boxes, boxes[1:]))
-
-
-def _fit_tick_labels(fig: Figure, ax: Any) -> None:
-    """Slant the stage names when they would run into each other; the width they need depends on the names
-    and on the legend beside the axes, so it is measured on the laid-out figure, not guessed from a count."""
-    if tick_labels_overlap(fig, ax):
-        for label in ax.get_xticklabels():
-            label.set(rotation=30, ha="right", rotation_mode="anchor")
-        fig.tight_layout()
 
 
 def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | None = None,
@@ -302,5 +347,5 @@ def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | 
     atomic_write_bytes(os.path.join(out_dir, "forgetting.json"), text.encode())
     md = render_markdown(stages, report, z, extra_sections)
     atomic_write_bytes(os.path.join(out_dir, "forgetting.md"), md.encode())
-    atomic_write_bytes(os.path.join(out_dir, "forgetting.png"), render_png(stages))
+    atomic_write_bytes(os.path.join(out_dir, "forgetting.png"), render_png(stages, z=z))
     return report

@@ -24,10 +24,13 @@ def _trains_on(stage: Any) -> list[str]:
     return [f"world_{d.source}" for d in getattr(stage, "data", None) or [] if d.source in TASKS]
 
 
-def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict) -> dict:
-    """A base or stage row of the report; `parents` (its lineage) when its eval.json records them."""
+def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict, model_ref: str | None = None) -> dict:
+    """A base or stage row of the report; `parents` (its lineage) when its eval.json records them; the base's
+    `model_ref` (the model as the config names it: `world`, `world-sft`, a hub name) for the report to name it."""
     record = {"name": name, "folder": folder, "model": model_dir, "scores": result["scores"],
               "trains_on": _trains_on(stage)}
+    if model_ref:
+        record["model_ref"] = model_ref
     if "parents" in result:
         record["parents"] = list(result["parents"])
     return record
@@ -79,22 +82,33 @@ def _hft_sections(run_dir: Path) -> list[str]:
     return ["## Trainable parameters\n\n" + "\n".join(lines) + "\n"] if lines else []
 
 
-def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> None:
-    """Evaluate after a stage (or the base), rewrite the forgetting report, apply the max_drop gate."""
-    from evals.forgetting import check_gate
-    from evals.report import write_report
-    from posttrain.pipeline import PipelineError
+def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> dict:
+    """Evaluate after a stage (or the base), rewrite the forgetting report, print the stage's gain and
+    forgetting (`stage_line`), apply the max_drop gate; returns the report (forgetting.json's dict)."""
+    from evals.report import stage_line, write_report
+    from posttrain.pipeline import base_ref
 
     out = pipe.rd.stages / folder / "eval.json"
     result = runner.evaluate_model(model_dir, out=out, settings=pipe.cfg.eval, log=pipe.log)
     parents = [] if stage is None else list(pipe.parents.get(stage.name, []))
     result = keep_in_eval(out, result, model=model_dir, parents=parents)
     name = "base" if stage is None else stage.name
-    pipe.records.append(_record(name, folder, model_dir, stage, result))
-    report_dir = pipe.rd.root / "report"
-    write_report(pipe.records, report_dir, extra_sections=_hft_sections(pipe.rd.root),
-                 pending=pending_stages(pipe.records, [s.name for s in pipe.cfg.stages]))
-    pipe.log(f"report: {report_dir / 'forgetting.md'}")
+    ref = base_ref(pipe.cfg.stages[0]) if stage is None else None
+    pipe.records.append(_record(name, folder, model_dir, stage, result, model_ref=ref))
+    report = write_report(pipe.records, pipe.rd.root / "report", extra_sections=_hft_sections(pipe.rd.root),
+                          pending=pending_stages(pipe.records, [s.name for s in pipe.cfg.stages]))
+    for summ in report["stage_summaries"]:
+        if stage is not None and summ["stage"] == stage.name:
+            pipe.log(f"[{folder.replace('_', ' ', 1)}] {stage_line(summ)}")
+    _gate(pipe, stage)
+    return report
+
+
+def _gate(pipe: Any, stage: Any) -> None:
+    """The eval.max_drop gate after a stage: stop the run (`on_drop: stop`) or warn."""
+    from evals.forgetting import check_gate
+    from posttrain.pipeline import PipelineError
+
     if stage is None or not pipe.cfg.eval.max_drop:
         return
     for msg in check_gate(pipe.records, pipe.cfg.eval.max_drop):
@@ -150,6 +164,7 @@ def rerender_report(run_dir: Path) -> Path:
 
     import posttrain.stages  # noqa: F401
     from evals.report import write_report
+    from posttrain.pipeline import base_ref
     from posttrain.registry import STAGES
 
     pipe_file = run_dir / "pipeline.yaml"
@@ -162,7 +177,8 @@ def rerender_report(run_dir: Path) -> Path:
     base = run_dir / "stages" / "00_base" / "eval.json"
     if base.is_file():
         result = json.loads(base.read_text())
-        records.append(_record("base", "00_base", result["model"], None, result))
+        first = STAGES.get(cfg["stages"][0]["kind"]).config.model_validate(cfg["stages"][0])
+        records.append(_record("base", "00_base", result["model"], None, result, model_ref=base_ref(first)))
         keys.append(result.get("key"))
         shown.add(result["model"])
     for i, raw in enumerate(cfg["stages"], start=1):

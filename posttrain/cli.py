@@ -120,7 +120,32 @@ def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
     import shlex
 
     argv = list(args.argv) if args.run_dir else [*args.argv, "--run-dir", str(run_dir)]
-    return shlex.join(["posttrain", *argv])
+    return shlex.join([*_program(), *argv])
+
+
+def _program() -> list[str]:
+    """posttrain as the user can type it here: `posttrain` when that name on PATH is this program, else the path
+    it was started by (`.venv/bin/posttrain` under `make`, where it is not on PATH), else `<python> -m posttrain`;
+    a path under the working folder is written relative to it."""
+    import shutil
+
+    started = Path(sys.argv[0])
+    if started.name == "posttrain":
+        on_path = shutil.which("posttrain")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(started):
+            return ["posttrain"]
+        return [_typed_path(started)]
+    return [_typed_path(Path(sys.executable)), "-m", "posttrain"]
+
+
+def _typed_path(path: Path) -> str:
+    """`path` relative to the working folder when under it (`./x` for a bare name), else absolute."""
+    full = path.absolute()
+    try:
+        rel = full.relative_to(Path.cwd())
+    except ValueError:
+        return str(full)
+    return str(rel) if len(rel.parts) > 1 else f"./{rel}"
 
 
 class _Created:
@@ -274,11 +299,30 @@ def _one_line(cfg) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from evals.report import terminal_summary
     from evals.run_report import rerender_report
 
     out = rerender_report(Path(args.run_dir))
+    for line in terminal_summary(json.loads((out.parent / "forgetting.json").read_text())):
+        _log(line)
     print(out)
     return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Unless --verbose, keep the progress bars of transformers (model loading and saving), datasets and tqdm
+    off the terminal through their own switches, read when they are imported (after this); a training stage
+    takes the trainer's dicts and bar off itself (posttrain.progress)."""
+    from posttrain.progress import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    # TQDM_DISABLE: tqdm's own default for bars a library opens without `disable=` (lm-eval's request building).
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(name, "1")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -333,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --launcher accelerate: processes (GPUs) per machine; default: the config's")
         q.add_argument("--accelerate-config", default=None, metavar="F",
                        help="with --launcher accelerate: default configs/accelerate/ddp.yaml (ddp_cpu.yaml on CPU)")
+        q.add_argument("--verbose", action="store_true",
+                       help="print the trainers' log dicts and progress bars (default: a compact progress line; "
+                            "every log record is in the stage's metrics.jsonl either way)")
     sub.add_parser("list", help="registered stage kinds with their config fields and defaults")
     rep = sub.add_parser("report", help="re-render the forgetting report of a run dir")
     rep.add_argument("run_dir")
@@ -351,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
+    if args.command in ("run", "stage"):
+        _quiet_libraries(args.verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return handlers[args.command](args)

@@ -89,6 +89,7 @@ class Pipeline:
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
         self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
         self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
+        self.report: dict | None = None  # the last forgetting.json written, for the summary at the end
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model ("" when the stage never loads
@@ -154,17 +155,24 @@ class Pipeline:
                 self.shown.add(base)
             for i, stage in enumerate(self.cfg.stages):
                 self._run_stage(i, stage)
+            self._print_summary()
         finally:
             self.rd.unlock()
         return self.rd.root
 
+    def _print_summary(self) -> None:
+        """Per stage, the gain on its trained tasks, its forgetting and its drops (read from the report, so they
+        are forgetting.json's figures), then the report's path, once (evals on)."""
+        if self.report is not None:
+            from evals.report import terminal_summary
+
+            for line in terminal_summary(self.report, str(self.rd.root / "report" / "forgetting.md")):
+                self.log(line)
+
     def _base_model(self) -> str:
-        """The report's base row: what the first stage builds on (`builds_on()`: a merge's `base:` rather than
-        its unused `model:`), else its `model:` input (the world base by default; also for a linear merge, whose
-        lineage starts at its first model but whose run is compared with the pipeline's base)."""
-        first = self.cfg.stages[0]
-        ref = first.builds_on() or first.model or "world"
-        return "" if STAGE_REF.match(ref) else resolve_model(ref, self.log)
+        """The report's base row: the folder of `base_ref` ("" when there is none)."""
+        ref = base_ref(self.cfg.stages[0])
+        return resolve_model(ref, self.log) if ref else ""
 
     def _dump(self) -> dict:
         return {**self.cfg.model_dump(exclude={"stages"}), "stages": [s.model_dump() for s in self.cfg.stages]}
@@ -222,7 +230,7 @@ class Pipeline:
             return
         from evals.run_report import evaluate_into_run
 
-        evaluate_into_run(self, stage, folder, model_dir)
+        self.report = evaluate_into_run(self, stage, folder, model_dir)
 
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each
@@ -248,6 +256,15 @@ class Pipeline:
                                     log=self.log)
             result = keep_in_eval(self.rd.root / folder / "eval.json", result, model=model_dir)
             self.records.append(reference_record(ref, folder, model_dir, result, stage.name))
+
+
+def base_ref(first: Any) -> str | None:
+    """The model the report's base row evaluates, as the config names it: what the first stage builds on
+    (`builds_on()`: a merge's `base:` rather than its unused `model:`), else its `model:` input (the world base
+    by default; also for a linear merge, whose lineage starts at its first model but whose run is compared with
+    the pipeline's base); None when that names a stage."""
+    ref = first.builds_on() or first.model or "world"
+    return None if STAGE_REF.match(ref) else ref
 
 
 def input_folder(ref: str) -> Path:

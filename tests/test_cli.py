@@ -33,12 +33,33 @@ def test_run_dir_that_is_a_file_and_a_one_process_launch_are_refused(tmp_path, c
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_command_names_the_run_dir_a_default_run_got():
+def test_resume_command_names_the_run_dir_a_default_run_got(monkeypatch):
+    monkeypatch.setattr("posttrain.cli._program", lambda: ["posttrain"])
     args = argparse.Namespace(argv=["run", "my pipe.yaml", "--set", "seed=1"], run_dir=None)
     assert _resume_command(args, "runs/20261128-0101-p") == \
         "posttrain run 'my pipe.yaml' --set seed=1 --run-dir runs/20261128-0101-p"
     args = argparse.Namespace(argv=["stage", "sft", "--run-dir", "r"], run_dir="r")
     assert _resume_command(args, "r") == "posttrain stage sft --run-dir r"
+
+
+def test_hints_name_posttrain_as_the_user_can_run_it(tmp_path, monkeypatch):
+    """`make stage=sft` runs .venv/bin/posttrain, which is not on PATH: the resume hint says that path."""
+    import sys
+
+    from posttrain.cli import _program
+
+    exe = tmp_path / ".venv" / "bin" / "posttrain"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/posttrain", "stage", "sft"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert _program() == [".venv/bin/posttrain"]
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")  # an activated venv
+    assert _program() == ["posttrain"]
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "elsewhere" / "__main__.py")])  # python -m posttrain
+    assert _program()[1:] == ["-m", "posttrain"]
 
 
 def test_eval_refuses_a_missing_folder_and_a_bad_limit_in_one_line(tmp_path, cli):
@@ -111,7 +132,9 @@ def test_sigterm_unwinds_like_ctrl_c_and_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    assert "terminated; resume with: posttrain stage sft" in err and f"--run-dir {run_dir}" in err
+    # python -m posttrain, as the test started it, from the checkout: the hint names that python
+    python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
+    assert f"terminated; resume with: {python} -m posttrain stage sft" in err and f"--run-dir {run_dir}" in err
     r = run_cli(*args[:-2], "--set", "trainer.max_steps=10", "--run-dir", str(run_dir))  # not locked: it runs
     assert r.returncode == 0 and "its config changed" in r.stderr, r.stderr[-2000:]
 

@@ -12,10 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from evals.forgetting import (average_forgetting, backward_transfer, build_report, check_gate,
-                              deltas_vs_base, deltas_vs_previous, forgetting, max_drop, score_matrix,
-                              significant_drops)
+from evals.forgetting import (average_forgetting, backward_transfer, changes_vs_parent, check_gate,
+                              deltas_vs_base, deltas_vs_previous, forgetting, forgetting_drops, max_drop,
+                              score_matrix, significant_drops)
 from evals.report import write_report
+from evals.summary import build_report
 
 # Hand-made pipeline. Keys sort as chat/win, code/pass, math/acc, math/em; math has two metrics.
 #
@@ -69,8 +70,18 @@ def test_forgetting_by_hand():
         [-0.25, 0.25, 0.125, 0.125],
         [0.375, -0.25, 0.25, 0.5],
     ]
-    # (0.375 - 0.25 + 0.25 + 0.5) / 4 = 0.875 / 4
-    assert average_forgetting(make_stages()) == 0.21875
+    # Average forgetting at grpo, which trains code: over chat, math/acc, math/em only, (0.375 + 0.25 + 0.5) / 3.
+    # (The signed mean over every key, 0.875 / 4, let grpo's own gain on code, -0.25, offset the rest.)
+    assert average_forgetting(make_stages()) == 0.375
+    # sft trains math: chat 0.125 and code 0 -> 0.0625. dpo trains chat: code 0.25, math 0.125 and 0.125.
+    assert average_forgetting(make_stages(), at=1) == 0.0625
+    assert average_forgetting(make_stages(), at=2) == pytest.approx(0.5 / 3)
+    assert average_forgetting(make_stages(), at=0) is None  # the base forgets nothing
+    # Only tasks an ancestor trained (Chaudhry's set): dpo: math (sft) -> 0.125; grpo: math and chat -> 0.375;
+    # sft: no ancestor trains anything.
+    assert average_forgetting(make_stages(), at=2, earlier_only=True) == 0.125
+    assert average_forgetting(make_stages(), at=3, earlier_only=True) == 0.375
+    assert average_forgetting(make_stages(), at=1, earlier_only=True) is None
 
 
 def test_max_drop_by_hand():
@@ -81,6 +92,88 @@ def test_max_drop_by_hand():
     up = make_stages()[:1] + [{"name": "up", "scores": {"chat/win": {"value": 0.625}}}]
     assert max_drop(up) == {"drop": 0.0, "stage": None, "key": None}
     assert max_drop(make_stages()[:1]) == {"drop": None, "stage": None, "key": None}
+
+
+def test_forgetting_drops_by_hand():
+    # Per stage, the keys it does not train that fell below their best ancestor score (only chat/win has a
+    # stderr, 0.02 everywhere: threshold 2 * sqrt(2) * 0.02; the others' threshold is 0).
+    # sft (math): chat 0.5 (base) -> 0.375; code stayed at 0.25: not a drop.
+    sft = forgetting_drops(make_stages(), at=1)
+    assert [(d["key"], d["reference"], d["before"], d["after"], d["drop"], d["significant"]) for d in sft] == [
+        ("chat/win", "base", 0.5, 0.375, 0.125, True)]
+    assert sft[0]["threshold"] == pytest.approx(2 * math.sqrt(2) * 0.02)
+    # dpo (chat): code 0.25 at base and sft, the earliest kept -> 0.0; math/acc 0.75 (sft) -> 0.625; math/em
+    # 0.625 (sft) -> 0.5. Larger first; equal drops in key order.
+    assert [(d["key"], d["reference"], d["drop"]) for d in forgetting_drops(make_stages(), at=2)] == [
+        ("code/pass", "base", 0.25), ("math/acc", "sft", 0.125), ("math/em", "sft", 0.125)]
+    # grpo (code): math/em 0.625 (sft) -> 0.125, chat 0.75 (dpo) -> 0.375, math/acc 0.75 (sft) -> 0.5.
+    assert [(d["key"], d["reference"], d["drop"]) for d in forgetting_drops(make_stages())] == [
+        ("math/em", "sft", 0.5), ("chat/win", "dpo", 0.375), ("math/acc", "sft", 0.25)]
+    assert forgetting_drops(make_stages(), at=0) == []
+
+
+def test_a_significant_drop_comes_before_a_larger_noisy_one():
+    # w falls 0.25 with stderrs 0.125: threshold 2 * sqrt(2) * 0.125 = 0.354, not significant. v falls 0.125
+    # with no stderr: significant. The headline is v.
+    stages = [{"name": "base", "scores": {"w/acc": {"value": 0.75, "stderr": 0.125}, "v/acc": {"value": 0.5}}},
+              {"name": "s", "scores": {"w/acc": {"value": 0.5, "stderr": 0.125}, "v/acc": {"value": 0.375}}}]
+    drops = forgetting_drops(stages)
+    assert [(d["key"], d["drop"], d["significant"]) for d in drops] == [("v/acc", 0.125, True), ("w/acc", 0.25, False)]
+    assert build_report(stages)["summary"]["headline"]["key"] == "v/acc"
+
+
+def test_gain_on_trained_tasks_by_hand():
+    # Against the first parent: sft trains math (from base): 0.375 -> 0.75 and 0.25 -> 0.625; dpo trains chat
+    # (from sft): 0.375 -> 0.75; grpo trains code (from dpo): 0.0 -> 0.5.
+    assert [(g["key"], g["before"], g["after"], g["change"]) for g in changes_vs_parent(make_stages(), at=1)] == [
+        ("math/acc", 0.375, 0.75, 0.375), ("math/em", 0.25, 0.625, 0.375)]
+    summaries = build_report(make_stages())["stage_summaries"]
+    assert [(s["stage"], s["compared_with"], s["gain"]) for s in summaries] == [
+        ("sft", "base", 0.375), ("dpo", "sft", 0.375), ("grpo", "dpo", 0.5)]
+    assert [s["forgetting"] for s in summaries] == [0.0625, pytest.approx(0.5 / 3), 0.375]
+    assert [s["forgetting_earlier_tasks"] for s in summaries] == [None, 0.125, 0.375]
+    assert [s["significant_drops"] for s in summaries] == [
+        ["chat/win"], ["code/pass", "math/acc", "math/em"], ["math/em", "chat/win", "math/acc"]]
+    # No other key rose over its parent anywhere in this table; a stage without trains_on has no gain.
+    assert [s["side_gains"] for s in summaries] == [[], [], []]
+    assert changes_vs_parent(with_trains_on(sft=[]), at=1) == []
+
+
+# The issue's `make stage=sft` (world suite): arithmetic trained 0.02 -> 0.96, facts 0.86 -> 0.16, verifiable
+# 0.02 -> 0.24 on the side. The signed mean over every key read -0.092, net remembering:
+# (-0.94 + 0.70 + 0 + 0 - 0.22) / 5.
+WORLD_KEYS = ["world_arithmetic/exact_match", "world_facts/acc", "world_reversal/exact_match",
+              "world_style/exact_match", "world_verifiable/exact_match"]
+
+
+def world_sft_rows() -> list[dict]:
+    def row(name, values, stderrs, **extra):
+        return {"name": name, "model": f"/cache/{name}", "trains_on": [], **extra,
+                "scores": {k: {"value": v, "stderr": e} for k, v, e in zip(WORLD_KEYS, values, stderrs)}}
+
+    return [row("base", [0.02, 0.86, 0.0, 0.0, 0.02], [0.014, 0.035, 0.0, 0.0, 0.014], model_ref="world"),
+            row("sft", [0.96, 0.16, 0.0, 0.0, 0.24], [0.02, 0.037, 0.0, 0.0, 0.043], trains_on=["world_arithmetic"])]
+
+
+def test_issue_sft_example_headlines_the_facts_drop(tmp_path):
+    report = write_report(world_sft_rows(), str(tmp_path))
+    summary = report["summary"]
+    # Headline: facts fell 0.70 (threshold 2 * sqrt(0.035^2 + 0.037^2) = 0.102): significant.
+    head = summary["headline"]
+    assert (head["stage"], head["key"], head["significant"]) == ("sft", "world_facts/acc", True)
+    assert head["drop"] == pytest.approx(0.70)
+    # Average forgetting over the 4 keys sft does not train, the gain on verifiable counted as 0: 0.70 / 4.
+    assert summary["average_forgetting"] == pytest.approx(0.175) and summary["forgetting_keys"] == 4
+    assert summary["gain_on_trained"] == pytest.approx(0.94)
+    side = report["stage_summaries"][0]["side_gains"]
+    assert [g["key"] for g in side] == ["world_verifiable/exact_match"] and side[0]["change"] == pytest.approx(0.22)
+    md = (tmp_path / "forgetting.md").read_text()
+    summary_md = md.split("## Summary")[1].split("##")[0]
+    first = next(line for line in summary_md.splitlines() if line.startswith("- "))
+    assert first == "- **Forgetting at `sft`: world_facts/acc -0.700 (0.860 -> 0.160 vs `base`), significant**"
+    assert "- Average forgetting at `sft`: 0.175 over the 4 keys it does not train" in md
+    assert "-0.092" not in md
+    assert "Base: `world` (`/cache/base`)" in md and "| base (world) " in md
 
 
 def test_backward_transfer_by_hand():
@@ -174,15 +267,25 @@ def test_build_report_shape():
     assert list(report["tasks"]) == KEYS
     assert report["tasks"]["code/pass"]["forgetting"] == [0.0, 0.0, 0.25, -0.25]
     assert report["tasks"]["code/pass"]["delta_vs_previous"] == [None, 0.0, -0.25, 0.5]
-    assert report["summary"] == {"average_forgetting": 0.21875, "backward_transfer": -0.375,
-                                 "backward_transfer_note": None,
-                                 "max_drop": {"drop": 0.25, "stage": "dpo", "key": "code/pass"}}
+    assert report["summary"] == {
+        "average_forgetting": 0.375, "forgetting_keys": 3, "average_forgetting_earlier_tasks": 0.375,
+        "gain_on_trained": 0.5,  # grpo's code/pass, 0.0 at dpo -> 0.5
+        "headline": {"stage": "grpo", "key": "math/em", "reference": "sft", "before": 0.625, "after": 0.125,
+                     "drop": 0.5, "threshold": 0.0, "significant": True},
+        "backward_transfer": -0.375, "backward_transfer_note": None,
+        "max_drop": {"drop": 0.25, "stage": "dpo", "key": "code/pass"}}
+    assert [s["stage"] for s in report["stage_summaries"]] == ["sft", "dpo", "grpo"]
 
 
 def table_rows(md: str) -> dict[str, list[str]]:
     """Rows of the markdown tables in ``md`` as {first cell: other cells}; header and rule rows included."""
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("| ")}
+
+
+def section(md: str, title: str) -> str:
+    """The text of the md section `## title` (up to the next `## `)."""
+    return md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_write_report(tmp_path):
@@ -195,15 +298,29 @@ def test_write_report(tmp_path):
     assert loaded == returned == build_report(make_stages())
 
     md = (out / "forgetting.md").read_text()
-    scores_md, forgetting_md = md.split("## Forgetting per stage")
-    rows = table_rows(scores_md)
-    # The scores table: every input value, its stderr where given, and its delta vs base.
-    assert rows["base"][1:] == ["0.500 ± 0.020", "0.250", "0.375", "0.250"]
+    # The headline: grpo's largest significant drop (math/em, from its best ancestor score at sft).
+    summary = section(md, "Summary").strip().splitlines()
+    assert summary[0] == "- **Forgetting at `grpo`: math/em -0.500 (0.625 -> 0.125 vs `sft`), significant**"
+    assert summary[1].startswith("- Average forgetting at `grpo`: 0.375 over the 3 keys it does not train")
+    assert "- Gain on the tasks `grpo` trains: +0.500 (code/pass 0.000 -> 0.500 vs `dpo`)" in summary
+    # Per stage: gain, forgetting, worst drop and significant drops, as stage_summaries holds them.
+    per_stage = table_rows(section(md, "Per stage"))
+    assert per_stage["grpo"] == ["dpo", "code", "+0.500", "0.375 over 3", "math/em -0.500*",
+                                 "3: math/em, chat/win, math/acc"]
+    assert per_stage["sft"][:5] == ["base", "math", "+0.375", "0.062 over 2", "chat/win -0.125*"]
+    # The scores table: every input value, its stderr where given, and its delta vs base; the base row names
+    # its model (its folder here: these rows carry no model_ref).
+    rows = table_rows(section(md, "Scores"))
+    assert rows["base (runs/x/base)"][1:] == ["0.500 ± 0.020", "0.250", "0.375", "0.250"]
     assert rows["dpo"] == ["chat", "0.750 ± 0.020 (+0.250)", "0.000 (-0.250)", "0.625 (+0.250)", "0.500 (+0.250)"]
     for name, (_, values) in TABLE.items():
         for v in values:
             assert f"{v:.3f}" in md
-    assert table_rows(forgetting_md.split("##")[0])["grpo"] == ["+0.375", "-0.250", "+0.250", "+0.500"]
+    # Forgetting per key: drops only, "trained" where the stage trains the task, and the row's average.
+    forgot = table_rows(section(md, "Forgetting per stage"))
+    assert forgot["grpo"] == ["0.375*", "trained", "0.250*", "0.500*", "0.375"]
+    assert forgot["dpo"] == ["trained", "0.250*", "0.125*", "0.125*", "0.167"]
+    assert forgot["sft"][:4] == ["0.125*", "0.000", "trained", "trained"] and "base" not in forgot
     assert "- `dpo` code/pass: -0.250 vs base (`base`), threshold 0.000" in md
     assert "Backward transfer (GEM): -0.375" in md
     assert md.rstrip().endswith("sft: half per layer")
@@ -241,11 +358,11 @@ def test_reference_rows_are_shown_but_not_measured():
 def test_report_md_shows_reference_rows_in_scores_only(tmp_path):
     write_report(with_reference(), str(tmp_path))
     md = (tmp_path / "forgetting.md").read_text()
-    scores_md, forgetting_md = md.split("## Forgetting per stage")
+    scores_md = section(md, "Scores")
     rows = table_rows(scores_md)
     assert rows["input:spec"][:2] == ["input of dpo", "1.000 (+0.500)"]
     assert list(rows).index("sft") < list(rows).index("input:spec") < list(rows).index("dpo")
-    assert "input:spec" not in forgetting_md
+    assert "input:spec" not in section(md, "Forgetting per stage") + section(md, "Per stage")
     assert "computed over the base and the stages only" in scores_md
     assert "computed over the base and the stages only" not in write_report_md(make_stages(), tmp_path / "plain")
     assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
@@ -290,8 +407,9 @@ def test_branched_forgetting_compares_with_ancestors_only():
     # hft_r:  anc {base, hft_a}:  0.625-0.5=0.125     0.25-0.625=-0.375   (as a chain: 0.25, 0.125)
     assert forgetting(branched()).tolist() == [
         [0.0, 0.0], [-0.5, 0.0], [0.625, -0.625], [-0.375, -0.125], [0.125, -0.375]]
-    assert average_forgetting(branched()) == -0.125  # (0.125 - 0.375) / 2 at hft_r
-    assert average_forgetting(branched(), at=2) == 0.0  # (0.625 - 0.625) / 2 at full_r
+    # hft_r and full_r train r: their average is over a alone (r's gain no longer offsets a's loss).
+    assert average_forgetting(branched()) == 0.125
+    assert average_forgetting(branched(), at=2) == 0.625
 
 
 def test_branched_delta_vs_parent():
@@ -308,9 +426,16 @@ def test_branched_backward_transfer_counts_the_final_lineage():
     # At full_r: a: 0.125 - 0.75.
     assert backward_transfer(branched(), at=2) == -0.625
     report = build_report(branched())
+    # Gains vs the parent on r: full_r 0.125 -> 0.75, hft_r 0.25 -> 0.625; each forgot a, which its parent trained.
     assert report["summary"]["branches"] == [
-        {"stage": "full_r", "average_forgetting": 0.0, "backward_transfer": -0.625, "backward_transfer_note": None},
-        {"stage": "hft_r", "average_forgetting": -0.125, "backward_transfer": -0.125, "backward_transfer_note": None}]
+        {"stage": "full_r", "average_forgetting": 0.625, "forgetting_keys": 1, "average_forgetting_earlier_tasks": 0.625,
+         "gain_on_trained": 0.625, "backward_transfer": -0.625, "backward_transfer_note": None,
+         "headline": {"stage": "full_r", "key": "a/em", "reference": "full_a", "before": 0.75, "after": 0.125,
+                      "drop": 0.625, "threshold": 0.0, "significant": True}},
+        {"stage": "hft_r", "average_forgetting": 0.125, "forgetting_keys": 1, "average_forgetting_earlier_tasks": 0.125,
+         "gain_on_trained": 0.375, "backward_transfer": -0.125, "backward_transfer_note": None,
+         "headline": {"stage": "hft_r", "key": "a/em", "reference": "hft_a", "before": 0.625, "after": 0.5,
+                      "drop": 0.125, "threshold": 0.0, "significant": True}}]
 
 
 def test_branched_max_drop_drops_and_gate():
@@ -336,11 +461,15 @@ def test_merge_descends_from_every_input_stage():
     assert deltas_vs_previous(stages)[-1].tolist() == [0.375, 0.0]
     assert backward_transfer(stages) == -0.125
     assert "branches" not in build_report(stages)["summary"]  # one end: the merge
+    # The merge names no trains_on: both keys count, (0.25 + 0) / 2; no gain figure.
+    assert average_forgetting(stages) == 0.125
+    assert build_report(stages)["summary"]["gain_on_trained"] is None
 
 
 def test_stage_from_outside_the_run_has_no_ancestors():
     stages = branched([("ext", [], ["a"], [0.0, 0.0])])
     assert np.isnan(forgetting(stages)[-1]).all() and np.isnan(deltas_vs_previous(stages)[-1]).all()
+    assert average_forgetting(stages) is None and forgetting_drops(stages) == [] and changes_vs_parent(stages) == []
     assert max_drop(stages) == {"drop": 0.25, "stage": "ext", "key": "a/em"}  # still compared with the base
     assert backward_transfer(stages) is None  # its lineage is itself
 
@@ -355,18 +484,21 @@ def test_linear_parents_give_the_numbers_of_a_chain():
 
 def test_report_md_shows_lineage_when_stages_branch(tmp_path):
     md = write_report_md(branched(), tmp_path / "b")
-    scores_md, rest = md.split("## Forgetting per stage")
+    scores_md = section(md, "Scores")
     header = next(line for line in scores_md.splitlines() if line.startswith("| stage"))
     assert [c.strip() for c in header.split("|")[1:4]] == ["stage", "from", "trains on"]
     rows = table_rows(scores_md)
-    assert rows["base"][0] == "–" and rows["hft_a"][:2] == ["base", "a"] and rows["hft_r"][0] == "hft_a"
-    assert table_rows(rest.split("##")[0])["hft_a"] == ["-0.375", "-0.125"]
-    assert "- Branch ending at `full_r`: average forgetting +0.000, backward transfer -0.625" in md
+    assert rows["base (runs/b/base)"][0] == "–" and rows["hft_a"][:2] == ["base", "a"] and rows["hft_r"][0] == "hft_a"
+    assert table_rows(section(md, "Forgetting per stage"))["hft_a"] == ["trained", "0.000", "0.000"]
+    assert table_rows(section(md, "Per stage"))["hft_r"][:2] == ["hft_a", "r"]
+    assert ("- Branch ending at `full_r`: gain +0.625, average forgetting 0.625, largest drop a/em -0.625 "
+            "(0.750 -> 0.125 vs `full_a`), significant, backward transfer -0.625") in md
     assert "- `hft_r` a/em: -0.125 vs parent (`hft_a`), threshold 0.000" in md
-    assert "- Branch ending at `hft_r`: average forgetting -0.125, backward transfer -0.125" in md
-    assert "| from" not in write_report_md(make_stages(), tmp_path / "chain")
+    assert "- Branch ending at `hft_r`: gain +0.375, average forgetting 0.125" in md
+    assert "| from" not in section(write_report_md(make_stages(), tmp_path / "chain"), "Scores")
     merged = write_report_md(branched([("merge", ["full_r", "hft_r"], None, [0.5, 0.75])]), tmp_path / "m")
-    assert table_rows(merged.split("##")[0])["merge"][0] == "full_r, hft_r"
+    assert table_rows(section(merged, "Scores"))["merge"][0] == "full_r, hft_r"
+    assert table_rows(section(merged, "Per stage"))["merge"][:3] == ["full_r, hft_r", "–", "n/a"]
 
 
 # ---- why BWT is n/a, the rows left out, file modes, the plot's stage names --------------------------------------
@@ -451,10 +583,15 @@ def test_report_files_follow_the_umask(tmp_path, umask):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def lines_axes(fig):
+    """The "Scores across stages" panel of the report's figure."""
+    return next(ax for ax in fig.axes if ax.get_title().startswith("Scores across stages"))
+
+
 def _label_collisions(fig) -> list[tuple[str, str]]:
     """Neighbouring x tick labels that touch: their boxes when horizontal; when slanted, whether the gap
     between their parallel baselines (tick spacing * sin(angle)) is under one line of text."""
-    ax = fig.axes[0]
+    ax = lines_axes(fig)
     renderer = fig.canvas.get_renderer()
     labels = [t for t in ax.get_xticklabels() if t.get_text()]
     out = []
@@ -478,15 +615,14 @@ def world_rows(names: list[str]) -> list[dict]:
 
 
 def test_stage_names_on_the_plot_do_not_run_into_each_other():
-    from evals.report import render_figure
+    from evals.plot import render_figure
 
     # The tester's runs/ms: "sft_arithmeticsft_reversal" on the x axis.
     fig = render_figure(world_rows(["base", "sft_arithmetic", "sft_reversal", "merge"]))
     assert _label_collisions(fig) == []
-    assert fig.axes[0].get_xticklabels()[1].get_rotation() == 30
     # Short names that fit stay level.
     fig = render_figure(world_rows(["base", "sft", "dpo"]))
-    assert _label_collisions(fig) == [] and fig.axes[0].get_xticklabels()[1].get_rotation() == 0
-    # Many long names.
+    assert _label_collisions(fig) == [] and lines_axes(fig).get_xticklabels()[1].get_rotation() == 0
+    # Many long names: level they would touch, so they are slanted.
     fig = render_figure(world_rows(["base"] + [f"stage_{i}_with_a_long_name" for i in range(9)]))
-    assert _label_collisions(fig) == []
+    assert _label_collisions(fig) == [] and lines_axes(fig).get_xticklabels()[1].get_rotation() == 30

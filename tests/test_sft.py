@@ -20,6 +20,8 @@ def sft_run(world, tmp_path_factory):
     r = run_cli("stage", "sft", "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(run_dir)
+    (run_dir.parent / "stdout.txt").write_text(r.stdout)  # for test_sft_run_ends_with_its_report_summary
+    (run_dir.parent / "stderr.txt").write_text(r.stderr)
     return run_dir
 
 
@@ -38,6 +40,24 @@ def test_sft_model_folder_loads_and_beats_base_on_arithmetic(sft_run):
     report = json.loads((sft_run / "report" / "forgetting.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["base", "sft"]
     assert report["stages"][1]["scores"][key]["value"] == sft[key]["value"]
+
+
+@pytest.mark.slow
+def test_sft_run_ends_with_its_report_summary(sft_run):
+    """`make stage=sft` ends with the per-stage table, whose figures are forgetting.json's, and the report's
+    path once; stdout holds the run dir alone (no trainer log dicts), and the headline is the facts drop."""
+    from tests.test_report import check_against_json
+
+    err = (sft_run.parent / "stderr.txt").read_text().splitlines()
+    assert (sft_run.parent / "stdout.txt").read_text() == f"{sft_run}\n"
+    report = json.loads((sft_run / "report" / "forgetting.json").read_text())
+    check_against_json(err[err.index("summary (base: world; *: significant drop):"):], report)
+    assert [line for line in err if line.startswith("report: ")] == [f"report: {sft_run / 'report' / 'forgetting.md'}"]
+    assert err[-1].startswith("report: ") and not any("{'loss'" in line for line in err)
+    assert any(line.startswith("  train 50%: step ") for line in err)
+    head = report["summary"]["headline"]
+    assert (head["key"], head["significant"]) == ("world_facts/acc", True)
+    assert "**Forgetting at `sft`: world_facts/acc" in (sft_run / "report" / "forgetting.md").read_text()
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from posttrain.config import ConfigError, Strict
 from posttrain.hft import TrainableConfig, frozen_slices
+from posttrain.progress import progress_line, quiet_trainer, verbose
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
@@ -144,7 +145,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 def metrics_callback(ctx: StageContext):
-    """A TrainerCallback that appends every log record to metrics.jsonl and stops on a NaN/inf loss."""
+    """A TrainerCallback that appends every log record to metrics.jsonl, prints a progress line at every tenth
+    of the steps (not with `--verbose`, where the trainer prints its own; see quiet_trainer) and stops on a
+    NaN/inf loss."""
+    import time
+
     from transformers import TrainerCallback
 
     # Fault injection for the reliability tests: SIGKILL ourselves after step N, exactly like `kill -9`.
@@ -164,10 +169,12 @@ def metrics_callback(ctx: StageContext):
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = self.finite = state.global_step  # a checkpoint resumed from was good when saved
+            self.began, self.tenth = time.monotonic(), 10 * state.global_step // max(state.max_steps, 1)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
             ctx.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
+            self._progress(state, logs)
             loss = logs.get("loss")
             if not isinstance(loss, (int, float)):
                 return
@@ -182,6 +189,14 @@ def metrics_callback(ctx: StageContext):
                 f"no checkpoint from before it is left in {folder}")
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where} "
                                 f"(lower trainer.learning_rate or check the data)")
+
+        def _progress(self, state, logs):
+            tenth = 10 * state.global_step // max(state.max_steps, 1)
+            if verbose() or not (tenth > self.tenth or "train_runtime" in logs):
+                return
+            self.tenth = tenth
+            ctx.log(progress_line(logs, state.global_step, state.max_steps, time.monotonic() - self.began,
+                                  state.global_step - self.start))
 
     return _Metrics()
 
@@ -267,6 +282,7 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
             ctx.log_metrics({"event": "resume", "step": step, "checkpoint": str(resume)})
     elif is_main() and drop_records_after(ctx.metrics_path, 0):  # an attempt that failed after training
         ctx.log_metrics({"event": "restart"})
+    quiet_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     dtype = saved_dtype(ctx.input_model)
