@@ -239,7 +239,7 @@ def _run(job: dict[str, Any], timeout_s: float, sizes: dict[str, int], namespace
         limits = _limits(sizes, group, namespace_, job["mode"])
         run = _Run(None, nonce, limits, namespace_)
         header = {k: v for k, v in job.items() if k != "tests"}  # the tests follow, apart (see child.py)
-        header.update(nonce=nonce, result_fd=child_fd, uid=uid, limits=limits, timeout_s=timeout_s,
+        header.update(nonce=None if job["mode"] == "tests" else nonce, result_fd=child_fd, uid=uid, limits=limits, timeout_s=timeout_s,
                       namespace=namespace_, scratch_mb=max(sizes["memory_mb"] // 2, 16))
         payload = json.dumps(header).encode()
         tests = json.dumps(job["tests"]).encode() if job["mode"] == "tests" else b""
