@@ -43,7 +43,8 @@ from posttrain.rewards.imports import read_source, sibling_imports
 log = logging.getLogger(__name__)
 
 TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION = "timeout", "memory", "crash", "fork_limit", "exception"
-ERROR_KINDS = (TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION)
+NON_FINITE = "non_finite"  # a reward's value, not a sandbox outcome: counted by RewardFunc
+ERROR_KINDS = (TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION, NON_FINITE)
 
 NOBODY = 65534  # uid and gid of `nobody`/`nogroup` on Debian-like systems
 _FSIZE_BYTES = 64 << 20  # largest file the child may write
