@@ -284,6 +284,7 @@ def _eval(args: argparse.Namespace) -> int:
     import posttrain.stages  # noqa: F401  (registers every world model name, world-v2 included)
     from evals.runner import evaluate_model
     from posttrain.config import ConfigError
+    from posttrain.model_files import check_folder_files
     from posttrain.models import ModelError, resolve_model
 
     if args.limit is not None and args.limit < 1:
@@ -291,7 +292,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         _check_writable_parent(Path(args.out), "--out")
     model = resolve_model(args.model, _log)  # world names and local folders as stages take them
-    _check_eval_model(model, args)
+    check_folder_files(model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, log=_log)
     import jinja2
 
     try:
@@ -305,60 +306,6 @@ def _eval(args: argparse.Namespace) -> int:
         stderr = score.get("stderr")
         print(f"{key}: {score['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
     return 0
-
-
-def _check_eval_model(model: str, args: argparse.Namespace) -> None:
-    """The stages' refusals (pickle weights, a model's own code), with eval's flags to opt in, then the folder's
-    JSON files and safetensors headers (a bad or cut-short file), each one line (ModelError, exit 2), before
-    lm-eval starts."""
-    import json
-
-    from posttrain.models import ModelError, check_remote_code, check_weights
-    from posttrain.tensors import _read_header
-
-    check_weights(model, args.allow_pickle, opt_in="pass --allow-pickle")  # as a stage would
-    check_remote_code(model, args.trust_remote_code, _log, opt_in="pass --trust-remote-code if you trust it")
-    for file in sorted(Path(model).glob("*.json")) if Path(model).is_dir() else []:
-        try:
-            json.loads(file.read_bytes())
-        except (ValueError, OSError) as e:
-            raise ModelError(f"{file}: not valid JSON: {str(e).splitlines()[0]}") from None
-    for file in sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []:
-        try:
-            _read_header(file)
-        except (ValueError, KeyError, TypeError, OSError) as e:  # ValueError covers bad JSON and a short file
-            why = str(e).splitlines()[0].removeprefix(f"{file}: ") if str(e) else type(e).__name__
-            raise ModelError(f"{file}: not a readable safetensors file: {why}") from None
-    _check_chat_template(Path(model))
-
-
-def _check_chat_template(folder: Path) -> None:
-    """Render the folder's chat template on a one-message chat, as lm-eval will (transformers' renderer, in
-    Jinja's sandbox), so that a template that fails says so in one line before lm-eval starts."""
-    import json
-
-    import jinja2
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    from posttrain.models import ModelError
-
-    template = None
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(errors="replace")
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        if template is None and (folder / name).is_file():
-            value = json.loads((folder / name).read_bytes()).get("chat_template")
-            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)} \
-                if isinstance(value, list) else {}
-            template = value if isinstance(value, str) else named.get("default")
-    if not isinstance(template, str):
-        return
-    try:
-        render_jinja_template([[{"role": "user", "content": "1 + 1"}]], chat_template=template,
-                              add_generation_prompt=True)
-    except jinja2.TemplateError as e:  # a syntax error, or what the sandbox stopped (SecurityError)
-        raise ModelError(f"{folder}: its chat template fails on a one-message chat: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _check_writable_parent(path: Path, option: str) -> None:
