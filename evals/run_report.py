@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import runner
-from posttrain.config import ConfigError, EvalConfig, validated
+from posttrain.config import ConfigError, EvalConfig, read_yaml, validated
 from posttrain.rundir import atomic_write_json
 
 
@@ -160,8 +160,6 @@ def rerender_report(run_dir: Path) -> Path:
     rerun with another `eval.limit`, say), or its stage was built from an earlier version of a parent. When
     that is the base, nothing has a base to compare with: a one-line error says so.
     """
-    import yaml
-
     import posttrain.stages  # noqa: F401
     from evals.report import write_report
     from posttrain.pipeline import base_ref
@@ -170,7 +168,7 @@ def rerender_report(run_dir: Path) -> Path:
     pipe_file = run_dir / "pipeline.yaml"
     if not pipe_file.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
-    cfg = yaml.safe_load(pipe_file.read_text())
+    cfg = read_yaml(pipe_file)  # a run dir may come from elsewhere: the same caps as any config
     records: list[dict] = []
     keys: list[Any] = []  # per record, the key of its eval.json
     shown: set[str] = set()

@@ -127,10 +127,12 @@ def evaluate_model(
     log: Callable[[str], None] = print,
     split: str = "test",
     tasks: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one model folder; reuse `out` when it holds the same model hash, task hashes and settings.
 
     `tasks` narrows the suite (e.g. a coefficient search scoring one task); `split="dev"` scores dev splits.
+    `trust_remote_code` lets lm-eval run a model's own code (`posttrain eval --trust-remote-code`).
     """
     settings = settings or EvalConfig(suite=suite, limit=limit)
     spec = load_suite(settings.suite)
@@ -155,7 +157,7 @@ def evaluate_model(
         if old.get("key") == key:
             log(f"eval: reusing {out}")
             return old
-    record = _run_lm_eval(model_dir, spec, include, limit, settings, log)
+    record = _run_lm_eval(model_dir, spec, include, limit, settings, log, trust_remote_code)
     record.update(model=str(model_dir), key=key, **key, versions=_versions())
     if out:
         atomic_write_json(Path(out), record)
@@ -244,7 +246,8 @@ def _has_chat_template(model_dir: str) -> bool:
         return True  # no readable tokenizer config: lm-eval loads the folder next and names the problem
 
 
-def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, log) -> dict[str, Any]:
+def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, log,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -263,6 +266,8 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
         model_args = {"pretrained": model_dir, "dtype": "float32", "device": _device()}
         if model_args["device"] == "cpu":
             fit_cpu_threads(folder_params(str(model_dir)))
+    if trust_remote_code:
+        model_args["trust_remote_code"] = True
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
     with _no_git_hash(), _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):

@@ -329,20 +329,24 @@ def _eval(args: argparse.Namespace) -> int:
     import posttrain.stages  # noqa: F401  (registers every world model name, world-v2 included)
     from evals.runner import evaluate_model
     from posttrain.config import ConfigError
-    from posttrain.models import ModelError, check_remote_code, check_weights, resolve_model
+    from posttrain.model_files import check_folder_files
+    from posttrain.models import ModelError, resolve_model
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.out:
         _check_writable_parent(Path(args.out), "--out")
     model = resolve_model(args.model, _log)  # world names and local folders as stages take them
-    check_weights(model, args.allow_pickle, opt_in="pass --allow-pickle")  # as a stage would, for the same folder
-    # lm-eval loads with trust_remote_code off: a folder with its own code loads only where transformers has the class
-    check_remote_code(model, False, _log, opt_in="posttrain eval does not run a model's own code")
+    check_folder_files(model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, log=_log)
+    import jinja2
+
     try:
-        result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log)
+        result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log,
+                                trust_remote_code=args.trust_remote_code)
     except OSError as e:  # transformers could not load it (a hub name not cached here, a broken folder)
         raise ModelError(f"{args.model}: cannot load the model: {str(e).strip().splitlines()[0]}") from None
+    except jinja2.TemplateError as e:  # a template error, or one its sandbox stopped (SecurityError)
+        raise ModelError(f"{args.model}: its chat template failed: {type(e).__name__}: {e}") from None
     for key, score in sorted(result["scores"].items()):
         stderr = score.get("stderr")
         print(f"{key}: {score['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
@@ -389,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--out", help="write eval.json here")
     e.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights (they can run code)")
+    e.add_argument("--trust-remote-code", action="store_true", help="load a model whose config names its own code")
     return p
 
 

@@ -231,12 +231,12 @@ def default_accelerate_config() -> Path:
 def launch_command(child_argv: list[str], num_processes: int | None, config: str | None) -> list[str]:
     """`accelerate launch ... -m posttrain <child_argv>`, with --multi_gpu for DDP configs (CPU included:
     accelerate forks processes through torchrun only on that path; see configs/accelerate/ddp_cpu.yaml)."""
-    import yaml
+    from posttrain.config import read_yaml
 
     path = Path(config) if config else default_accelerate_config()
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate-config {path}: no such file")
-    dist = (yaml.safe_load(path.read_text()) or {}).get("distributed_type", "")
+    dist = read_yaml(path).get("distributed_type", "")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]

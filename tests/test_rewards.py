@@ -82,7 +82,7 @@ def test_code_exec_passes_only_when_tests_pass():
              ""]
     assert fn(prompts=["p"] * 4, completions=[good, wrong, unterminated, good], tests=tests) == [1.0, 0.0, 0.0, 0.0]
     # A failed assert is a wrong answer; the syntax error is an exception; the row without tests is neither.
-    assert stats.by_kind() == {"timeout": 0, "memory": 0, "crash": 0, "fork_limit": 0, "exception": 1}
+    assert stats.by_kind() == {"timeout": 0, "memory": 0, "crash": 0, "fork_limit": 0, "exception": 1, "non_finite": 0}
 
 
 # ---------------------------------------------------------------- TRL calling convention

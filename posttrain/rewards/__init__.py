@@ -10,10 +10,13 @@ for ``GRPOConfig(reward_weights=...)``::
     stats = RewardStats()
     funcs, weights = build_reward_funcs(cfg.rewards, stats)
     ...
-    metrics.update(stats.as_metrics())  # error counts by kind: timeout, memory, crash, fork_limit, exception
+    metrics.update(stats.as_metrics())  # error counts by kind: timeout, memory, crash, ..., non_finite
     stats.failed_every_call()           # the rewards that scored no completion at all, with their error kinds
 
-A reward never raises into the trainer: a failing call scores 0 for its rows and is counted in ``stats``.
+A reward never raises into the trainer: a failing call scores 0 for its rows and is counted in ``stats``. A
+value that is not a finite number within ``MAX_ABS_REWARD`` (``inf``, ``1e308``: one such value zeroes the
+advantages of its whole group) scores 0 and is counted as ``non_finite``. An in-process user reward gets
+``timeout_s`` per completion of the call, wall-clock (``deadline.py``); past it the call scores 0 (``timeout``).
 A user reward's file may import modules next to it, as a script can: in-process its folder is on
 ``sys.path``; in the sandbox the trainer reads the ``.py`` files it imports from there and hands them over.
 Builtins get completions as text (the last message's content for conversational completions); user
@@ -42,15 +45,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from posttrain.registry import REWARDS, RegistryError, did_you_mean
 from posttrain.rewards import builtin  # importing it registers the builtin rewards
 from posttrain.rewards.imports import imported_names
-from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, FileFunction, run_sandboxed
+from posttrain.rewards.deadline import RewardTimeout, call_with_deadline
+from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, NON_FINITE, TIMEOUT, FileFunction, run_sandboxed
 
-__all__ = ["ERROR_KINDS", "RewardFunc", "RewardSpec", "RewardStats", "RewardsFailed", "build_reward_funcs",
+__all__ = ["ERROR_KINDS", "MAX_ABS_REWARD", "RewardFunc", "RewardSpec", "RewardStats", "RewardsFailed", "build_reward_funcs",
            "completion_text", "reward_file", "run_sandboxed", "validate_reward_name"]
 
 log = logging.getLogger(__name__)
 
 # Arguments TRL passes that are live Python objects: they cannot cross into a sandboxed child.
 _TRL_RUNTIME_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
+# Larger rewards are taken for a bug: GRPO normalizes each group by its std, so one huge value sets every other
+# completion's advantage to about 0. Verifiable rewards are of order 1; a length penalty of order 100.
+MAX_ABS_REWARD = 1e6
 
 
 class RewardStats:
@@ -119,7 +126,8 @@ class RewardSpec(BaseModel):
     name: str = Field(description="a registered reward, or path/to/file.py:function")
     weight: float = 1.0
     sandbox: bool = Field(False, description="run a user reward in the sandbox; code_exec always does")
-    timeout_s: float = Field(5.0, gt=0, description="per sandboxed run: one completion")
+    timeout_s: float = Field(5.0, gt=0, description="per completion, wall-clock: a sandboxed run, or a share of "
+                                                   "an in-process user reward's call")
     memory_mb: int = Field(512, ge=64, description="address-space limit of a sandboxed run (a Python needs ~30)")
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -279,16 +287,30 @@ class RewardFunc:
             if len(values) != n:
                 raise ValueError(f"returned {len(values)} rewards for {n} completions")
             values = [None if v is None else float(v) for v in values]
-        except Exception as e:  # a reward bug must cost one batch's score, never the training run
-            self.stats.record(self.__name__, EXCEPTION)
+        except (Exception, RewardTimeout) as e:  # a reward bug must cost one batch's score, never the training run
+            timed_out = isinstance(e, RewardTimeout)
+            self.stats.record(self.__name__, TIMEOUT if timed_out else EXCEPTION)
             self.stats.rows(self.__name__, failed=n)
             if type(e).__name__ not in self._warned:  # once per kind of failure, not once per step
                 self._warned.add(type(e).__name__)
-                log.warning("reward %r failed; scoring its batch 0", self.__name__, exc_info=True)
+                limit = f" (over {self.spec.timeout_s * max(n, 1):g} s)" if timed_out else ""
+                log.warning("reward %r failed%s; scoring its batch 0", self.__name__, limit, exc_info=not timed_out)
             return [0.0] * n
-        if not self._sandboxed:  # a sandboxed user reward counts its rows one by one
-            self.stats.rows(self.__name__, scored=n)
+        if self._sandboxed:  # counted row by row, non-finite values included
+            return values
+        bad = [i for i, v in enumerate(values) if v is not None and not _in_range(v)]
+        for i in bad:
+            self._non_finite(values[i])
+            values[i] = 0.0
+        self.stats.rows(self.__name__, scored=n - len(bad), failed=len(bad))
         return values
+
+    def _non_finite(self, value: Any) -> None:
+        self.stats.record(self.__name__, NON_FINITE)
+        if NON_FINITE not in self._warned:
+            self._warned.add(NON_FINITE)
+            log.warning("reward %r returned %r (not a finite number within +-%g); scoring it 0", self.__name__,
+                        value, MAX_ABS_REWARD)
 
     @property
     def _sandboxed(self) -> bool:
@@ -307,7 +329,8 @@ class RewardFunc:
         if spec.sandbox:
             return self._score_sandboxed(FileFunction(path, ref[1]), prompts, completions, kwargs)
         fn = _load_user_function(path, ref[1])
-        return fn(**{**kwargs, "prompts": prompts, "completions": completions, **spec.params})
+        call = {**kwargs, "prompts": prompts, "completions": completions, **spec.params}
+        return call_with_deadline(fn, spec.timeout_s * max(len(completions), 1), **call)
 
     def _score_sandboxed(self, target: FileFunction, prompts: list[Any], completions: list[Any],
                          kwargs: dict[str, Any]) -> list[float | None]:
@@ -323,11 +346,18 @@ class RewardFunc:
             if kind is None and not (isinstance(value, list) and len(value) == 1
                                      and (value[0] is None or isinstance(value[0], (int, float)))):
                 kind = EXCEPTION  # the function broke TRL's contract: one number (or None) per completion
-            if kind is not None:
+            if kind is None and value[0] is not None and not _in_range(value[0]):
+                self._non_finite(value[0])
+                kind = NON_FINITE
+            elif kind is not None:
                 self.stats.record(self.__name__, kind)
             self.stats.rows(self.__name__, scored=kind is None, failed=kind is not None)
             out.append(value[0] if kind is None else 0.0)
         return out
+
+
+def _in_range(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= MAX_ABS_REWARD
 
 
 def build_reward_funcs(

@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from posttrain.registry import REWARDS, did_you_mean
-from posttrain.rewards.sandbox import run_sandboxed
+from posttrain.rewards.sandbox import Tests, run_sandboxed
 
 if TYPE_CHECKING:  # posttrain.rewards imports this module to register the builtins
     from posttrain.rewards import RewardStats
@@ -100,11 +100,14 @@ def code_exec(
     stats: RewardStats | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """1.0 where the completion's code (its last fenced block, else all of it) followed by the row's tests
-    (assert statements: a string or a list of strings) runs to the end in the sandbox.
+    """1.0 where the row's tests (assert statements: a string or a list of strings) run to the end against the
+    completion's code (its last fenced block, else all of it), in the sandbox.
 
-    A row without tests scores 0: code that merely runs proves nothing. A failed assert is a wrong answer;
-    anything else that stops the code (timeout, memory, crash, fork_limit, exception) is counted in ``stats``.
+    The tests run in a process of their own that calls into the completion's and compares the values it gets
+    back (``harness.py``), so the completion cannot reach the verdict: replacing builtins, forging a result,
+    exiting early or returning an always-equal object scores 0. A row without tests scores 0: code that merely
+    runs proves nothing. A failed assert is a wrong answer; anything else that stops the code (timeout, memory,
+    crash, fork_limit, exception) is counted in ``stats``.
     """
     out = []
     for c, t in zip(completions, tests, strict=True):
@@ -112,7 +115,7 @@ def code_exec(
         if not test_src.strip():
             out.append(0.0)
             continue
-        value, kind = run_sandboxed([extract_code(c), test_src], (), timeout_s=timeout_s, memory_mb=memory_mb,
+        value, kind = run_sandboxed(Tests(extract_code(c), test_src), (), timeout_s=timeout_s, memory_mb=memory_mb,
                                     max_procs=max_procs)
         if kind is not None and stats is not None:
             stats.record("code_exec", kind)

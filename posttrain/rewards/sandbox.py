@@ -7,21 +7,17 @@ as one group. ``subprocess`` gives an explicit environment, ``-I`` (no ``PYTHON*
 site-packages, no cwd on ``sys.path``), ``start_new_session`` and ``close_fds``, all without ``preexec_fn``,
 which is unsafe in a multi-threaded parent such as a trainer.
 
-The child (``_CHILD``) is two processes. The supervisor reads the job from stdin while still root, drops to
-``nobody`` (uid/gid 65534) when the parent is root (RLIMIT_NPROC does not bind root), becomes the subreaper
-of what it starts, and forks the worker. The worker leads its own process group, sets RLIMIT_NPROC,
-RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE and RLIMIT_CORE, then runs the untrusted code in an empty temporary
-directory (removed afterwards). At the deadline, or when the worker exits, the supervisor kills the worker's
-group plus any process that left it, reaps them all (no zombies left to count against RLIMIT_NPROC), and
-reports back as JSON over a pipe the worker cannot write. The worker's result carries a nonce that is never
-handed to the untrusted code, so ``os._exit(0)`` or a forged line on stdout does not fake a pass (code that
-digs the nonce out of the interpreter's frames could). Linux only (``/proc``, ``pidfd_open``).
+The child program (``child.py``) is a supervisor that drops to ``nobody`` when we are root, enters user, pid,
+mount and network namespaces where the kernel allows (``namespace.py``), and forks the worker, which confines
+itself (``confine.py``: private tmpfs scratch, Landlock, seccomp, resource limits) before the untrusted code
+runs; code_exec's tests run in a process of their own (``harness.py``). This side adds the memory cgroup of the
+call (``cgroup.py``), sends the job, enforces a last deadline, and classifies the outcome. Linux only
+(``/proc``, ``pidfd_open``).
 
-Where the kernel allows unprivileged user namespaces, the supervisor also puts the worker in new user, pid
-and mount namespaces with a fresh ``/proc`` (``namespace.py``), so the code cannot read the trainer's
-``/proc/<pid>/environ``, which matters without root, when the worker keeps the trainer's uid, and in a
-network namespace of its own (no network at all), where the kernel allows that too. Where it does
-not (Docker's default seccomp profile, a masked ``/proc``), the sandbox runs without them, warning once.
+Where a part is unavailable (no namespaces: Docker's default seccomp profile; no cgroup: a user without
+delegation; no Landlock: kernels before 5.13), the sandbox runs without it and says once what that leaves open.
+Without a cgroup the memory of all the call's processes is still bounded: at most ``_PROCS_WITHOUT_CGROUP``
+processes for the code, each with an equal share of ``memory_mb``.
 """
 from __future__ import annotations
 
@@ -40,20 +36,27 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from posttrain.rewards import child, confine, harness, namespace
+from posttrain.rewards.cgroup import Cgroup
 from posttrain.rewards.imports import read_source, sibling_imports
-from posttrain.rewards.namespace import CHILD_CODE, log_unavailable
 
 log = logging.getLogger(__name__)
 
 TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION = "timeout", "memory", "crash", "fork_limit", "exception"
-ERROR_KINDS = (TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION)
+NON_FINITE = "non_finite"  # a reward's value, not a sandbox outcome: counted by RewardFunc
+ERROR_KINDS = (TIMEOUT, MEMORY, CRASH, FORK_LIMIT, EXCEPTION, NON_FINITE)
 
 NOBODY = 65534  # uid and gid of `nobody`/`nogroup` on Debian-like systems
-_FSIZE_BYTES = 64 << 20  # largest file the child may write (its scratch dir lives on a shared disk)
+_FSIZE_BYTES = 64 << 20  # largest file the child may write
 _MAX_RESULT_BYTES = 8 << 20  # more than this on the result pipe is not a result
 _EXIT_NO_DROP = 70  # the child could not become `nobody`; it ran nothing
-# Try user/pid namespaces until one run finds they do not work here (then stay without, in this process).
+_CGROUP_OVERHEAD_MB = 64  # the supervisor, the namespace's init and code_exec's tester, on top of memory_mb
+_PROCS_WITHOUT_CGROUP = 4  # processes (and threads) the code may have when no cgroup bounds their sum
+_MIN_AS_MB = 64  # below this address space a Python process cannot start
+# Try namespaces and cgroups until one run finds they do not work here (then stay without, in this process).
 _use_namespaces = True
+_use_cgroups = True
+_said: set[str] = set()  # what is missing here, said once per process
 _GRACE_S = 3.0  # interpreter start-up and reaping, on top of timeout_s, before we kill the supervisor
 _CHILD_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -72,237 +75,25 @@ class FileFunction:
     name: str
 
 
-# The child program. It must not import posttrain: it stays small and quick to start. Two processes:
-# the supervisor (trusted: reads the job, drops privileges, enforces the deadline, kills and reaps) and the
-# worker it forks, which sets the resource limits, leads its own process group and runs the untrusted code.
-_CHILD = r'''
-import errno, json, os, resource, select, signal, sys, time
+@dataclass(frozen=True)
+class Tests:
+    """code_exec's job: ``code`` (a completion) checked by ``tests`` (Python, typically asserts), each in a
+    process of its own (``harness.py``); the value is True when the tests ran to the end, False on an assert."""
 
-def keep_imports_reachable():
-    # As `nobody` we may not traverse the interpreter's prefix (e.g. a pyenv under /root, mode 0700), so
-    # later imports (ctypes, numpy) would fail. Directory handles opened now, as root, are reachable
-    # through /proc/self/fd/N whatever the permissions above them; they grant nothing outside sys.path.
-    moved = {}
-    for p in list(sys.path):
-        try:
-            fd = os.open(p, os.O_PATH | os.O_DIRECTORY)
-        except OSError:
-            continue
-        os.set_inheritable(fd, True)
-        moved[p] = "/proc/self/fd/%d" % fd
-    def move(path):
-        for old, new in moved.items():
-            if path == old or path.startswith(old + os.sep):
-                return new + path[len(old):]
-        return path
-    sys.path[:] = [move(p) for p in sys.path]
-    for mod in list(sys.modules.values()):  # packages imported at startup (encodings, collections)
-        if isinstance(getattr(mod, "__path__", None), list):
-            mod.__path__[:] = [move(p) for p in mod.__path__]
-    sys.path_importer_cache.clear()
+    code: str
+    tests: str
 
-def become(uid):
-    keep_imports_reachable()
-    try:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)  # as root this sets real, effective and saved uid: there is no way back
-    except OSError:
-        os._exit(__NO_DROP__)
-    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()) != (uid, uid, uid, uid, []):
-        os._exit(__NO_DROP__)
 
-def prctl_flags():
-    # PR_SET_CHILD_SUBREAPER (36): orphans of the worker's processes come to us, not to init, so we reap
-    # them at once (an init that reaps late, or a trainer that is PID 1, would leave zombies that count
-    # against RLIMIT_NPROC). PR_SET_NO_NEW_PRIVS (38): no setuid binary can give the worker back root.
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)
-    libc.prctl(38, 1, 0, 0, 0)
-
-def set_limits(lim):
-    # RLIMIT_NPROC counts every process and thread of the real uid, so it is set after the drop.
-    resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
-    resource.setrlimit(resource.RLIMIT_AS, (lim["as_bytes"], lim["as_bytes"]))
-    resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (lim["fsize"], lim["fsize"]))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-def kind_of(e):
-    if isinstance(e, MemoryError):
-        return "memory"
-    if isinstance(e, OSError) and e.errno == errno.EAGAIN:  # fork() or clone() over RLIMIT_NPROC
-        return "fork_limit"
-    if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
-        return "fork_limit"
-    return "exception"
-
-def run(job, sources):
-    compiled = [compile(src, name, "exec") for src, name in sources]  # under the limits: compiling can blow up
-    if job["mode"] == "code":
-        ns = {"__name__": "__sandbox__", "__builtins__": __builtins__}
-        try:
-            for code in compiled:  # compiled apart, so one chunk cannot swallow the next in a string
-                exec(code, ns)
-        except AssertionError:  # a failed test: a wrong answer, not an error of the sandboxed code
-            return False
-        return True
-    import types
-    sys.meta_path.insert(0, Siblings(job["modules"]))  # first, as a script's folder comes first on sys.path
-    mod = types.ModuleType("posttrain_sandboxed_reward")
-    mod.__file__ = job["path"]
-    sys.modules[mod.__name__] = mod
-    exec(compiled[0], mod.__dict__)
-    return getattr(mod, job["func"])(*job["args"], **job["kwargs"])
-
-class Siblings:
-    # The modules next to the reward file that it imports, read by the trainer (no sys.path entry: the
-    # worker may not be allowed to read that folder, and should see nothing else in it).
-    def __init__(self, modules):
-        self.modules = modules
-    def find_spec(self, name, path=None, target=None):
-        if path is None and name in self.modules:
-            from importlib.machinery import ModuleSpec
-            return ModuleSpec(name, self, origin=self.modules[name][1])
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        source, module.__file__ = self.modules[module.__name__]
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-
-def worker(job, sources, wfd):
-    os.setpgid(0, 0)
-    if job["namespace"]:
-        try:
-            isolate_worker()
-        except Exception as e:  # nothing untrusted ran: tell the supervisor, which tells the parent
-            os.write(wfd, ("N%s: %s" % (type(e).__name__, e)).encode()[:500])
-            os._exit(0)
-    # Written before any untrusted code runs, so the code cannot fake an "N" (and so turn namespaces off).
-    os.write(wfd, b"R")
-    set_limits(job["limits"])
-    me = os.getpid()
-    try:
-        data = json.dumps({"nonce": job["nonce"], "value": run(job, sources), "error": None}).encode()
-    except BaseException as e:
-        if os.getpid() != me:
-            os._exit(1)  # a forked copy of the untrusted code: only the original process reports
-        detail = ("%s: %s" % (type(e).__name__, e))[:500]
-        data = json.dumps({"nonce": job["nonce"], "value": None, "error": kind_of(e), "detail": detail}).encode()
-    if os.getpid() != me:
-        os._exit(0)
-    while data:
-        data = data[os.write(wfd, data):]
-    os._exit(0)
-
-def collect(pid, rfd, deadline):
-    pidfd = os.pidfd_open(pid)
-    chunks, watch = [], [rfd, pidfd]
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), True
-        ready = select.select(watch, [], [], left)[0]
-        if rfd in ready:
-            chunk = os.read(rfd, 65536)
-            if not chunk:
-                watch.remove(rfd)
-            elif sum(map(len, chunks)) < __MAX_RESULT__:
-                chunks.append(chunk)
-        if pidfd in ready:
-            os.set_blocking(rfd, False)
-            try:
-                while chunk := os.read(rfd, 65536):
-                    chunks.append(chunk)
-            except BlockingIOError:
-                pass
-            return b"".join(chunks)[:__MAX_RESULT__], False
-
-def children():
-    me = os.getpid()
-    try:
-        with open("/proc/%d/task/%d/children" % (me, me)) as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:  # kernel without CONFIG_PROC_CHILDREN: read every parent pid
-        found = []
-        for entry in os.listdir("/proc"):
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-        return found
-
-def reap_all(wpid):
-    # Kill the worker's group and everything re-parented to us (strays that left the group), until no
-    # child is left: as subreaper, we have no descendant once we have no child.
-    while True:
-        for kill, target in [(os.killpg, wpid)] + [(os.kill, c) for c in children()]:
-            try:
-                kill(target, signal.SIGKILL)
-            except OSError:
-                pass
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
-
-def main():
-    job = json.loads(sys.stdin.buffer.read())
-    out = job.pop("result_fd")
-    if job["mode"] == "code":
-        sources = [(s, "<sandbox-%d>" % i) for i, s in enumerate(job["code"])]
-    else:  # read the user's file while still root: `nobody` may not be allowed to
-        with open(job["path"], encoding="utf-8") as f:
-            sources = [(f.read(), job["path"])]
-    if job["uid"] is not None:
-        become(job["uid"])
-    prctl_flags()
-    if job["namespace"]:
-        try:
-            enter_namespaces()
-        except Exception as e:
-            return report_to(out, {"no_namespace": "%s: %s" % (type(e).__name__, e)})
-    rfd, wfd = os.pipe()
-    deadline = time.monotonic() + job["timeout_s"]
-    wpid = os.fork()
-    if wpid == 0:
-        os.close(out)  # the worker must not be able to write the report
-        os.close(rfd)
-        worker(job, sources, wfd)
-    os.close(wfd)
-    try:
-        os.setpgid(wpid, wpid)  # also here, so the group exists before we could ever kill it
-    except OSError:
-        pass
-    data, timed_out = collect(wpid, rfd, deadline)
-    try:
-        os.killpg(wpid, signal.SIGKILL)  # the worker is a zombie at worst, so its group id is still ours
-    except OSError:
-        pass
-    _, status, ru = os.wait4(wpid, 0)
-    reap_all(wpid)  # in a pid namespace this kills its init too, and with it every process left there
-    report = {"status": status, "timed_out": timed_out, "maxrss_kb": ru.ru_maxrss,
-              "cpu_s": ru.ru_utime + ru.ru_stime, "result": data[1:].decode("utf-8", "replace")}
-    if data[:1] == b"N":
-        report = {"no_namespace": report["result"]}
-    report_to(out, report)
-
-def report_to(out, report):
-    data = json.dumps(report).encode()
-    while data:
-        data = data[os.write(out, data):]
-    os._exit(0)
-
-__NAMESPACE__
-main()
-'''.replace("__NAMESPACE__", CHILD_CODE).replace("__NO_DROP__", str(_EXIT_NO_DROP)).replace("__MAX_RESULT__", str(_MAX_RESULT_BYTES))
+CHILD = (child.CHILD.replace("__NAMESPACE__", namespace.CHILD_CODE).replace("__CONFINE__", confine.CHILD_CODE)
+         .replace("__HARNESS__", harness.CHILD_CODE).replace("__NO_DROP__", str(_EXIT_NO_DROP))
+         .replace("__MAX_RESULT__", str(_MAX_RESULT_BYTES)))
 
 
 def _job(fn_or_code: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What the child should run: code chunks, or a function in a file (a callable is found by its file)."""
+    """What the child should run: code chunks, tests of a completion, or a function in a file (a callable is
+    found by its file)."""
+    if isinstance(fn_or_code, Tests):
+        return {"mode": "tests", "code": [fn_or_code.code], "tests": fn_or_code.tests}
     if isinstance(fn_or_code, str):
         return {"mode": "code", "code": [fn_or_code]}
     if isinstance(fn_or_code, (list, tuple)) and all(isinstance(c, str) for c in fn_or_code):
@@ -318,7 +109,7 @@ def _job(fn_or_code: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None)
 
 
 def run_sandboxed(
-    fn_or_code: str | Sequence[str] | Callable[..., Any] | FileFunction,
+    fn_or_code: str | Sequence[str] | Tests | Callable[..., Any] | FileFunction,
     args: Sequence[Any] = (),
     timeout_s: float = 5.0,
     memory_mb: int = 512,
@@ -330,13 +121,16 @@ def run_sandboxed(
 
     ``fn_or_code`` is Python source (``str``), or a list of sources run in order in one namespace (module
     ``__sandbox__``, so ``if __name__ == "__main__"`` blocks are skipped, as in HumanEval-style harnesses;
-    value ``True`` when all ran, ``False`` when an ``AssertionError`` stopped them), or a module-level
-    function / ``FileFunction``, whose file the child loads by path and calls with ``*args, **kwargs`` (JSON
-    values in and out); the modules next to the file that it imports (``sibling_imports``) are read here and
-    found there first, as a script's folder is, and nothing of the parent's ``sys.path`` is added. ``cpu_s``
-    defaults to ``timeout_s``; ``max_procs`` counts every process and thread of the sandbox user, the
-    supervisor (and the namespace's init) included. Error kinds are those in ``ERROR_KINDS``; this function
-    never raises for anything the child does.
+    value ``True`` when all ran, ``False`` when an ``AssertionError`` stopped them), or ``Tests`` (code_exec:
+    the same value, decided where the code cannot reach), or a module-level function / ``FileFunction``, whose
+    file the child loads by path and calls with ``*args, **kwargs`` (JSON values in and out); the modules next
+    to the file that it imports (``sibling_imports``) are read here and found there first, as a script's folder
+    is, and nothing of the parent's ``sys.path`` is added. ``memory_mb`` bounds the sum over the call's
+    processes (a cgroup; without one, each of at most ``_PROCS_WITHOUT_CGROUP`` gets a share), and a scratch
+    tmpfs of half as much holds ``/tmp``, ``/var/tmp`` and ``/dev/shm``. ``cpu_s`` defaults to ``timeout_s``;
+    ``max_procs`` counts every process and thread of the sandbox user, the supervisor (and the namespace's init,
+    and code_exec's tester) included. Error kinds are those in ``ERROR_KINDS``; this function never raises for
+    anything the child does.
     """
     try:
         job = _job(fn_or_code, args, kwargs)
@@ -345,67 +139,130 @@ def run_sandboxed(
         log.warning("sandbox: cannot send the job to the child: %s", e)
         return None, EXCEPTION
     cpu = max(1, math.ceil(timeout_s if cpu_s is None else cpu_s))
-    limits = {"nproc": max_procs, "as_bytes": memory_mb << 20, "cpu_s": cpu, "fsize": _FSIZE_BYTES}
+    sizes = {"memory_mb": memory_mb, "cpu_s": cpu, "max_procs": max_procs}
     try:
-        report, nonce, overran = _run(job, timeout_s, limits, _use_namespaces)
-        if report is not None and "no_namespace" in report:  # nothing ran: once more, without
-            _namespaces_unavailable(report["no_namespace"])
-            report, nonce, overran = _run(job, timeout_s, limits, False)
+        run = _run(job, timeout_s, sizes, _use_namespaces)
+        if run.report is not None and "no_namespace" in run.report:  # nothing ran: once more, without
+            reason = run.report["no_namespace"]
+            _namespaces_unavailable()
+            run = _run(job, timeout_s, sizes, False)
+            landlock = bool((_json((run.report or {}).get("confined")) or {}).get("landlock"))
+            namespace.log_unavailable(reason, NOBODY if os.geteuid() == 0 else None, landlock)
     except OSError as e:  # the machinery itself failed (no fork, no temp dir): say so, but do not raise
         log.warning("sandbox: could not run the child: %s", e)
         return None, EXCEPTION
-    if overran:
+    if run.overran:
         return None, TIMEOUT
-    if report is None:
-        return None, EXCEPTION
-    return _classify(report, nonce, memory_mb, cpu)
+    if run.report is None:
+        return None, MEMORY if run.oom else EXCEPTION
+    _say_what_is_missing(run.report.get("confined"), run.limits, run.namespace)
+    return _classify(run, job["mode"])
 
 
-def _namespaces_unavailable(reason: str) -> None:
-    """Remember for this process that namespaces fail here (no second try per call); say what it costs."""
+def _namespaces_unavailable() -> None:
+    """Remember for this process that namespaces fail here (no second try per call)."""
     global _use_namespaces
     _use_namespaces = False
-    log_unavailable(reason, NOBODY if os.geteuid() == 0 else None)
 
 
-def _run(job: dict[str, Any], timeout_s: float, limits: dict[str, int],
-         namespace: bool) -> tuple[dict[str, Any] | None, str, bool]:
-    """Start the supervisor, hand it the job; return its report (None if it gave none), the nonce, overran."""
+def _say_what_is_missing(confined: str | None, limits: dict[str, Any], in_namespace: bool) -> None:
+    """Log once per process each protection the kernel did not give (the worker reports what took hold)."""
+    got = _json(confined)
+    if not isinstance(got, dict):
+        return
+    missing = {
+        "cgroup": None if limits["cgroup"] else (
+            f"no memory cgroup can be made here: the code may run {limits['nproc']} processes and threads of "
+            f"{limits['as_bytes'] >> 20} MB each"),
+        "tmpfs": None if got.get("tmpfs") or not in_namespace else "no tmpfs mount: scratch files go to disk",
+        "landlock": None if got.get("landlock") else (
+            "no Landlock (Linux 5.13+): the code may write wherever its uid may (world-writable folders: "
+            "/tmp, /var/tmp, /dev/shm) and, without a network namespace, open TCP connections"),
+        "seccomp": None if got.get("seccomp") else (
+            "no seccomp filter: the code may connect to unix sockets its uid may write (a network namespace "
+            "does not cover them)"),
+    }
+    for key, text in missing.items():
+        if text and key not in _said:  # without a cgroup or a tmpfs a fallback holds: that is only logged
+            _said.add(key)
+            log.log(logging.INFO if key in ("cgroup", "tmpfs") else logging.WARNING, "sandbox: %s", text)
+
+
+@dataclass
+class _Run:
+    """One start of the child: its report (None if it gave none), what it was given, how it ended."""
+
+    report: dict[str, Any] | None
+    nonce: str
+    limits: dict[str, Any]
+    namespace: bool
+    overran: bool = False
+    oom: bool = False
+
+
+def _limits(sizes: dict[str, int], group: Cgroup | None, namespace_: bool, mode: str) -> dict[str, Any]:
+    """The worker's rlimits: with a cgroup (which bounds the sum), ``memory_mb`` each; without one, a few
+    processes that share ``memory_mb``, since RLIMIT_AS binds one process and forks each get it whole."""
+    memory_mb, max_procs = sizes["memory_mb"], sizes["max_procs"]
+    common = {"cpu_s": sizes["cpu_s"], "fsize": _FSIZE_BYTES, "cgroup": group is not None}
+    if group is not None:
+        return dict(common, nproc=max_procs, as_bytes=memory_mb << 20)
+    own = 1 + int(namespace_) + int(mode == "tests")  # supervisor, the namespace's init, code_exec's tester
+    procs = max(1, min(max_procs - own, _PROCS_WITHOUT_CGROUP))
+    return dict(common, nproc=own + procs, as_bytes=max(memory_mb // procs, _MIN_AS_MB) << 20)
+
+
+def _run(job: dict[str, Any], timeout_s: float, sizes: dict[str, int], namespace_: bool) -> _Run:
+    """Start the supervisor in its cgroup, hand it the job, wait for its report."""
     import subprocess
 
     uid = NOBODY if os.geteuid() == 0 else None
     nonce, tag = secrets.token_hex(16), secrets.token_hex(8)
     workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    group = Cgroup.create((sizes["memory_mb"] + _CGROUP_OVERHEAD_MB) << 20, sizes["max_procs"]) if _use_cgroups \
+        else None
     rfd, wfd = os.pipe()
-    proc, clean = None, False
+    proc, clean, run = None, False, None
     try:
         if uid is not None:
             os.chown(workdir, uid, uid)
-        job = dict(job, nonce=nonce, result_fd=wfd, uid=uid, limits=limits, timeout_s=timeout_s,
-                   namespace=namespace)
         env = dict(_CHILD_ENV, POSTTRAIN_SANDBOX=tag)  # the tag finds strays if the supervisor is killed
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            [sys.executable, "-I", "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd=workdir, env=env, start_new_session=True, close_fds=True,
             pass_fds=(wfd,),
         )
-        os.close(wfd)
-        wfd = -1
-        _send(proc, json.dumps(job).encode())
+        child_fd, wfd = wfd, -1  # pass_fds keeps its number in the child
+        os.close(child_fd)
+        if group is not None and not group.add(proc.pid):  # it waits for its job: nothing ran outside the group
+            group.remove()
+            group = None
+        limits = _limits(sizes, group, namespace_, job["mode"])
+        run = _Run(None, nonce, limits, namespace_)
+        header = {k: v for k, v in job.items() if k != "tests"}  # the tests follow, apart (see child.py)
+        header.update(nonce=None if job["mode"] == "tests" else nonce, result_fd=child_fd, uid=uid, limits=limits, timeout_s=timeout_s,
+                      namespace=namespace_, scratch_mb=max(sizes["memory_mb"] // 2, 16))
+        payload = json.dumps(header).encode()
+        tests = json.dumps(job["tests"]).encode() if job["mode"] == "tests" else b""
+        _send(proc, b"%010d" % len(payload) + payload + tests)
         # The supervisor enforces timeout_s on the worker; this later deadline only catches a stuck supervisor.
-        data, overran = _wait(proc.pid, rfd, time.monotonic() + timeout_s + _GRACE_S)
+        data, run.overran = _wait(proc.pid, rfd, time.monotonic() + timeout_s + _GRACE_S)
         _kill_group(proc.pid)  # the supervisor is a zombie at worst, so its group id cannot be reused yet
         _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        report = None if overran else _parse_report(data, proc.returncode)
-        clean = report is not None
-        return report, nonce, overran
+        run.report = None if run.overran else _parse_report(data, proc.returncode)
+        clean = run.report is not None
+        return run
     finally:
         if proc is not None and proc.returncode is None:  # interrupted (e.g. KeyboardInterrupt)
             _kill_group(proc.pid)
             proc.wait()
         if not clean and proc is not None:
             _kill_strays(tag)
+        if group is not None:
+            if run is not None:
+                run.oom = group.oom_killed()
+            group.remove()
         for fd in (rfd, wfd):
             if fd >= 0:
                 os.close(fd)
@@ -499,27 +356,50 @@ def _kill_strays(tag: str) -> None:
             return
 
 
-def _classify(report: dict[str, Any], nonce: str, memory_mb: int, cpu_s: int) -> tuple[Any, str | None]:
-    """Turn the supervisor's report on the worker into ``(value, None)`` or ``(None, error_kind)``."""
+def _classify(run: _Run, mode: str) -> tuple[Any, str | None]:
+    """Turn the supervisor's report into ``(value, None)`` or ``(None, error_kind)``."""
+    report = run.report
+    assert report is not None
     if report["timed_out"]:
         return None, TIMEOUT
+    if mode == "tests":  # the tester's verdict; when the completion's process failed, its own report says how
+        verdict = _json(report.get("tester"))
+        if isinstance(verdict, dict) and verdict.get("error") is None and isinstance(verdict.get("value"), bool):
+            return verdict["value"], None
+        if isinstance(verdict, dict) and verdict.get("error") in ERROR_KINDS:
+            return None, verdict["error"]
+        claim = _json(report["result"])  # the completion's process: trusted for the kind of error only
+        if isinstance(claim, dict) and claim.get("error") in ERROR_KINDS:
+            return None, claim["error"]
+        if not report.get("exited_first") and not run.oom:  # alive, but it broke the harness's protocol
+            return None, EXCEPTION
+    else:
+        msg = _json(report["result"])
+        if isinstance(msg, dict) and msg.get("nonce") == run.nonce:  # only our bootstrap knows the nonce
+            if msg.get("error") is None:
+                return msg.get("value"), None
+            log.debug("sandbox: %s: %s", msg["error"], msg.get("detail"))
+            return None, msg["error"] if msg["error"] in ERROR_KINDS else EXCEPTION
+    return None, _by_status(report, run)
+
+
+def _json(text: Any) -> Any:
     try:
-        msg = json.loads(report["result"]) if report["result"] else None
+        return json.loads(text) if isinstance(text, str) and text else None
     except ValueError:
-        msg = None
-    if isinstance(msg, dict) and msg.get("nonce") == nonce:  # only our bootstrap knows the nonce
-        if msg.get("error") is None:
-            return msg.get("value"), None
-        log.debug("sandbox: %s: %s", msg["error"], msg.get("detail"))
-        return None, msg["error"] if msg["error"] in ERROR_KINDS else EXCEPTION
+        return None
+
+
+def _by_status(report: dict[str, Any], run: _Run) -> str:
+    """The error kind of a worker that gave no genuine result, from how it ended."""
     code = os.waitstatus_to_exitcode(report["status"])
-    if code >= 0:  # exited without a genuine result, e.g. os._exit(0) before the tests ran
-        return None, EXCEPTION
+    if code >= 0 and not run.oom:  # exited without a genuine result, e.g. os._exit(0) before the tests ran
+        return EXCEPTION
     sig = -code
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and report.get("cpu_s", 0) >= cpu_s):
-        return None, TIMEOUT
-    # Killed by a signal near the memory limit: a C allocation that failed under RLIMIT_AS (abort, NULL
-    # dereference) or the OOM killer. Resident memory stays below the address-space limit, hence half-way.
-    if report.get("maxrss_kb", 0) * 1024 >= (memory_mb << 20) // 2:
-        return None, MEMORY
-    return None, CRASH
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and report.get("cpu_s", 0) >= run.limits["cpu_s"]):
+        return TIMEOUT
+    # Killed near the memory limit: the cgroup's OOM killer, or a C allocation that failed under RLIMIT_AS
+    # (abort, NULL dereference). Resident memory stays below the address-space limit, hence half-way.
+    if run.oom or report.get("maxrss_kb", 0) * 1024 >= run.limits["as_bytes"] // 2:
+        return MEMORY
+    return CRASH

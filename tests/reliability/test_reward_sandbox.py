@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
 from posttrain.rewards import ERROR_KINDS, RewardStats, build_reward_funcs, run_sandboxed
 from posttrain.rewards import sandbox
 from posttrain.rewards.sandbox import FileFunction
+from tests.reliability.sandboxing import (IS_ROOT, isolation, landlock_abi, linux_only, namespaces_work,  # noqa: F401
+                                          no_strays, sandboxed_code_exec)
 
-IS_ROOT = os.geteuid() == 0
-# The sandbox modules the uid-65534 driver below loads; it needs only the standard library.
-SANDBOX_MODULES = ("namespace", "imports", "sandbox")
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+# The sandbox modules the uid-65534 driver below loads (the parent side and the child program's parts); they
+# need only the standard library.
+SANDBOX_MODULES = ("namespace", "confine", "harness", "child", "cgroup", "imports", "sandbox")
 
 USER_REWARDS = '''
 def where_am_i(prompts, completions, **kwargs):
@@ -51,52 +50,6 @@ def user_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def no_strays(monkeypatch):
-    """Mark this test's sandbox processes; afterwards kill any that survive, and fail the test if one did."""
-    marker = f"POSTTRAIN_TEST_RUN={uuid.uuid4().hex}"
-    key, value = marker.split("=")
-    monkeypatch.setitem(sandbox._CHILD_ENV, key, value)
-    yield marker
-    strays = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker.encode() in f.read().split(b"\0"):
-                    os.kill(int(entry), signal.SIGKILL)
-                    strays.append(int(entry))
-        except OSError:
-            continue
-    assert not strays, f"sandbox processes outlived the test: {strays}"
-
-
-@pytest.fixture(scope="module")
-def namespaces_work():
-    """Whether this machine lets the sandbox make its user/pid namespace (it then runs as pid 2)."""
-    saved = sandbox._use_namespaces
-    sandbox._use_namespaces = True
-    try:
-        return run_sandboxed("import os\nassert os.getpid() == 2 and os.getppid() == 0") == (True, None)
-    finally:
-        sandbox._use_namespaces = saved
-
-
-@pytest.fixture(params=["namespace", "plain"])
-def isolation(request, monkeypatch, namespaces_work):
-    """Run the test with the namespaces, then as where they are unavailable (the fallback)."""
-    if request.param == "namespace" and not namespaces_work:
-        pytest.skip("this kernel or container does not allow unprivileged user/pid namespaces")
-    monkeypatch.setattr(sandbox, "_use_namespaces", request.param == "namespace")
-    return request.param
-
-
-def sandboxed_code_exec(code: str, stats: RewardStats, timeout_s: float = 5.0) -> float:
-    """Score ``code`` with the code_exec reward (which always sandboxes) and a trivially true test."""
-    spec = {"name": "code_exec", "timeout_s": timeout_s, "memory_mb": 512, "params": {"max_procs": 16}}
-    (fn,), _ = build_reward_funcs([spec], stats)
-    return fn(prompts=["p"], completions=[code], tests=["assert True"])[0]
-
-
 @linux_only
 @pytest.mark.skipif(not IS_ROOT, reason="the drop to nobody happens only when running as root")
 def test_sandbox_drops_to_nobody(isolation, no_strays):
@@ -106,15 +59,17 @@ def test_sandbox_drops_to_nobody(isolation, no_strays):
 
 
 @linux_only
-def test_sandbox_hides_secrets_and_uses_empty_temp_dir(user_file, monkeypatch, no_strays):
+def test_sandbox_hides_secrets_and_uses_empty_temp_dir(user_file, monkeypatch, isolation, no_strays):
     monkeypatch.setenv("POSTTRAIN_TEST_SECRET", "hunter2")
     value, kind = run_sandboxed(FileFunction(str(user_file), "where_am_i"), (), kwargs={
         "prompts": ["p"], "completions": ["c"]})
     assert kind is None
     seen = value[0]
-    assert seen["secret"] is None
-    assert seen["listing"] == [] and os.path.basename(seen["cwd"]).startswith("posttrain-sandbox-")
-    assert not os.path.exists(seen["cwd"])  # removed afterwards
+    assert seen["secret"] is None and seen["listing"] == []
+    if isolation == "namespace":  # the private tmpfs, gone with the namespace
+        assert seen["cwd"] == "/tmp"
+    else:  # a folder of its own on the host, removed afterwards
+        assert os.path.basename(seen["cwd"]).startswith("posttrain-sandbox-") and not os.path.exists(seen["cwd"])
     assert seen["uid"] == (65534 if IS_ROOT else os.getuid())
 
 
@@ -206,7 +161,10 @@ def test_reward_code_sees_only_its_own_namespace(namespaces_work, monkeypatch, n
             assert "CapEff:\\t0000000000000000" in f.read()
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.umount2(b"/proc", 2) != 0  # no capability left to uncover the host's /proc (2: MNT_DETACH)
-        os.kill(1, signal.SIGKILL)  # the namespace's init cannot be killed from inside
+        try:
+            os.kill(1, signal.SIGKILL)  # the namespace's init cannot be killed from inside
+        except PermissionError:  # Landlock's signal scope refuses it outright
+            pass
         try:
             os.kill(-1, signal.SIGKILL)  # every process it may signal, but itself and init: there is none
             assert False, "kill(-1) found a process to signal"
@@ -219,10 +177,11 @@ def test_reward_code_sees_only_its_own_namespace(namespaces_work, monkeypatch, n
 @linux_only
 def test_reward_code_reaches_no_network_in_its_namespace(isolation, no_strays):
     """Model output run by a reward cannot reach a port of this machine (nor any host): in its namespace the
-    network is a loopback that is down. Without namespaces (the fallback) the same code connects, so the test
-    can fail."""
+    network is a loopback that is down; without namespaces (the fallback), Landlock ABI 4+ refuses TCP connects.
+    Without either the same code connects, so the test can fail."""
     import socket
 
+    fenced = isolation == "namespace" or landlock_abi() >= 4
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         code = textwrap.dedent(f"""
@@ -232,7 +191,7 @@ def test_reward_code_reaches_no_network_in_its_namespace(isolation, no_strays):
                 connected = True
             except OSError:
                 connected = False
-            assert connected == {isolation == "plain"}, connected
+            assert connected == {not fenced}, connected
         """)
         assert run_sandboxed(code) == (True, None)
 
@@ -250,9 +209,9 @@ def load(name):
     mod = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-load("posttrain.rewards.namespace")
-load("posttrain.rewards.imports")
-sandbox = load("posttrain.rewards.sandbox")
+for name in sys.argv[3].split(","):
+    mod = load("posttrain.rewards." + name)
+sandbox = mod
 key, value = marker.split("=")
 sandbox._CHILD_ENV[key] = value
 warned = []
@@ -337,8 +296,9 @@ def readable_sandbox_modules():
 def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, namespaces_work, no_strays,
                                                              readable_sandbox_modules):
     """The trainer (the driver) holds a secret in its environment; the reward code scans every readable
-    /proc/<pid>/environ. Non-root, the namespace is what hides it: the same scan without one finds it.
-    With /proc masked (Docker), the namespace fails: one warning, then the unprotected fallback."""
+    /proc/<pid>/environ. Non-root, the namespace is what hides it, and without one Landlock (which forbids
+    ptrace access out of the sandbox); with neither the same scan finds it. With /proc masked (Docker), the
+    namespace fails: then Landlock, or one warning and the unprotected fallback."""
     if user == "root" and not IS_ROOT or mask_proc and not IS_ROOT:
         pytest.skip("needs root (to stay root, or to mount over /proc)")
     if user == "non-root" and not (mask_proc or namespaces_work):
@@ -347,16 +307,18 @@ def test_reward_code_cannot_find_the_trainer_secret_in_proc(user, mask_proc, nam
     if exe is None:
         pytest.skip("no Python interpreter that uid 65534 may run")
     env = {"PATH": "/usr/bin:/bin", "POSTTRAIN_TEST_SECRET": "hunter2"}
-    done = subprocess.run([exe, "-I", "-c", DRIVER, readable_sandbox_modules, no_strays], env=env, cwd="/", capture_output=True,
+    done = subprocess.run([exe, "-I", "-c", DRIVER, readable_sandbox_modules, no_strays,
+                           ",".join(SANDBOX_MODULES)], env=env, cwd="/", capture_output=True,
                           preexec_fn=_preexec(mask_proc, IS_ROOT and user == "non-root"), text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert (out["uid"] == 0) == (user == "root")
     assert out["fell_back"] == mask_proc
+    landlock = landlock_abi() >= 1
     if user == "root":  # as `nobody`, the trainer's /proc/<pid>/environ is closed with or without a namespace
         assert out["clean"] == [True, True, True] and out["warned"] == []
-    elif mask_proc:  # the known gap of the fallback, stated once
+    elif mask_proc and not landlock:  # the known gap of the fallback, stated once
         assert out["clean"] == [False, False, False]
         assert len(out["warned"]) == 1 and "/proc/<pid>/environ" in out["warned"][0]
     else:
-        assert out["clean"] == [True, True, False] and out["warned"] == []
+        assert out["clean"] == [True, True, landlock] and out["warned"] == []

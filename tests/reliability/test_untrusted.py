@@ -1,4 +1,4 @@
-"""Item 10: untrusted inputs. Pickle weights (`.bin`, `.pt`) are refused unless the stage sets
+"""Item 10 (and issue 20, item 5 for `posttrain eval`): untrusted inputs. Pickle weights (`.bin`, `.pt`) are refused unless the stage sets
 `allow_pickle: true`; a model's own code (`auto_map`) is refused unless it sets `trust_remote_code: true`;
 both messages say how to opt in, and nothing of the model is loaded or run before the refusal.
 
@@ -6,6 +6,7 @@ The models are built here from the world base: a copy saved as pickle (`pytorch_
 config names a modeling file that leaves a marker file behind when Python imports it.
 """
 import json
+import os
 import shutil
 
 import pytest
@@ -176,7 +177,69 @@ def test_posttrain_eval_follows_the_same_rule(phi3_as_released, remote_code_mode
     code, err = cli_here(capsys, "eval", str(remote_code_model[0]))
     assert code == 2 and error_lines(err) == [
         f"error: {remote_code_model[0]}: config.json names the model's own code (modeling_x.py), which runs when "
-        "loaded; posttrain eval does not run a model's own code"]
+        "loaded; pass --trust-remote-code if you trust it"]
     assert not seen and not remote_code_model[1].exists()
     code, err = cli_here(capsys, "eval", str(phi3_as_released[0]))
     assert code == 0 and seen == [str(phi3_as_released[0].resolve())] and "Phi3ForCausalLM" in err
+
+
+# ---- posttrain eval: the stages' rules, eval's flags, and one line for every broken model folder -------------
+
+def test_eval_refuses_remote_code_unless_trusted(remote_code_model, capsys, monkeypatch):
+    import lm_eval
+    import lm_eval.tasks
+
+    folder, marker = remote_code_model
+    code, err = cli_here(capsys, "eval", str(folder), "--limit", "1")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "modeling_x.py" in lines[0] and "pass --trust-remote-code" in lines[0]
+    assert not marker.exists()  # the model's code never ran
+
+    class Evaluated(Exception):
+        pass
+
+    def simple_evaluate(model, model_args, **kwargs):  # what lm-eval is handed, without running an eval
+        raise Evaluated(model_args)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: None)
+    with pytest.raises(Evaluated) as handed:
+        cli_here(capsys, "eval", str(folder), "--limit", "1", "--trust-remote-code")
+    assert handed.value.args[0]["trust_remote_code"] is True
+
+
+def _break(folder, how: str) -> str:
+    """Break a copy of a model folder as `how` says; return the file the error must name."""
+    weights = folder / "model.safetensors"
+    if how == "bad-header":
+        with open(weights, "r+b") as f:
+            f.write((10 ** 12).to_bytes(8, "little"))  # a header length past the end of the file
+        return "model.safetensors"
+    if how == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)  # a copy cut short
+        return "model.safetensors"
+    if how == "header-not-json":
+        data = bytearray(weights.read_bytes())
+        data[8:12] = b"\xff\xfe{["
+        weights.write_bytes(bytes(data))
+        return "model.safetensors"
+    if how == "config-not-json":
+        (folder / "config.json").write_text("{not json")
+        return "config.json"
+    # Jinja's sandbox (which transformers renders chat templates in) stops this template at render time.
+    (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    return "chat template"
+
+
+@pytest.mark.parametrize("how", ["bad-header", "truncated", "header-not-json", "config-not-json",
+                                 "template-escapes-sandbox"])
+def test_eval_of_a_broken_model_folder_is_one_line(how, world, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(world / "base", folder)
+    named = _break(folder, how)
+    code, err = cli_here(capsys, "eval", str(folder), "--limit", "1", "--out", str(tmp_path / "eval.json"))
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert named in lines[0] and str(folder) in lines[0], lines[0]
+    assert not (tmp_path / "eval.json").exists()
