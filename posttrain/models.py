@@ -65,6 +65,8 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
     if problem:
         raise ModelError(problem)
     if _hub_shaped(ref):
+        if hub_cache_folder(ref) is None:
+            hub_unreachable(ref)
         return ref  # a hub name
     raise ModelError(f"model {ref!r} is not a folder, a world model or a hub name (org/name or name)")
 
@@ -113,6 +115,25 @@ def mistyped_folder(ref: str) -> str | None:
     siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
     hub = ", and no hub model of that name is cached (download it first if you meant one)" if hub_shaped else ""
     return f"model {ref!r} is not a folder: {path.parent} has no {path.name!r}{did_you_mean(path.name, siblings)}{hub}"
+
+
+def hub_unreachable(name: str) -> None:
+    """Refuse, in one line and at once, a hub model that is not cached here while the hub cannot be reached
+    (offline mode, or its host does not resolve); transformers would retry for ~25 s and fail with exit 1.
+    A reachable hub is left to transformers, which downloads the model or names what is wrong."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    where = f"model {name!r} is not a folder, a world model or a hub model cached here"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{where}, and HF_HUB_OFFLINE is set")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ModelError(f"{where}, and the hub ({host}) cannot be reached: {e}") from None
 
 
 def hub_cache_folder(name: str) -> Path | None:

@@ -37,7 +37,10 @@ def test_report_number_equals_lm_eval_command_line(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(next(out.rglob("results_*.json")).read_text())
     assert result["results"]["world_facts"]["acc,none"] == ours["scores"]["world_facts/acc"]["value"]
-    assert f"{ours['scores']['world_facts/acc']['value']:.4f}" in r.stdout
+    # The CLI's printed table holds the same number (it prints 0.8 for some values and 0.7667 for others).
+    row = next(line for line in r.stdout.splitlines() if line.startswith("|world_facts|"))
+    cells = [c.strip() for c in row.split("|")]
+    assert float(cells[cells.index("acc") + 2]) == pytest.approx(ours["scores"]["world_facts/acc"]["value"], abs=5e-5)
 
 
 def test_standard_suite_validates():

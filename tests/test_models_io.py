@@ -159,7 +159,21 @@ def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # no local Qwen/: a hub name, cached or not
+    import socket
+
+    from posttrain.models import ModelError
+
+    # Not cached and the hub's host does not resolve (this machine): one line at once, not ~25 s of retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror(-2, "no")))
+    with pytest.raises(ModelError, match=r"'Qwen/Qwen2.5-0.5B' is not a folder.*the hub \(huggingface.co\) cannot"):
+        resolve_model("Qwen/Qwen2.5-0.5B")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        resolve_model("Qwen/Qwen2.5-0.5B")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])  # a reachable hub: left to transformers
+    assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # no local Qwen/: a hub name
     (tmp_path / "models").mkdir()
     snapshot = _cache_hub_model(tmp_path / "hub", "models/cached")
     assert resolve_model("models/cached") == "models/cached"  # a local models/ too, but the hub has it cached
