@@ -27,8 +27,9 @@ def _bad_input_types() -> tuple[type, ...]:
     from posttrain.data import DataError
     from posttrain.models import ModelError
     from posttrain.registry import RegistryError
+    from posttrain.rundir import RunDirRefused
 
-    return (ConfigError, DataError, ModelError, RegistryError)
+    return (ConfigError, DataError, ModelError, RegistryError, RunDirRefused)
 
 
 def _default_stage_file(kind: str) -> Path | None:
@@ -53,23 +54,28 @@ def _load(args: argparse.Namespace):
     return load_pipeline(args.pipeline, args.set)
 
 
+# Set for the processes `--launcher accelerate` starts: the parent checked the inputs already.
+_INPUTS_CHECKED = "POSTTRAIN_INPUTS_CHECKED"
+
+
 def _run(args: argparse.Namespace) -> int:
     from posttrain import distributed as dist
-    from posttrain.pipeline import run_pipeline
-    from posttrain.rundir import RunDirLocked, default_run_dir
+    from posttrain.pipeline import Pipeline
+    from posttrain.rundir import RunDirLocked
 
     cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
+    if os.environ.pop(_INPUTS_CHECKED, None) != "1":
+        _check_inputs(cfg)  # bad data or model files: exit 2 here, before a run dir exists
     if args.launcher == "accelerate" and not dist.launched():
+        os.environ[_INPUTS_CHECKED] = "1"
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(dist.agree(str(default_run_dir(cfg.name))))
     log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
-    created = _make_run_dir(run_dir, latest=not args.run_dir) if dist.is_main() else None
+    run_dir, created = _open_run_dir(args, cfg) if dist.is_main() else (None, None)
+    run_dir = Path(dist.agree(str(run_dir)))  # the main's on every rank (a default one is named by the time)
+    kind = dist.DistributedPipeline if dist.launched() else Pipeline
     try:
-        if dist.launched():
-            dist.DistributedPipeline(cfg, run_dir, log).run()
-        else:
-            run_pipeline(cfg, run_dir, log)
+        kind(cfg, run_dir, log, overwrite=args.overwrite, inputs_checked=True).run()
     except _bad_input_types() as e:
         _log(f"error: {e}")
         if created is not None:
@@ -106,12 +112,39 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
         raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
     if args.run_dir:
         _check_writable_parent(Path(args.run_dir), "--run-dir")
+        from posttrain.rundir import check_run_dir
+
+        check_run_dir(Path(args.run_dir), cfg.name, [(s.name, s.kind) for s in cfg.stages], args.overwrite)
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
         raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
                           "launcher: drop --launcher)")
     from evals.runner import check_eval_config
 
     check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
+
+
+def _check_inputs(cfg) -> None:
+    """Every data source and existing input model checked (pipeline.check_inputs); under a launcher by the
+    main process alone, its verdict shared, so that every rank exits 2 together instead of waiting for it."""
+    from posttrain import distributed as dist
+    from posttrain.pipeline import check_inputs
+
+    if not dist.launched():
+        check_inputs(cfg, _log)
+        return
+    problem = None
+    if dist.is_main():
+        try:
+            check_inputs(cfg, _log)
+        except _bad_input_types() as e:
+            problem = str(e)
+    problem = dist.agree(problem)
+    if problem is not None:
+        if not dist.is_main():
+            raise SystemExit(2)  # the main process says why
+        from posttrain.config import ConfigError
+
+        raise ConfigError(problem)
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
@@ -134,8 +167,10 @@ class _Created:
 
         from posttrain.rundir import point_latest
 
+        from posttrain.rundir import MARKER
+
         left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
-        if not left <= {"LOCK", "pipeline.yaml"}:
+        if not left <= {"LOCK", "pipeline.yaml", MARKER}:
             return  # something ran (an eval, a stage): keep it
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if not self.moved_latest:
@@ -146,17 +181,22 @@ class _Created:
             point_latest(self.run_dir.parent / self.latest_before)
 
 
-def _make_run_dir(run_dir: Path, latest: bool) -> _Created | None:
-    """mkdir the run dir (and point `latest` at it); an undo handle when this call created it."""
-    from posttrain.rundir import point_latest
+def _open_run_dir(args: argparse.Namespace, cfg) -> tuple[Path, _Created | None]:
+    """Create and mark the run dir: `--run-dir` (checked in _preflight), or a new `runs/<timestamp>-<name>`
+    that `latest` points at; with an undo handle when this call created it."""
+    from posttrain.rundir import mark_run_dir, new_run_dir, point_latest
 
-    link = run_dir.parent / "latest"
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        existed = run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir, cfg.name)
+        return run_dir, None if existed else _Created(run_dir, None, False)
+    link = Path("runs") / "latest"
     before = os.readlink(link) if link.is_symlink() else None
-    existed = run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if latest:
-        point_latest(run_dir)
-    return None if existed else _Created(run_dir, before, latest)
+    run_dir = new_run_dir(cfg.name)
+    point_latest(run_dir)
+    return run_dir, _Created(run_dir, before, True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -245,12 +285,17 @@ def _fields(obj, indent: str) -> list[str]:
             lines.append(f"{indent}{name}:")
             lines += _fields(value, indent + "  ")
         elif isinstance(value, list):
-            lines.append(f"{indent}{name}: {[v.model_dump() if isinstance(v, BaseModel) else v for v in value]!r}")
+            lines.append(f"{indent}{name}: {[_every_field(v) if isinstance(v, BaseModel) else v for v in value]!r}")
         elif value is None and (unset := _optional_config(field.annotation)) is not None:
             lines.append(f"{indent}{name}: None  (when set: {_one_line(unset)})")
         else:
             lines.append(f"{indent}{name}: {value!r}")
     return lines
+
+
+def _every_field(cfg) -> dict:
+    """`cfg.model_dump()` with the fields a dump leaves out at their default (a data source's max_row_bytes)."""
+    return {**{k: getattr(cfg, k) for k in type(cfg).model_fields}, **cfg.model_dump()}
 
 
 def _optional_config(annotation):
@@ -325,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="stage config YAML (default: the checkout's configs/stages/<kind>.yaml, not ./configs)")
     for q in (r, s):
         q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
-        q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>")
+        q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>; an existing one must be a run dir of "
+                       "this pipeline (to rerun or resume it) or an empty folder")
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace the run dir's run of another pipeline (its files are deleted first)")
         q.add_argument("--launcher", choices=["none", "accelerate"], default="none",
                        help="accelerate: re-run this command under `accelerate launch` (data-parallel training)")
         q.add_argument("--num-processes", type=int, default=None, metavar="N",

@@ -40,6 +40,9 @@ class SFTStageConfig(TrainableStage):
     trainer: TrainerConfig = Field(default_factory=_world_trainer)
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
 
+    def data_sources(self) -> list[tuple[DataSource, str]]:
+        return [(src, "sft") for src in self.data]
+
 
 def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> bool:
     """Refuse, before any model loads, chat data without a chat template (TRL fails there only after the model has
