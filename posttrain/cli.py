@@ -182,15 +182,15 @@ class _Created:
 
 
 def _open_run_dir(args: argparse.Namespace, cfg) -> tuple[Path, _Created | None]:
-    """Create and mark the run dir: `--run-dir` (checked in _preflight), or a new `runs/<timestamp>-<name>`
-    that `latest` points at; with an undo handle when this call created it."""
-    from posttrain.rundir import mark_run_dir, new_run_dir, point_latest
+    """Create the run dir: `--run-dir` (checked in _preflight; the pipeline marks it once it holds its lock, so
+    a run dir another process holds is left untouched), or a new marked `runs/<timestamp>-<name>` that `latest`
+    points at; with an undo handle when this call created it."""
+    from posttrain.rundir import new_run_dir, point_latest
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
         existed = run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        mark_run_dir(run_dir, cfg.name)
         return run_dir, None if existed else _Created(run_dir, None, False)
     link = Path("runs") / "latest"
     before = os.readlink(link) if link.is_symlink() else None
