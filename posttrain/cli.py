@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
     if os.environ.pop(_INPUTS_CHECKED, None) != "1":
-        _check_inputs(cfg)  # bad data or model files: exit 2 here, before a run dir exists
+        _check_inputs(cfg, args)  # bad data or model files: exit 2 here, before a run dir exists
     if args.launcher == "accelerate" and not dist.launched():
         os.environ[_INPUTS_CHECKED] = "1"
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
@@ -123,19 +123,20 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
     check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
 
-def _check_inputs(cfg) -> None:
+def _check_inputs(cfg, args: argparse.Namespace) -> None:
     """Every data source and existing input model checked (pipeline.check_inputs); under a launcher by the
     main process alone, its verdict shared, so that every rank exits 2 together instead of waiting for it."""
     from posttrain import distributed as dist
     from posttrain.pipeline import check_inputs
 
+    run_dir = Path(args.run_dir) if args.run_dir else None
     if not dist.launched():
-        check_inputs(cfg, _log)
+        check_inputs(cfg, _log, run_dir)
         return
     problem = None
     if dist.is_main():
         try:
-            check_inputs(cfg, _log)
+            check_inputs(cfg, _log, run_dir)
         except _bad_input_types() as e:
             problem = str(e)
     problem = dist.agree(problem)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from posttrain.models import ModelError, check_remote_code, check_weights, hub_cache_folder
+from posttrain.models import ModelError, check_remote_code, check_weights, hub_cache_folder, resolve_model
 
 _SLICE_BYTES = 1 << 20
 # (resolved path, inode, size, mtime_ns) -> (tensors, floating-point values) of a file that passed.
@@ -82,7 +82,7 @@ def existing_model(ref: str) -> str | None:
                 return None
     path = Path(ref).expanduser()
     if path.is_dir():
-        return str(path.resolve())
+        return resolve_model(ref)  # refuses a folder without config.json
     cached = hub_cache_folder(ref)
     return str(cached) if cached is not None else None
 

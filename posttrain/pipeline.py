@@ -148,7 +148,7 @@ class Pipeline:
 
     def run(self) -> Path:
         if not self.inputs_checked:
-            check_inputs(self.cfg, self.log)
+            check_inputs(self.cfg, self.log, self.rd.root)
         replace = check_run_dir(self.rd.root, self.cfg.name, [(s.name, s.kind) for s in self.cfg.stages],
                                 self.overwrite)
         self.rd.lock()
@@ -189,7 +189,6 @@ class Pipeline:
         index = i + 1
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
-        self._check_models(stage, input_model)
         self.parents[stage.name] = self._parents(i, stage, input_model)
         config_hash = sha256_json(stage.model_dump())
         inputs = [
@@ -206,6 +205,7 @@ class Pipeline:
         else:
             if final.exists():
                 self.log(f"[{index:02d} {stage.name}] rerunning: {why}")
+            self._check_models(stage, input_model)
             done = self._execute(index, stage, spec, input_model, config_hash, inputs_hash, final)
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
@@ -281,13 +281,21 @@ class Pipeline:
             self.records.append(reference_record(ref, folder, model_dir, result, stage.name))
 
 
-def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print) -> None:
+def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_dir: Path | None = None) -> None:
     """Read and check every data source of every stage, then every input model folder that exists now (files,
     headers, sizes, a NaN/Inf scan: model_check), before a run dir is made or any model loads: bad input fails
     here (exit 2, naming the file and the row) in seconds, not after the base eval. A world task or world model
     not built yet, an earlier stage's output and a hub model not downloaded are checked once they exist: the
-    world builds its own data, and a stage checks its input models when it starts."""
-    for stage in cfg.stages:
+    world builds its own data, and a stage checks its input models when it starts.
+
+    The first stages of `run_dir` whose DONE records their config as it is now are left out: a rerun of a
+    finished pipeline skips them and reads none of their inputs, so reading them here would only cost time
+    (should one of their inputs have changed, the stage reruns and its loader and input check run then)."""
+    done = _done_by_config(cfg, run_dir)
+    if done:
+        log(f"inputs: {', '.join(done)} done already with this config: their data and models not read")
+    stages = cfg.stages[len(done):]
+    for stage in stages:
         max_length = getattr(getattr(stage, "trainer", None), "max_length", None)
         for src, shape in stage.data_sources():
             with only_built():
@@ -295,13 +303,28 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Non
                     check_source(src, shape, log, max_length if shape in ("sft", "preference") else None)
                 except NotBuilt:
                     pass
-    for i, stage in enumerate(cfg.stages):
+    for i, stage in enumerate(stages, start=len(done)):
         refs = [stage.model or ("world" if i == 0 else "")] if stage.reads_input() else []
         for ref in dict.fromkeys(refs + list(stage.other_inputs())):
             folder = existing_model(ref) if ref and not is_stage_ref(ref) else None
             if folder:
                 check_model(folder, allow_pickle=stage.allow_pickle, trust_remote_code=stage.trust_remote_code,
                             log=log)
+
+
+def _done_by_config(cfg: PipelineConfig, run_dir: Path | None) -> list[str]:
+    """Names of the first stages whose DONE in `run_dir` records their config as it is now, in order."""
+    out: list[str] = []
+    for index, stage in enumerate(cfg.stages, start=1):
+        final = RunDir(run_dir).stage_dir(index, stage.name) if run_dir is not None else None
+        try:
+            done = json.loads((final / "DONE").read_text()) if final is not None else {}
+        except (OSError, ValueError):
+            done = {}
+        if not isinstance(done, dict) or done.get("config_sha256") != sha256_json(stage.model_dump()):
+            break
+        out.append(stage.name)
+    return out
 
 
 def input_folder(ref: str) -> Path:

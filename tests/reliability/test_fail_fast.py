@@ -148,6 +148,58 @@ def test_a_world_model_not_built_yet_is_left_for_its_stage(monkeypatch, tmp_path
 
     monkeypatch.setitem(WORLD_MODELS._items, "test-unbuilt", factory)
     assert existing_model("test-unbuilt") is None and not built
-    assert existing_model("test-unbuilt") is None
-    assert existing_model(str(tmp_path)) == str(tmp_path.resolve())
     assert existing_model("${stages.a.model}") is None
+    with pytest.raises(ModelError, match="has no config.json"):
+        existing_model(str(tmp_path))
+
+
+def _nan_copy(src, dst):
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"][1, 1] = float("nan")
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_model_that_exists_only_later_is_checked_when_its_stage_starts(merge_trio, tmp_path, monkeypatch):
+    """A model not there before the run (a world model built on first use, say) is checked at its stage's
+    start, before the stage runs: here the up-front check is told the input does not exist yet."""
+    import posttrain.pipeline
+    from posttrain.config import load_pipeline
+    from posttrain.pipeline import run_pipeline
+
+    base, a, _ = merge_trio
+    bad = _nan_copy(a, tmp_path / "bad")
+    monkeypatch.setattr(posttrain.pipeline, "existing_model", lambda ref: None)
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
+        {"name": "m", "kind": "merge", "method": "task_arithmetic", "base": str(base), "models": [{"model": str(bad)}]}]})
+    with pytest.raises(ModelError, match=f"model file {bad / 'model.safetensors'}: tensor 'lm_head.weight' holds 1"):
+        run_pipeline(cfg, tmp_path / "run", lambda m: None)
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_stages_done_with_this_config_are_not_read_again(tmp_path):
+    """A rerun of a finished pipeline reads none of its inputs: their check is skipped too, and only for the
+    first stages whose DONE records the config as it is now."""
+    import posttrain.stages  # noqa: F401
+    from posttrain.config import load_pipeline
+    from posttrain.pipeline import check_inputs
+    from posttrain.rundir import RunDir, sha256_json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(ROW) + "\n")
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
+        {"name": "a", "kind": "sft", "data": [{"source": str(data)}]},
+        {"name": "b", "kind": "sft", "data": [{"source": str(data), "limit": 1}]}]})
+    run = tmp_path / "run"
+    (run / "stages" / "01_a" / "model").mkdir(parents=True)
+    RunDir.write_done(run / "stages" / "01_a", sha256_json(cfg.stages[0].model_dump()), "inputs")
+    logs: list[str] = []
+    data.write_text("{not json\n")  # what a done stage read once: not read again
+    with pytest.raises(DataError, match="row 1: bad JSON"):  # stage b is not done: its data is read
+        check_inputs(cfg, logs.append, run)
+    assert logs == ["inputs: a done already with this config: their data and models not read"]
+    with pytest.raises(DataError, match="row 1: bad JSON"):  # another config of a: read
+        check_inputs(load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
+            {"name": "a", "kind": "sft", "data": [{"source": str(data)}], "trainer": {"max_steps": 3}}]}),
+            lambda m: None, run)
