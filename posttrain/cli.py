@@ -112,7 +112,7 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
         raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
     if args.run_dir:
         _check_writable_parent(Path(args.run_dir), "--run-dir")
-        from posttrain.rundir import check_run_dir
+        from posttrain.rundir_check import check_run_dir
 
         check_run_dir(Path(args.run_dir), cfg.name, [(s.name, s.kind) for s in cfg.stages], args.overwrite)
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
@@ -125,27 +125,12 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
 
 def _check_inputs(cfg, args: argparse.Namespace) -> None:
     """Every data source and existing input model checked (pipeline.check_inputs); under a launcher by the
-    main process alone, its verdict shared, so that every rank exits 2 together instead of waiting for it."""
+    main process alone, every rank exiting 2 together on bad input."""
     from posttrain import distributed as dist
     from posttrain.pipeline import check_inputs
 
     run_dir = Path(args.run_dir) if args.run_dir else None
-    if not dist.launched():
-        check_inputs(cfg, _log, run_dir)
-        return
-    problem = None
-    if dist.is_main():
-        try:
-            check_inputs(cfg, _log, run_dir)
-        except _bad_input_types() as e:
-            problem = str(e)
-    problem = dist.agree(problem)
-    if problem is not None:
-        if not dist.is_main():
-            raise SystemExit(2)  # the main process says why
-        from posttrain.config import ConfigError
-
-        raise ConfigError(problem)
+    dist.main_decides(lambda: check_inputs(cfg, _log, run_dir), _bad_input_types())
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:

@@ -43,7 +43,7 @@ def check_model(folder: str, *, allow_pickle: bool = False, trust_remote_code: b
         if path is None:
             return
     check_weights(str(path), allow_pickle)
-    check_remote_code(str(path), trust_remote_code)
+    check_remote_code(str(path), trust_remote_code, log)
     _check_json(path / "config.json")
     import posttrain.tensors  # noqa: F401  (torch: imported before the clock starts)
 

@@ -40,8 +40,8 @@ from posttrain.data import check_source
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.registry import STAGES, did_you_mean
-from posttrain.rundir import (RunDir, atomic_write_text, check_run_dir, hash_folder, mark_run_dir, sha256_file,
-                              sha256_json)
+from posttrain.rundir import RunDir, atomic_write_text, hash_folder, mark_run_dir, sha256_file, sha256_json
+from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
 from posttrain.world import NotBuilt, only_built
 

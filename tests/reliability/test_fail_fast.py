@@ -203,3 +203,26 @@ def test_stages_done_with_this_config_are_not_read_again(tmp_path):
         check_inputs(load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
             {"name": "a", "kind": "sft", "data": [{"source": str(data)}], "trainer": {"max_steps": 3}}]}),
             lambda m: None, run)
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_under_a_launcher_the_main_checks_and_every_rank_stops_on_bad_input(main, monkeypatch):
+    """The inputs are read by the main process alone; its verdict reaches every rank (agree), so the others
+    exit 2 with it instead of waiting at a barrier for a process that has gone."""
+    import posttrain.distributed as dist
+
+    calls = []
+
+    def check():
+        calls.append("checked")
+        raise ModelError("model file x: truncated")
+
+    monkeypatch.setattr(dist, "launched", lambda: True)
+    monkeypatch.setattr(dist, "is_main", lambda: main)
+    monkeypatch.setattr(dist, "agree", lambda value: "model file x: truncated")  # the main's verdict
+    with pytest.raises(ModelError if main else SystemExit) as e:
+        dist.main_decides(check, (ModelError,))
+    assert calls == (["checked"] if main else [])
+    assert main or e.value.code == 2
+    monkeypatch.setattr(dist, "agree", lambda value: None)
+    dist.main_decides(lambda: None, (ModelError,))  # no problem anywhere: every rank goes on
