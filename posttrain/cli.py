@@ -61,17 +61,16 @@ _INPUTS_CHECKED = "POSTTRAIN_INPUTS_CHECKED"
 def _run(args: argparse.Namespace) -> int:
     from posttrain import distributed as dist
     from posttrain.pipeline import Pipeline
-    from posttrain.rundir import RunDirLocked
+    from posttrain.rundir import RunDirLocked, open_run_dir
 
     cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
-    if os.environ.pop(_INPUTS_CHECKED, None) != "1":
-        _check_inputs(cfg, args)  # bad data or model files: exit 2 here, before a run dir exists
+    _check_run(cfg, args, inputs=os.environ.pop(_INPUTS_CHECKED, None) != "1")  # before a run dir exists
     if args.launcher == "accelerate" and not dist.launched():
         os.environ[_INPUTS_CHECKED] = "1"
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
     log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
-    run_dir, created = _open_run_dir(args, cfg) if dist.is_main() else (None, None)
+    run_dir, created = open_run_dir(args.run_dir, cfg.name) if dist.is_main() else (None, None)
     run_dir = Path(dist.agree(str(run_dir)))  # the main's on every rank (a default one is named by the time)
     kind = dist.DistributedPipeline if dist.launched() else Pipeline
     try:
@@ -112,9 +111,6 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
         raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
     if args.run_dir:
         _check_writable_parent(Path(args.run_dir), "--run-dir")
-        from posttrain.rundir_check import check_run_dir
-
-        check_run_dir(Path(args.run_dir), cfg.name, [(s.name, s.kind) for s in cfg.stages], args.overwrite)
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
         raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
                           "launcher: drop --launcher)")
@@ -123,14 +119,25 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
     check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
 
-def _check_inputs(cfg, args: argparse.Namespace) -> None:
-    """Every data source and existing input model checked (pipeline.check_inputs); under a launcher by the
-    main process alone, every rank exiting 2 together on bad input."""
+def _check_run(cfg, args: argparse.Namespace, inputs: bool) -> None:
+    """Before the run dir is made or written: `--run-dir` free (else exit 1 at once) and one this pipeline may
+    run into (rundir_check), then, with `inputs`, every data source and existing input model (pipeline.check_inputs:
+    exit 2 on bad input). Under a launcher the main process alone checks, and every rank stops with it."""
     from posttrain import distributed as dist
     from posttrain.pipeline import check_inputs
+    from posttrain.rundir import RunDir, RunDirLocked
+    from posttrain.rundir_check import check_run_dir
 
     run_dir = Path(args.run_dir) if args.run_dir else None
-    dist.main_decides(lambda: check_inputs(cfg, _log, run_dir), _bad_input_types())
+
+    def check() -> None:
+        if run_dir is not None:
+            RunDir(run_dir).check_free()
+            check_run_dir(run_dir, cfg.name, [(s.name, s.kind) for s in cfg.stages], args.overwrite)
+        if inputs:
+            check_inputs(cfg, _log, run_dir)
+
+    dist.main_decides(check, (*_bad_input_types(), RunDirLocked))
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
@@ -139,50 +146,6 @@ def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
 
     argv = list(args.argv) if args.run_dir else [*args.argv, "--run-dir", str(run_dir)]
     return shlex.join(["posttrain", *argv])
-
-
-class _Created:
-    """A run dir this command created, to be removed again if the run stops on bad input before any stage ran,
-    with `latest` pointed back where it was."""
-
-    def __init__(self, run_dir: Path, latest_before: str | None, moved_latest: bool):
-        self.run_dir, self.latest_before, self.moved_latest = run_dir, latest_before, moved_latest
-
-    def undo(self) -> None:
-        import shutil
-
-        from posttrain.rundir import point_latest
-
-        from posttrain.rundir import MARKER
-
-        left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
-        if not left <= {"LOCK", "pipeline.yaml", MARKER}:
-            return  # something ran (an eval, a stage): keep it
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        if not self.moved_latest:
-            return
-        if self.latest_before is None:
-            (self.run_dir.parent / "latest").unlink(missing_ok=True)
-        else:
-            point_latest(self.run_dir.parent / self.latest_before)
-
-
-def _open_run_dir(args: argparse.Namespace, cfg) -> tuple[Path, _Created | None]:
-    """Create the run dir: `--run-dir` (checked in _preflight; the pipeline marks it once it holds its lock, so
-    a run dir another process holds is left untouched), or a new marked `runs/<timestamp>-<name>` that `latest`
-    points at; with an undo handle when this call created it."""
-    from posttrain.rundir import new_run_dir, point_latest
-
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        existed = run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, None if existed else _Created(run_dir, None, False)
-    link = Path("runs") / "latest"
-    before = os.readlink(link) if link.is_symlink() else None
-    run_dir = new_run_dir(cfg.name)
-    point_latest(run_dir)
-    return run_dir, _Created(run_dir, before, True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -379,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.rundir import RunDirLocked
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -393,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2
+    except RunDirLocked as e:  # found before the run started (_preflight)
+        _log(f"error: {e}")
+        return 1
     except (ValueError, FileNotFoundError) as e:
         _log(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return 2

@@ -130,6 +130,42 @@ def new_run_dir(name: str, root: Path = Path("runs")) -> Path:
     raise RunDirRefused(f"{first}: 10,000 runs of this name started in the same second")
 
 
+class CreatedRunDir:
+    """A run dir this command created, to be removed again if the run stops on bad input before any stage ran,
+    with `latest` pointed back where it was."""
+
+    def __init__(self, run_dir: Path, latest_before: str | None, moved_latest: bool):
+        self.run_dir, self.latest_before, self.moved_latest = run_dir, latest_before, moved_latest
+
+    def undo(self) -> None:
+        left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+        if not left <= {"LOCK", "pipeline.yaml", MARKER}:
+            return  # something ran (an eval, a stage): keep it
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not self.moved_latest:
+            return
+        if self.latest_before is None:
+            (self.run_dir.parent / "latest").unlink(missing_ok=True)
+        else:
+            point_latest(self.run_dir.parent / self.latest_before)
+
+
+def open_run_dir(run_dir: str | Path | None, name: str) -> tuple[Path, CreatedRunDir | None]:
+    """Create the run dir: `run_dir` (the pipeline marks it once it holds its lock, so a run dir another process
+    holds is left untouched), or a new marked `runs/<timestamp>-<name>` that `latest` points at; with an undo
+    handle when this call created it."""
+    if run_dir:
+        path = Path(run_dir)
+        existed = path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        return path, None if existed else CreatedRunDir(path, None, False)
+    link = Path("runs") / "latest"
+    before = os.readlink(link) if link.is_symlink() else None
+    path = new_run_dir(name)
+    point_latest(path)
+    return path, CreatedRunDir(path, before, True)
+
+
 def mark_run_dir(root: Path, name: str) -> None:
     """Write the marker that says posttrain made this folder (once; a run dir of an older version gets one)."""
     path = Path(root) / MARKER
@@ -161,17 +197,30 @@ class RunDir:
     def lock(self) -> None:
         """Hold an exclusive flock on LOCK for this process's life; a second process fails at once."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self._refuse_if_held(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def check_free(self) -> None:
+        """RunDirLocked when another process holds the run dir; writes nothing (so the CLI can say so before it
+        reads a single input)."""
+        try:
+            fd = os.open(self.root / "LOCK", os.O_RDONLY)
+        except OSError:
+            return  # no LOCK (or unreadable): lock() decides
+        self._refuse_if_held(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _refuse_if_held(self, fd: int) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirLocked(f"run dir {self.root} is in use by another posttrain process (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def clear(self) -> list[str]:
         """Delete what a run writes in the run dir (not LOCK, held by this process, nor files of the user's):
