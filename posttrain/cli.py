@@ -72,9 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
     run_dir, created = open_run_dir(args.run_dir, cfg.name) if dist.is_main() else (None, None)
     run_dir = Path(dist.agree(str(run_dir)))  # the main's on every rank (a default one is named by the time)
-    kind = dist.DistributedPipeline if dist.launched() else Pipeline
+    runner = dist.DistributedPipeline if dist.launched() else Pipeline
     try:
-        kind(cfg, run_dir, log, overwrite=args.overwrite, inputs_checked=True).run()
+        runner(cfg, run_dir, log, overwrite=args.overwrite, inputs_checked=True).run()
     except _bad_input_types() as e:
         _log(f"error: {e}")
         if created is not None:
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2
-    except RunDirLocked as e:  # found before the run started (_preflight)
+    except RunDirLocked as e:  # found before the run started (_check_run)
         _log(f"error: {e}")
         return 1
     except (ValueError, FileNotFoundError) as e:

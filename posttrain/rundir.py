@@ -1,7 +1,7 @@
 """The run directory: layout, lock, atomic writes and DONE markers.
 
     <run-dir>/
-      posttrain-run.json       marks a folder posttrain made as a run dir (written first, before anything else)
+      posttrain-run.json       marks the folder as a run dir posttrain made (rundir_check.py reads it)
       pipeline.yaml            the resolved pipeline config
       LOCK                     pid of the process that holds the run dir (flock'ed while it runs)
       stages/
