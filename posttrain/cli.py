@@ -27,8 +27,9 @@ def _bad_input_types() -> tuple[type, ...]:
     from posttrain.data import DataError
     from posttrain.models import ModelError
     from posttrain.registry import RegistryError
+    from posttrain.rundir import RunDirRefused
 
-    return (ConfigError, DataError, ModelError, RegistryError)
+    return (ConfigError, DataError, ModelError, RegistryError, RunDirRefused)
 
 
 def _default_stage_file(kind: str) -> Path | None:
@@ -53,24 +54,28 @@ def _load(args: argparse.Namespace):
     return load_pipeline(args.pipeline, args.set)
 
 
+# Set for the processes `--launcher accelerate` starts: the parent checked the inputs already.
+_INPUTS_CHECKED = "POSTTRAIN_INPUTS_CHECKED"
+
+
 def _run(args: argparse.Namespace) -> int:
     from posttrain import distributed as dist
-    from posttrain.pipeline import run_pipeline
-    from posttrain.rundir import RunDirLocked, default_run_dir
+    from posttrain.pipeline import Pipeline
+    from posttrain.rundir import RunDirLocked, open_run_dir
 
     with dist.planned_launch(args.launcher, args.num_processes, args.accelerate_config):
         cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
+    _check_run(cfg, args, inputs=os.environ.pop(_INPUTS_CHECKED, None) != "1")  # before a run dir exists
     if args.launcher == "accelerate" and not dist.launched():
+        os.environ[_INPUTS_CHECKED] = "1"
         return dist.relaunch(_strip_launcher_options(args.argv), args.num_processes, args.accelerate_config)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(dist.agree(str(default_run_dir(cfg.name))))
     log = _log if dist.is_main() else _quiet  # the other ranks of a launch repeat the main's lines: keep quiet
-    created = _make_run_dir(run_dir, latest=not args.run_dir) if dist.is_main() else None
+    run_dir, created = open_run_dir(args.run_dir, cfg.name) if dist.is_main() else (None, None)
+    run_dir = Path(dist.agree(str(run_dir)))  # the main's on every rank (a default one is named by the time)
+    runner = dist.DistributedPipeline if dist.launched() else Pipeline
     try:
-        if dist.launched():
-            dist.DistributedPipeline(cfg, run_dir, log).run()
-        else:
-            run_pipeline(cfg, run_dir, log)
+        runner(cfg, run_dir, log, overwrite=args.overwrite, inputs_checked=True).run()
     except _bad_input_types() as e:
         _log(f"error: {e}")
         if created is not None:
@@ -115,6 +120,27 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
     check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
 
+def _check_run(cfg, args: argparse.Namespace, inputs: bool) -> None:
+    """Before the run dir is made or written: `--run-dir` free (else exit 1 at once) and one this pipeline may
+    run into (rundir_check), then, with `inputs`, every data source and existing input model (pipeline.check_inputs:
+    exit 2 on bad input). Under a launcher the main process alone checks, and every rank stops with it."""
+    from posttrain import distributed as dist
+    from posttrain.pipeline import check_inputs
+    from posttrain.rundir import RunDir, RunDirLocked
+    from posttrain.rundir_check import check_run_dir
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+
+    def check() -> None:
+        if run_dir is not None:
+            RunDir(run_dir).check_free()
+            check_run_dir(run_dir, cfg.name, [(s.name, s.kind) for s in cfg.stages], args.overwrite)
+        if inputs:
+            check_inputs(cfg, _log, run_dir)
+
+    dist.main_decides(check, (*_bad_input_types(), RunDirLocked))
+
+
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
     """The command that continues this run: the same one, naming the run dir when it was a new default one."""
     import shlex
@@ -146,43 +172,6 @@ def _typed_path(path: Path) -> str:
     except ValueError:
         return str(full)
     return str(rel) if len(rel.parts) > 1 else f"./{rel}"
-
-
-class _Created:
-    """A run dir this command created, to be removed again if the run stops on bad input before any stage ran,
-    with `latest` pointed back where it was."""
-
-    def __init__(self, run_dir: Path, latest_before: str | None, moved_latest: bool):
-        self.run_dir, self.latest_before, self.moved_latest = run_dir, latest_before, moved_latest
-
-    def undo(self) -> None:
-        import shutil
-
-        from posttrain.rundir import point_latest
-
-        left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
-        if not left <= {"LOCK", "pipeline.yaml"}:
-            return  # something ran (an eval, a stage): keep it
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        if not self.moved_latest:
-            return
-        if self.latest_before is None:
-            (self.run_dir.parent / "latest").unlink(missing_ok=True)
-        else:
-            point_latest(self.run_dir.parent / self.latest_before)
-
-
-def _make_run_dir(run_dir: Path, latest: bool) -> _Created | None:
-    """mkdir the run dir (and point `latest` at it); an undo handle when this call created it."""
-    from posttrain.rundir import point_latest
-
-    link = run_dir.parent / "latest"
-    before = os.readlink(link) if link.is_symlink() else None
-    existed = run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if latest:
-        point_latest(run_dir)
-    return None if existed else _Created(run_dir, before, latest)
 
 
 class Terminated(KeyboardInterrupt):
@@ -271,12 +260,17 @@ def _fields(obj, indent: str) -> list[str]:
             lines.append(f"{indent}{name}:")
             lines += _fields(value, indent + "  ")
         elif isinstance(value, list):
-            lines.append(f"{indent}{name}: {[v.model_dump() if isinstance(v, BaseModel) else v for v in value]!r}")
+            lines.append(f"{indent}{name}: {[_every_field(v) if isinstance(v, BaseModel) else v for v in value]!r}")
         elif value is None and (unset := _optional_config(field.annotation)) is not None:
             lines.append(f"{indent}{name}: None  (when set: {_one_line(unset)})")
         else:
             lines.append(f"{indent}{name}: {value!r}")
     return lines
+
+
+def _every_field(cfg) -> dict:
+    """`cfg.model_dump()` with the fields a dump leaves out at their default (a data source's max_row_bytes)."""
+    return {**{k: getattr(cfg, k) for k in type(cfg).model_fields}, **cfg.model_dump()}
 
 
 def _optional_config(annotation):
@@ -374,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="stage config YAML (default: the checkout's configs/stages/<kind>.yaml, not ./configs)")
     for q in (r, s):
         q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
-        q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>")
+        q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>; an existing one must be a run dir of "
+                       "this pipeline (to rerun or resume it) or an empty folder")
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace the run dir's run of another pipeline (its files are deleted first)")
         q.add_argument("--launcher", choices=["none", "accelerate"], default="none",
                        help="accelerate: re-run this command under `accelerate launch` (data-parallel training)")
         q.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -398,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.rundir import RunDirLocked
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -414,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_types() as e:
         _log(f"error: {e}")
         return 2
+    except RunDirLocked as e:  # found before the run started (_check_run)
+        _log(f"error: {e}")
+        return 1
     except (ValueError, FileNotFoundError) as e:
         _log(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return 2

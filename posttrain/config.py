@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -343,7 +344,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])} is {node!r}, not a block with keys")
         if cls is not None and part not in cls.model_fields:
-            raise ConfigError(f"--set {dotted}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
+            raise ConfigError(f"--set {dotted}: unknown key '{part}'{_key_hint(cls, part)}")
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = _default_for_set(cls, part, dotted)
@@ -358,11 +359,36 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
     if not isinstance(node, dict):
         raise ConfigError(f"--set {dotted}: {'.'.join(parts[:-1])} is {node!r}, not a block with keys")
     if cls is not None and key not in cls.model_fields:
-        raise ConfigError(f"--set {dotted}: unknown key '{key}'{did_you_mean(key, list(cls.model_fields))}")
+        raise ConfigError(f"--set {dotted}: unknown key '{key}'{_key_hint(cls, key)}")
     if raw.strip() in _YAML_NULLS:  # YAML's null, for a string field too (resets it to its None default)
         node[key] = None
     else:
         node[key] = raw if _field_is_str(cls, key, raw) else parse_yaml(raw, f"--set {dotted}")
+
+
+def _key_hint(cls: type[BaseModel], key: str) -> str:
+    """Did-you-mean for an unknown `--set` key, as for one in a YAML file (`learning_rate` at stage level:
+    'trainer.learning_rate')."""
+    return _nested_hint(cls, key, exact=True) or did_you_mean(key, list(cls.model_fields)) or _nested_hint(cls, key)
+
+
+def _blame_set(e: ConfigError, where: str, sets: list[str] | None, stages: Any = None) -> ConfigError:
+    """`e` (`<where>: <key path>: <problem>`) with `--set <key>=<value>` in place of the file `where` when that
+    override set the key (a bad value from the command line is not the YAML file's); `stages`: the raw stage
+    list, whose names `stages.<name>.` keys use. Without a file (`<config>`, `<sft defaults>`) `e` stays."""
+    if where.startswith("<"):
+        return e
+    text = str(e).removeprefix(f"{where}: ")
+    path = re.sub(r"\[(\d+)\]", r".\1", text.split(":", 1)[0])
+    names = stage_names([(s.get("name"), str(s.get("kind"))) if isinstance(s, dict) else ("", "")
+                         for s in stages]) if isinstance(stages, list) else []
+    for key, raw in reversed(parse_sets(sets)):  # the last override of a key wins, as it did when applied
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "stages" and parts[1] in names:
+            parts[1] = str(names.index(parts[1]))
+        if path == ".".join(parts) or path.startswith(".".join(parts) + "."):
+            return ConfigError(f"--set {key}={raw}: {text}")
+    return e
 
 
 def _default_for_set(cls: type[BaseModel] | None, part: str, dotted: str) -> Any:
@@ -435,7 +461,10 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
                           f"`posttrain stage {raw['kind']} --config {where}`")
     for key, value in parse_sets(sets):
         apply_override(raw, key, value, PipelineConfig)
-    return _check_files(validated(PipelineConfig, raw, where), where)
+    try:
+        return _check_files(validated(PipelineConfig, raw, where), where)
+    except ConfigError as e:
+        raise _blame_set(e, where, sets, raw.get("stages")) from None
 
 
 def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
@@ -460,14 +489,17 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
             apply_override(pipe, key, value, PipelineConfig)
         else:
             apply_override(stage, key, value, spec.config)
-    stage_cfg = validated(spec.config, stage, where)
-    problem = stage_ref_problem(stage_cfg, [], [])  # before PipelineConfig, whose paths start at stages[0]
-    if problem:
-        raise ConfigError(f"{where}: {problem}" + ("; `posttrain stage` runs one stage, so there is none"
-                                                   if "names no earlier stage" in problem else ""))
-    pipe.setdefault("name", kind)
-    pipe["stages"] = [stage_cfg]
-    return _check_files(validated(PipelineConfig, pipe, where), where, prefix="")
+    try:
+        stage_cfg = validated(spec.config, stage, where)
+        problem = stage_ref_problem(stage_cfg, [], [])  # before PipelineConfig, whose paths start at stages[0]
+        if problem:
+            raise ConfigError(f"{where}: {problem}" + ("; `posttrain stage` runs one stage, so there is none"
+                                                       if "names no earlier stage" in problem else ""))
+        pipe.setdefault("name", kind)
+        pipe["stages"] = [stage_cfg]
+        return _check_files(validated(PipelineConfig, pipe, where), where, prefix="")
+    except ConfigError as e:
+        raise _blame_set(e, where, sets) from None
 
 
 def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:

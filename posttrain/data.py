@@ -15,13 +15,18 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from posttrain.config import Strict
 
 
 class DataError(ValueError):
     """Bad data the user must fix; the message names the file and row."""
+
+
+# A row with more text than this is almost always a mistake (a whole document in one field, a file read into
+# a column) that would be cut to max_length tokens without a word; 1 MB is ~250k tokens, beyond any context.
+MAX_ROW_BYTES = 1_000_000
 
 
 class DataSource(Strict):
@@ -31,6 +36,16 @@ class DataSource(Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="our column -> dataset column")
     limit: int | None = Field(None, ge=1)
     on_bad_rows: Literal["error", "skip"] = "error"
+    max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        # Left out while at its default: the field came after runs whose DONE hashes a stage's dumped config,
+        # and a field every dump carries would have made every finished stage rerun.
+        out = handler(self)
+        if out.get("max_row_bytes") == MAX_ROW_BYTES:
+            del out["max_row_bytes"]
+        return out
 
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -202,29 +217,113 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     return {**{k: v for k, v in row.items() if k not in moved}, **renamed}
 
 
-def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Read, rename (`columns`), check and trim rows; returns (rows, stats with bad-row counts)."""
+def text_bytes(value: Any) -> int:
+    """UTF-8 bytes of the text in a row's values (strings, message contents, numbers as written)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "replace"))
+    if isinstance(value, dict):
+        return sum(text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(text_bytes(v) for v in value)
+    return 0 if value is None else len(str(value))
+
+
+def _checked_rows(src: DataSource, shape: str, log: Callable[[str], None],
+                  bad: list[str]) -> tuple[str, Iterator[tuple[int, dict, int]]]:
+    """(name for messages, iterator of (row number, kept row, its text bytes)) over the usable rows of `src`, up
+    to `limit`; a bad row (`CHECKS[shape]`, or more text than `max_row_bytes`) raises DataError naming the file
+    and the row, or with `on_bad_rows: skip` is described in `bad` and left out."""
     check = CHECKS[shape]
     name, it = _open_source(src, log)
-    rows: list[dict] = []
-    bad: list[str] = []
-    for n, row, err in it:
-        if row is not None:
-            row = rename_columns(row, src.columns)
-            err = check(row)
-        if err:
-            if src.on_bad_rows == "error":
-                raise DataError(f"{name} row {n}: {err} (set on_bad_rows: skip to drop bad rows)")
-            bad.append(f"row {n}: {err}")
-            continue
-        rows.append({k: row[k] for k in KEEP[shape] if k in row})
-        if src.limit and len(rows) >= src.limit:
-            break
-    if not rows:
+
+    def rows() -> Iterator[tuple[int, dict, int]]:
+        kept = 0
+        for n, row, err in it:
+            size = 0
+            if row is not None:
+                row = rename_columns(row, src.columns)
+                err = check(row)
+                if not err:
+                    row = {k: row[k] for k in KEEP[shape] if k in row}
+                    size = text_bytes(row)
+                    if size > src.max_row_bytes:
+                        err = (f"{size:,} bytes of text, over max_row_bytes ({src.max_row_bytes:,}; raise it on the "
+                               "data source if the row is meant)")
+            if err:
+                if src.on_bad_rows == "error":
+                    raise DataError(f"{name} row {n}: {err} (set on_bad_rows: skip to drop bad rows)")
+                bad.append(f"row {n}: {err}")
+                continue
+            yield n, row, size
+            kept += 1
+            if src.limit and kept >= src.limit:
+                break
+
+    return name, rows()
+
+
+def _stats(name: str, kept: int, bad: list[str]) -> dict:
+    if not kept:
         raise DataError(f"{name}: no usable rows" + (f" ({len(bad)} bad, first: {bad[0]})" if bad else ""))
+    return {"source": name, "rows": kept, "bad_rows": len(bad), "bad_examples": bad[:5]}
+
+
+def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Read, rename (`columns`), check and trim rows; returns (rows, stats with bad-row counts)."""
+    bad: list[str] = []
+    name, it = _checked_rows(src, shape, log, bad)
+    rows = [row for _, row, _ in it]
+    stats = _stats(name, len(rows), bad)
     if bad:
         log(f"data: skipped {len(bad)} bad rows in {name} (first: {bad[0]})")
-    return rows, {"source": name, "rows": len(rows), "bad_rows": len(bad), "bad_examples": bad[:5]}
+    return rows, stats
+
+
+# Source and shape -> stats of a check that passed, while the file is unchanged (see check_source).
+_CHECKED: dict[tuple, dict] = {}
+# A row with more than this many bytes of text per max_length token is "far" longer than max_length: text runs
+# 3-5 bytes a token with the usual BPE vocabularies, so such a row holds about twice max_length or more.
+FAR_BYTES_PER_TOKEN = 8
+
+
+def check_source(src: DataSource, shape: str, log: Callable[[str], None] = print,
+                 max_length: int | None = None) -> dict:
+    """Read every row of `src` as a stage would (the same checks, `limit` and `on_bad_rows`), keeping none, so
+    bad data is refused before a run dir exists or any model loads; returns the stats `load_rows` would. With
+    `max_length` (tokens), counts the rows far longer than that (more than FAR_BYTES_PER_TOKEN bytes of text a
+    token), which the trainer cuts without a word, and warns. A local file or world task already checked
+    unchanged in this process is not read again."""
+    key = (src.model_dump_json(), shape, max_length, _file_state(src))
+    if key in _CHECKED:
+        return _CHECKED[key]
+    bad: list[str] = []
+    name, it = _checked_rows(src, shape, lambda m: None, bad)
+    kept, long_rows = 0, []
+    far = FAR_BYTES_PER_TOKEN * max_length if max_length else None
+    for n, _, size in it:
+        kept += 1
+        if far is not None and size > far:
+            long_rows.append((n, size))
+    stats = _stats(name, kept, bad)
+    skipped = f"; {len(bad)} bad rows will be skipped (first: {bad[0]})" if bad else ""
+    log(f"data: checked {name}: {kept:,} rows{skipped}")
+    if long_rows:
+        n, size = long_rows[0]
+        log(f"data: warning: {len(long_rows):,} rows of {name} have over {far:,} bytes of text, far more than "
+            f"trainer.max_length ({max_length} tokens); training cuts them to max_length (first: row {n}, "
+            f"{size:,} bytes)")
+    _CHECKED[key] = stats
+    return stats
+
+
+def _file_state(src: DataSource) -> tuple | None:
+    """What identifies the contents of a local data file (inode, size, mtime); None for world tasks (fixed by
+    the world's version) and hub datasets (fixed by their cache)."""
+    path = Path(src.source).expanduser()
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_sources(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):

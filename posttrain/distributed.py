@@ -38,7 +38,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from posttrain.models import resolve_model
 from posttrain.pipeline import Pipeline
@@ -121,6 +121,26 @@ def agree(value: Any) -> Any:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def main_decides(check: Callable[[], None], errors: tuple[type, ...]) -> None:
+    """Run `check` on the main process alone (reading the inputs once, not once a rank); an error of `errors`
+    there stops every rank together: the main raises it, the others exit 2 without a word (the main says why)
+    instead of waiting at the next barrier for a process that is gone."""
+    if not launched():
+        check()
+        return
+    problem = None
+    if is_main():
+        try:
+            check()
+        except errors as e:
+            problem = e
+    if agree(None if problem is None else str(problem)) is None:
+        return
+    if problem is not None:
+        raise problem
+    raise SystemExit(2)
 
 
 @contextlib.contextmanager

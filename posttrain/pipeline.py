@@ -36,10 +36,14 @@ import yaml
 
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
-from posttrain.models import check_remote_code, check_weights, resolve_model
+from posttrain.data import check_source
+from posttrain.model_check import check_model, existing_model
+from posttrain.models import resolve_model
 from posttrain.registry import STAGES, did_you_mean
-from posttrain.rundir import RunDir, atomic_write_text, hash_folder, sha256_file, sha256_json
+from posttrain.rundir import RunDir, atomic_write_text, hash_folder, mark_run_dir, sha256_file, sha256_json
+from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
+from posttrain.world import NotBuilt, only_built
 
 _ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -80,10 +84,14 @@ def _data_identity(stage: Any) -> list[Any]:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print):
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print, *,
+                 overwrite: bool = False, inputs_checked: bool = False):
+        """`overwrite`: replace the run of another pipeline in `run_dir` (rundir.check_run_dir); `inputs_checked`:
+        the caller ran `check_inputs` already (the CLI does, before it creates the run dir)."""
         self.cfg = cfg
         self.rd = RunDir(run_dir)
         self.log = log
+        self.overwrite, self.inputs_checked = overwrite, inputs_checked
         self.outputs: dict[str, Path] = {}  # stage name -> finished model folder
         self.done_keys: dict[str, str] = {}  # "stage:<name>" -> DONE key
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
@@ -140,17 +148,25 @@ class Pipeline:
         return _input_identity(ref, resolve_model(ref, self.log), {})
 
     def run(self) -> Path:
+        if not self.inputs_checked:
+            check_inputs(self.cfg, self.log, self.rd.root)
+        replace = check_run_dir(self.rd.root, self.cfg.name, [(s.name, s.kind) for s in self.cfg.stages],
+                                self.overwrite)
         self.rd.lock()
         try:
+            if replace:
+                gone = self.rd.clear()
+                self.log(f"run dir: --overwrite: deleted the other pipeline's {', '.join(gone)} in {self.rd.root}")
+            mark_run_dir(self.rd.root, self.cfg.name)
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
             if self.cfg.eval.enabled:
                 base = self._base_model()
-                # lm-eval loads the base before the first stage would check it: check it here, with that
-                # stage's opt-ins, so pickle weights or a model's own code never load unasked.
+                # lm-eval loads the base before the first stage would check it: check it here (files, NaN
+                # scan, and that stage's opt-ins), so pickle weights or a model's own code never load unasked.
                 first = self.cfg.stages[0]
                 if base:
-                    check_weights(base, first.allow_pickle)
-                    check_remote_code(base, first.trust_remote_code)
+                    check_model(base, allow_pickle=first.allow_pickle, trust_remote_code=first.trust_remote_code,
+                                log=self.log)
                 self._evaluate(None, "00_base", base)
                 self.shown.add(base)
             for i, stage in enumerate(self.cfg.stages):
@@ -197,12 +213,27 @@ class Pipeline:
         else:
             if final.exists():
                 self.log(f"[{index:02d} {stage.name}] rerunning: {why}")
+            self._check_models(stage, input_model)
             done = self._execute(index, stage, spec, input_model, config_hash, inputs_hash, final)
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
         self._evaluate_inputs(stage)
         self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
         self.shown.add(str(final / "model"))
+
+    def _check_models(self, stage: Any, input_model: str) -> None:
+        """Check the model folders the stage reads now that they exist (a world model built on first use, an
+        earlier stage's output); those checked before the run are not read again (model_check)."""
+        folders = [input_model] if input_model else []
+        for ref in stage.other_inputs():
+            m = STAGE_REF.match(ref)
+            if m and m.group(1) in self.outputs:
+                folders.append(str(self.outputs[m.group(1)] / "model"))
+            elif not is_stage_ref(ref):
+                folders.append(resolve_model(ref, self.log))
+        for folder in dict.fromkeys(folders):
+            check_model(folder, allow_pickle=stage.allow_pickle, trust_remote_code=stage.trust_remote_code,
+                        log=self.log)
 
     def _execute(self, index, stage, spec, input_model, config_hash, inputs_hash, final) -> dict:
         work = self.rd.work_dir(index, stage.name)
@@ -267,6 +298,52 @@ def base_ref(first: Any) -> str | None:
     return None if STAGE_REF.match(ref) else ref
 
 
+def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_dir: Path | None = None) -> None:
+    """Read and check every data source of every stage, then every input model folder that exists now (files,
+    headers, sizes, a NaN/Inf scan: model_check), before a run dir is made or any model loads: bad input fails
+    here (exit 2, naming the file and the row) in seconds, not after the base eval. A world task or world model
+    not built yet, an earlier stage's output and a hub model not downloaded are checked once they exist: the
+    world builds its own data, and a stage checks its input models when it starts.
+
+    The first stages of `run_dir` whose DONE records their config as it is now are left out: a rerun of a
+    finished pipeline skips them and reads none of their inputs, so reading them here would only cost time
+    (should one of their inputs have changed, the stage reruns and its loader and input check run then)."""
+    done = _done_by_config(cfg, run_dir)
+    if done:
+        log(f"inputs: {', '.join(done)} done already with this config: their data and models not read")
+    stages = cfg.stages[len(done):]
+    for stage in stages:
+        max_length = getattr(getattr(stage, "trainer", None), "max_length", None)
+        for src, shape in stage.data_sources():
+            with only_built():
+                try:  # max_length cuts sft and preference rows (grpo's prompts have limits of their own)
+                    check_source(src, shape, log, max_length if shape in ("sft", "preference") else None)
+                except NotBuilt:
+                    pass
+    for i, stage in enumerate(stages, start=len(done)):
+        refs = [stage.model or ("world" if i == 0 else "")] if stage.reads_input() else []
+        for ref in dict.fromkeys(refs + list(stage.other_inputs())):
+            folder = existing_model(ref) if ref and not is_stage_ref(ref) else None
+            if folder:
+                check_model(folder, allow_pickle=stage.allow_pickle, trust_remote_code=stage.trust_remote_code,
+                            log=log)
+
+
+def _done_by_config(cfg: PipelineConfig, run_dir: Path | None) -> list[str]:
+    """Names of the first stages whose DONE in `run_dir` records their config as it is now, in order."""
+    out: list[str] = []
+    for index, stage in enumerate(cfg.stages, start=1):
+        final = RunDir(run_dir).stage_dir(index, stage.name) if run_dir is not None else None
+        try:
+            done = json.loads((final / "DONE").read_text()) if final is not None else {}
+        except (OSError, ValueError):
+            done = {}
+        if not isinstance(done, dict) or done.get("config_sha256") != sha256_json(stage.model_dump()):
+            break
+        out.append(stage.name)
+    return out
+
+
 def input_folder(ref: str) -> Path:
     """Where an input model that is not a stage of the run keeps its eval, relative to the run dir."""
     return Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
@@ -277,5 +354,6 @@ def is_stage_ref(ref: str) -> bool:
     return bool(_ANY_STAGE_REF.search(ref))
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print) -> Path:
-    return Pipeline(cfg, run_dir, log).run()
+def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print, **kw: Any) -> Path:
+    """Run `cfg` into `run_dir` (keywords: Pipeline's)."""
+    return Pipeline(cfg, run_dir, log, **kw).run()

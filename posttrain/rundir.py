@@ -1,6 +1,7 @@
 """The run directory: layout, lock, atomic writes and DONE markers.
 
     <run-dir>/
+      posttrain-run.json       marks the folder as a run dir posttrain made (rundir_check.py reads it)
       pipeline.yaml            the resolved pipeline config
       LOCK                     pid of the process that holds the run dir (flock'ed while it runs)
       stages/
@@ -21,6 +22,8 @@
 
 A stage counts as done only when its folder has a DONE whose hashes match what is on disk and what the
 pipeline asks for now; anything else reruns.
+
+A run dir holds one pipeline, and posttrain writes into no folder it did not make: posttrain/rundir_check.py.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ from typing import Any
 
 class RunDirLocked(RuntimeError):
     pass
+
+
+class RunDirRefused(ValueError):
+    """A run dir that must not be written: a user's folder, `/`, the home folder, another pipeline's run."""
+
+
+MARKER = "posttrain-run.json"
+# What a run writes at the top of its run dir besides LOCK (what `--overwrite` deletes).
+RUN_ENTRIES = (MARKER, "pipeline.yaml", "stages", "inputs", "report", "error.log")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -102,6 +114,66 @@ def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
     return root / f"{stamp}-{name}"
 
 
+def new_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """Create and mark a fresh `runs/<timestamp>-<name>`; when a run started in the same second has that name,
+    `<timestamp>-<name>-2`, -3, ... (mkdir claims a name atomically, so two runs never share one)."""
+    first = default_run_dir(name, root)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        path = first if k == 1 else first.with_name(f"{first.name}-{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        mark_run_dir(path, name)
+        return path
+    raise RunDirRefused(f"{first}: 10,000 runs of this name started in the same second")
+
+
+class CreatedRunDir:
+    """A run dir this command created, to be removed again if the run stops on bad input before any stage ran,
+    with `latest` pointed back where it was."""
+
+    def __init__(self, run_dir: Path, latest_before: str | None, moved_latest: bool):
+        self.run_dir, self.latest_before, self.moved_latest = run_dir, latest_before, moved_latest
+
+    def undo(self) -> None:
+        left = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+        if not left <= {"LOCK", "pipeline.yaml", MARKER}:
+            return  # something ran (an eval, a stage): keep it
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not self.moved_latest:
+            return
+        if self.latest_before is None:
+            (self.run_dir.parent / "latest").unlink(missing_ok=True)
+        else:
+            point_latest(self.run_dir.parent / self.latest_before)
+
+
+def open_run_dir(run_dir: str | Path | None, name: str) -> tuple[Path, CreatedRunDir | None]:
+    """Create the run dir: `run_dir` (the pipeline marks it once it holds its lock, so a run dir another process
+    holds is left untouched), or a new marked `runs/<timestamp>-<name>` that `latest` points at; with an undo
+    handle when this call created it."""
+    if run_dir:
+        path = Path(run_dir)
+        existed = path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        return path, None if existed else CreatedRunDir(path, None, False)
+    link = Path("runs") / "latest"
+    before = os.readlink(link) if link.is_symlink() else None
+    path = new_run_dir(name)
+    point_latest(path)
+    return path, CreatedRunDir(path, before, True)
+
+
+def mark_run_dir(root: Path, name: str) -> None:
+    """Write the marker that says posttrain made this folder (once; a run dir of an older version gets one)."""
+    path = Path(root) / MARKER
+    if not path.is_file():
+        atomic_write_json(path, {"posttrain_run_dir": 1, "pipeline": name,
+                                 "created": _dt.datetime.now().isoformat(timespec="seconds")})
+
+
 def point_latest(run_dir: Path) -> None:
     """Make `<parent>/latest` a symlink to run_dir (replaced atomically)."""
     link = run_dir.parent / "latest"
@@ -125,17 +197,42 @@ class RunDir:
     def lock(self) -> None:
         """Hold an exclusive flock on LOCK for this process's life; a second process fails at once."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self._refuse_if_held(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def check_free(self) -> None:
+        """RunDirLocked when another process holds the run dir; writes nothing (so the CLI can say so before it
+        reads a single input)."""
+        try:
+            fd = os.open(self.root / "LOCK", os.O_RDONLY)
+        except OSError:
+            return  # no LOCK (or unreadable): lock() decides
+        self._refuse_if_held(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _refuse_if_held(self, fd: int) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirLocked(f"run dir {self.root} is in use by another posttrain process (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+
+    def clear(self) -> list[str]:
+        """Delete what a run writes in the run dir (not LOCK, held by this process, nor files of the user's):
+        `--overwrite` replacing the run of another pipeline. Returns the names deleted."""
+        gone = sorted(p.name for p in self.root.iterdir() if p.name in RUN_ENTRIES)
+        for name in gone:
+            path = self.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return gone
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -45,6 +45,7 @@ __all__ = [
     "MergeMismatch",
     "ShardedReader",
     "ShardedWriter",
+    "read_header",
     "sha256_file",
 ]
 
@@ -90,14 +91,18 @@ class ShardedReader:
     through ``torch.load(weights_only=True, mmap=True)``.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False):
+    def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False, files: list[str] | None = None):
+        """``files``: read exactly these safetensors files of the folder (one file at a time, say), not the
+        model's weights as transformers would find them."""
         self.folder = Path(folder)
         self._handles: dict[str, int] = {}  # file name -> open file descriptor
         self._pickled: dict[str, Tensor] | None = None
         self._file_of: dict[str, str] = {}  # tensor name -> file name inside the folder
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._span: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
-        if (self.folder / SINGLE_FILE).is_file():
+        if files is not None:
+            self._index_safetensors(list(files))
+        elif (self.folder / SINGLE_FILE).is_file():
             self._index_safetensors([SINGLE_FILE])
         elif (self.folder / INDEX_FILE).is_file():
             weight_map = json.loads((self.folder / INDEX_FILE).read_text())["weight_map"]
@@ -109,7 +114,7 @@ class ShardedReader:
         for file in files:
             if not (self.folder / file).is_file():
                 raise FileNotFoundError(f"{self.folder / INDEX_FILE} lists {file}, which is missing")
-            for name, (shape, dtype, start, end) in _read_header(self.folder / file).items():
+            for name, (shape, dtype, start, end) in read_header(self.folder / file).items():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # a tensor the index places elsewhere (or leaves out) is not part of the model
                 self._file_of[name] = file
@@ -228,28 +233,45 @@ class ShardedReader:
         self.close()
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
     """name -> (shape, dtype, absolute start, absolute end) from a safetensors header: 8 bytes of
-    little-endian header length, then that many bytes of JSON; data offsets count from the header's end."""
+    little-endian header length, then that many bytes of JSON; data offsets count from the header's end.
+    A ValueError names the file and says what is wrong: a file cut short (its header or its tensors need
+    more bytes than it has), a header that is not JSON, an unknown dtype, offsets that do not fit a shape."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if 0 < n <= _MAX_HEADER and 8 + n > size:
+            raise ValueError(f"{path}: truncated: its header alone needs {8 + n} bytes, the file has {size}")
         if not 0 < n <= min(_MAX_HEADER, size - 8):
             raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
     out: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        shape, dtype = tuple(int(d) for d in info["shape"]), _DTYPES[info["dtype"]]
-        start, end = (8 + n + int(o) for o in info["data_offsets"])
+        try:
+            code, dims, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(d) for d in dims)
+            start, end = (8 + n + int(o) for o in offsets)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry: {info!r}"[:300]) from None
+        if code not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        out[name] = (shape, _DTYPES[code], start, end)
+    data_end = max((end for *_, end in out.values()), default=8 + n)
+    if data_end > size:
+        raise ValueError(f"{path}: truncated: its header describes {data_end} bytes, the file has {size}")
+    for name, (shape, dtype, start, end) in out.items():
         if end - start != math.prod(shape) * dtype.itemsize or not 8 + n <= start <= end <= size:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {info['data_offsets']} that do not fit "
-                             f"its shape {list(shape)} and dtype {info['dtype']} or the file")
-        out[name] = (shape, dtype, start, end)
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {header[name]['data_offsets']} that do not "
+                             f"fit its shape {list(shape)} and dtype {header[name]['dtype']} or the file")
     return out
 
 

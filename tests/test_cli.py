@@ -71,8 +71,11 @@ def test_eval_refuses_a_missing_folder_and_a_bad_limit_in_one_line(tmp_path, cli
 
 def test_a_successful_run_removes_an_earlier_failures_error_log(merge_trio, tmp_path, cli):
     base, a, _ = merge_trio
+    from posttrain.rundir import mark_run_dir
+
     run_dir = tmp_path / "r"
     run_dir.mkdir()
+    mark_run_dir(run_dir, "pipeline")  # the run dir of the failed run, as posttrain made it
     (run_dir / "error.log").write_text("Traceback of an earlier failure\n")
     cfg = _write(tmp_path / "m.yaml", {"eval": {"enabled": False}, "stages": [
         {"name": "m", "kind": "merge", "method": "task_arithmetic", "base": str(base), "models": [{"model": str(a)}]}]})

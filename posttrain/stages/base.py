@@ -67,6 +67,11 @@ class StageBase(Strict):
         pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
         return []
 
+    def data_sources(self) -> list[tuple[Any, str]]:
+        """(data source, row shape: a key of `posttrain.data.CHECKS`) of every dataset the stage reads, so the
+        pipeline can read and check them all before a run starts."""
+        return []
+
     def input_files(self) -> list[str]:
         """Local files the stage's behaviour depends on besides its data (a GRPO user reward's .py file): the
         pipeline hashes them into the stage's inputs, so an edited file reruns it."""

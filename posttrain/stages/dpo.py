@@ -117,6 +117,9 @@ class DPOStageConfig(TrainableStage):
             weights.append(self.rpo_alpha)
         return types, weights
 
+    def data_sources(self) -> list[tuple[DataSource, str]]:
+        return [(src, "preference") for src in self.data] + [(src, "prompt") for src in self.rehearsal]
+
 
 def _as_chat(value: Any, role: str) -> list[dict]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]

@@ -89,6 +89,9 @@ class GRPOStageConfig(TrainableStage):
                 f"and must be a multiple of num_generations ({self.num_generations})")
         return self
 
+    def data_sources(self) -> list[tuple[DataSource, str]]:
+        return [(src, "prompt") for src in self.data]
+
     def input_files(self) -> list[str]:
         """The user rewards' .py files and every other .py file in their folders (not in subfolders), sorted,
         so that editing a reward or a helper module next to it reruns the stage. That is more than a reward

@@ -36,6 +36,9 @@ class SFTStageConfig(TrainableStage):
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
 
+    def data_sources(self) -> list[tuple[DataSource, str]]:
+        return [(src, "sft") for src in self.data]
+
 
 def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> bool:
     """Refuse, before any model loads, chat data without a chat template (TRL fails there only after the model has

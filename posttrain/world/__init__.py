@@ -13,16 +13,41 @@ renames it into place; the waiter finds the finished folder when it gets the loc
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # Bump when anything that changes the generated world changes (data, tokenizer, model shape, pretraining).
 VERSION = "3"
+
+
+class NotBuilt(RuntimeError):
+    """Raised inside `only_built()` where a world part would be built: the checks made before a run look at
+    what is already cached and leave the rest to be checked once it is built."""
+
+
+_ONLY_BUILT: list[bool] = []
+
+
+@contextlib.contextmanager
+def only_built() -> Iterator[None]:
+    """Within this block, asking for a world part that is not cached raises NotBuilt instead of building it."""
+    _ONLY_BUILT.append(True)
+    try:
+        yield
+    finally:
+        _ONLY_BUILT.pop()
+
+
+def refuse_build(key: str) -> None:
+    """NotBuilt inside `only_built()`; called where a world part is about to be built."""
+    if _ONLY_BUILT:
+        raise NotBuilt(key)
 
 
 def cache_root() -> Path:
@@ -35,6 +60,7 @@ def _cached(key: str, build: Callable[[Path], dict], log: Callable[[str], None] 
     final = root / key
     if (final / "world.json").is_file():
         return final
+    refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -45,7 +45,7 @@ def cache_key(name: str, recipe: dict | None = None) -> str:
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     """Run RECIPES[name] once into the cache and return its model folder."""
     from posttrain.pipeline import run_pipeline
-    from posttrain.world import world_dir
+    from posttrain.world import refuse_build, world_dir
 
     root = world_dir(log) / "models"
     key = cache_key(name)
@@ -53,6 +53,7 @@ def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     model = run / "stages" / f"01_{name}" / "model"
     if (run / "READY").is_file():
         return model
+    refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

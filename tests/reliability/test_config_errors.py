@@ -46,3 +46,24 @@ def test_config_error_exits_2_with_one_line_before_any_model_loads(case, tmp_pat
         assert part in lines[0], lines[0]
     assert not (run_dir / "stages").exists()  # no eval, no stage: no model was loaded
     assert took < 10, f"{case} took {took:.1f}s"
+
+
+def test_set_errors_name_the_set_and_hint_nested_keys(tmp_path):
+    """A bad value given with --set names the --set, not the YAML file it overrode; a TRL-style flat key gets
+    the same did-you-mean at the command line as in a file."""
+    from posttrain.config import ConfigError, load_pipeline, stage_pipeline
+    from tests.conftest import REPO
+
+    stage_yaml = REPO / "configs" / "stages" / "sft.yaml"
+    with pytest.raises(ConfigError) as e:
+        stage_pipeline("sft", stage_yaml, ["trainer.max_steps=many"])
+    assert str(e.value).startswith("--set trainer.max_steps=many: trainer.max_steps:") and "sft.yaml" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"--set lerning_rate: unknown key 'lerning_rate' \(did you mean "
+                                          r"'trainer.learning_rate'\?\)"):
+        stage_pipeline("sft", stage_yaml, ["lerning_rate=1e-4"])
+    (tmp_path / "p.yaml").write_text("stages:\n  - {kind: sft}\n")
+    with pytest.raises(ConfigError, match=r"^--set stages.sft.trainer.max_steps=many: stages\[0\].trainer.max_steps"):
+        load_pipeline(tmp_path / "p.yaml", ["stages.sft.trainer.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"^.*p.yaml: stages\[0\].trainer.max_steps"):  # the file's own value
+        (tmp_path / "p.yaml").write_text("stages:\n  - {kind: sft, trainer: {max_steps: many}}\n")
+        load_pipeline(tmp_path / "p.yaml", ["seed=3"])
