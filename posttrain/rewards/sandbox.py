@@ -51,7 +51,7 @@ _FSIZE_BYTES = 64 << 20  # largest file the child may write
 _MAX_RESULT_BYTES = 8 << 20  # more than this on the result pipe is not a result
 _EXIT_NO_DROP = 70  # the child could not become `nobody`; it ran nothing
 _CGROUP_OVERHEAD_MB = 64  # the supervisor, the namespace's init and code_exec's tester, on top of memory_mb
-_PROCS_WITHOUT_CGROUP = 4  # processes (and threads) the code may have when no cgroup bounds their sum
+_PROCS_WITHOUT_CGROUP = 2  # processes (and threads) the code may have when no cgroup bounds their sum
 _MIN_AS_MB = 64  # below this address space a Python process cannot start
 # Try namespaces and cgroups until one run finds they do not work here (then stay without, in this process).
 _use_namespaces = True

@@ -100,7 +100,7 @@ def cgroup_limit():
                 return int(text)
     return None
 group = cgroup_limit()
-assert (group is not None and group <= 600 << 20) or limit * nproc <= 1024 << 20, (group, limit, nproc)
+assert (group is not None and group <= 600 << 20) or (limit <= 256 << 20 and nproc <= 6), (group, limit, nproc)
 """
 
 
