@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.rewards import run_sandboxed, sandbox
+from posttrain.rewards import run_sandboxed
 from posttrain.rewards.sandbox import FileFunction
 from tests.reliability.sandboxing import (IS_ROOT, cgroup_works, isolation, landlock_abi,  # noqa: F401
                                           linux_only, memory_bound, namespaces_work, no_strays)
