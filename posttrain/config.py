@@ -27,9 +27,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from posttrain import yaml_caps
 from posttrain.config_refs import dotted as _dotted
 from posttrain.config_refs import model_ref_problem, stage_ref_problem
 from posttrain.registry import STAGES, RegistryError, did_you_mean
@@ -245,71 +245,27 @@ def _nested_hint(owner: type[BaseModel] | None, key: str, exact: bool = False) -
     return " (did you mean " + " or ".join(repr(p) for p in paths) + "?)" if paths else ""
 
 
-MAX_CONFIG_BYTES = 1 << 20  # a pipeline is a few KB; a bigger file is the wrong file, or an attack
-MAX_YAML_VALUES = 100_000  # values after aliases are expanded: a few anchors pass, a "billion laughs" does not
-
-
 def read_yaml(path: str | Path) -> dict:
-    """A config file's mapping: at most MAX_CONFIG_BYTES and MAX_YAML_VALUES values (aliases expanded), else
-    one-line ConfigError, decided before anything is built from it. Every config YAML is read here."""
+    """A config file's mapping (every config YAML is read here), within `yaml_caps`'s limits: a file over 1 MB
+    or an alias bomb is a one-line ConfigError, decided before anything is built from it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    with open(p, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)  # never more: the file may be huge, or still growing
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: over {MAX_CONFIG_BYTES >> 20} MB; a config is a few KB (is this the right file?)")
     try:
-        data = parse_yaml(raw.decode("utf-8"), str(p)) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); is this a YAML file?") from None
+        data = yaml_caps.read(p) or {}
+    except yaml_caps.YamlRefused as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``, refusing (ConfigError naming ``where``) a document whose aliases expand it past
-    MAX_YAML_VALUES values, or that nests too deep. The node graph is checked before any Python object is built:
-    PyYAML shares an alias's object, but whatever walks the result (validation, copies, hashes) expands it."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml when installed: 1 MB in ~50 ms
+    """``yaml.safe_load(text)`` within `yaml_caps`'s limits (a `--set` value); ConfigError naming ``where``."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node, where)
-        return loader.construct_document(node)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}:{at} invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: YAML nested too deep") from None
-    finally:
-        loader.dispose()
-
-
-def _check_expansion(root: yaml.Node, where: str) -> None:
-    """Count the values of the document with every alias expanded (iteratively, each node once)."""
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-            node.value if isinstance(node, yaml.SequenceNode) else []
-        if finished:
-            on_path.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
-            if sizes[id(node)] > MAX_YAML_VALUES:
-                raise ConfigError(f"{where}: line {node.start_mark.line + 1}: its aliases (*name) expand the YAML "
-                                  f"past {MAX_YAML_VALUES} values; write the repeated parts out")
-        elif id(node) in on_path:
-            raise ConfigError(f"{where}: line {node.start_mark.line + 1}: an alias refers to a value that holds it")
-        elif id(node) not in sizes:
-            on_path.add(id(node))
-            stack.append((node, True))
-            stack += [(c, False) for c in children if id(c) not in sizes]
+        return yaml_caps.load(text, where)
+    except yaml_caps.YamlRefused as e:
+        raise ConfigError(str(e)) from None
 
 
 def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:

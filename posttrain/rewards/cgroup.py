@@ -97,6 +97,7 @@ class Cgroup:
                 _remove_stale(parent)
                 (parent / name).mkdir()
                 made.append(parent / name)
+                os.chmod(parent / name, 0o755)  # whatever the umask: the sandbox may read its own limits
             group = cls(version, made)
             if version == "v2":
                 group._write("memory.max", memory_bytes)

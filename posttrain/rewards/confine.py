@@ -24,6 +24,37 @@ removed. We write the syscalls by hand (ctypes, about 60 lines): the Python bind
 Landlock (``seccomp``, ``landlock`` on PyPI) are not wheels installable everywhere, and the child must start with
 the standard library only.
 """
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("posttrain.rewards.sandbox")  # the sandbox's own logger: one name to filter on
+_said: set[str] = set()  # what is missing here, said once per process
+
+
+def say_what_is_missing(got: Any, limits: dict[str, Any], in_namespace: bool) -> None:
+    """Log once per process each protection the kernel did not give: ``got`` is what the worker reported
+    (``confine``'s "R" line), ``limits`` what the parent set (with or without a cgroup)."""
+    if not isinstance(got, dict):
+        return
+    missing = {
+        "cgroup": None if limits["cgroup"] else (
+            f"no memory cgroup can be made here: the code may run {limits['nproc']} processes and threads of "
+            f"{limits['as_bytes'] >> 20} MB each"),
+        "tmpfs": None if got.get("tmpfs") or not in_namespace else "no tmpfs mount: scratch files go to disk",
+        "landlock": None if got.get("landlock") else (
+            "no Landlock (Linux 5.13+): the code may write wherever its uid may (world-writable folders: "
+            "/tmp, /var/tmp, /dev/shm) and, without a network namespace, open TCP connections"),
+        "seccomp": None if got.get("seccomp") else (
+            "no seccomp filter: the code may connect to unix sockets its uid may write (a network namespace "
+            "does not cover them)"),
+    }
+    for key, text in missing.items():
+        if text and key not in _said:  # without a cgroup or a tmpfs a fallback holds: that is only logged
+            _said.add(key)
+            log.log(logging.INFO if key in ("cgroup", "tmpfs") else logging.WARNING, "sandbox: %s", text)
+
 
 CHILD_CODE = r'''
 LANDLOCK_FS_WRITE = ((1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10)

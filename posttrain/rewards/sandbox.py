@@ -51,12 +51,11 @@ _FSIZE_BYTES = 64 << 20  # largest file the child may write
 _MAX_RESULT_BYTES = 8 << 20  # more than this on the result pipe is not a result
 _EXIT_NO_DROP = 70  # the child could not become `nobody`; it ran nothing
 _CGROUP_OVERHEAD_MB = 64  # the supervisor, the namespace's init and code_exec's tester, on top of memory_mb
-_PROCS_WITHOUT_CGROUP = 4  # processes (and threads) the code may have when no cgroup bounds their sum
+_PROCS_WITHOUT_CGROUP = 2  # processes (and threads) the code may have when no cgroup bounds their sum
 _MIN_AS_MB = 64  # below this address space a Python process cannot start
 # Try namespaces and cgroups until one run finds they do not work here (then stay without, in this process).
 _use_namespaces = True
 _use_cgroups = True
-_said: set[str] = set()  # what is missing here, said once per process
 _GRACE_S = 3.0  # interpreter start-up and reaping, on top of timeout_s, before we kill the supervisor
 _CHILD_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -155,7 +154,7 @@ def run_sandboxed(
         return None, TIMEOUT
     if run.report is None:
         return None, MEMORY if run.oom else EXCEPTION
-    _say_what_is_missing(run.report.get("confined"), run.limits, run.namespace)
+    confine.say_what_is_missing(_json(run.report.get("confined")), run.limits, run.namespace)
     return _classify(run, job["mode"])
 
 
@@ -163,29 +162,6 @@ def _namespaces_unavailable() -> None:
     """Remember for this process that namespaces fail here (no second try per call)."""
     global _use_namespaces
     _use_namespaces = False
-
-
-def _say_what_is_missing(confined: str | None, limits: dict[str, Any], in_namespace: bool) -> None:
-    """Log once per process each protection the kernel did not give (the worker reports what took hold)."""
-    got = _json(confined)
-    if not isinstance(got, dict):
-        return
-    missing = {
-        "cgroup": None if limits["cgroup"] else (
-            f"no memory cgroup can be made here: the code may run {limits['nproc']} processes and threads of "
-            f"{limits['as_bytes'] >> 20} MB each"),
-        "tmpfs": None if got.get("tmpfs") or not in_namespace else "no tmpfs mount: scratch files go to disk",
-        "landlock": None if got.get("landlock") else (
-            "no Landlock (Linux 5.13+): the code may write wherever its uid may (world-writable folders: "
-            "/tmp, /var/tmp, /dev/shm) and, without a network namespace, open TCP connections"),
-        "seccomp": None if got.get("seccomp") else (
-            "no seccomp filter: the code may connect to unix sockets its uid may write (a network namespace "
-            "does not cover them)"),
-    }
-    for key, text in missing.items():
-        if text and key not in _said:  # without a cgroup or a tmpfs a fallback holds: that is only logged
-            _said.add(key)
-            log.log(logging.INFO if key in ("cgroup", "tmpfs") else logging.WARNING, "sandbox: %s", text)
 
 
 @dataclass

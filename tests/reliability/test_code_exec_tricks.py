@@ -133,8 +133,11 @@ def _score(completion: str, tests: str, stats: RewardStats | None = None) -> flo
 @pytest.mark.parametrize("trick", list(TRICKS))
 def test_trick_scores_zero(trick, isolation, no_strays):
     assert _score(TRICKS[trick], TEST_FOR.get(trick, TESTS)) == 0.0
-    # The same tests pass an honest completion, in the same setting.
-    assert _score("def f(x):\n    return x * x\n", TEST_FOR.get(trick, TESTS)) == 1.0
+
+
+@pytest.mark.parametrize("tests", [TESTS, *TEST_FOR.values()], ids=["asserts", *TEST_FOR])
+def test_the_tricks_tests_pass_an_honest_completion(tests, no_strays):
+    assert _score("def f(x):\n    return x * x\n", tests) == 1.0
 
 
 HONEST = {

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from posttrain.config import MAX_CONFIG_BYTES, ConfigError, read_yaml
+from posttrain.config import ConfigError, read_yaml
+from posttrain.yaml_caps import MAX_CONFIG_BYTES
 from tests.conftest import REPO
 
 # Ten levels of ten aliases: 10^10 strings once expanded.
@@ -95,7 +96,7 @@ def test_sigterm_while_parsing_a_config_exits(tmp_path):
     go on to load anything."""
     path = tmp_path / "wide.yaml"
     path.write_text("name: wide\nstages: [{kind: sft}]\nrows:\n" + "  - 1\n" * 150_000)  # ~0.9 MB
-    prelude = ("import os, signal\nimport posttrain.config as c\nreal = c._check_expansion\n"
+    prelude = ("import os, signal\nimport posttrain.yaml_caps as c\nreal = c._check_expansion\n"
                "def check(*a):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
                "c._check_expansion = check\n")
     code, err, _ = _cli("run", str(path), "--run-dir", str(tmp_path / "run"), prelude=prelude)

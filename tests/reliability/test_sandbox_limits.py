@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.rewards import run_sandboxed, sandbox
+from posttrain.rewards import run_sandboxed
 from posttrain.rewards.sandbox import FileFunction
 from tests.reliability.sandboxing import (IS_ROOT, cgroup_works, isolation, landlock_abi,  # noqa: F401
                                           linux_only, memory_bound, namespaces_work, no_strays)
@@ -25,14 +25,22 @@ pytestmark = linux_only
 MB = 1 << 20
 
 
-def _protected(folder: str, isolation: str) -> bool:
-    """Whether writes to `folder` stay off the host here: a tmpfs of at most the scratch size (namespaces), or
-    refused (Landlock, without namespaces)."""
-    if isolation == "namespace":
-        probe = f"import os\nst = os.statvfs({folder!r})\nassert st.f_blocks * st.f_frsize <= 256 << 20"
-    else:
-        probe = f"try:\n    open({folder!r} + '/probe-{uuid.uuid4().hex}', 'w')\nexcept PermissionError:\n    pass\n" \
-                "else:\n    assert False"
+def _protected(folder: str) -> bool:
+    """Whether writes to `folder` stay off the host here: it is a tmpfs of at most the scratch size (the
+    namespaces' private mount), or writing there is refused (Landlock)."""
+    probe = textwrap.dedent(f"""
+        import os
+        st = os.statvfs({folder!r})
+        if st.f_blocks * st.f_frsize > 256 << 20:  # not the private tmpfs: writing must be refused
+            path = {folder!r} + "/probe-{uuid.uuid4().hex}"
+            try:
+                open(path, "w").close()
+            except PermissionError:
+                pass
+            else:
+                os.remove(path)
+                assert False
+    """)
     return run_sandboxed(probe) == (True, None)
 
 
@@ -40,7 +48,7 @@ def _protected(folder: str, isolation: str) -> bool:
 def test_a_gigabyte_to_scratch_folders_is_stopped_and_leaves_nothing(folder, isolation, no_strays):
     if not os.path.isdir(folder):
         pytest.skip(f"no {folder} here")
-    if not _protected(folder, isolation):
+    if not _protected(folder):
         if isolation == "plain" and landlock_abi() == 0:
             pytest.skip("without namespaces and Landlock the sandbox cannot keep writes off the host (README)")
         pytest.fail(f"{folder} is not a private tmpfs or refused in the sandbox; not writing a gigabyte there")
@@ -100,7 +108,7 @@ def cgroup_limit():
                 return int(text)
     return None
 group = cgroup_limit()
-assert (group is not None and group <= 600 << 20) or limit * nproc <= 1024 << 20, (group, limit, nproc)
+assert (group is not None and group <= 600 << 20) or (limit <= 256 << 20 and nproc <= 6), (group, limit, nproc)
 """
 
 
