@@ -158,7 +158,8 @@ def evaluate_model(
         if old.get("key") == key:
             log(f"eval: reusing {out}")
             return old
-    record = _run_lm_eval(model_dir, spec, include, limit, settings, log, trust_remote_code)
+    opt_in = {"trust_remote_code": True} if trust_remote_code else {}  # as before when unset (tests fake 6 args)
+    record = _run_lm_eval(model_dir, spec, include, limit, settings, log, **opt_in)
     record.update(model=str(model_dir), key=key, **key, versions=_versions())
     if out:
         atomic_write_json(Path(out), record)
