@@ -3,8 +3,9 @@ that would otherwise end in a traceback deep in transformers or lm-eval, each as
 
 * The opt-ins, as the stages apply them (`models.check_weights`, `models.check_remote_code`), with eval's flags
   (`--allow-pickle`, `--trust-remote-code`) in the message.
-* Every `*.json` of the folder parses (config, tokenizer, generation config, index).
-* Every `*.safetensors` header parses and its tensors fit in the file (a bad header, a file cut short).
+* What the stages check of an input model (`model_check.check_model`): config.json, every safetensors header
+  and size (a bad header, a file cut short), the shard index, a NaN/Inf scan.
+* The folder's other `*.json` files parse (tokenizer, generation config).
 * The chat template renders a one-message chat with transformers' own renderer, in Jinja's sandbox, as lm-eval
   will (a template error, or an attribute access the sandbox stops).
 """
@@ -14,17 +15,18 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from posttrain.model_check import check_model
 from posttrain.models import ModelError, check_remote_code, check_weights
-from posttrain.tensors import _read_header
 
 
 def check_folder_files(model: str, *, allow_pickle: bool, trust_remote_code: bool,
-                       log: Callable[[str], None] | None = None) -> None:
-    """Refuse (ModelError, one line naming the file) what eval must not or cannot load; a hub name gets the
-    opt-in checks only (transformers reads its files)."""
-    check_weights(model, allow_pickle, opt_in="pass --allow-pickle")  # as a stage would
+                       log: Callable[[str], None] = print) -> None:
+    """Refuse (ModelError, one line naming the file) what eval must not or cannot load; a hub name is checked
+    where the hub cache holds it, else left to transformers."""
+    check_weights(model, allow_pickle, opt_in="pass --allow-pickle")  # as a stage would, with eval's flag
     # A folder whose auto_map names a class transformers has loads with transformers' (logged, as for a stage).
     check_remote_code(model, trust_remote_code, log, opt_in="pass --trust-remote-code if you trust it")
+    check_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     folder = Path(model)
     if not folder.is_dir():
         return
@@ -33,12 +35,6 @@ def check_folder_files(model: str, *, allow_pickle: bool, trust_remote_code: boo
             json.loads(file.read_bytes())
         except (ValueError, OSError) as e:
             raise ModelError(f"{file}: not valid JSON: {str(e).splitlines()[0]}") from None
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            _read_header(file)
-        except (ValueError, KeyError, TypeError, OSError) as e:  # ValueError covers bad JSON and a short file
-            why = str(e).splitlines()[0].removeprefix(f"{file}: ") if str(e) else type(e).__name__
-            raise ModelError(f"{file}: not a readable safetensors file: {why}") from None
     check_chat_template(folder)
 
 
