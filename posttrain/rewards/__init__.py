@@ -128,7 +128,8 @@ class RewardSpec(BaseModel):
     sandbox: bool = Field(False, description="run a user reward in the sandbox; code_exec always does")
     timeout_s: float = Field(5.0, gt=0, description="per completion, wall-clock: a sandboxed run, or a share of "
                                                    "an in-process user reward's call")
-    memory_mb: int = Field(512, ge=64, description="address-space limit of a sandboxed run (a Python needs ~30)")
+    memory_mb: int = Field(512, ge=64, description="memory of a sandboxed run, all its processes together (without "
+                                                 "a cgroup: 2 of half each), plus a scratch tmpfs of half as much")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
