@@ -310,7 +310,7 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_di
     (should one of their inputs have changed, the stage reruns and its loader and input check run then)."""
     done = _done_by_config(cfg, run_dir)
     if done:
-        log(f"inputs: {', '.join(done)} done already with this config: their data and models not read")
+        log(f"inputs: not read for {', '.join(done)}, finished with this config (read if it reruns)")
     stages = cfg.stages[len(done):]
     for stage in stages:
         max_length = getattr(getattr(stage, "trainer", None), "max_length", None)

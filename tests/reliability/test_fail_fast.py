@@ -198,7 +198,7 @@ def test_stages_done_with_this_config_are_not_read_again(tmp_path):
     data.write_text("{not json\n")  # what a done stage read once: not read again
     with pytest.raises(DataError, match="row 1: bad JSON"):  # stage b is not done: its data is read
         check_inputs(cfg, logs.append, run)
-    assert logs == ["inputs: a done already with this config: their data and models not read"]
+    assert logs == ["inputs: not read for a, finished with this config (read if it reruns)"]
     with pytest.raises(DataError, match="row 1: bad JSON"):  # another config of a: read
         check_inputs(load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
             {"name": "a", "kind": "sft", "data": [{"source": str(data)}], "trainer": {"max_steps": 3}}]}),
