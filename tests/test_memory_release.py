@@ -17,6 +17,7 @@ from posttrain import rollout
 from posttrain.config import EvalConfig, load_pipeline
 from posttrain.pipeline import run_pipeline
 from posttrain.stages import common, sft
+from posttrain.world.tuning import world_trainer
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_trainer_is_released_before_a_vllm_eval_which_gets_its_share(world, tmp_
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)  # the runner checks that vllm is there
 
     stage = {"kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 16}],
-             "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 100}}
+             "trainer": world_trainer("sft", max_steps=2, per_device_train_batch_size=4, save_steps=100)}
     cfg = load_pipeline(None, data={"eval": {"backend": "vllm", "gpu_memory_utilization": 0.35, "limit": 4},
                                     "stages": [stage]})
     run_pipeline(cfg, tmp_path / "run", lambda m: None)
