@@ -13,6 +13,7 @@ import weakref
 import pytest
 
 import posttrain.stages  # noqa: F401
+from evals import runner
 from posttrain import rollout
 from posttrain.config import EvalConfig, load_pipeline
 from posttrain.pipeline import run_pipeline
@@ -31,7 +32,6 @@ def no_automatic_gc():
 
 def test_trainer_is_released_before_a_vllm_eval_which_gets_its_share(world, tmp_path, monkeypatch, no_automatic_gc):
     import lm_eval
-    import lm_eval.tasks
     import transformers
 
     refs: dict[str, weakref.ref] = {}
@@ -58,7 +58,7 @@ def test_trainer_is_released_before_a_vllm_eval_which_gets_its_share(world, tmp_
     monkeypatch.setattr(transformers.Trainer, "train", spy_train)
     monkeypatch.setattr(sft, "train_and_save", spy_train_and_save)
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None: None)
+    monkeypatch.setattr(runner, "_task_manager", lambda include, tasks: None)  # no task index to build
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)  # the runner checks that vllm is there
 
     stage = {"kind": "sft", "model": "world", "data": [{"source": "arithmetic", "limit": 16}],
