@@ -18,10 +18,12 @@ help:
 	@echo "make setup | make test | make test-reliability | make stage=<kind> | make pipeline config=<file> | make report run=<dir> | make bench | make claims"
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch is pinned (==2.13.0) so pip never pulls CUDA builds.
+# umask 022: code_exec's sandbox runs completions as `nobody`, which must be able to read the installed
+# packages they import (numpy); a venv installed under umask 077 would fail every such completion.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@umask 022; test -x $(PY) || python3 -m venv .venv
+	umask 022; $(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
+	umask 022; $(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

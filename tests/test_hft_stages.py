@@ -47,13 +47,16 @@ def _spy_optimizer(monkeypatch) -> list[dict]:
     def wrap(original):
         def factory(ctx):
             cb = original(ctx)
+            begin, end = cb.on_train_begin, cb.on_train_end  # the stage's own (progress, finite-loss bookkeeping)
 
             def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+                begin(args, state, control, model=model, optimizer=optimizer, **kw)
                 held = optimizer_param_names(types.SimpleNamespace(model=model, optimizer=optimizer))
                 seen.append({"stage": ctx.index, "held": held,
                              "requires_grad": {n for n, p in model.named_parameters() if p.requires_grad}})
 
             def on_train_end(self, args, state, control, model=None, optimizer=None, **kw):
+                end(args, state, control, model=model, optimizer=optimizer, **kw)
                 seen[-1]["checked"] = assert_optimizer_holds_only(optimizer, model)  # also: no state when frozen
 
             cb.on_train_begin = types.MethodType(on_train_begin, cb)

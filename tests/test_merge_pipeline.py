@@ -31,4 +31,4 @@ def test_merge_specialists_pipeline_runs_to_a_report(world, tmp_path):
     merged = json.loads((run_dir / "stages" / "03_merge" / "merge.json").read_text())
     assert [m["folder"] for m in merged["inputs"]] == [str(run_dir / "stages" / f"0{i}_{n}" / "model")
                                                        for i, n in ((1, "sft_arithmetic"), (2, "sft_reversal"))]
-    assert (run_dir / "report" / "forgetting.md").read_text().count("| merge ") == 2  # scores and forgetting
+    assert (run_dir / "report" / "forgetting.md").read_text().count("| merge ") == 3  # per stage, scores, forgetting per stage

@@ -6,8 +6,7 @@ The CLI runs in a subprocess under an address-space limit, so a regression fails
 machine; its peak RSS is read from wait4."""
 from __future__ import annotations
 
-import os
-import resource
+import json
 import subprocess
 import sys
 
@@ -23,23 +22,24 @@ BOMB = "name: bomb\nstages:\n  - kind: sft\n    trainer:\n      extra:\n        
 ANCHORS = "name: ok\nbase: &base {kind: sft, trainer: {max_steps: 3}}\nstages:\n  - *base\n  - {<<: *base, name: two}\n"
 
 
+# The CLI is started by a small launcher, not by the test's own process: Linux carries a process's peak RSS
+# across exec, so a CLI forked straight from a pytest worker that holds torch and models would report the
+# worker's size (seen in CI: 552 MB for a CLI that peaks at ~240 MB).
+_LAUNCH = ("import json, os, resource, subprocess, sys\n"
+           "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+           "proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+           "_, status, usage = os.wait4(proc.pid, 0)\n"
+           "print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024]))\n")
+
+
 def _cli(*args: str, prelude: str = "") -> tuple[int, str, int]:
     """`posttrain <args>` in a subprocess limited to 8 GB of address space: (exit code, stderr, peak RSS MB)."""
     code = prelude + "import sys\nfrom posttrain.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=limit)
-    try:
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        if proc.returncode is None and proc.poll() is None:
-            proc.kill()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_maxrss // 1024
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, sys.executable, "-c", code, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, rss_mb = json.loads(proc.stdout)
+    return status, proc.stderr, rss_mb
 
 
 def _error_lines(err: str) -> list[str]:
