@@ -6,6 +6,7 @@ so (`skipped`, `unavailable`) with the reason; figures off their goal keep their
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -93,6 +94,31 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = 
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {r.returncode}: {r.stderr[-1500:]}")
     return seconds, r
+
+
+# Linux carries a process's peak RSS across exec, and subprocess forks with vfork, so a command started
+# straight from the bench (which holds torch, TRL and the world) would report the bench's own peak if larger.
+# The command is started from this small launcher instead; it reports the command's wall seconds and peak RSS
+# (ru_maxrss, KB) on its last stdout line, after everything the command printed.
+_LAUNCH = ("import json, os, subprocess, sys, time\n"
+           "start = time.perf_counter()\n"
+           "proc = subprocess.Popen(sys.argv[1:])\n"
+           "_, status, usage = os.wait4(proc.pid, 0)\n"
+           "seconds = time.perf_counter() - start\n"
+           "sys.stdout.flush()\n"
+           "print(json.dumps([os.waitstatus_to_exitcode(status), seconds, usage.ru_maxrss / 1024]))\n")
+
+
+def measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+             timeout: float = 900) -> tuple[float, str, float]:
+    """(wall seconds, stdout, peak RSS in MB) of a subprocess; raises with its stderr tail when it fails."""
+    r = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], capture_output=True, text=True, env=env,
+                       cwd=cwd or REPO, timeout=timeout)
+    lines = r.stdout.rstrip("\n").split("\n")
+    rc, seconds, rss_mb = json.loads(lines[-1]) if r.returncode == 0 else (r.returncode, 0.0, 0.0)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {rc}: {r.stderr[-1500:]}")
+    return seconds, "\n".join(lines[:-1]), rss_mb
 
 
 def bench_env(**extra: str) -> dict[str, str]:

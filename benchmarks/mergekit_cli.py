@@ -52,14 +52,19 @@ METHODS = {
 }
 
 
-def command(method: str, inputs: list[Path], out: Path, shard_bytes: int, workdir: Path) -> list[str]:
-    """The mergekit-yaml command merging inputs[1:] onto inputs[0] in float32, shards of `shard_bytes`."""
+def command(method: str, inputs: list[Path], out: Path, shard_bytes: int, workdir: Path,
+            out_dtype: str = "float32") -> list[str]:
+    """The mergekit-yaml command merging inputs[1:] onto inputs[0], math in float32 and output in `out_dtype`
+    (posttrain's merge stage does the same), in shards of `shard_bytes` (mergekit counts them in elements)."""
     name, params = METHODS[method]
     cfg = {"merge_method": name, "base_model": str(inputs[0]), "dtype": "float32",
            "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in inputs[1:]]}
+    if out_dtype != "float32":
+        cfg["out_dtype"] = out_dtype
     if name != "task_arithmetic":
         cfg["parameters"] = {"normalize": False}  # posttrain's TIES does not divide by the summed weights
     path = workdir / f"mergekit-{method}.yml"
     path.write_text(yaml.safe_dump(cfg))
-    return [python(), "-c", MAIN, str(path), str(out), "--out-shard-size", str(shard_bytes // 4),
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[out_dtype]
+    return [python(), "-c", MAIN, str(path), str(out), "--out-shard-size", str(shard_bytes // itemsize),
             "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]

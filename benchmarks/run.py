@@ -1,6 +1,6 @@
 """`make bench`: posttrain side by side with the libraries underneath, one file per figure.
 
-    python -m benchmarks.run [--quick] [--only train,merge,eval,rerun,rollout] [--runs N] [--update-readme]
+    python -m benchmarks.run [--quick] [--only train,merge,eval,rerun,rollout,real] [--runs N] [--update-readme]
 
   train.py    sft and dpo stages vs a plain TRL script: s/step (goal <= 1.03), whole stage (goal <= 1.10)
   merge.py    task arithmetic, TIES, DARE on 3 x 1.1 GB models: vs raw read+write (<= 1.5 / <= 3),
@@ -8,6 +8,8 @@
   eval.py     world suite: `posttrain eval` vs the `lm_eval` CLI (goal <= 1.05)
   rerun.py    config error (< 10 s), rerun of a finished pipeline (< 5 s)
   rollout.py  GPU only: vLLM vs transformers generate, tokens/s
+  real.py     train and merge figures again on a model of Qwen2.5-0.5B's shape (random, bf16, built once into
+              the posttrain cache): s/step, whole stage and peak RSS vs plain TRL; merge vs raw and mergekit
 
 Every ratio is posttrain over the raw side, median of >= 3 back-to-back pairs (--runs). Results go to
 benchmarks/results.json; the table goes to stdout and, with --update-readme, into README.md between the
@@ -28,7 +30,7 @@ from benchmarks.common import REPO, Figure, machine
 from posttrain.rundir import replace_marked
 
 OUT = Path(__file__).resolve().parent / "results.json"
-GROUPS = ("train", "merge", "eval", "rerun", "rollout")
+GROUPS = ("train", "merge", "eval", "rerun", "rollout", "real")
 # DARE is timed as dare_linear (random drop, then task arithmetic): dare_ties adds TIES's sign election, which
 # TIES's own figure already times, and costs ~45 s a run more (3 runs of both sides would break the 20 minutes).
 MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear"]
@@ -60,6 +62,10 @@ def collect(groups: list[str], runs: int, quick: bool, mergekit: list[str]) -> l
         from benchmarks import rollout
 
         figures.append(rollout.figure(runs))
+    if "real" in groups:
+        from benchmarks import real
+
+        figures += real.figures(runs, quick)
     return [f.finish() for f in figures]
 
 

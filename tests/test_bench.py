@@ -8,18 +8,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks import merge_worker, run
-from benchmarks.common import Figure, paired, ratio_figure, unavailable
+from benchmarks import merge_worker, real, run
+from benchmarks.common import Figure, measured, paired, ratio_figure, unavailable
 from benchmarks.merge_data import QUICK, write_models
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_plain_trl_script_gets_the_same_trl_config_as_the_stage(kind, tmp_path):
-    from benchmarks.train import args_differences, plain_args, stage_yaml
+@pytest.mark.parametrize("block", ["world", "real"])
+def test_plain_trl_script_gets_the_same_trl_config_as_the_stage(kind, block, tmp_path):
+    from benchmarks.real import TRAINER
+    from benchmarks.train import args_differences, class_trainer, plain_args, stage_yaml
 
-    stage = stage_yaml(kind, str(tmp_path / "model"), steps=7)
-    assert args_differences(kind, stage, plain_args(kind, 7), tmp_path) == []
-    changed = {**plain_args(kind, 7), "learning_rate": 1.0}
+    # "real": the stage kind's class defaults (gradient checkpointing on, AdamW), as the real-size group runs it.
+    trainer = class_trainer(kind, 7, **TRAINER) if block == "real" else None
+    stage = stage_yaml(kind, str(tmp_path / "model"), steps=7, trainer=trainer)
+    assert args_differences(kind, stage, plain_args(kind, 7, trainer), tmp_path) == []
+    changed = {**plain_args(kind, 7, trainer), "learning_rate": 1.0}
     assert args_differences(kind, stage, changed, tmp_path) == ["learning_rate"]
 
 
@@ -74,3 +78,57 @@ def test_merge_worker_raw_and_stage_sides(tmp_path, capsys):
     b, m1, m2, merged = _tensors(base), _tensors(ft1), _tensors(ft2), _tensors(tmp_path / "ta" / "model")
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.allclose(merged[name], b[name] + (m1[name] - b[name]) + (m2[name] - b[name]), atol=1e-6)
+
+
+TINY_QWEN = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=640)
+
+
+def test_real_model_builder_keeps_the_published_shape_but_what_is_overridden(tmp_path, world):
+    published = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)
+    assert published.items() <= real.QWEN25_05B.items()
+    manifest = real.build(tmp_path, log=lambda m: None, **TINY_QWEN)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    for key, value in {**real.QWEN25_05B, **TINY_QWEN}.items():
+        if key != "rope_theta":  # transformers 5 keeps it under rope_parameters
+            assert config[key] == value, key
+    assert config["rope_parameters"]["rope_theta"] == 1_000_000.0
+    h, i, v = 32, 64, 640
+    kv = 2 * (h // 4)  # 2 KV heads of head size 8
+    assert manifest["params"] == v * h + 2 * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * i + 2 * h) + h
+    base, ft1, ft2 = (_tensors(tmp_path / n) for n in ("base", "ft1", "ft2"))
+    assert "lm_head.weight" not in base  # tied, as published
+    assert {t.dtype for t in base.values()} == {torch.bfloat16}
+    for ft in (ft1, ft2):
+        assert {k: (t.shape, t.dtype) for k, t in ft.items()} == {k: (t.shape, t.dtype) for k, t in base.items()}
+        delta = (ft["model.embed_tokens.weight"].float() - base["model.embed_tokens.weight"].float()).std()
+        assert 0.001 < delta < 0.004  # N(0, 0.002) task vector
+    assert not torch.equal(ft1["model.norm.weight"], ft2["model.norm.weight"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "ft1"))  # the merge inputs are complete HF folders
+    assert tok.chat_template and len(tok) <= v
+
+
+def test_only_real_selects_the_real_group_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(real, "figures", lambda runs, quick: calls.append((runs, quick)) or [Figure("r", 1.0, 1.03)])
+    figures = run.collect(["real"], 2, False, [])
+    assert calls == [(2, False)] and [(f.name, f.status) for f in figures] == [("r", "ok")]
+    assert "real" in run.GROUPS
+    with pytest.raises(SystemExit) as e:
+        run.main(["--only", "reall"])
+    assert e.value.code == 2
+
+
+def test_measured_reports_the_commands_own_peak_rss_not_the_benchs():
+    import sys
+
+    ballast = torch.ones(300 * 2**20 // 4)  # 300 MB in this process, which a plain fork+exec would report
+    seconds, stdout, rss = measured([sys.executable, "-c", "print('out'); print('last')"])
+    assert stdout.splitlines() == ["out", "last"] and seconds > 0 and 0 < rss < 150
+    del ballast
+    with pytest.raises(RuntimeError, match="exited 3"):
+        measured([sys.executable, "-c", "import sys; sys.exit(3)"])
