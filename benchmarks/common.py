@@ -32,6 +32,7 @@ class Figure:
     runs: list[float] = field(default_factory=list)
     note: str = ""
     status: str = ""  # filled by finish(): ok | OFF GOAL | skipped | unavailable | info
+    group: str = ""  # the benchmarks.run group that measured it (a run with --only replaces its group's rows)
     detail: dict[str, Any] = field(default_factory=dict)
 
     def finish(self) -> "Figure":

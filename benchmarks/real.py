@@ -34,11 +34,12 @@ QWEN25_05B: dict[str, Any] = dict(
     max_position_embeddings=32768, max_window_layers=24, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
     use_sliding_window=False, attention_dropout=0.0, initializer_range=0.02,
 )
-# Few steps, short rows: a step of the 494M model takes seconds on one thread, and the group must stay a few
-# minutes on 2 cores. save_steps above max_steps: transformers still writes the final checkpoint on both sides.
-STEPS = {"sft": 3, "dpo": 2}
-TRAINER = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=64, logging_steps=1,
-               save_steps=500)
+# Few steps, short rows: a step of the 494M model takes seconds on one thread (a DPO step, policy and reference
+# on chosen and rejected, about three SFT steps' worth), and the group must stay a few minutes on 2 cores.
+# save_steps above max_steps: transformers still writes the final checkpoint (with AdamW's state) on both sides.
+STEPS = {"sft": 2, "dpo": 2}
+TRAINER = {"sft": dict(per_device_train_batch_size=2, max_length=64, logging_steps=1, save_steps=500),
+           "dpo": dict(per_device_train_batch_size=1, max_length=64, logging_steps=1, save_steps=500)}
 MERGE_METHODS = ["task_arithmetic"]
 SHARD_BYTES = 5_000_000_000  # transformers' default: one 988 MB file, as published
 NOISE = 0.002  # the fine-tunes' task vectors, as in merge_data (10x below the init's 0.02)
@@ -102,7 +103,7 @@ def figures(runs: int, quick: bool = False) -> list[Figure]:
     steps = {k: 1 if quick else n for k, n in STEPS.items()}
     out: list[Figure] = []
     for kind in ("sft", "dpo"):
-        trainer = train.class_trainer(kind, steps[kind], **TRAINER)
+        trainer = train.class_trainer(kind, steps[kind], **TRAINER[kind])
         out += train.figures(kind, steps[kind], runs, model=str(root / "base"), trainer=trainer,
                              label=f"{label} {kind}", rss=True)
     inputs = [root / n for n in ("base", "ft1", "ft2")]

@@ -13,7 +13,9 @@
 
 Every ratio is posttrain over the raw side, median of >= 3 back-to-back pairs (--runs). Results go to
 benchmarks/results.json; the table goes to stdout and, with --update-readme, into README.md between the
-`<!-- bench:begin -->` / `<!-- bench:end -->` markers. --quick shrinks every size for development (its numbers
+`<!-- bench:begin -->` / `<!-- bench:end -->` markers. A run of some groups (--only) keeps the other groups'
+figures from the previous results.json, each row with the date of the run that measured it, and the README
+header says which run measured which groups. --quick shrinks every size for development (its numbers
 mean nothing). About 5 minutes on 2 CPU cores (4.6 measured, 2026-11-28). Every side runs single-threaded (BENCH_THREADS=1, see
 common.bench_env).
 """
@@ -40,33 +42,38 @@ MERGEKIT_METHODS = ["task_arithmetic", "dare_linear"]
 
 def collect(groups: list[str], runs: int, quick: bool, mergekit: list[str]) -> list[Figure]:
     figures: list[Figure] = []
-    if "train" in groups:
+    for group in [g for g in GROUPS if g in groups]:
+        for f in _group(group, runs, quick, mergekit):
+            f.group = group
+            figures.append(f.finish())
+    return figures
+
+
+def _group(group: str, runs: int, quick: bool, mergekit: list[str]) -> list[Figure]:
+    if group == "train":
         from benchmarks import train
 
-        figures += train.figures("sft", 5 if quick else 40, runs)
-        figures += train.figures("dpo", 5 if quick else 20, runs)
-    if "merge" in groups:
+        return train.figures("sft", 5 if quick else 40, runs) + train.figures("dpo", 5 if quick else 20, runs)
+    if group == "merge":
         from benchmarks import merge
         from benchmarks.merge_data import QUICK, Shape
 
-        figures += merge.figures(QUICK if quick else Shape(), MERGE_METHODS, mergekit, runs)
-    if "eval" in groups:
+        return merge.figures(QUICK if quick else Shape(), MERGE_METHODS, mergekit, runs)
+    if group == "eval":
         from benchmarks import eval as eval_figure
 
-        figures.append(eval_figure.figure(5 if quick else 50, runs))
-    if "rerun" in groups:
+        return [eval_figure.figure(5 if quick else 50, runs)]
+    if group == "rerun":
         from benchmarks import rerun
 
-        figures += rerun.figures(runs)
-    if "rollout" in groups:
+        return rerun.figures(runs)
+    if group == "rollout":
         from benchmarks import rollout
 
-        figures.append(rollout.figure(runs))
-    if "real" in groups:
-        from benchmarks import real
+        return [rollout.figure(runs)]
+    from benchmarks import real
 
-        figures += real.figures(runs, quick)
-    return [f.finish() for f in figures]
+    return real.figures(runs, quick)
 
 
 def _value(f: Figure) -> str:
@@ -82,6 +89,48 @@ def table(figures: list[Figure]) -> str:
         runs = " ".join(f"{r:.0f}" if f.unit == "MB" else f"{r:.2f}" for r in f.runs)
         rows.append(f"| {f.name} | {_value(f)} | {goal} | {f.status} | {runs} | {f.note} |")
     return "\n".join(rows)
+
+
+def merged(previous: dict | None, results: dict) -> dict:
+    """`results` plus the previous run's figures of the groups it did not run (a run with --only).
+
+    A kept figure carries the date of the run that measured it (`measured`); `measurements` lists those runs.
+    Figures of a group that ran again are replaced, the rest keep their order; new ones come last."""
+    if not previous or previous.get("quick") or results["quick"]:
+        return results
+    ran = set(results["groups"])
+    fresh = {f["name"]: f for f in results["figures"]}
+    figures = []
+    for f in previous["figures"]:
+        if f["name"] in fresh:
+            figures.append(fresh.pop(f["name"]))
+        elif f.get("group") not in ran:
+            figures.append({**f, "measured": f.get("measured", previous["date"])})
+    figures += fresh.values()
+    dates = {f["measured"] for f in figures}
+    earlier = [m for m in previous.get("measurements", [_measurement(previous)]) if m["date"] in dates]
+    return {**results, "figures": figures, "measurements": [m for m in earlier if m["date"] != results["date"]]
+            + results["measurements"]}
+
+
+def _measurement(results: dict) -> dict:
+    """What the README header says of one run (results.json files before --only merging have one, at the top)."""
+    groups = results.get("groups") or [g for g in GROUPS if g != "real"]  # older files: a full run before 'real'
+    full = set(groups) >= set(GROUPS) or "groups" not in results
+    command = "make bench" if full else f'make bench ARGS="--only {",".join(groups)}"'
+    return {"date": results["date"], "command": command, "groups": groups, "runs": results["runs"],
+            "minutes": results["minutes"], "machine": results["machine"]}
+
+
+def header(measurements: list[dict]) -> str:
+    lines = []
+    for m in measurements:
+        host = m["machine"]
+        cpu = f"{host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB" + (f", {host['gpu']}" if host["gpu"] else "")
+        load = ", ".join(map(str, host["load_average_at_start"]))
+        lines.append(f"{'Latest ' if not lines else ''}`{m['command']}` ({m['date'][:10]}, {cpu}; load average at start {load}; "
+                     f"{m['minutes']} min, median of {m['runs']})" + (f": the {', '.join(m['groups'])} rows" if len(measurements) > 1 else ""))
+    return ";\n".join(lines) + ":\n"
 
 
 def update_readme(text: str, readme: Path = REPO / "README.md") -> bool:
@@ -104,19 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     start, host = time.time(), machine()
     figures = collect(groups, args.runs, args.quick, [m for m in args.mergekit.split(",") if m])
     minutes = (time.time() - start) / 60
-    results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": host, "runs": args.runs,
-               "quick": args.quick, "minutes": round(minutes, 1), "figures": [f.to_json() for f in figures]}
+    date = dt.datetime.now().isoformat(timespec="seconds")
+    results = {"date": date, "machine": host, "runs": args.runs, "quick": args.quick, "minutes": round(minutes, 1),
+               "groups": groups, "figures": [{**f.to_json(), "measured": date} for f in figures]}
+    results["measurements"] = [_measurement(results)]
+    results = merged(json.loads(OUT.read_text()) if OUT.is_file() else None, results)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
-    text = table(figures)
-    print(text)
+    print(table(figures))
     off = [f.name for f in figures if f.status == "OFF GOAL"]
     print(f"\n{len(figures)} figures in {minutes:.1f} min; off goal: {', '.join(off) or 'none'}; -> {OUT}")
     if args.update_readme and not args.quick:
-        cpu = f"{host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB" + (f", {host['gpu']}" if host["gpu"] else "")
-        load = ", ".join(map(str, host["load_average_at_start"]))
-        header = (f"Latest `make bench` ({results['date'][:10]}, {cpu}; load average at start {load}; "
-                  f"{minutes:.1f} min, median of {args.runs}):\n")
-        if not update_readme(header + "\n" + text):
+        rows = [Figure(**{k: v for k, v in f.items() if k not in ("met", "measured")}) for f in results["figures"]]
+        if not update_readme(header(results["measurements"]) + "\n" + table(rows)):
             print("README.md has no bench markers; table not written there", file=sys.stderr)
     return 0
 

@@ -20,7 +20,7 @@ def test_plain_trl_script_gets_the_same_trl_config_as_the_stage(kind, block, tmp
     from benchmarks.train import args_differences, class_trainer, plain_args, stage_yaml
 
     # "real": the stage kind's class defaults (gradient checkpointing on, AdamW), as the real-size group runs it.
-    trainer = class_trainer(kind, 7, **TRAINER) if block == "real" else None
+    trainer = class_trainer(kind, 7, **TRAINER[kind]) if block == "real" else None
     stage = stage_yaml(kind, str(tmp_path / "model"), steps=7, trainer=trainer)
     assert args_differences(kind, stage, plain_args(kind, 7, trainer), tmp_path) == []
     changed = {**plain_args(kind, 7, trainer), "learning_rate": 1.0}
@@ -132,3 +132,27 @@ def test_measured_reports_the_commands_own_peak_rss_not_the_benchs():
     del ballast
     with pytest.raises(RuntimeError, match="exited 3"):
         measured([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def _results(date, groups, figures, **extra):
+    host = {"cpu": "cpu", "cores": 2, "memory_gb": 8.0, "gpu": None, "load_average_at_start": [1.0, 2.0, 3.0]}
+    out = {"date": date, "machine": host, "runs": 3, "quick": False, "minutes": 1.0, "groups": groups,
+           "figures": [{**Figure(n, v, None, group=g).finish().to_json(), "measured": date} for n, v, g in figures]}
+    return {**out, "measurements": [run._measurement(out)], **extra}
+
+
+def test_an_only_run_replaces_its_groups_rows_and_keeps_the_others_with_their_date():
+    full = _results("2026-11-28T06:48", ["train", "merge"], [("sft", 1.0, "train"), ("old real", 9.0, "real"),
+                                                             ("merge", 2.0, "merge")])
+    partial = _results("2026-12-05T08:00", ["real"], [("real sft", 1.5, "real")])
+    out = run.merged(full, partial)
+    assert [(f["name"], f["value"], f["measured"][:10]) for f in out["figures"]] == [
+        ("sft", 1.0, "2026-11-28"), ("merge", 2.0, "2026-11-28"), ("real sft", 1.5, "2026-12-05")]
+    assert [m["groups"] for m in out["measurements"]] == [["train", "merge"], ["real"]]
+    text = run.header(out["measurements"])
+    assert text.startswith("Latest `make bench ARGS=\"--only train,merge\"` (2026-11-28") and "the real rows" in text
+    again = run.merged(out, _results("2026-12-06T08:00", ["train", "merge"], [("sft", 1.1, "train")]))
+    assert [(f["name"], f["value"]) for f in again["figures"]] == [("sft", 1.1), ("real sft", 1.5)]
+    assert [m["date"][:10] for m in again["measurements"]] == ["2026-12-05", "2026-12-06"]
+    quick = _results("2026-12-07T08:00", ["real"], [], quick=True)
+    assert run.merged(out, quick) is quick
