@@ -58,7 +58,8 @@ list: setup
 	$(BIN)/posttrain list
 
 # Side-by-side ratios against raw TRL / safetensors / mergekit / lm-eval; writes benchmarks/results.json and
-# the README's table. About 5 minutes on 2 CPU cores; ARGS="--only merge" etc. for one group.
+# the README's table. About 14 minutes on 2 quiet CPU cores (the real-size group ~9 of them; it builds a 0.5B model
+# into the posttrain cache the first time, ~2 min); ARGS="--only merge" etc. for one group.
 bench: setup
 	$(PY) -m benchmarks.run --update-readme $(ARGS)
 

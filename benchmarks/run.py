@@ -16,8 +16,9 @@ benchmarks/results.json; the table goes to stdout and, with --update-readme, int
 `<!-- bench:begin -->` / `<!-- bench:end -->` markers. A run of some groups (--only) keeps the other groups'
 figures from the previous results.json, each row with the date of the run that measured it, and the README
 header says which run measured which groups. --quick shrinks every size for development (its numbers
-mean nothing). About 5 minutes on 2 CPU cores (4.6 measured, 2026-11-28). Every side runs single-threaded (BENCH_THREADS=1, see
-common.bench_env).
+mean nothing). About 14 minutes on 2 quiet CPU cores: 4.6 measured without `real` (2026-11-28), and `real`
+about 9 (8.8 min of CPU time, 21.9 min wall under a load of 5-6, 2026-12-05). Every side runs
+single-threaded (BENCH_THREADS=1, see common.bench_env).
 """
 from __future__ import annotations
 
@@ -123,13 +124,15 @@ def _measurement(results: dict) -> dict:
 
 
 def header(measurements: list[dict]) -> str:
+    """The README lines above the table: one per run whose figures it shows, the latest first."""
     lines = []
     for m in measurements:
         host = m["machine"]
         cpu = f"{host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB" + (f", {host['gpu']}" if host["gpu"] else "")
         load = ", ".join(map(str, host["load_average_at_start"]))
-        lines.append(f"{'Latest ' if not lines else ''}`{m['command']}` ({m['date'][:10]}, {cpu}; load average at start {load}; "
-                     f"{m['minutes']} min, median of {m['runs']})" + (f": the {', '.join(m['groups'])} rows" if len(measurements) > 1 else ""))
+        rows = f": the {', '.join(m['groups'])} rows" if len(measurements) > 1 else ""
+        lines.append(f"{'Latest ' if not lines else ''}`{m['command']}` ({m['date'][:10]}, {cpu}; load average at "
+                     f"start {load}; {m['minutes']} min, median of {m['runs']}){rows}")
     return ";\n".join(lines) + ":\n"
 
 

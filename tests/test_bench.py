@@ -114,7 +114,8 @@ def test_real_model_builder_keeps_the_published_shape_but_what_is_overridden(tmp
 
 def test_only_real_selects_the_real_group_alone(monkeypatch):
     calls = []
-    monkeypatch.setattr(real, "figures", lambda runs, quick: calls.append((runs, quick)) or [Figure("r", 1.0, 1.03)])
+    fake = [Figure("r", 1.0, 1.03)]
+    monkeypatch.setattr(real, "figures", lambda runs, quick: calls.append((runs, quick)) or fake)
     figures = run.collect(["real"], 2, False, [])
     assert calls == [(2, False)] and [(f.name, f.status) for f in figures] == [("r", "ok")]
     assert "real" in run.GROUPS
