@@ -8,7 +8,6 @@ a recipe (or a stage default it leaves unset) trains a new model instead of reus
 """
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,15 @@ RECIPES: dict[str, dict] = {
                              "trainer": world_trainer("sft")},
     "world-sft-reversal": {"kind": "sft", "model": "world", "data": [{"source": "reversal"}],
                            "trainer": world_trainer("sft")},
+    # The merge demo's specialists (configs/stages/merge.yaml): configs/stages/dpo.yaml and grpo.yaml as
+    # stages of their own, both from world-sft with small updates (SGD steps; GRPO at lr 5e-5), so their
+    # task vectors are small and task arithmetic of the two onto world-sft keeps both skills.
+    "world-dpo-style": {"kind": "dpo", "model": "world-sft", "rehearsal": [{"source": "arithmetic"}],
+                        "rpo_alpha": 0.5, "trainer": world_trainer(
+                            "dpo", learning_rate=0.05, max_steps=300, logging_steps=20, save_steps=150)},
+    "world-grpo-verifiable": {"kind": "grpo", "model": "world-sft", "data": [{"source": "verifiable"}],
+                              "rewards": [{"name": "numeric_match"}], "max_completion_length": 8,
+                              "trainer": world_trainer("grpo")},
 }
 
 
@@ -45,7 +53,7 @@ def cache_key(name: str, recipe: dict | None = None) -> str:
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     """Run RECIPES[name] once into the cache and return its model folder."""
     from posttrain.pipeline import run_pipeline
-    from posttrain.world import refuse_build, world_dir
+    from posttrain.world import refuse_build, wait_for_lock, world_dir
 
     root = world_dir(log) / "models"
     key = cache_key(name)
@@ -56,7 +64,7 @@ def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_for_lock(lock, f"world: another process is training {name}; waiting for it", log)
         if not (run / "READY").is_file():
             log(f"world: training {name} once (cached in {run})")
             run_pipeline(_pipeline(name, RECIPES[name]), run, log)
