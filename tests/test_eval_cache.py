@@ -30,7 +30,7 @@ def lm_eval_calls(tmp_path, monkeypatch):
 
 
 def _merge_run(base, a, run_dir, limit=2):
-    """A first-stage task-arithmetic merge (two evals: its base, then the merge), cheap on tiny models."""
+    """A first-stage task-arithmetic merge (three evals: its base, its input, the merge), cheap on tiny models."""
     stage = {"name": "m", "kind": "merge", "method": "task_arithmetic", "base": str(base),
              "models": [{"model": str(a), "weight": 0.5}]}
     run_pipeline(load_pipeline(None, data={"eval": {"limit": limit}, "stages": [stage]}), run_dir, lambda m: None)
@@ -41,17 +41,18 @@ def test_a_second_run_dir_reuses_the_evals_and_a_changed_file_or_setting_misses(
                                                                                 lm_eval_calls):
     base, a, _ = merge_trio
     first = _merge_run(base, a, tmp_path / "r1")
-    assert lm_eval_calls == [str(base), str(tmp_path / "r1" / "stages" / "01_m" / "model")]
+    # base row, the merge's input as a reference row, then the merge
+    assert lm_eval_calls == [str(base), str(a), str(tmp_path / "r1" / "stages" / "01_m" / "model")]
 
     second = _merge_run(base, a, tmp_path / "r2")
-    assert len(lm_eval_calls) == 2  # no lm-eval call: both evals came from the cache
+    assert len(lm_eval_calls) == 3  # no lm-eval call: both evals came from the cache
     for folder in ("00_base", "01_m"):
         assert second[folder]["scores"] == first[folder]["scores"]
         assert second[folder]["key"] == first[folder]["key"]
     assert second["01_m"]["model"] == str(tmp_path / "r2" / "stages" / "01_m" / "model")
     assert second["01_m"]["cached_from"] == str(tmp_path / "r1" / "stages" / "01_m" / "model")
 
-    # One changed weight file of an input model: the merge differs, so its eval misses; the base's still hits.
+    # One changed weight file of an input model: it and the merge miss; the base still hits.
     a2 = shutil.copytree(a, tmp_path / "a2")
     shard = sorted(a2.glob("*.safetensors"))[0]
     tensors = load_file(shard)
@@ -59,11 +60,11 @@ def test_a_second_run_dir_reuses_the_evals_and_a_changed_file_or_setting_misses(
     tensors[name] = tensors[name] + 0.5
     save_file(tensors, shard, metadata={"format": "pt"})
     _merge_run(base, a2, tmp_path / "r3")
-    assert lm_eval_calls[2:] == [str(tmp_path / "r3" / "stages" / "01_m" / "model")]
+    assert lm_eval_calls[3:] == [str(a2), str(tmp_path / "r3" / "stages" / "01_m" / "model")]
 
     # A changed eval setting misses for every model.
     _merge_run(base, a, tmp_path / "r4", limit=3)
-    assert lm_eval_calls[3:] == [str(base), str(tmp_path / "r4" / "stages" / "01_m" / "model")]
+    assert lm_eval_calls[5:] == [str(base), str(a), str(tmp_path / "r4" / "stages" / "01_m" / "model")]
 
 
 def test_cache_off_and_hub_models_are_never_stored(world, tmp_path, monkeypatch, lm_eval_calls):
