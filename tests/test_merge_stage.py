@@ -288,6 +288,7 @@ def test_cli_merges_the_world_specialists(cli, tmp_path):
             "--set", "eval.limit=40", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     check_run_summary(r.stderr, run_dir)  # the specialists are reference rows, not stages of the table
+    assert "world note: it CANNOT show merges of specialists fine-tuned far from their base" in r.stderr
     stage_dir = run_dir / "stages" / "01_merge"
     assert (stage_dir / "DONE").is_file()
     assert len(list((stage_dir / "model").glob("*.safetensors"))) > 1

@@ -55,3 +55,18 @@ def test_waiting_for_another_build_is_said_once_then_the_lock_is_taken(tmp_path)
     with open(path, "w") as lock:
         wait_for_lock(lock, "waiting", logs.append)  # free: taken at once, nothing said
     assert logs == []
+
+
+def test_a_merge_of_world_models_says_what_the_world_can_show_and_others_do_not(tmp_path):
+    import posttrain.world.trained  # noqa: F401  (registers the named world models)
+    from posttrain.world.notes import NOTES, log_note
+
+    logs: list[str] = []
+    log_note("merge", ["world-sft", "world-dpo-style", "world-grpo-verifiable"], logs.append)
+    assert logs == NOTES["merge"] and any("CANNOT" in line for line in logs)
+    for refs in (["world-sft", str(tmp_path)], [None, "org/model"], []):
+        logs.clear()
+        log_note("merge", refs, logs.append)
+        assert logs == []
+    log_note("sft", ["world"], logs.append)  # no note for that kind
+    assert logs == []
