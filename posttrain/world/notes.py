@@ -11,15 +11,18 @@ from typing import Callable
 
 NOTES: dict[str, list[str]] = {
     "merge": [
-        "world note: the world CAN show task arithmetic (Ilharco et al. 2023) keeping skills when the task "
-        "vectors are small and start from one model: world-dpo-style and world-grpo-verifiable each moved "
-        "world-sft a little (SGD steps; GRPO at lr 5e-5), and their sum keeps style, verifiable and world-sft's "
-        "arithmetic.",
+        "world note: the world CAN show task arithmetic (Ilharco et al. 2023) keeping what each specialist learned "
+        "when the task vectors are small and start from one model: world-dpo-style and world-grpo-verifiable each "
+        "moved world-sft a little (SGD steps; GRPO at lr 5e-5), and their sum, added whole (weights 1.0), keeps "
+        "most of each one's gain and world-sft's arithmetic. Compare the merge's row with the input:<specialist> "
+        "rows of the report.",
         "world note: it CANNOT show merges of specialists fine-tuned far from their base: world-sft-arithmetic "
-        "and world-sft-reversal (800 AdamW steps at lr 2e-3 from the world base) rewrite most of a 1M-parameter "
-        "model, their task vectors collide, and TIES of the two kept 0.01 of 0.95 arithmetic and 0.00 of 0.70 "
-        "reversal. Merging gains more room with model size (Yadav et al. 2024, 'What Matters for Model Merging "
-        "at Scale'); the world cannot rank merge methods as they rank on real models.",
+        "and world-sft-reversal (800 steps at lr 2e-3 from the world base) rewrite most of a 1M-parameter model, "
+        "their task vectors collide, and TIES of the two kept 0.01 of 0.95 arithmetic and 0.00 of 0.70 reversal "
+        "(issue 18). Nor can it show averaging: exact match is far from linear in a task vector here (half of one "
+        "specialist's vector kept 0.09 of its 0.79 arithmetic: configs/pipelines/experiments/merge_regime.yaml), "
+        "so merge methods do not rank here as they rank on real models, where merging gains room with model size "
+        "(Yadav et al. 2024, 'What Matters for Model Merging at Scale').",
     ],
 }
 
