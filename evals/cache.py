@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.rundir import atomic_write_json, sha256_json
+from posttrain.world import cache_root
 
 ENV = "POSTTRAIN_EVAL_CACHE"
 FORMAT = 1  # bump when an eval record's meaning changes (how scores are read from lm-eval's results)
@@ -33,11 +34,7 @@ def cache_dir() -> Path | None:
     value = os.environ.get(ENV, "")
     if value.strip().lower() in ("off", "0", "false", "no"):
         return None
-    if value:
-        return Path(value)
-    from posttrain.world import cache_root
-
-    return cache_root() / "evals"
+    return Path(value) if value else cache_root() / "evals"
 
 
 def address(key: dict[str, Any], batch_size: int, versions: dict[str, str]) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from posttrain.models import WORLD_MODELS
+
 NOTES: dict[str, list[str]] = {
     "merge": [
         "world note: the world CAN show task arithmetic (Ilharco et al. 2023) keeping what each specialist learned "
@@ -29,8 +31,6 @@ NOTES: dict[str, list[str]] = {
 
 def is_world_ref(ref: str | None) -> bool:
     """A named world model (`world`, `world-sft`, `world-v2`, ...), not a folder, hub name or stage output."""
-    from posttrain.models import WORLD_MODELS
-
     return bool(ref) and ref in WORLD_MODELS
 
 
