@@ -76,7 +76,7 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
     blocks = _packed_blocks(tokenizer, docs, block=128)
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     log(f"world-v2: continued pretraining for {steps} steps on {len(blocks)} blocks, +{added} tokens "
-        f"(about {steps * 1.2 / 60:.0f} min on 2 CPU cores)")
+        "(about a minute on 2 CPU cores; once)")
     args = TrainingArguments(
         output_dir=str(out_dir / "_trainer"), per_device_train_batch_size=16, max_steps=steps,
         learning_rate=1e-3, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=50,
