@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@echo "setup: 2/2 posttrain (editable) and its dependencies: transformers, trl, peft, datasets, lm-eval, pytest"
 	@umask 022; $(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
-	@echo "setup: done; the first \`make stage=<kind>\` builds the world first (about 2.5 minutes, once)"
+	@echo "setup: done; the first \`make stage=<kind>\` builds the world first (2.5-3.5 minutes, once)"
 
 setup: $(STAMP)
 
