@@ -3,8 +3,9 @@
 DPO and GRPO start from the world's SFT model, merge needs specialists, transfer needs a fine-tuned source:
 each is a one-stage pipeline run into `<cache>/world-<VERSION>/models/<name>-<hash>/` on first use (under a
 lock, so two processes train it once), and referenced afterwards by name like any model (`model: world-sft`).
-`<hash>` is 8 hex digits of the sha256 of the recipe's stage config with every default filled in, so changing
-a recipe (or a stage default it leaves unset) trains a new model instead of reusing the old one.
+`<hash>` is 8 hex digits of the sha256 of the recipe's stage config with every default filled in (and of the
+keys of the named models it starts from), so changing a recipe (or a stage default it leaves unset, or the
+recipe of the model it starts from) trains a new model instead of reusing the old one.
 """
 from __future__ import annotations
 
@@ -43,11 +44,16 @@ def _pipeline(name: str, recipe: dict):
 
 
 def cache_key(name: str, recipe: dict | None = None) -> str:
-    """`<name>-<8 hex>`: the cache folder of RECIPES[name] (or of `recipe`), keyed by its resolved config."""
+    """`<name>-<8 hex>`: the cache folder of RECIPES[name] (or of `recipe`), keyed by its resolved config and,
+    for a recipe that starts from another recipe's model (`model: world-sft`), by that model's key too, so a
+    retrained world-sft retrains the specialists made from it. A recipe from the world base keeps the key of
+    its config alone (as before: caches already built stay valid); the base is keyed by the world's version."""
     from posttrain.rundir import sha256_json
 
     stage = _pipeline(name, RECIPES[name] if recipe is None else recipe).stages[0]
-    return f"{name}-{sha256_json(stage.model_dump(mode='json'))[:8]}"
+    config = stage.model_dump(mode="json")
+    inputs = [cache_key(ref) for ref in (stage.model, *stage.other_inputs()) if ref in RECIPES and ref != name]
+    return f"{name}-{sha256_json({'config': config, 'inputs': inputs} if inputs else config)[:8]}"
 
 
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
