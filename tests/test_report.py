@@ -103,7 +103,8 @@ def check_run_summary(stderr: str, run_dir) -> None:
     report = json.loads((run_dir / "report" / "forgetting.json").read_text())
     assert report["stage_summaries"]
     check_against_json(lines[start:], report)
-    assert [line for line in lines if line.startswith("report: ")] == [f"report: {run_dir / 'report' / 'forgetting.md'}"]
+    report_lines = [line for line in lines if line.startswith("report: ")]
+    assert report_lines == [f"report: {run_dir / 'report' / 'forgetting.md'}"]
 
 
 def test_terminal_summary_is_forgetting_json(tmp_path):
