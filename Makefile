@@ -20,11 +20,16 @@ help:
 # Idempotent: reinstalls only when pyproject.toml changed. torch is pinned (==2.13.0) so pip never pulls CUDA builds.
 # umask 022: code_exec's sandbox runs completions as `nobody`, which must be able to read the installed
 # packages they import (numpy); a venv installed under umask 077 would fail every such completion.
+# pip runs quietly (-q), so each step says first what it installs; the times are measured (2 shared CPU cores).
 $(STAMP): pyproject.toml
+	@echo "setup: installing into .venv/: about 4-5 minutes the first time (later, only when pyproject.toml changes)"
 	@umask 022; test -x $(PY) || python3 -m venv .venv
-	umask 022; $(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	umask 022; $(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@echo "setup: 1/2 torch 2.13.0, the CPU build (~200 MB to download when not in pip's cache)"
+	@umask 022; $(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
+	@echo "setup: 2/2 posttrain (editable) and its dependencies: transformers, trl, peft, datasets, lm-eval, pytest"
+	@umask 022; $(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
+	@echo "setup: done; the first \`make stage=<kind>\` builds the world first (2.5-3.5 minutes, once)"
 
 setup: $(STAMP)
 

@@ -132,7 +132,8 @@ def bench_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     threads = os.environ.get("BENCH_THREADS", "1")
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-               OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+               OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               POSTTRAIN_EVAL_CACHE="off")  # time the eval, not a read of the cross-run eval cache
     env.update(extra)
     return env
 

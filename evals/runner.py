@@ -2,8 +2,9 @@
 
 lm-eval does the prompting, generation and metrics (`simple_evaluate` with the `hf` model on CPU, `vllm` on
 GPU). This module only renders the world's task YAMLs with the local data path, calls lm-eval with the same
-suite and settings for every model, records provenance, reuses an eval whose model and task hashes match, and
-turns lm-eval's results into `{"<task>/<metric>": {"value", "stderr"}}` for the forgetting report.
+suite and settings for every model, records provenance, reuses an eval whose model and task hashes match (from
+the run dir, or from any run through evals/cache.py), and turns lm-eval's results into
+`{"<task>/<metric>": {"value", "stderr"}}` for the forgetting report.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import Field
 
+from evals import cache
 from posttrain.config import ConfigError, EvalConfig, Strict, read_yaml, validated
 from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
 
@@ -158,9 +160,17 @@ def evaluate_model(
         if old.get("key") == key:
             log(f"eval: reusing {out}")
             return old
-    opt_in = {"trust_remote_code": True} if trust_remote_code else {}  # as before when unset (tests fake 6 args)
-    record = _run_lm_eval(model_dir, spec, include, limit, settings, log, **opt_in)
-    record.update(model=str(model_dir), key=key, **key, versions=_versions())
+    versions = _versions()
+    addr = cache.address(key, settings.batch_size, versions)
+    hit = cache.lookup(addr)
+    if hit:
+        log(f"eval: reusing the eval of the same model files and settings ({hit[0].get('model')}; {hit[1]})")
+        record = {**hit[0], "model": str(model_dir), "cached_from": hit[0].get("model")}
+    else:
+        opt_in = {"trust_remote_code": True} if trust_remote_code else {}  # as before when unset (tests fake 6 args)
+        record = _run_lm_eval(model_dir, spec, include, limit, settings, log, **opt_in)
+        record.update(model=str(model_dir), key=key, **key, versions=versions)
+        cache.store(addr, record)
     if out:
         atomic_write_json(Path(out), record)
     return record

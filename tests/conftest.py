@@ -19,6 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tests train ~1M-parameter models, where torch's intra-op threads cost more than they gain, and pytest runs
 # CLI subprocesses beside itself: two 2-thread torch processes on 2 cores ran 20x slower than 1-thread ones.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No eval is read from or written to the cross-run eval cache (evals/cache.py): tests stub lm-eval with made-up
+# scores that must never be reused by a real run, and count the evals they expect. tests/test_eval_cache.py
+# turns it on into a temporary folder.
+os.environ["POSTTRAIN_EVAL_CACHE"] = "off"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -222,7 +222,15 @@ def dpo_run(world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
     r = run_cli("stage", "dpo", "--run-dir", str(run_dir), timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir.parent / "stderr.txt").write_text(r.stderr)  # for test_make_stage_dpo_ends_with_its_report_summary
     return run_dir
+
+
+@pytest.mark.slow
+def test_make_stage_dpo_ends_with_its_report_summary(dpo_run):
+    from tests.test_report import check_run_summary
+
+    check_run_summary((dpo_run.parent / "stderr.txt").read_text(), dpo_run)
 
 
 def _eval_scores(run_dir, folder):

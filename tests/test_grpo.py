@@ -14,6 +14,7 @@ import posttrain.stages  # noqa: F401
 from posttrain.config import ConfigError, load_pipeline
 from posttrain.pipeline import run_pipeline
 from posttrain.world.tuning import world_trainer
+from tests.test_report import check_run_summary
 
 # A reward with a guaranteed spread inside every group, so every step has a non-zero advantage (GRPO's
 # gradient is zero when a group's rewards are all equal) and every trainable tensor must move.
@@ -297,6 +298,7 @@ def test_default_stage_raises_reward_and_keeps_verifiable_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     r = run_cli("stage", "grpo", "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
+    check_run_summary(r.stderr, run_dir)  # it ends with the summary, forgetting.json's figures
     stage = run_dir / "stages" / "01_grpo"
     rewards = [rec["reward"] for rec in _records(stage) if "reward" in rec]
     fifth = max(1, len(rewards) // 5)
@@ -319,6 +321,7 @@ def test_sft_dpo_grpo_pipeline_reports_every_stage_on_the_world_suite(tmp_path):
     run_dir = tmp_path / "run"
     r = run_cli("run", str(REPO / "configs" / "pipelines" / "sft_dpo_grpo.yaml"), "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
+    check_run_summary(r.stderr, run_dir)  # three stages in the table, each forgetting.json's figures
     report = json.loads((run_dir / "report" / "forgetting.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["base", "sft", "dpo", "grpo"]
     folders = {"base": "00_base", "sft": "01_sft", "dpo": "02_dpo", "grpo": "03_grpo"}

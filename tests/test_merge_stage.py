@@ -20,6 +20,7 @@ from posttrain.stages.base import StageContext
 from posttrain.stages.merge import MergeStageConfig, model_generators, run
 from posttrain.tensors import INDEX_FILE
 from tests.conftest import load_tensors, make_tiny_llama
+from tests.test_report import check_run_summary
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -274,13 +275,20 @@ def test_random_per_block_search_draws_one_coefficient_per_model_and_block(merge
 
 @pytest.mark.slow
 def test_cli_merges_the_world_specialists(cli, tmp_path):
-    """`posttrain stage merge` on a fresh run dir: trains (or reuses) the cached specialists, merges, evaluates."""
+    """`posttrain stage merge` on a fresh run dir: trains (or reuses) the cached specialists, merges, evaluates.
+
+    TIES of the world's SFT specialists (the class default `models:`), not the shipped merge.yaml's DPO and GRPO
+    specialists: those cost the suite minutes more of training, for the same path through the CLI."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    r = cli("stage", "merge", "--run-dir", str(run_dir), "--set", "max_shard_bytes=1000000", "--set", "eval.limit=40",
-            timeout=1800)
+    config = tmp_path / "merge.yaml"
+    config.write_text("kind: merge\nmethod: ties\nbase: world\ntrains_on: [world_arithmetic, world_reversal]\n")
+    r = cli("stage", "merge", "--config", str(config), "--run-dir", str(run_dir), "--set", "max_shard_bytes=1000000",
+            "--set", "eval.limit=40", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+    check_run_summary(r.stderr, run_dir)  # the specialists are reference rows, not stages of the table
+    assert "world note: it CANNOT show merges of specialists fine-tuned far from their base" in r.stderr
     stage_dir = run_dir / "stages" / "01_merge"
     assert (stage_dir / "DONE").is_file()
     assert len(list((stage_dir / "model").glob("*.safetensors"))) > 1

@@ -95,6 +95,18 @@ def check_against_json(lines: list[str], report: dict) -> None:
         assert shown == (names if n <= 3 else names[:3] + [f"+{n - 3} more"])
 
 
+def check_run_summary(stderr: str, run_dir) -> None:
+    """A CLI run's stderr holds the summary table, whose figures are its forgetting.json's, and names the
+    report once (the demos' end: `make stage=<kind>`)."""
+    lines = stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("summary (base: "))
+    report = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    assert report["stage_summaries"]
+    check_against_json(lines[start:], report)
+    report_lines = [line for line in lines if line.startswith("report: ")]
+    assert report_lines == [f"report: {run_dir / 'report' / 'forgetting.md'}"]
+
+
 def test_terminal_summary_is_forgetting_json(tmp_path):
     """The issue's sft numbers: gained 0.94 on arithmetic, lost 0.70 on facts; and a three-stage chain."""
     write_report(world_sft_rows(), str(tmp_path / "sft"))

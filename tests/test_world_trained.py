@@ -48,3 +48,14 @@ def test_trained_model_trains_once_per_recipe(tmp_path, monkeypatch):
     second = trained_model(name, log=lambda _: None)
     assert second != first and second.is_dir() and first.is_dir()  # a changed recipe trains anew beside the old
     assert len(calls) == 2
+
+
+def test_a_specialist_of_world_sft_is_keyed_by_world_sft_too(monkeypatch):
+    """The merge demo's specialists start from world-sft: a changed world-sft recipe must retrain them, while
+    the recipes from the world base keep their keys."""
+    before = {name: cache_key(name) for name in RECIPES}
+    monkeypatch.setitem(trained.RECIPES, "world-sft", {**RECIPES["world-sft"], "trainer": {"learning_rate": 1e-5}})
+    after = {name: cache_key(name) for name in RECIPES}
+    changed = {name for name in RECIPES if after[name] != before[name]}
+    assert changed == {"world-sft"} | {n for n, r in RECIPES.items() if r.get("model") == "world-sft"}
+    assert {"world-dpo-style", "world-grpo-verifiable"} <= changed

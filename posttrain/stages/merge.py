@@ -51,6 +51,7 @@ from posttrain.models import ModelError, check_weights
 from posttrain.registry import MERGE_METHODS, RegistryError, did_you_mean
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
 from posttrain.tensors import INDEX_FILE, MergeMismatch, ShardedReader, ShardedWriter
+from posttrain.world.notes import log_note
 
 
 class MergeRefused(MergeMismatch, ModelError):
@@ -361,6 +362,7 @@ def run(cfg: MergeStageConfig, ctx: StageContext) -> StageResult:
         blocks = sorted({block_of(n) for n in plan.ref.names()})
         _check_blocks(cfg.per_block, blocks)
         ctx.log(f"merge: {cfg.method} of {len(model_dirs)} models onto {base_dir} ({len(plan.ref)} tensors)")
+        log_note("merge", [base_ref, *(m.model for m in cfg.models)], ctx.log)  # the world's limits, said
         metrics: dict[str, Any] = {"method": cfg.method, "models": len(model_dirs), "tensors": len(plan.ref)}
         if cfg.search is None:
             coeffs = Coefficients([m.weight for m in cfg.models], cfg.per_block)

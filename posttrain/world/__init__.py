@@ -50,6 +50,16 @@ def refuse_build(key: str) -> None:
         raise NotBuilt(key)
 
 
+def wait_for_lock(lock, waiting: str, log: Callable[[str], None]) -> None:
+    """Take `lock` (an open file) exclusively; when another process holds it, say so first (`waiting`), so a
+    first run that waits on another's world build is not silent for minutes."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(waiting)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
@@ -63,7 +73,7 @@ def _cached(key: str, build: Callable[[Path], dict], log: Callable[[str], None] 
     refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_for_lock(lock, f"world: another process is building {key}; waiting for it (a few minutes)", log)
         if (final / "world.json").is_file():  # built by another process while we waited
             return final
         tmp = root / f".{key}.tmp-{os.getpid()}"

@@ -15,6 +15,11 @@ from pathlib import Path
 import torch
 
 from posttrain.world import tasks
+from posttrain.world.steps import Steps, train_with_progress
+
+# Seconds each build step takes on 2 shared CPU cores (the ETA the build prints): the whole build took 146 s
+# (world.json's build_seconds) while other jobs ran; the pretraining is nearly all of it.
+BUILD_SECONDS = {"task data": 2, "tokenizer": 5, "pretraining the base": 140}
 
 SPECIAL = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
@@ -113,10 +118,9 @@ def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 16, log
         report_to=[],
         seed=seed,
         use_cpu=True,
-        disable_tqdm=False,
+        disable_tqdm=True,  # train_with_progress prints a line at every tenth instead
     )
-    trainer = Trainer(model=model, args=args, train_dataset=ds)
-    result = trainer.train()
+    result = train_with_progress(Trainer(model=model, args=args, train_dataset=ds), log)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -152,11 +156,16 @@ def one_thread():
 
 def build_world(out_dir: Path, *, seed: int = 0, log=print) -> dict:
     """Write data/, tokenizer and base/ into out_dir (a fresh temporary folder); return the manifest."""
+    steps = Steps("world", BUILD_SECONDS, log)
+    steps.step("task data")
     counts = write_data(out_dir / "data", seed)
+    steps.step("tokenizer")
     texts = tasks.pretraining_texts(seed) + [
         m["content"] for c in tasks.pretraining_chats(seed) for m in c
     ]
     tokenizer = build_tokenizer(texts)
+    steps.step("pretraining the base")
     with one_thread():
         stats = build_base(out_dir / "base", tokenizer, seed=seed, log=log)
+    steps.done()
     return {"seed": seed, "data": counts, "pretraining": stats, "vocab_size": len(tokenizer)}

@@ -62,6 +62,7 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
 
     from posttrain.world import base_model
     from posttrain.world.build import _corpus, _packed_blocks, one_thread
+    from posttrain.world.steps import train_with_progress
 
     base = base_model(log)
     set_seed(SEED)
@@ -74,14 +75,15 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
     random.Random(SEED).shuffle(docs)
     blocks = _packed_blocks(tokenizer, docs, block=128)
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    log(f"world-v2: continued pretraining for {steps} steps on {len(blocks)} blocks, +{added} tokens")
+    log(f"world-v2: continued pretraining for {steps} steps on {len(blocks)} blocks, +{added} tokens "
+        "(about a minute on 2 CPU cores; once)")
     args = TrainingArguments(
         output_dir=str(out_dir / "_trainer"), per_device_train_batch_size=16, max_steps=steps,
         learning_rate=1e-3, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=50,
         save_strategy="no", report_to=[], seed=SEED, use_cpu=True, disable_tqdm=True,
     )
     with one_thread():
-        result = Trainer(model=model, args=args, train_dataset=ds).train()
+        result = train_with_progress(Trainer(model=model, args=args, train_dataset=ds), log)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir / "model", safe_serialization=True)
