@@ -222,7 +222,7 @@ def test_rlvr_rewards_score_the_mapped_ground_truth(path, tmp_path):
 
 
 def test_tulu3_preference_rows_reach_dpo_without_a_repeated_prompt(tmp_path):
-    from posttrain.stages.dpo import preference_dataset
+    from posttrain.stages.preference import preference_dataset
 
     stage = next(s for s in load_pipeline(REPO / "configs" / "recipes" / "tulu3_qwen2.5-0.5b.yaml").stages
                  if s.kind == "dpo")
