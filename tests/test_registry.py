@@ -33,3 +33,20 @@ def test_stage_kinds_are_registered_once():
         from posttrain.stages.base import stage
 
         stage("sft", object)(lambda c, x: None)
+
+
+def test_the_registered_kind_is_the_config_kind_and_no_other():
+    """The kind is written once, in `@stage(kind, Config)`: it becomes the config's `kind` field."""
+    import posttrain.stages  # noqa: F401
+    from pydantic import ValidationError
+
+    from posttrain.registry import STAGES
+
+    for kind in STAGES.names():
+        config = STAGES.get(kind).config
+        assert config.model_fields["kind"].default == kind
+        other = next(k for k in STAGES.names() if k != kind)
+        with pytest.raises(ValidationError) as e:
+            config.model_validate({"kind": other})
+        assert any(err["loc"] == ("kind",) for err in e.value.errors()), kind
+    assert STAGES.get("sft").config().kind == "sft"

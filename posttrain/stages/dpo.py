@@ -47,7 +47,6 @@ def _trl_trainer() -> TrainerConfig:
 class DPOStageConfig(TrainableStage):
     """DPO (or a TRL variant) on preference pairs."""
 
-    kind: str = Field("dpo", pattern="^dpo$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss names")

@@ -56,7 +56,6 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class GRPOStageConfig(TrainableStage):
-    kind: str = Field("grpo", pattern="^grpo$")
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)

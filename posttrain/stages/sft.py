@@ -24,7 +24,6 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class SFTStageConfig(TrainableStage):
-    kind: str = Field("sft", pattern="^sft$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="arithmetic")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
