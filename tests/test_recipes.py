@@ -153,7 +153,7 @@ def test_recipe_validates_offline_and_names_its_models(path, offline):
     for stage in cfg.stages:
         if stage.kind == "grpo":  # a grpo stage defaults to world-sft, not the previous stage
             assert stage.model and not stage.model.startswith("world"), stage.name
-        for src in getattr(stage, "data", None) or []:
+        for src in stage.training_data():
             assert src.source not in TASKS, f"{stage.name}: {src.source} is a world task"
 
 

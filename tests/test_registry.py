@@ -50,3 +50,17 @@ def test_the_registered_kind_is_the_config_kind_and_no_other():
             config.model_validate({"kind": other})
         assert any(err["loc"] == ("kind",) for err in e.value.errors()), kind
     assert STAGES.get("sft").config().kind == "sft"
+
+
+def test_stage_hooks_name_the_data_and_reference_models_every_kind_answers():
+    """`training_data()` and `reference_models()` are StageBase hooks (empty by default), not fields read with
+    getattr: a trainable stage trains on its `data:`, a merge shows its input models as reference rows."""
+    import posttrain.stages  # noqa: F401
+    from posttrain.config import load_pipeline
+
+    stages = load_pipeline(None, data={"stages": [
+        {"kind": "sft", "data": [{"source": "reversal"}]},
+        {"kind": "merge", "method": "linear", "models": [{"model": "world-sft-arithmetic"}, {"model": "world"}]},
+        {"kind": "transfer"}]}).stages
+    assert [[d.source for d in s.training_data()] for s in stages] == [["reversal"], [], []]
+    assert [s.reference_models() for s in stages] == [[], ["world-sft-arithmetic", "world"], ["world-sft"]]

@@ -82,6 +82,15 @@ class StageBase(Strict):
         pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
         return []
 
+    def training_data(self) -> list[Any]:
+        """The data sources the stage trains on (its `data:`): the pipeline checks that their local files exist
+        and hashes them into the stage's inputs, and the report counts the world tasks among them as trained on."""
+        return []
+
+    def reference_models(self) -> list[str]:
+        """Input models the forgetting report shows as reference rows when they are not stages of the run."""
+        return []
+
     def data_sources(self) -> list[tuple[Any, str]]:
         """(data source, row shape: a key of `posttrain.data.CHECKS`) of every dataset the stage reads, so the
         pipeline can read and check them all before a run starts."""
