@@ -21,7 +21,7 @@ def _trains_on(stage: Any) -> list[str]:
         return list(stage.trains_on)
     from posttrain.world.tasks import TASKS
 
-    return [f"world_{d.source}" for d in getattr(stage, "data", None) or [] if d.source in TASKS]
+    return [f"world_{d.source}" for d in stage.training_data() if d.source in TASKS]
 
 
 def _record(name: str, folder: str, model_dir: str, stage: Any, result: dict, model_ref: str | None = None) -> dict:
@@ -135,9 +135,8 @@ def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[tuple
     row, as Pipeline._evaluate_inputs."""
     from posttrain.pipeline import input_folder, is_stage_ref
 
-    names = getattr(stage, "reference_models", None)
     records = []
-    for ref in names() if names else []:
+    for ref in stage.reference_models():
         path = run_dir / input_folder(ref) / "eval.json"
         if is_stage_ref(ref) or not path.is_file():  # no file: a LoRA adapter, or evals were off
             continue

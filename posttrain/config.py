@@ -467,7 +467,7 @@ def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") 
         problem = model_ref_problem(stage, prefix.format(i=i))
         if problem:
             raise ConfigError(f"{where}: {problem}")
-        for j, src in enumerate(getattr(stage, "data", None) or []):
+        for j, src in enumerate(stage.training_data()):
             problem = source_problem(src)
             if problem is not None:
                 raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].source: {problem}")

@@ -72,7 +72,7 @@ def _data_identity(stage: Any) -> list[Any]:
     from posttrain.world.tasks import TASKS
 
     out = []
-    for src in getattr(stage, "data", None) or []:
+    for src in stage.training_data():
         path = Path(src.source).expanduser()
         if src.source in TASKS:
             out.append(f"world-{VERSION}:{src.source}:{src.split}")
@@ -266,13 +266,13 @@ class Pipeline:
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each
         becomes a reference row before the stage's own row (the report is rewritten with the stage's eval)."""
-        names = getattr(stage, "reference_models", None)
-        if not self.cfg.eval.enabled or names is None:
+        refs = stage.reference_models()
+        if not self.cfg.eval.enabled or not refs:
             return
         from evals.run_report import keep_in_eval, reference_record
         from evals.runner import evaluate_model
 
-        for ref in names():
+        for ref in refs:
             if is_stage_ref(ref):
                 continue  # an earlier stage: it has its own row
             if (Path(ref).expanduser() / "adapter_config.json").is_file():

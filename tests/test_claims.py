@@ -33,7 +33,7 @@ def _write(runs: Path, name: str, report: dict) -> None:
 def test_every_claims_pipeline_validates_and_names_the_rows_its_claims_compare(name):
     cfg = load_pipeline(C.CLAIMS_DIR / f"{name}.yaml")
     rows = {"base"} | {s.name for s in cfg.stages}
-    rows |= {f"input:{ref}" for s in cfg.stages for ref in getattr(s, "reference_models", lambda: [])()}
+    rows |= {f"input:{ref}" for s in cfg.stages for ref in s.reference_models()}
     for claim in (c for c in C.CLAIMS if c.pipeline == name):
         for comp in claim.premises + claim.comparisons + claim.context:
             assert {comp.a, comp.b} <= rows, (claim.id, comp.label)

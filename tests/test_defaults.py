@@ -1,7 +1,7 @@
 """Class defaults are for real models: TRL's own; the embedded world's tuned values live only in its configs.
 
 Two halves. (1) Every field a stage class's default shares with TRL's config dataclass (SFTConfig, DPOConfig,
-GRPOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
+GRPOConfig, KTOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
 their reasons. (2) Every world config (configs/stages/, configs/pipelines/ with claims and experiments, and the
 cached world models of posttrain/world/trained.py) resolves to the world's trainer block of its kind
 (posttrain/world/tuning.py), so that `make stage=...` and `make claims` train as they did before the defaults
@@ -21,7 +21,8 @@ from posttrain.stages.common import TrainerConfig
 from posttrain.world.tuning import WORLD_STAGE_FIELDS, WORLD_TRAINERS
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("sft", "dpo", "grpo")
+KINDS = ("sft", "dpo", "grpo")  # the kinds the world tunes in posttrain/world/tuning.py
+TRL_KINDS = KINDS + ("kto",)  # the kinds on a TRL trainer (kto's world values are in configs/stages/kto.yaml)
 
 # Every field a default stage config shares with TRL's config, by name (trainer fields and stage fields).
 # Listed rather than computed only, so that a field added on either side is a decision, not a silent pass.
@@ -33,15 +34,16 @@ SHARED = {
     "sft": COMMON | {"max_length", "assistant_only_loss"},
     "dpo": COMMON | {"max_length", "loss_type", "beta", "loss_weights"},
     "grpo": COMMON | {"num_generations", "beta", "loss_type", "epsilon", "max_completion_length", "temperature"},
+    "kto": COMMON | {"max_length", "loss_type", "beta", "desirable_weight", "undesirable_weight"},
 }
 
 # Deliberate deviations from TRL's defaults: (kind, field) -> (our value, why).
 DEVIATIONS = {
     **{(kind, "seed"): (None, "None takes the pipeline's seed (PipelineConfig.seed, recorded in pipeline.yaml), so "
-                              "one number seeds every stage of a run; TRL's 42 would ignore it") for kind in KINDS},
+                              "one number seeds every stage of a run; TRL's 42 would ignore it") for kind in TRL_KINDS},
     **{(kind, "save_total_limit"): (2, "a rerun resumes from the newest complete checkpoint and falls back to the "
                                        "one before it if the newest was cut short; TRL keeps every checkpoint, "
-                                       "which fills a disk on a real model") for kind in KINDS},
+                                       "which fills a disk on a real model") for kind in TRL_KINDS},
     ("sft", "assistant_only_loss"): (True, "chat rows train on the assistant turns only: prompts and user turns are "
                                            "inputs, not targets (TRL's default, False, trains on them; TÜLU 3 masks "
                                            "them too). Prompt/completion rows train on the completion either way"),
@@ -49,9 +51,9 @@ DEVIATIONS = {
 
 
 def _trl_config(kind: str) -> type:
-    from trl import DPOConfig, GRPOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
-    return {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}[kind]
+    return {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "kto": KTOConfig}[kind]
 
 
 def _trl_defaults(kind: str) -> dict:
@@ -78,7 +80,7 @@ def _value(v):
     return getattr(v, "value", v)  # TRL's scheduler default is transformers' SchedulerType enum
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", TRL_KINDS)
 def test_class_defaults_are_trls_except_the_listed_deviations(kind):
     ours, theirs = _ours(kind), _trl_defaults(kind)
     assert set(ours) & set(theirs) == SHARED[kind]

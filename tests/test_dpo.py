@@ -13,7 +13,8 @@ import posttrain.stages  # noqa: F401
 from posttrain.config import ConfigError, load_pipeline
 from posttrain.data import DataError, DataSource
 from posttrain.pipeline import run_pipeline
-from posttrain.stages.dpo import TRL_LOSS_TYPES, DPOStageConfig, near_miss_pairs, preference_dataset, truncate_prompts
+from posttrain.stages.dpo import TRL_LOSS_TYPES, DPOStageConfig
+from posttrain.stages.preference import near_miss_pairs, preference_dataset, truncate_prompts
 from posttrain.world.tuning import world_trainer
 
 TINY = world_trainer("dpo", max_steps=3, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3,
@@ -84,9 +85,9 @@ def test_malformed_preference_rows_named_by_file_and_row(tmp_path):
 
 
 def test_bad_rows_stop_the_stage_before_any_model_loads(world, tmp_path, monkeypatch):
-    import posttrain.stages.dpo as dpo
+    import posttrain.stages.trl_run as trl_run  # the shared TRL run loads every stage's model
 
-    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model loaded before the data was checked"))
+    monkeypatch.setattr(trl_run, "load_model", lambda *a, **k: pytest.fail("a model loaded before the data was checked"))
     path = _write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": 3, "rejected": "r"}])
     cfg = _pipe(model="world", data=[{"source": str(path)}])
     with pytest.raises(DataError, match=rf"{re.escape(str(path))} row 1: 'chosen' must be a string"):
@@ -162,11 +163,11 @@ def test_dpo_on_world_loss_is_log2_at_init_and_every_parameter_changes(world, tm
 
 
 def test_lora_reference_is_the_adapter_disabled_model(world, tmp_path, monkeypatch):
-    import posttrain.stages.dpo as dpo
+    import posttrain.stages.trl_run as trl_run  # the shared TRL run loads every stage's model
 
     loads = []
-    real = dpo.load_model
-    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = trl_run.load_model
+    monkeypatch.setattr(trl_run, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     cfg = _pipe(model="world", data=[{"source": "style", "limit": 8}], trainer=dict(TINY, max_steps=2),
                 lora={"r": 4, "alpha": 8}, rpo_alpha=0.5, max_prompt_length=4)
     logs = []

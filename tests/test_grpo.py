@@ -124,7 +124,7 @@ def test_lora_grpo_writes_adapter_and_merged_model(world, tmp_path):
 
 def test_rewards_that_never_scored_are_named_and_fail_the_stage_only_when_they_are_all(world, tmp_path):
     from posttrain.rewards import RewardsFailed, RewardStats
-    from posttrain.stages.grpo import failed_rewards
+    from posttrain.stages.grpo_support import failed_rewards
 
     stats, lines = RewardStats(), []
     stats.rows("a", failed=4), stats.record("a", "exception"), stats.rows("b", scored=4)
@@ -173,7 +173,7 @@ def test_epoch_sampler_orders_each_epoch_by_seed_and_epoch_only():
     uninterrupted run's sampler gave it after its earlier epochs. Epoch 0 keeps TRL's order."""
     from trl.trainer.utils import RepeatSampler
 
-    from posttrain.stages.grpo import epoch_sampler
+    from posttrain.stages.grpo_support import epoch_sampler
 
     kw = dict(data_source=list(range(8)), mini_repeat_count=2, batch_size=2, repeat_count=1, seed=42)
     running, orders = epoch_sampler(**kw), []
@@ -189,7 +189,7 @@ def test_epoch_sampler_orders_each_epoch_by_seed_and_epoch_only():
 
 def test_prompt_rows_are_chat_with_a_template_and_plain_without():
     from posttrain.data import DataError
-    from posttrain.stages.grpo import prompt_rows
+    from posttrain.stages.grpo_support import prompt_rows
 
     chat = [{"role": "user", "content": "Compute 1 + 1."}]
     rows = [{"prompt": "Compute 1 + 1.", "answer": "2"}, {"prompt": chat, "answer": "2"}]
@@ -217,13 +217,13 @@ def test_tokenizer_without_chat_template_trains_on_plain_prompts(no_template_mod
 
 def test_conversational_prompts_without_chat_template_exit_2_before_the_model_loads(
         no_template_model, tmp_path, monkeypatch, capsys):
-    import posttrain.stages.grpo as grpo
+    import posttrain.stages.trl_run as trl_run  # the shared TRL run loads every stage's model
     from posttrain.cli import main
 
     def no_load(*a, **kw):
         raise AssertionError("the model loaded before the data check")
 
-    monkeypatch.setattr(grpo, "load_model", no_load)
+    monkeypatch.setattr(trl_run, "load_model", no_load)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Compute 1 + 1."}], "answer": "2"}) + "\n")
     code = main(["stage", "grpo", "--set", "eval.enabled=false", "--set", f"model={no_template_model}",

@@ -14,8 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 import posttrain.stages  # noqa: F401
-import posttrain.stages.dpo as dpo_stage
-import posttrain.stages.sft as sft_stage
+import posttrain.stages.trl_run as trl_run
 from evals.run_report import _hft_sections
 from posttrain.config import load_pipeline
 from posttrain.hft import assert_optimizer_holds_only
@@ -65,8 +64,7 @@ def _spy_optimizer(monkeypatch) -> list[dict]:
 
         return factory
 
-    monkeypatch.setattr(sft_stage, "metrics_callback", wrap(sft_stage.metrics_callback))
-    monkeypatch.setattr(dpo_stage, "metrics_callback", wrap(dpo_stage.metrics_callback))
+    monkeypatch.setattr(trl_run, "metrics_callback", wrap(trl_run.metrics_callback))  # every stage's TRL run
     return seen
 
 

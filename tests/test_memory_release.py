@@ -17,7 +17,7 @@ from evals import runner
 from posttrain import rollout
 from posttrain.config import EvalConfig, load_pipeline
 from posttrain.pipeline import run_pipeline
-from posttrain.stages import common, sft
+from posttrain.stages import common, trl_run
 from posttrain.world.tuning import world_trainer
 
 
@@ -56,7 +56,7 @@ def test_trainer_is_released_before_a_vllm_eval_which_gets_its_share(world, tmp_
         return {"results": {"world_arithmetic": {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}}}
 
     monkeypatch.setattr(transformers.Trainer, "train", spy_train)
-    monkeypatch.setattr(sft, "train_and_save", spy_train_and_save)
+    monkeypatch.setattr(trl_run, "train_and_save", spy_train_and_save)
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(runner, "_task_manager", lambda include, tasks: None)  # no task index to build
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)  # the runner checks that vllm is there

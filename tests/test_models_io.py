@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import posttrain.stages  # noqa: F401
-import posttrain.stages.sft as sft_stage
+import posttrain.stages.trl_run as trl_run
 from posttrain.config import ConfigError, load_pipeline
 from posttrain.hft import TrainableConfig, select_trainable
 from posttrain.models import ModelError, cast_saved_weights, resolve_model, saved_dtype
@@ -85,8 +85,8 @@ def test_lora_merged_output_keeps_a_bf16_input_bf16(tmp_path):
 def test_float32_input_trained_in_bf16_as_on_a_gpu_comes_out_float32(tmp_path, monkeypatch):
     """On a bf16 GPU load_model trains a float32 model in bf16; its output must be float32 again so that it
     still merges against the float32 base (the world's specialists against the world base)."""
-    real = sft_stage.load_model
-    monkeypatch.setattr(sft_stage, "load_model", lambda ref, **kw: real(ref, **{**kw, "dtype": "bfloat16"}))
+    real = trl_run.load_model
+    monkeypatch.setattr(trl_run, "load_model", lambda ref, **kw: real(ref, **{**kw, "dtype": "bfloat16"}))
     model = make_tiny_llama(tmp_path / "in")
     out = _sft(tmp_path, model)
     assert {h["dtype"] for h in _headers(out).values()} == {"F32"}

@@ -53,6 +53,7 @@ STAGE_FIELDS = {
     "sft": ["assistant_only_loss", "lora"],
     "dpo": ["loss_type", "beta", "rpo_alpha", "loss_weights", "max_prompt_length", "lora", "rehearsal"],
     "grpo": ["num_generations", "beta", "loss_type", "epsilon", "max_completion_length", "temperature", "lora"],
+    "kto": ["loss_type", "beta", "desirable_weight", "undesirable_weight", "lora"],
     "merge": ["method", "params", "per_block", "search", "dtype"],
     "transfer": ["scale", "per_block", "search", "tokenizer_from", "dtype"],
 }

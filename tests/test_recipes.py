@@ -153,7 +153,7 @@ def test_recipe_validates_offline_and_names_its_models(path, offline):
     for stage in cfg.stages:
         if stage.kind == "grpo":  # a grpo stage defaults to world-sft, not the previous stage
             assert stage.model and not stage.model.startswith("world"), stage.name
-        for src in getattr(stage, "data", None) or []:
+        for src in stage.training_data():
             assert src.source not in TASKS, f"{stage.name}: {src.source} is a world task"
 
 
@@ -222,7 +222,7 @@ def test_rlvr_rewards_score_the_mapped_ground_truth(path, tmp_path):
 
 
 def test_tulu3_preference_rows_reach_dpo_without_a_repeated_prompt(tmp_path):
-    from posttrain.stages.dpo import preference_dataset
+    from posttrain.stages.preference import preference_dataset
 
     stage = next(s for s in load_pipeline(REPO / "configs" / "recipes" / "tulu3_qwen2.5-0.5b.yaml").stages
                  if s.kind == "dpo")

@@ -33,3 +33,34 @@ def test_stage_kinds_are_registered_once():
         from posttrain.stages.base import stage
 
         stage("sft", object)(lambda c, x: None)
+
+
+def test_the_registered_kind_is_the_config_kind_and_no_other():
+    """The kind is written once, in `@stage(kind, Config)`: it becomes the config's `kind` field."""
+    import posttrain.stages  # noqa: F401
+    from pydantic import ValidationError
+
+    from posttrain.registry import STAGES
+
+    for kind in STAGES.names():
+        config = STAGES.get(kind).config
+        assert config.model_fields["kind"].default == kind
+        other = next(k for k in STAGES.names() if k != kind)
+        with pytest.raises(ValidationError) as e:
+            config.model_validate({"kind": other})
+        assert any(err["loc"] == ("kind",) for err in e.value.errors()), kind
+    assert STAGES.get("sft").config().kind == "sft"
+
+
+def test_stage_hooks_name_the_data_and_reference_models_every_kind_answers():
+    """`training_data()` and `reference_models()` are StageBase hooks (empty by default), not fields read with
+    getattr: a trainable stage trains on its `data:`, a merge shows its input models as reference rows."""
+    import posttrain.stages  # noqa: F401
+    from posttrain.config import load_pipeline
+
+    stages = load_pipeline(None, data={"stages": [
+        {"kind": "sft", "data": [{"source": "reversal"}]},
+        {"kind": "merge", "method": "linear", "models": [{"model": "world-sft-arithmetic"}, {"model": "world"}]},
+        {"kind": "transfer"}]}).stages
+    assert [[d.source for d in s.training_data()] for s in stages] == [["reversal"], [], []]
+    assert [s.reference_models() for s in stages] == [[], ["world-sft-arithmetic", "world"], ["world-sft"]]

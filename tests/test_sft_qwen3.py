@@ -88,9 +88,9 @@ def test_a_rewritten_turn_is_refused_naming_the_row_and_the_turn_before_the_mode
                                                                                         monkeypatch):
     # Reasoning in an earlier assistant turn: the released template drops it once a later user message follows.
     # (A DataError is exit 2 on the command line: tests/test_cli.py.)
-    import posttrain.stages.sft as sft
+    import posttrain.stages.trl_run as trl_run  # the shared TRL run loads every stage's model
 
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("a model loaded before the masks were built"))
+    monkeypatch.setattr(trl_run, "load_model", lambda *a, **k: pytest.fail("a model loaded before the masks were built"))
     folder, _ = qwen3_model
     rewritten = CHAT[:2] + [{"role": "assistant", "content": "<think>\nGreet.\n</think>\n\nHello!"}] + CHAT[3:]
     with pytest.raises(DataError, match=r"chat\.jsonl row 2: messages\[2\]: the chat template writes this turn as "

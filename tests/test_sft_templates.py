@@ -52,9 +52,9 @@ def _run(tmp_path, model, data, **stage):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import posttrain.stages.sft as sft
+    import posttrain.stages.trl_run as trl_run  # the shared TRL run loads every stage's model
 
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("a model loaded before the template check"))
+    monkeypatch.setattr(trl_run, "load_model", lambda *a, **k: pytest.fail("a model loaded before the template check"))
 
 
 def test_conversational_prompt_with_string_completion_trains(tmp_path):

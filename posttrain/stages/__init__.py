@@ -4,3 +4,4 @@ from posttrain.stages import merge  # noqa: F401
 from posttrain.stages import dpo  # noqa: F401
 from posttrain.stages import grpo  # noqa: F401
 from posttrain.stages import transfer  # noqa: F401
+from posttrain.stages import kto  # noqa: F401

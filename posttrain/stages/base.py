@@ -1,8 +1,9 @@
 """What every stage shares: the spec in the registry, the base config, the context and the result.
 
 A stage is a config class plus one function `run(cfg, ctx) -> StageResult`, registered under its kind with
-`@stage("sft", SFTStageConfig)`. It reads its inputs through `ctx`, writes one HF model folder at
-`ctx.work_dir / "model"`, and appends its training log to `ctx.work_dir / "metrics.jsonl"`.
+`@stage("sft", SFTStageConfig)`, the one place the kind is written (it becomes the config's `kind` field). It
+reads its inputs through `ctx`, writes one HF model folder at `ctx.work_dir / "model"`, and appends its
+training log to `ctx.work_dir / "metrics.jsonl"`.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
+from pydantic.fields import FieldInfo
 
 from posttrain.config import NAME_PATTERN, Strict
 from posttrain.registry import STAGES
@@ -27,21 +29,34 @@ class StageSpec:
 
 
 def stage(kind: str, config: type) -> Callable:
-    """Register `fn` as the runner of stage kind `kind` with config class `config`."""
+    """Register `fn` as the runner of stage kind `kind` with config class `config`, whose `kind` field becomes
+    `Literal[kind]` defaulting to `kind`."""
 
     def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()
         STAGES.register(kind, StageSpec(kind, config, fn, doc[0] if doc else ""))
+        _set_kind(config, kind)
         return fn
 
     return deco
+
+
+def _set_kind(config: type, kind: str) -> None:
+    """Make `config.kind` the field `Literal[kind] = kind` (any other kind fails validation on that field).
+
+    pydantic builds a model's validator when the class is created, before the decorator below it runs; a field
+    replaced afterwards takes effect with `model_rebuild(force=True)`. tests/test_registry.py checks that it
+    did for every kind.
+    """
+    config.model_fields["kind"] = FieldInfo.from_annotated_attribute(Literal[kind], kind)
+    config.model_rebuild(force=True)
 
 
 class StageBase(Strict):
     """Fields every stage has. `model` defaults to the previous stage's output (the world base for the first)."""
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
-    kind: str
+    kind: str = Field(description="set by @stage from the registered kind")
     model: str | None = Field(None, description="world | <local folder> | <hub name> | ${stages.<name>.model}")
     trains_on: list[str] = Field(default_factory=list, description="eval tasks this stage trains for (for BWT)")
     trust_remote_code: bool = False
@@ -65,6 +80,15 @@ class StageBase(Strict):
     def other_inputs(self) -> list[str]:
         """Model refs the stage reads besides `model:` (a merge's models and base, a transfer's sources): the
         pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
+        return []
+
+    def training_data(self) -> list[Any]:
+        """The data sources the stage trains on (its `data:`): the pipeline checks that their local files exist
+        and hashes them into the stage's inputs, and the report counts the world tasks among them as trained on."""
+        return []
+
+    def reference_models(self) -> list[str]:
+        """Input models the forgetting report shows as reference rows when they are not stages of the run."""
         return []
 
     def data_sources(self) -> list[tuple[Any, str]]:

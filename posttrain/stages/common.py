@@ -76,6 +76,9 @@ class TrainableStage(StageBase):
     lora: LoraSpec | None = None
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
 
+    def training_data(self) -> list[Any]:
+        return list(self.data)  # every trainable kind declares `data:`, with its own default and row shape
+
     @field_validator("trainer", mode="before")
     @classmethod
     def _over_stage_defaults(cls, v: Any) -> Any:

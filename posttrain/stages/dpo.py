@@ -13,46 +13,31 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
   DPO configs set 0.5 (docs/notes/dpo_world_tuning.md says why).
 * **max_prompt_length.** TRL 1.16 dropped it; we restore the pre-1.0 meaning: after TRL tokenizes, a prompt
   longer than this keeps its last `max_prompt_length` tokens (the end of the prompt is next to the answer).
-* **Plain strings become chat.** When the tokenizer has a chat template, a plain prompt becomes one user
-  message and a plain answer one assistant message, so the template applies exactly as at evaluation time;
-  rows that are already conversational pass through. Without a template, plain text stays plain (TRL appends
-  EOS to the answers) and conversational rows are refused.
-* **Rehearsal pairs** (`rehearsal:`, empty by default; `make stage=dpo` sets the world's arithmetic). DPO only
-  constrains the policy on the prompts it sees, so a skill the pairs never show drifts. As InstructGPT's
-  PPO-ptx mixes pretraining gradients into RL (Ouyang et al. 2022), and as RPO trains on correct vs wrong
-  math answers (Pang et al. 2024), a verifiable prompt/answer task is mixed in as pairs: chosen = the answer,
-  rejected = each near miss (the integer answer - 1 and + 1: two pairs per row). The NLL term on chosen
-  rehearses the answer; the DPO term widens exactly the margin that breaks.
+* **Plain strings become chat** when the tokenizer has a chat template (posttrain/stages/preference.py).
+* **Rehearsal pairs** (`rehearsal:`, empty by default; `make stage=dpo` sets the world's arithmetic): a
+  prompt/answer task mixed in as (answer, answer +- 1) pairs, so a skill the pairs never show does not drift
+  (`near_miss_pairs`).
 
 Defaults are TRL 1.16's DPOConfig values for real models (AdamW, lr 1e-6, beta 0.1, sigmoid loss, no extra
 term). The world's tuning (SGD, RPO, rehearsal) and what was tried: docs/notes/dpo_world_tuning.md.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.data import DataError, DataSource, load_rows, load_sources
-from posttrain.models import load_model, load_tokenizer
+from posttrain.data import DataSource
+from posttrain.models import load_tokenizer
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageContext, StageResult, stage
-from posttrain.stages.common import (
-    TrainableStage,
-    TrainerConfig,
-    metrics_callback,
-    select_parameters,
-    train_and_save,
-    trl_args,
-)
+from posttrain.stages.common import TrainableStage, TrainerConfig
+from posttrain.stages.preference import near_miss_pairs, preference_dataset, prompt_cutter
+from posttrain.stages.trl_run import run_trl_stage
 
 # TRL 1.16's DPOConfig.loss_type values. Importing TRL takes seconds, too slow for config validation (which
 # `posttrain list` and every YAML load run), so they are mirrored here; tests/test_dpo.py checks the mirror
 # against the list TRL documents on the field, so an upgrade that changes it fails a test, not a run.
-TRL_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def _trl_trainer() -> TrainerConfig:
@@ -62,29 +47,23 @@ def _trl_trainer() -> TrainerConfig:
 class DPOStageConfig(TrainableStage):
     """DPO (or a TRL variant) on preference pairs."""
 
-    kind: str = Field("dpo", pattern="^dpo$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss names")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (IPO: tau)")
-    rpo_alpha: float | None = Field(
-        None, gt=0, description="weight of an NLL term on the chosen answer (RPO); None: plain DPO"
-    )
+    rpo_alpha: float | None = Field(None, gt=0, description="weight of an NLL term on the chosen answer (RPO)")
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1.0 each)")
     max_prompt_length: int | None = Field(None, ge=1, description="keep the last N prompt tokens; None: all")
-    rehearsal: list[DataSource] = Field(
-        default_factory=list,
-        description="prompt/answer tasks with integer answers mixed in as (answer, answer +-1) pairs",
-    )
+    rehearsal: list[DataSource] = Field(default_factory=list, description="prompt/answer tasks with integer "
+                                        "answers mixed in as (answer, answer +-1) pairs")
 
     @field_validator("loss_type")
     @classmethod
     def _known_losses(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in TRL_LOSS_TYPES:
-                raise ValueError(
-                    f"unknown loss_type {name!r}{did_you_mean(name, TRL_LOSS_TYPES)}; TRL's: {', '.join(TRL_LOSS_TYPES)}"
-                )
+                raise ValueError(f"unknown loss_type {name!r}{did_you_mean(name, TRL_LOSS_TYPES)}; "
+                                 f"TRL's: {', '.join(TRL_LOSS_TYPES)}")
         if len(set(v)) != len(v):
             raise ValueError(f"loss_type lists a loss twice: {v}")
         return v
@@ -92,17 +71,14 @@ class DPOStageConfig(TrainableStage):
     @model_validator(mode="after")
     def _consistent(self) -> "DPOStageConfig":
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type entries"
-            )
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} "
+                             "loss_type entries")
         if "sft" in self.loss_type and self.rpo_alpha is not None and "rpo_alpha" in self.model_fields_set:
             raise ValueError("rpo_alpha adds the 'sft' loss itself; drop 'sft' from loss_type or unset rpo_alpha")
         max_length = self.trainer.max_length
         if self.max_prompt_length is not None and max_length is not None and self.max_prompt_length >= max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below trainer.max_length ({max_length}), "
-                "or no answer token is left"
-            )
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below trainer.max_length "
+                             f"({max_length}), or no answer token is left")
         return self
 
     def trl_losses(self) -> tuple[list[str], list[float]]:
@@ -121,76 +97,6 @@ class DPOStageConfig(TrainableStage):
         return [(src, "preference") for src in self.data] + [(src, "prompt") for src in self.rehearsal]
 
 
-def _as_chat(value: Any, role: str) -> list[dict]:
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
-
-
-def preference_dataset(sources: list[DataSource], chat: bool, log,
-                       extra: tuple[list[dict], list[dict]] = ([], [])) -> tuple[Any, list[dict]]:
-    """Checked prompt/chosen/rejected rows as one `datasets.Dataset`: all chat (template) or all plain text.
-
-    Rows are normalised before the Dataset is built, since one Arrow column cannot hold both strings and
-    message lists (a plain source mixed with a conversational one).
-    """
-    from datasets import Dataset
-
-    rows, stats = load_sources(sources, "preference", log)
-    rows += extra[0]
-    stats += extra[1]
-    if chat:
-        rows = [_strip_repeated_prompt({"prompt": _as_chat(r["prompt"], "user"),
-                                        "chosen": _as_chat(r["chosen"], "assistant"),
-                                        "rejected": _as_chat(r["rejected"], "assistant")}) for r in rows]
-    elif any(isinstance(v, list) for r in rows for v in r.values()):
-        raise DataError("conversational preference rows need a tokenizer with a chat template; this one has none")
-    return Dataset.from_list(rows), stats
-
-
-def _strip_repeated_prompt(row: dict) -> dict:
-    """Drop the prompt's messages from the start of chosen and rejected when both repeat them.
-
-    TÜLU 3's preference mixture has a `prompt` column and chosen/rejected conversations that open with the same
-    user turn; TRL tokenizes prompt + chosen, so the model would see the turn twice. This is the shared-prefix
-    split TRL's `extract_prompt` makes for rows without a prompt column (checked first: it only runs there).
-    """
-    n = len(row["prompt"])
-    if n and row["chosen"][:n] == row["prompt"] and row["rejected"][:n] == row["prompt"]:
-        return {**row, "chosen": row["chosen"][n:], "rejected": row["rejected"][n:]}
-    return row
-
-
-def near_miss_pairs(sources: list[DataSource], log) -> tuple[list[dict], list[dict]]:
-    """Prompt/answer rows as preference pairs: chosen = the answer, rejected = answer - 1, and again answer + 1.
-
-    Both near misses, not a seeded draw of one: with one drawn side, two draws gave arithmetic 0.91 and 0.88.
-
-    For verifiable tasks with integer answers (the world's arithmetic): the near miss is the error a
-    perturbed model makes, so the DPO term widens the correct digit's margin and the NLL term on chosen
-    rehearses the answer. A non-integer answer is refused, naming the source.
-    """
-    pairs: list[dict] = []
-    stats: list[dict] = []
-    for src in sources:
-        rows, st = load_rows(src, "prompt", log)
-        for i, row in enumerate(rows, start=1):
-            answer = str(row["answer"]).strip()
-            try:
-                value = int(answer)
-            except ValueError:
-                raise DataError(f"{st['source']} row {i}: rehearsal answer {answer!r} is not an integer") from None
-            pairs += [{"prompt": row["prompt"], "chosen": answer, "rejected": str(value + d)} for d in (-1, 1)]
-        stats.append({**st, "rehearsal": True})
-    return pairs, stats
-
-
-def truncate_prompts(dataset: Any, max_prompt_length: int) -> tuple[Any, int]:
-    """Keep the last `max_prompt_length` tokens of every tokenized prompt; returns (dataset, prompts cut)."""
-    cut = sum(len(ids) > max_prompt_length for ids in dataset["prompt_ids"])
-    if cut:
-        dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-max_prompt_length:]})
-    return dataset, cut
-
-
 @stage("dpo", DPOStageConfig)
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
@@ -200,32 +106,10 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
 
     loss_type, loss_weights = cfg.trl_losses()
-    args = trl_args(
-        DPOConfig, cfg, ctx,
-        loss_type=loss_type, loss_weights=loss_weights, beta=cfg.beta,
-        trust_remote_code=cfg.trust_remote_code, dataset_num_proc=None,
+    return run_trl_stage(
+        cfg, ctx, (DPOConfig, DPOTrainer), dataset, data_stats, tokenizer, reference=True,
+        prepare=prompt_cutter(cfg.max_prompt_length, ctx.log),
+        args=dict(loss_type=loss_type, loss_weights=loss_weights, beta=cfg.beta,
+                  trust_remote_code=cfg.trust_remote_code, dataset_num_proc=None),
+        log={"loss_type": loss_type, "loss_weights": loss_weights},
     )
-    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    model, peft_config, trainable = select_parameters(model, cfg, ctx)
-    ref_model = None
-    if peft_config is None:  # LoRA's reference is the adapter-disabled policy; no second copy in memory
-        ref_model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        ref_model.requires_grad_(False)
-    ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"],
-                     "loss_type": loss_type, "loss_weights": loss_weights})
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[metrics_callback(ctx)],
-    )
-    if cfg.max_prompt_length is not None:
-        trainer.train_dataset, cut = truncate_prompts(trainer.train_dataset, cfg.max_prompt_length)
-        if cut:
-            ctx.log(f"dpo: kept the last {cfg.max_prompt_length} tokens of {cut} longer prompts")
-    metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
-    metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
-    return StageResult(ctx.work_dir / "model", metrics)

@@ -7,7 +7,7 @@ as in PPO) with an optional KL penalty to the input model (`beta`). TRL owns the
 `loss_type` picks how token losses are averaged (`dapo`, TRL's default, averages over all tokens of the
 batch, removing the original's length bias; `grpo` is the paper's per-sequence mean).
 
-How this stage departs from, or adds to, the paper and TRL:
+How this stage departs from, or adds to, the paper and TRL (the parts: posttrain/stages/grpo_support.py):
   * Prompts become chat messages (`[{"role": "user", "content": prompt}]`) when the tokenizer has a chat
     template, so it is applied as it was in SFT; without one (a GPT-2-style base) plain prompts stay plain
     and conversational ones are refused before the model loads. Completions reach builtin rewards as text,
@@ -26,34 +26,25 @@ How this stage departs from, or adds to, the paper and TRL:
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.data import DataError, DataSource, load_sources, rows_dataset
-from posttrain.models import load_model, load_tokenizer
-from posttrain.rewards import RewardsFailed, RewardSpec, RewardStats, build_reward_funcs, reward_file
-from posttrain.rollout import (
-    RolloutConfig,
-    VLLMServer,
-    free_port,
-    grpo_rollout_args,
-    resolve_backend,
-    server_callback,
-    server_env,
-    vllm_serve_command,
-)
+from posttrain.data import DataSource
+from posttrain.models import load_tokenizer
+from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs, reward_file
+from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageContext, StageResult, stage
-from posttrain.stages.common import (
-    TrainableStage,
-    TrainerConfig,
-    metrics_callback,
-    select_parameters,
-    train_and_save,
-    trl_args,
+from posttrain.stages.common import TrainableStage, TrainerConfig
+from posttrain.stages.grpo_support import (
+    failed_rewards,
+    prompt_dataset,
+    reward_errors_callback,
+    rollout_session,
+    trainer_class,
 )
+from posttrain.stages.trl_run import run_trl_stage
 
 LOSS_TYPES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -65,7 +56,6 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class GRPOStageConfig(TrainableStage):
-    kind: str = Field("grpo", pattern="^grpo$")
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)
@@ -102,87 +92,6 @@ class GRPOStageConfig(TrainableStage):
         return sorted(files | {str(p) for f in files for p in Path(f).parent.glob("*.py") if p.is_file()})
 
 
-def _as_chat(prompt: Any) -> list[dict[str, str]]:
-    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-
-
-def prompt_rows(rows: list[dict], chat: bool) -> list[dict]:
-    """Prompt rows as TRL's GRPOTrainer takes them: all chat (the tokenizer has a template) or all plain text.
-
-    Without a template TRL tokenizes plain prompts as they are, but a message list has nothing to render it,
-    so such rows are refused (DataError: exit 2), as the DPO stage refuses conversational pairs.
-    """
-    if chat:
-        return [{**r, "prompt": _as_chat(r["prompt"])} for r in rows]
-    if any(isinstance(r["prompt"], list) for r in rows):
-        raise DataError("conversational prompts need a tokenizer with a chat template; this one has none")
-    return rows
-
-
-def prompt_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
-    """Checked prompt rows of every source as one `datasets.Dataset`, plus per-source stats.
-
-    Rows are normalised by `prompt_rows` before the Dataset is built, since one Arrow column cannot hold both
-    strings and message lists (a plain source mixed with a conversational one).
-    """
-    rows, stats = load_sources(sources, "prompt", log)
-    return rows_dataset(prompt_rows(rows, chat)), stats
-
-
-def epoch_sampler(**repeat_sampler_kwargs: Any):
-    """TRL's RepeatSampler whose order in epoch k is a function of (seed, k) only, so a resumed run repeats it.
-
-    TRL 1.16's RepeatSampler seeds its generator once and draws a permutation on every `__iter__`, so epoch k's
-    order depends on how many epochs the same object produced; a resumed trainer builds a fresh sampler and gave
-    epoch 2 epoch 1's order. Checked first: transformers' Trainer calls `set_epoch(epoch)` on the train
-    dataloader before every epoch, the resumed one included, and accelerate's DataLoaderShard forwards it to the
-    sampler (also through skip_first_batches' SkipBatchSampler), so reseeding there is enough. Like torch's
-    DistributedSampler we seed with seed + epoch, which keeps epoch 0 (every one-epoch run) as TRL orders it.
-    """
-    from trl.trainer.utils import RepeatSampler
-
-    class _EpochSampler(RepeatSampler):
-        epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            if self.shuffle and self.seed is not None:  # reseed in place: accelerate may hold this generator
-                self.generator.manual_seed(self.seed + self.epoch)
-            return super().__iter__()
-
-    return _EpochSampler(**repeat_sampler_kwargs)
-
-
-def _trainer_class():
-    """GRPOTrainer with `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
-    from trl import GRPOTrainer
-
-    class _GRPOTrainer(GRPOTrainer):
-        def _get_train_sampler(self, dataset=None):
-            # TRL's sampler first, so its batch arithmetic (prompts per generation batch, repeats per
-            # num_iterations x steps_per_generation) stays TRL's; only the class changes.
-            s = super()._get_train_sampler(dataset)
-            return epoch_sampler(data_source=s.data_source, mini_repeat_count=s.mini_repeat_count,
-                                 batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
-                                 seed=s.seed)
-
-    return _GRPOTrainer
-
-
-def reward_errors_callback(stats: RewardStats):
-    """A TrainerCallback that adds the reward error counts to each log record (before metrics_callback)."""
-    from transformers import TrainerCallback
-
-    class _RewardErrors(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs is not None:
-                logs.update(stats.as_metrics())  # the same dict reaches the callbacks after this one
-
-    return _RewardErrors()
-
-
 @stage("grpo", GRPOStageConfig)
 def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     """GRPO with verifiable rewards on TRL's GRPOTrainer (full, LoRA, or HFT-selected parameters)."""
@@ -192,82 +101,16 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
-    from posttrain.distributed import agree, is_main
-
-    backend = resolve_backend(cfg.rollout)
-    serve = backend == "vllm_server" and not cfg.rollout.url
-    env = server_env(cfg.rollout.gpus) if serve else None  # a bad gpus index fails on every rank, before loading
-    # The main process's ports on every rank; it alone starts the server and talks to it (TRL's server mode).
-    port, group_port = agree(((cfg.rollout.port or free_port()) if serve else None,
-                              (cfg.rollout.group_port or free_port("")) if backend == "vllm_server" else None))
-    base_url = f"http://127.0.0.1:{port}" if serve else cfg.rollout.url
-    start_server = serve and is_main()
-    args = trl_args(
-        GRPOConfig, cfg, ctx,
-        num_generations=cfg.num_generations,
-        beta=cfg.beta,
-        loss_type=cfg.loss_type,
-        epsilon=cfg.epsilon,
-        max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        reward_weights=weights,
-        trust_remote_code=cfg.trust_remote_code,
-        **grpo_rollout_args(cfg.rollout, backend, base_url, group_port),
+    backend, rollout_args, session = rollout_session(cfg, ctx)
+    names = [f.__name__ for f in reward_funcs]
+    result = run_trl_stage(
+        cfg, ctx, (GRPOConfig, trainer_class()), dataset, data_stats, tokenizer,
+        args=dict(num_generations=cfg.num_generations, beta=cfg.beta, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+                  max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                  reward_weights=weights, trust_remote_code=cfg.trust_remote_code, **rollout_args),
+        trainer_kwargs={"reward_funcs": reward_funcs}, callbacks=[reward_errors_callback(stats)],
+        log={"rollout": backend, "rewards": names}, session=session,
     )
-    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    model, peft_config, trainable = select_parameters(model, cfg, ctx)
-    ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"],
-                     "rollout": backend, "rewards": [f.__name__ for f in reward_funcs]})
-    callbacks = [reward_errors_callback(stats), metrics_callback(ctx)]
-    with contextlib.ExitStack() as stack:
-        if start_server:
-            server = stack.enter_context(VLLMServer(
-                vllm_serve_command(ctx.input_model, cfg.rollout, port, cfg.trust_remote_code), port,
-                ctx.work_dir / "vllm_server.log", env=env,
-                health_timeout_s=cfg.rollout.health_timeout_s, log=ctx.log))
-            callbacks.append(server_callback(server))
-            ctx.log_metrics({"event": "rollout_server", "pid": server.pid, "url": server.base_url,
-                             "log": str(server.log_path)})
-        trainer = _trainer_class()(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-        metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
-    metrics.update(stats.as_metrics())
-    metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
-    metrics["rewards/failed_every_call"] = failed_rewards(stats, [f.__name__ for f in reward_funcs], ctx.log)
-    return StageResult(ctx.work_dir / "model", metrics)
-
-
-def failed_rewards(stats: RewardStats, names: list[str], log) -> list[str]:
-    """The rewards (of ``names``, in order) that failed on every completion of the run, each warned about;
-    raise RewardsFailed when that is all of them.
-
-    Why fail only then: a reward error scores 0 so that one bad batch does not cost a run, and a reward that
-    never scored gave the policy no signal, but the others still trained it as configured minus that term:
-    the model is a result (named as incomplete in DONE's metrics and the log). With no reward left, every
-    group's rewards were equal, every advantage 0, and the run trained on nothing (beta > 0 only pulled it
-    to its input). Reporting that as done would be a lie, and later stages would build on it. The stage
-    fails before DONE: its work folder keeps the model and metrics.jsonl, a rerun with the same config
-    trains again, and fixing the reward file changes the stage's inputs, so the rerun starts afresh.
-
-    Each process counts its own calls (TRL scores each rank's completions where they were generated), so
-    the main process's view is taken by every rank: they fail together or not at all (none waits forever).
-    """
-    from posttrain.distributed import agree
-
-    failed = agree(stats.failed_every_call())
-    for name in (n for n in names if n in failed):
-        kinds = ", ".join(f"{k}: {n}" for k, n in failed[name].items())
-        log(f"warning: reward {name!r} failed on every completion of this run ({kinds}); it scored none, so it "
-            f"gave the training no signal")
-    if names and all(n in failed for n in names):
-        raise RewardsFailed(
-            f"every reward failed on every completion ({', '.join(map(repr, names))}): the run trained on no "
-            f"reward signal, so the stage is not marked done; fix the reward and rerun")
-    return [n for n in names if n in failed]
+    result.metrics.update(stats.as_metrics())
+    result.metrics["rewards/failed_every_call"] = failed_rewards(stats, names, ctx.log)
+    return result

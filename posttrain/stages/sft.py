@@ -13,16 +13,10 @@ from pydantic import Field
 
 from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_dataset_rows
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
-from posttrain.stages.common import (
-    TrainableStage,
-    TrainerConfig,
-    metrics_callback,
-    select_parameters,
-    train_and_save,
-    trl_args,
-)
+from posttrain.stages.common import TrainableStage, TrainerConfig
+from posttrain.stages.trl_run import run_trl_stage
 
 
 def _trl_trainer() -> TrainerConfig:
@@ -30,7 +24,6 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class SFTStageConfig(TrainableStage):
-    kind: str = Field("sft", pattern="^sft$")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="arithmetic")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
@@ -75,19 +68,5 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         dataset = mask_conversations(tokenizer, dataset, source_row_names(data_stats))
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
 
-    args = trl_args(SFTConfig, cfg, ctx, assistant_only_loss=assistant_only and not own_masks, packing=False,
-                    dataset_num_proc=None)
-    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    model, peft_config, trainable = select_parameters(model, cfg, ctx)
-    ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"]})
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[metrics_callback(ctx)],
-    )
-    metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
-    metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
-    return StageResult(ctx.work_dir / "model", metrics)
+    return run_trl_stage(cfg, ctx, (SFTConfig, SFTTrainer), dataset, data_stats, tokenizer, args=dict(
+        assistant_only_loss=assistant_only and not own_masks, packing=False, dataset_num_proc=None))

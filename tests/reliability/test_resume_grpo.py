@@ -2,7 +2,7 @@
 command: the final weights are bit-identical to an uninterrupted run (README: bit-identical resume).
 
 Before the fix, TRL's RepeatSampler drew each epoch's order from one generator seeded once, so a resumed
-trainer (a fresh sampler) gave its first epoch's order to epoch 2 (posttrain/stages/grpo.py, _EpochSampler).
+trainer (a fresh sampler) gave its first epoch's order to epoch 2 (posttrain/stages/grpo_support.py, _EpochSampler).
 """
 from tests.conftest import run_cli
 from tests.reliability.conftest import weights_sha

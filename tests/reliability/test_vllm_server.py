@@ -200,7 +200,8 @@ def _running_with(text: str) -> list[int]:
 
 @pytest.mark.timeout(120)
 def test_grpo_stage_fails_within_the_health_timeout_with_log_tail(world, tmp_path, capsys, monkeypatch):
-    import posttrain.stages.grpo as grpo
+    import posttrain.stages.grpo_support as grpo
+    import posttrain.stages.trl_run as trl_run
 
     script = tmp_path / "standin.py"
     script.write_text(STANDIN)
@@ -215,8 +216,8 @@ def test_grpo_stage_fails_within_the_health_timeout_with_log_tail(world, tmp_pat
         trl_kwargs.update(kw)
         return trl_args(config_cls, cfg, ctx, **kw)
 
-    trl_args = grpo.trl_args
-    monkeypatch.setattr(grpo, "trl_args", spy_trl_args)
+    trl_args = trl_run.trl_args
+    monkeypatch.setattr(trl_run, "trl_args", spy_trl_args)
     run_dir = tmp_path / "run"
     start = time.monotonic()
     code, err = cli_here(capsys, "stage", "grpo", "--run-dir", str(run_dir), "--set", "eval.enabled=false",

@@ -1,0 +1,89 @@
+"""Kahneman-Tversky Optimization on TRL's KTOTrainer, full or LoRA, with `trainable:` (HFT) applied.
+
+KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306)
+learns from single completions labelled desirable or undesirable instead of pairs. With r = log pi(y|x) -
+log ref(y|x) and z0 a batch estimate of KL(pi || ref) (the prompts paired with other rows' completions), a
+desirable y costs 1 - sigmoid(beta * (r - z0)) and an undesirable one 1 - sigmoid(beta * (z0 - r)), weighted
+by `desirable_weight` / `undesirable_weight`. TRL owns that loss (`loss_type`: `kto`, or APO's
+`apo_zero_unpaired`). How this stage fills the gaps around it:
+
+* **Rows are preference pairs** (the world's `style` by default: chosen opens with "Certainly!"), unpaired
+  into TRL's {prompt, completion, label} rows: chosen -> desirable, rejected -> undesirable (`unpaired_rows`).
+  Plain strings become chat when the tokenizer has a chat template, as in DPO (posttrain/stages/preference.py).
+* **Reference = the stage's input model**, as in DPO: a frozen copy, or with LoRA the adapter-disabled model.
+
+Defaults are TRL 1.16's KTOConfig values for real models (AdamW, lr 1e-6, beta 0.1, weights 1.0); the world's
+tuned values are stated in configs/stages/kto.yaml.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.data import DataSource
+from posttrain.models import load_tokenizer
+from posttrain.stages.base import StageContext, StageResult, stage
+from posttrain.stages.common import TrainableStage, TrainerConfig
+from posttrain.stages.preference import preference_rows
+from posttrain.stages.trl_run import run_trl_stage
+
+
+def _trl_trainer() -> TrainerConfig:
+    return TrainerConfig(learning_rate=1e-6)  # TRL 1.16's KTOConfig; max_length 1024 is TrainerConfig's (TRL's too)
+
+
+class KTOStageConfig(TrainableStage):
+    """KTO (or TRL's unpaired APO-zero) on desirable and undesirable completions."""
+
+    data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
+    trainer: TrainerConfig = Field(default_factory=_trl_trainer)
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the desirable rows' losses")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable rows' losses")
+
+    @model_validator(mode="after")
+    def _kl_needs_neighbours(self) -> "KTOStageConfig":
+        # TRL raises this only after the model has loaded: the KL estimate pairs each prompt with another row's
+        # completion of the same device batch, so a batch of one has none.
+        if self.loss_type == "kto" and self.trainer.per_device_train_batch_size < 2:
+            raise ValueError("loss_type kto estimates its KL term within a batch: "
+                             "trainer.per_device_train_batch_size must be at least 2")
+        return self
+
+    def data_sources(self) -> list[tuple[DataSource, str]]:
+        return [(src, "preference") for src in self.data]
+
+
+def unpaired_rows(pairs: list[dict]) -> list[dict]:
+    """Prompt/chosen/rejected pairs as KTO rows {prompt, completion, label}, two per pair, in training order.
+
+    TRL reads KTO rows in order (`train_sampling_strategy: sequential`) and estimates the KL term by giving
+    each row of a batch its predecessor's completion. So the rows alternate labels (every batch holds both)
+    and no row follows the other half of its own pair (that completion would be a match, not a mismatch):
+    first pair i's chosen for even i and rejected for odd i, then the other half of every pair.
+    """
+    def half(flip: bool) -> list[dict]:
+        return [{"prompt": p["prompt"], "completion": p["chosen" if (i % 2 == 0) != flip else "rejected"],
+                 "label": (i % 2 == 0) != flip} for i, p in enumerate(pairs)]
+
+    return half(False) + half(True)
+
+
+@stage("kto", KTOStageConfig)
+def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
+    """Kahneman-Tversky Optimization with TRL's KTOTrainer (full, LoRA, or HFT-selected parameters)."""
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
+    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    from trl import KTOConfig, KTOTrainer  # after the data check: importing TRL takes seconds
+
+    return run_trl_stage(
+        cfg, ctx, (KTOConfig, KTOTrainer), Dataset.from_list(unpaired_rows(pairs)), data_stats, tokenizer,
+        reference=True,
+        args=dict(loss_type=cfg.loss_type, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                  undesirable_weight=cfg.undesirable_weight, trust_remote_code=cfg.trust_remote_code,
+                  dataset_num_proc=None),
+    )
