@@ -14,10 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import yaml
 from pydantic import Field
 
-from posttrain.config import ConfigError, EvalConfig, Strict, read_yaml, validated
+from evals.config import EvalConfig
+from posttrain import rollout
+from posttrain import world as _world  # through the module: tests replace world_dir
+from posttrain.models import fit_cpu_threads, folder_params
+from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
+from posttrain.schema import ConfigError, Strict, read_yaml, validated
 
 HERE = Path(__file__).resolve().parent
 WORLD_TASKS_DIR = HERE / "tasks" / "world"
@@ -36,7 +42,6 @@ def load_suite(name_or_path: str) -> Suite:
     if not path.is_file():
         path = SUITES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        from posttrain.registry import did_you_mean
 
         known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
         raise ConfigError(f"eval.suite: unknown suite {name_or_path!r}{did_you_mean(name_or_path, known)}; known: {', '.join(known)}")
@@ -49,11 +54,10 @@ def render_world_tasks(log: Callable[[str], None] = print, split: str = "test") 
     `split="dev"` renders the same tasks scoring the dev split (for coefficient searches), so that choosing
     coefficients never looks at the test split the report shows.
     """
-    from posttrain.world import world_dir
 
     if split not in ("test", "dev"):
         raise ConfigError(f"eval split must be 'test' or 'dev', got {split!r}")
-    world = world_dir(log)
+    world = _world.world_dir(log)
     out = world / ("lm_eval_tasks" if split == "test" else f"lm_eval_tasks_{split}")
     out.mkdir(exist_ok=True)
     hashes = {}
@@ -70,9 +74,8 @@ def _task_hash(src: Path, split: str) -> str:
     """A world task's identity: its YAML as rendered into a folder named by the world's version, not by this
     machine's cache path, so a run dir copied elsewhere still compares (the world's data is a function of its
     version)."""
-    from posttrain.world import VERSION
 
-    return sha256_json(_rendered_task(src, Path(f"world-{VERSION}"), split))
+    return sha256_json(_rendered_task(src, Path(f"world-{_world.VERSION}"), split))
 
 
 def _rendered_task(src: Path, world: Path, split: str) -> str:
@@ -252,11 +255,9 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
                  trust_remote_code: bool = False) -> dict[str, Any]:
     import lm_eval
 
-    from posttrain.models import fit_cpu_threads, folder_params
 
     backend = _backend(settings.backend)
     if backend == "vllm":
-        from posttrain import rollout
 
         if not rollout.vllm_installed():
             raise ConfigError(f"eval.backend: vllm is not installed; {rollout.GPU_INSTALL}")
@@ -418,7 +419,6 @@ def _unknown_task(task: str, spec: Suite) -> str | None:
     groups = [t for t in spec.tasks if not _world_task(t)]
     if any(task.startswith(f"{g}_") for g in groups):
         return None
-    from posttrain.registry import did_you_mean
 
     return (f"no task {task!r} in suite {spec.name!r}{did_you_mean(task, spec.tasks)}; "
             f"its tasks: {', '.join(spec.tasks)}")
@@ -431,14 +431,12 @@ def _unknown_gate_key(name: str, spec: Suite) -> str | None:
     keys = _world_task_keys(task) if metric and not problem else None
     if problem or keys is None or name in keys:
         return problem
-    from posttrain.registry import did_you_mean
 
     return f"task {task!r} has no metric {metric!r}{did_you_mean(name, keys)}; its keys: {', '.join(keys)}"
 
 
 def _world_task_keys(task: str) -> list[str] | None:
     """The score keys a world task reports (as `scores_from_results` names them); None when unknown here."""
-    import yaml
 
     path = _world_task(task)
     if path is None:

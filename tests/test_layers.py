@@ -19,6 +19,8 @@ PACKAGES = ("posttrain", "evals")
 LAYERS: dict[str, int] = {
     # L0 primitives
     "posttrain.registry": 0,
+    "posttrain.schema": 0,
+    "posttrain.ranks": 0,
     "posttrain.yaml_caps": 0,
     "posttrain.rundir": 0,
     "posttrain.rundir_check": 0,
@@ -44,10 +46,13 @@ LAYERS: dict[str, int] = {
     "posttrain.rewards.imports": 1,
     "posttrain.rewards.namespace": 1,
     "posttrain.rewards.sandbox": 1,
-    "posttrain.merge_methods": 1,
-    "posttrain.merge_stream": 1,
-    "posttrain.merge_search": 1,
-    "posttrain.compat": 1,
+    "posttrain.rewards.stats": 1,
+    "posttrain.merging": 1,
+    "posttrain.merging.compat": 1,
+    "posttrain.merging.methods": 1,
+    "posttrain.merging.ops": 1,
+    "posttrain.merging.search": 1,
+    "posttrain.merging.stream": 1,
     "posttrain.world": 1,
     "posttrain.world.build": 1,
     "posttrain.world.tasks": 1,
@@ -55,6 +60,7 @@ LAYERS: dict[str, int] = {
     "posttrain.world.v2": 1,
     # L2 evals
     "evals": 2,
+    "evals.config": 2,
     "evals.forgetting": 2,
     "evals.plot": 2,
     "evals.report": 2,
@@ -69,6 +75,7 @@ LAYERS: dict[str, int] = {
     "posttrain.stages.sft": 3,
     "posttrain.stages.dpo": 3,
     "posttrain.stages.grpo": 3,
+    "posttrain.stages.combine": 3,
     "posttrain.stages.merge": 3,
     "posttrain.stages.transfer": 3,
     # L4 orchestration
@@ -87,99 +94,6 @@ LAYERS: dict[str, int] = {
 # do not pay for them.
 HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "lm_eval", "matplotlib", "datasets", "accelerate",
          "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm"}
-
-# Violations still to fix, as "module -> target: why"; each step of issue 19 shortens this list, and a fixed
-# one must leave it (the test fails on an entry that no longer happens).
-KNOWN: set[str] = {
-    "evals.run_report -> evals.forgetting: function-local project import",
-    "evals.run_report -> evals.report: function-local project import",
-    "evals.run_report -> posttrain.config: L2 imports L4",
-    "evals.run_report -> posttrain.pipeline: L2 imports L4",
-    "evals.run_report -> posttrain.pipeline: function-local project import",
-    "evals.run_report -> posttrain.registry: function-local project import",
-    "evals.run_report -> posttrain.stages: L2 imports L3",
-    "evals.run_report -> posttrain.stages: function-local project import",
-    "evals.run_report -> posttrain.world.tasks: function-local project import",
-    "evals.runner -> posttrain.config: L2 imports L4",
-    "evals.runner -> posttrain.models: function-local project import",
-    "evals.runner -> posttrain.registry: function-local project import",
-    "evals.runner -> posttrain.rollout: function-local project import",
-    "evals.runner -> posttrain.world: function-local project import",
-    "evals.runner -> yaml: function-local import of a light library",
-    "posttrain.cli -> evals.report: function-local project import",
-    "posttrain.cli -> evals.run_report: function-local project import",
-    "posttrain.cli -> evals.runner: function-local project import",
-    "posttrain.cli -> posttrain.config: function-local project import",
-    "posttrain.cli -> posttrain.data: function-local project import",
-    "posttrain.cli -> posttrain.distributed: function-local project import",
-    "posttrain.cli -> posttrain.model_files: function-local project import",
-    "posttrain.cli -> posttrain.models: function-local project import",
-    "posttrain.cli -> posttrain.pipeline: function-local project import",
-    "posttrain.cli -> posttrain.progress: function-local project import",
-    "posttrain.cli -> posttrain.registry: function-local project import",
-    "posttrain.cli -> posttrain.rewards.builtin: function-local project import",
-    "posttrain.cli -> posttrain.rollout: function-local project import",
-    "posttrain.cli -> posttrain.rundir: function-local project import",
-    "posttrain.cli -> posttrain.rundir_check: function-local project import",
-    "posttrain.cli -> posttrain.stages: function-local project import",
-    "posttrain.cli -> pydantic: function-local import of a light library",
-    "posttrain.config -> posttrain.data: function-local project import",
-    "posttrain.config -> posttrain.stages: function-local project import",
-    "posttrain.config_refs -> posttrain.config: L1 imports L4",
-    "posttrain.config_refs -> posttrain.config: function-local project import",
-    "posttrain.config_refs -> posttrain.models: function-local project import",
-    "posttrain.data -> posttrain.config: L1 imports L4",
-    "posttrain.data -> posttrain.registry: function-local project import",
-    "posttrain.data -> posttrain.world.tasks: function-local project import",
-    "posttrain.data -> posttrain.world: function-local project import",
-    "posttrain.distributed -> posttrain.config: function-local project import",
-    "posttrain.distributed -> posttrain.rollout: function-local project import",
-    "posttrain.distributed -> posttrain.stages.common: function-local project import",
-    "posttrain.distributed -> yaml: function-local import of a light library",
-    "posttrain.hft -> posttrain.config: L1 imports L4",
-    "posttrain.hft_layouts -> posttrain.config: L1 imports L4",
-    "posttrain.merge_search -> evals.runner: L1 imports L2",
-    "posttrain.merge_search -> evals.runner: function-local project import",
-    "posttrain.merge_search -> posttrain.config: L1 imports L4",
-    "posttrain.merge_stream -> posttrain.stages.merge: L1 imports L3",
-    "posttrain.model_check -> posttrain.models: function-local project import",
-    "posttrain.model_check -> posttrain.tensors: function-local project import",
-    "posttrain.model_check -> posttrain.world: function-local project import",
-    "posttrain.models -> posttrain.tensors: function-local project import",
-    "posttrain.models -> posttrain.world.trained: L1 imports L4",
-    "posttrain.models -> posttrain.world: function-local project import",
-    "posttrain.pipeline -> evals.report: function-local project import",
-    "posttrain.pipeline -> evals.run_report: function-local project import",
-    "posttrain.pipeline -> evals.runner: function-local project import",
-    "posttrain.pipeline -> posttrain.world.tasks: function-local project import",
-    "posttrain.pipeline -> posttrain.world: function-local project import",
-    "posttrain.rollout -> posttrain.config: L1 imports L4",
-    "posttrain.stages.base -> posttrain.config: L3 imports L4",
-    "posttrain.stages.common -> posttrain.config: L3 imports L4",
-    "posttrain.stages.common -> posttrain.distributed: L3 imports L4",
-    "posttrain.stages.common -> posttrain.distributed: function-local project import",
-    "posttrain.stages.common -> posttrain.models: function-local project import",
-    "posttrain.stages.grpo -> posttrain.distributed: L3 imports L4",
-    "posttrain.stages.grpo -> posttrain.distributed: function-local project import",
-    "posttrain.stages.merge -> posttrain.config: L3 imports L4",
-    "posttrain.stages.selection -> posttrain.config: L3 imports L4",
-    "posttrain.stages.selection -> posttrain.distributed: L3 imports L4",
-    "posttrain.stages.selection -> posttrain.distributed: function-local project import",
-    "posttrain.stages.transfer -> posttrain.config: L3 imports L4",
-    "posttrain.world -> posttrain.registry: function-local project import",
-    "posttrain.world -> posttrain.world.build: function-local project import",
-    "posttrain.world -> posttrain.world.tasks: function-local project import",
-    "posttrain.world.trained -> posttrain.config: function-local project import",
-    "posttrain.world.trained -> posttrain.pipeline: function-local project import",
-    "posttrain.world.trained -> posttrain.rundir: function-local project import",
-    "posttrain.world.trained -> posttrain.world: function-local project import",
-    "posttrain.world.v2 -> posttrain.world.build: function-local project import",
-    "posttrain.world.v2 -> posttrain.world.tasks: function-local project import",
-    "posttrain.world.v2 -> posttrain.world: function-local project import",
-    "cycle: posttrain.rewards posttrain.rewards.builtin",
-    "cycle: evals.run_report evals.runner posttrain.chat_mask posttrain.config posttrain.config_refs posttrain.data posttrain.distributed posttrain.hft posttrain.hft_layouts posttrain.merge_methods posttrain.merge_search posttrain.merge_stream posttrain.model_check posttrain.models posttrain.pipeline posttrain.rollout posttrain.stages posttrain.stages.base posttrain.stages.common posttrain.stages.dpo posttrain.stages.grpo posttrain.stages.merge posttrain.stages.selection posttrain.stages.sft posttrain.stages.transfer posttrain.world.trained posttrain.world.v2",
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
@@ -298,19 +212,12 @@ def test_every_module_has_a_layer():
 
 def test_imports_run_down_the_layers():
     _, problems = _graph()
-    new = sorted(f"{p} ({where})" for p, where in problems.items() if p not in KNOWN)
-    assert new == [], "\n".join(new)
-    fixed = sorted(k for k in KNOWN if not k.startswith("cycle:") and k not in problems)
-    assert fixed == [], "fixed, so remove from KNOWN:\n" + "\n".join(fixed)
+    assert sorted(f"{p} ({where})" for p, where in problems.items()) == []
 
 
 def test_no_import_cycle():
     graph, _ = _graph()
-    cycles = ["cycle: " + " ".join(c) for c in _cycles(graph)]
-    new = sorted(c for c in cycles if c not in KNOWN)
-    assert new == [], "\n".join(new)
-    fixed = sorted(k for k in KNOWN if k.startswith("cycle:") and k not in cycles)
-    assert fixed == [], "fixed, so remove from KNOWN:\n" + "\n".join(fixed)
+    assert _cycles(graph) == []
 
 
 def test_the_checker_sees_a_function_local_import_and_a_cycle(tmp_path):

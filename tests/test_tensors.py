@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from posttrain.compat import check_compatible
+from posttrain.merging.compat import check_compatible
 from posttrain.tensors import (
     INDEX_FILE,
     SINGLE_FILE,

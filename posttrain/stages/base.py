@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from posttrain.config import NAME_PATTERN, Strict
+from posttrain.schema import NAME_PATTERN, Strict
 from posttrain.registry import STAGES
 
 

@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.models import load_model, load_tokenizer
+from posttrain.ranks import agree, is_main
 from posttrain.rewards import RewardsFailed, RewardSpec, RewardStats, build_reward_funcs, reward_file
 from posttrain.rollout import (
     RolloutConfig,
@@ -192,8 +193,6 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
-    from posttrain.distributed import agree, is_main
-
     backend = resolve_backend(cfg.rollout)
     serve = backend == "vllm_server" and not cfg.rollout.url
     env = server_env(cfg.rollout.gpus) if serve else None  # a bad gpus index fails on every rank, before loading
@@ -259,8 +258,6 @@ def failed_rewards(stats: RewardStats, names: list[str], log) -> list[str]:
     Each process counts its own calls (TRL scores each rank's completions where they were generated), so
     the main process's view is taken by every rank: they fail together or not at all (none waits forever).
     """
-    from posttrain.distributed import agree
-
     failed = agree(stats.failed_every_call())
     for name in (n for n in names if n in failed):
         kinds = ", ".join(f"{k}: {n}" for k, n in failed[name].items())

@@ -12,7 +12,10 @@ import fcntl
 from pathlib import Path
 from typing import Callable
 
-from posttrain.models import WORLD_MODELS
+from posttrain import pipeline, world  # through the modules: tests replace run_pipeline and world_dir
+from posttrain.config import load_pipeline
+from posttrain.registry import WORLD_MODELS
+from posttrain.rundir import sha256_json
 from posttrain.world.tuning import world_trainer
 
 # name -> one stage's config (a dict as in a pipeline YAML). Eval is off: these are inputs, not results. Each
@@ -28,38 +31,31 @@ RECIPES: dict[str, dict] = {
 
 
 def _pipeline(name: str, recipe: dict):
-    from posttrain.config import load_pipeline
-
     return load_pipeline(None, data={"name": name, "eval": {"enabled": False},
                                      "stages": [{**recipe, "name": name}]})
 
 
 def cache_key(name: str, recipe: dict | None = None) -> str:
     """`<name>-<8 hex>`: the cache folder of RECIPES[name] (or of `recipe`), keyed by its resolved config."""
-    from posttrain.rundir import sha256_json
-
     stage = _pipeline(name, RECIPES[name] if recipe is None else recipe).stages[0]
     return f"{name}-{sha256_json(stage.model_dump(mode='json'))[:8]}"
 
 
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     """Run RECIPES[name] once into the cache and return its model folder."""
-    from posttrain.pipeline import run_pipeline
-    from posttrain.world import refuse_build, world_dir
-
-    root = world_dir(log) / "models"
+    root = world.world_dir(log) / "models"
     key = cache_key(name)
     run = root / key
     model = run / "stages" / f"01_{name}" / "model"
     if (run / "READY").is_file():
         return model
-    refuse_build(key)
+    world.refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (run / "READY").is_file():
             log(f"world: training {name} once (cached in {run})")
-            run_pipeline(_pipeline(name, RECIPES[name]), run, log)
+            pipeline.run_pipeline(_pipeline(name, RECIPES[name]), run, log)
             (run / "READY").write_text("ok\n")
     return model
 
