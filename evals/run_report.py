@@ -91,9 +91,7 @@ def _hft_sections(run_dir: Path) -> list[str]:
     """One markdown line per stage that wrote a trainable.json: what it trained (HFT / patterns / LoRA).
 
     A LoRA stage's file has a "lora" entry (posttrain.stages.common.select_parameters): its "trained" counts
-    adapter elements and its base weights are all frozen. A LoRA stage of a run made before that has
-    "lora_target_modules" instead, and counts of the `trainable:` selection that did not train, so only its
-    targets are shown. Other files (every non-LoRA stage) read as they always did.
+    adapter elements and its base weights are all frozen. Files of older runs: docs/notes/run_formats.md.
     """
     lines = []
     for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
@@ -234,7 +232,7 @@ def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, ru
     compare with evals made now: settings that differ from `expected` (`settings_differences`), or a stage
     built from an earlier version of a parent: its DONE is older than the parent's (a parent that reran
     always makes its children rerun, so such a child is stale until the next run retrains it), or its parent
-    is such a stage. A record without `parents` (an older run) descends from the stage row before it."""
+    is such a stage. A record without `parents` (docs/notes/run_formats.md) descends from the row before it."""
     out, stale, previous = [], set(), "base"
     dirs = {r["name"]: run_dir / "stages" / r["folder"] for r in records if not r.get("reference")}
     for record, key in zip(records, keys):

@@ -337,7 +337,7 @@ def test_merge_peak_memory_stays_near_a_few_slices(tmp_path):
     import subprocess
     import sys
 
-    from posttrain.tensors import ShardedWriter
+    from posttrain.tensor_writer import ShardedWriter
 
     numel, count = 6 * 2**20, 4  # float32: 24 MiB per tensor, over merge_stream.CACHE_BYTES for 3 inputs
     g = torch.Generator().manual_seed(0)

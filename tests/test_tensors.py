@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 
 from posttrain.merging.compat import check_compatible
+from posttrain.tensor_writer import ShardedWriter
 from posttrain.tensors import (
     INDEX_FILE,
     SINGLE_FILE,
     MergeMismatch,
     PickleRefused,
     ShardedReader,
-    ShardedWriter,
     sha256_file,
 )
 

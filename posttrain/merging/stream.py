@@ -36,7 +36,8 @@ from torch import Tensor
 from posttrain.merging.compat import coefficients_for
 from posttrain.merging.ops import SLICES, TRIM, Scratch, count_of, kth_largest, work_dtype
 from posttrain.merging.search import Coefficients
-from posttrain.tensors import INDEX_FILE, ShardedReader, ShardedWriter
+from posttrain.tensor_writer import ShardedWriter
+from posttrain.tensors import INDEX_FILE, ShardedReader
 
 __all__ = ["SLICE", "MergePlan", "model_generators", "write_merge", "write_tensor", "trim_thresholds", "with_progress",
            "copy_base_files"]

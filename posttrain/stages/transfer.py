@@ -53,7 +53,8 @@ from posttrain.models import ModelError
 from posttrain.schema import ConfigError
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
 from posttrain.stages.combine import check_block_name, check_blocks, input_model_folder, search_coefficients
-from posttrain.tensors import MergeMismatch, ShardedReader, ShardedWriter
+from posttrain.tensor_writer import ShardedWriter
+from posttrain.tensors import MergeMismatch, ShardedReader
 
 
 class TransferRefused(MergeMismatch, ModelError):
