@@ -445,3 +445,20 @@ def test_slerp_of_nearly_parallel_tensors_is_linear_and_it_takes_one_model():
         slerp(a, [b, b], [1.0, 1.0], t=0.5)
     with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):
         slerp(a, [b], [1.0], t=1.5)
+
+
+def test_readme_lists_every_merge_method_with_its_parameters():
+    """README's merge-method table names each registered method and its keyword parameters (a new method
+    without a row, or a renamed parameter, fails here)."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", readme, re.M))
+    stage_set = {"generator", "dtype", "scratch", "thresholds"}
+    for name in MERGE_METHODS.names():
+        params = [p for p, v in inspect.signature(MERGE_METHODS.get(name)).parameters.items()
+                  if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in stage_set]
+        assert name in rows, f"README has no row for merge method {name!r}"
+        assert re.findall(r"`(\w+)`", rows[name]) == params, (name, rows[name])
