@@ -123,6 +123,23 @@ def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypat
         assert torch.equal(got[name].view(torch.uint8), whole.to(tb[name].dtype).view(torch.uint8)), name
 
 
+def test_slerp_gets_whole_tensors_and_interpolates_base_and_one_model(merge_trio, tmp_path, monkeypatch):
+    """SLERP declares WHOLE streaming (its angle is over the whole tensor): with 96-element slices it still gets
+    each tensor at once, so the stage writes slerp(base, model) of every tensor; two models are refused at load."""
+    from posttrain.merging import stream
+    from posttrain.merging.methods import slerp
+
+    monkeypatch.setattr(stream, "SLICE", 96)
+    base, a, b = merge_trio
+    out = merge(make_ctx(tmp_path), method="slerp", base=str(base), models=models_((a, 1.0)), params={"t": 0.3})
+    got, tb, ta = load_tensors(out), load_tensors(base), load_tensors(a)
+    assert sorted(got) == sorted(tb)
+    for name in sorted(tb):
+        assert torch.equal(got[name], slerp(tb[name], [ta[name]], [1.0], t=0.3).to(tb[name].dtype)), name
+    with pytest.raises(ConfigError, match="slerp interpolates the base and one model; got 2 models"):
+        stage_pipeline("merge", None, ["method=slerp", "params={t: 0.5}"])
+
+
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
 @pytest.mark.parametrize("window", [-1.0, float("inf")], ids=["kth-above-window", "kth-below-window"])
 def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch, cache_bytes,
