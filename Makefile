@@ -71,7 +71,7 @@ bench: setup
 # The seed claims (issue 11) on the embedded world: runs configs/pipelines/claims/*.yaml into runs/claims/<name>
 # (finished stages are skipped), writes runs/claims/claims.md and README's Claims table.
 claims: setup
-	$(PY) -m posttrain.claims --update-readme $(ARGS)
+	$(PY) -m experiments.claims --update-readme $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,7 +15,7 @@ from benchmarks.common import Figure, bench_env, paired, python, ratio_figure, t
 
 def figure(limit: int, runs: int) -> Figure:
     from evals.runner import load_suite, render_world_tasks
-    from posttrain.config import EvalConfig
+    from evals.config import EvalConfig
     from posttrain.models import resolve_model
 
     quiet = lambda m: None  # noqa: E731

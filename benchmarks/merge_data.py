@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.tensors import ShardedWriter
+from posttrain.tensor_writer import ShardedWriter
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,53 @@
 """The evals of a run: after the base and every stage (`evaluate_into_run`, called by posttrain.pipeline), the
 rows of the forgetting report, and `posttrain report`, which rebuilds it from the eval.json files of a run dir,
 leaving out rows not comparable with the pipeline's eval settings. Evaluating one model: evals.runner.
+
+The pipeline calls down into this module, never the other way: a run is read through `EvaluatedRun` (what a
+run holds for its report), and a stage config through the stage registry, which the caller fills
+(`import posttrain.stages`; the CLI and `posttrain.config` do).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from evals import runner
-from posttrain.config import ConfigError, EvalConfig, read_yaml, validated
-from posttrain.rundir import atomic_write_json
+from evals.config import EvalConfig
+from evals.forgetting import check_gate
+from evals.report import stage_line, write_report
+from posttrain.config_refs import STAGE_REF
+from posttrain.registry import STAGES
+from posttrain.rundir import atomic_write_json, input_folder, is_stage_ref
+from posttrain.schema import ConfigError, read_yaml, validated
+from posttrain.world.tasks import TASKS
+
+
+class EvalGateStop(RuntimeError):
+    """The eval.max_drop gate stopped the run (`on_drop: stop`); one line naming the stage and the task."""
+
+
+class EvaluatedRun(Protocol):
+    """What a run shows its evals: posttrain.pipeline.Pipeline has these."""
+
+    root: Path  # the run dir
+    settings: EvalConfig  # the pipeline's eval block
+    stage_names: list[str]  # every stage of the pipeline, in order
+    base_ref: str | None  # the model the base row evaluates, as the config names it (`base_ref`)
+    records: list[dict]  # the report's rows so far, base first; appended to here
+    parents: dict[str, list[str]]  # stage name -> the rows it is built from
+    log: Callable[[str], None]
+
+
+def base_ref(first: Any) -> str | None:
+    """The model the report's base row evaluates, as the config names it: what the first stage builds on
+    (`builds_on()`: a merge's `base:` rather than its unused `model:`), else its `model:` input (the world base
+    by default; also for a linear merge, whose lineage starts at its first model but whose run is compared with
+    the pipeline's base); None when that names a stage."""
+    ref = first.builds_on() or first.model or "world"
+    return None if STAGE_REF.match(ref) else ref
+
+
 
 
 def _trains_on(stage: Any) -> list[str]:
@@ -19,8 +56,6 @@ def _trains_on(stage: Any) -> list[str]:
         return []
     if stage.trains_on:
         return list(stage.trains_on)
-    from posttrain.world.tasks import TASKS
-
     return [f"world_{d.source}" for d in stage.training_data() if d.source in TASKS]
 
 
@@ -56,9 +91,7 @@ def _hft_sections(run_dir: Path) -> list[str]:
     """One markdown line per stage that wrote a trainable.json: what it trained (HFT / patterns / LoRA).
 
     A LoRA stage's file has a "lora" entry (posttrain.stages.common.select_parameters): its "trained" counts
-    adapter elements and its base weights are all frozen. A LoRA stage of a run made before that has
-    "lora_target_modules" instead, and counts of the `trainable:` selection that did not train, so only its
-    targets are shown. Other files (every non-LoRA stage) read as they always did.
+    adapter elements and its base weights are all frozen. Files of older runs: docs/notes/run_formats.md.
     """
     lines = []
     for path in sorted((run_dir / "stages").glob("[0-9]*/trainable.json")):
@@ -82,21 +115,18 @@ def _hft_sections(run_dir: Path) -> list[str]:
     return ["## Trainable parameters\n\n" + "\n".join(lines) + "\n"] if lines else []
 
 
-def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> dict:
+def evaluate_into_run(pipe: EvaluatedRun, stage: Any, folder: str, model_dir: str) -> dict:
     """Evaluate after a stage (or the base), rewrite the forgetting report, print the stage's gain and
     forgetting (`stage_line`), apply the max_drop gate; returns the report (forgetting.json's dict)."""
-    from evals.report import stage_line, write_report
-    from posttrain.pipeline import base_ref
-
-    out = pipe.rd.stages / folder / "eval.json"
-    result = runner.evaluate_model(model_dir, out=out, settings=pipe.cfg.eval, log=pipe.log)
+    out = pipe.root / "stages" / folder / "eval.json"
+    result = runner.evaluate_model(model_dir, out=out, settings=pipe.settings, log=pipe.log)
     parents = [] if stage is None else list(pipe.parents.get(stage.name, []))
     result = keep_in_eval(out, result, model=model_dir, parents=parents)
     name = "base" if stage is None else stage.name
-    ref = base_ref(pipe.cfg.stages[0]) if stage is None else None
+    ref = pipe.base_ref if stage is None else None
     pipe.records.append(_record(name, folder, model_dir, stage, result, model_ref=ref))
-    report = write_report(pipe.records, pipe.rd.root / "report", extra_sections=_hft_sections(pipe.rd.root),
-                          pending=pending_stages(pipe.records, [s.name for s in pipe.cfg.stages]))
+    report = write_report(pipe.records, pipe.root / "report", extra_sections=_hft_sections(pipe.root),
+                          pending=pending_stages(pipe.records, pipe.stage_names))
     for summ in report["stage_summaries"]:
         if stage is not None and summ["stage"] == stage.name:
             pipe.log(f"[{folder.replace('_', ' ', 1)}] {stage_line(summ)}")
@@ -104,16 +134,13 @@ def evaluate_into_run(pipe: Any, stage: Any, folder: str, model_dir: str) -> dic
     return report
 
 
-def _gate(pipe: Any, stage: Any) -> None:
+def _gate(pipe: EvaluatedRun, stage: Any) -> None:
     """The eval.max_drop gate after a stage: stop the run (`on_drop: stop`) or warn."""
-    from evals.forgetting import check_gate
-    from posttrain.pipeline import PipelineError
-
-    if stage is None or not pipe.cfg.eval.max_drop:
+    if stage is None or not pipe.settings.max_drop:
         return
-    for msg in check_gate(pipe.records, pipe.cfg.eval.max_drop):
-        if pipe.cfg.eval.on_drop == "stop":
-            raise PipelineError(f"eval gate: {msg}")
+    for msg in check_gate(pipe.records, pipe.settings.max_drop):
+        if pipe.settings.on_drop == "stop":
+            raise EvalGateStop(f"eval gate: {msg}")
         pipe.log(f"warning: eval gate: {msg}")
 
 
@@ -133,8 +160,6 @@ def _reference_records(run_dir: Path, stage: Any, shown: set[str]) -> list[tuple
     """The reference rows the pipeline put before `stage`, from `inputs/<ref>/eval.json`, each with the key of
     that eval.json: the same refs in the same order, skipping stage references and models that already have a
     row, as Pipeline._evaluate_inputs."""
-    from posttrain.pipeline import input_folder, is_stage_ref
-
     records = []
     for ref in stage.reference_models():
         path = run_dir / input_folder(ref) / "eval.json"
@@ -159,11 +184,6 @@ def rerender_report(run_dir: Path) -> Path:
     rerun with another `eval.limit`, say), or its stage was built from an earlier version of a parent. When
     that is the base, nothing has a base to compare with: a one-line error says so.
     """
-    import posttrain.stages  # noqa: F401
-    from evals.report import write_report
-    from posttrain.pipeline import base_ref
-    from posttrain.registry import STAGES
-
     pipe_file = run_dir / "pipeline.yaml"
     if not pipe_file.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no pipeline.yaml)")
@@ -211,7 +231,7 @@ def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, ru
     compare with evals made now: settings that differ from `expected` (`settings_differences`), or a stage
     built from an earlier version of a parent: its DONE is older than the parent's (a parent that reran
     always makes its children rerun, so such a child is stale until the next run retrains it), or its parent
-    is such a stage. A record without `parents` (an older run) descends from the stage row before it."""
+    is such a stage. A record without `parents` (docs/notes/run_formats.md) descends from the row before it."""
     out, stale, previous = [], set(), "base"
     dirs = {r["name"]: run_dir / "stages" / r["folder"] for r in records if not r.get("reference")}
     for record, key in zip(records, keys):

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from evals.forgetting import (Stage, average_forgetting, backward_transfer, backward_transfer_note,
-                              changes_vs_parent, deltas_vs_base, deltas_vs_previous, forgetting, forgetting_columns,
+from evals.backward import backward_transfer, backward_transfer_note
+from evals.forgetting import (Stage, average_forgetting, changes_vs_parent, deltas_vs_base, deltas_vs_previous, forgetting, forgetting_columns,
                               forgetting_drops, leaf_rows, max_drop, measured, parent_rows, score_matrix,
                               significant_drops, to_rows)
 

@@ -15,6 +15,24 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from evals import runner  # through the module: tests replace evaluate_model
+from evals.report import terminal_summary
+from evals.run_report import rerender_report
+from evals.checks import check_eval_config
+from posttrain import distributed as dist
+from posttrain.cli_list import list_keys
+from posttrain.config import load_pipeline, stage_pipeline
+from posttrain.data import DataError
+from posttrain.model_files import check_folder_files
+from posttrain.models import ModelError, resolve_model
+from posttrain.pipeline import Pipeline, check_inputs
+from posttrain.progress import VERBOSE_ENV
+from posttrain.registry import RegistryError
+from posttrain.rollout import RolloutServerError
+from posttrain.rundir import RunDir, RunDirLocked, RunDirRefused, open_run_dir
+from posttrain.rundir_check import check_run_dir
+from posttrain.schema import ConfigError, read_yaml
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -23,12 +41,6 @@ def _log(msg: str) -> None:
 
 
 def _bad_input_types() -> tuple[type, ...]:
-    from posttrain.config import ConfigError
-    from posttrain.data import DataError
-    from posttrain.models import ModelError
-    from posttrain.registry import RegistryError
-    from posttrain.rundir import RunDirRefused
-
     return (ConfigError, DataError, ModelError, RegistryError, RunDirRefused)
 
 
@@ -38,16 +50,11 @@ def _default_stage_file(kind: str) -> Path | None:
 
 
 def _pipeline_defaults() -> dict:
-    from posttrain.config import read_yaml
-
     path = REPO_CONFIGS / "default.yaml"
     return read_yaml(path) if path.is_file() else {}
 
 
 def _load(args: argparse.Namespace):
-    import posttrain.stages  # noqa: F401  (registers stage kinds)
-    from posttrain.config import load_pipeline, stage_pipeline
-
     if args.command == "stage":
         path = args.config or _default_stage_file(args.kind)
         return stage_pipeline(args.kind, path, args.set, base=_pipeline_defaults())
@@ -59,10 +66,6 @@ _INPUTS_CHECKED = "POSTTRAIN_INPUTS_CHECKED"
 
 
 def _run(args: argparse.Namespace) -> int:
-    from posttrain import distributed as dist
-    from posttrain.pipeline import Pipeline
-    from posttrain.rundir import RunDirLocked, open_run_dir
-
     with dist.planned_launch(args.launcher, args.num_processes, args.accelerate_config):
         cfg = _load(args)  # config errors surface here, before any model loads (or any process is launched)
     _preflight(cfg, args)
@@ -106,8 +109,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _preflight(cfg, args: argparse.Namespace) -> None:
     """Checks that need no model, made before a run dir exists or a process is launched (exit 2)."""
-    from posttrain.config import ConfigError
-
     if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
         raise ConfigError(f"--run-dir {args.run_dir}: exists and is not a folder")
     if args.run_dir:
@@ -115,7 +116,6 @@ def _preflight(cfg, args: argparse.Namespace) -> None:
     if args.launcher == "accelerate" and args.num_processes is not None and args.num_processes < 2:
         raise ConfigError("--num-processes must be at least 2 with --launcher accelerate (one process needs no "
                           "launcher: drop --launcher)")
-    from evals.runner import check_eval_config
 
     check_eval_config(cfg, _log)  # the suite, max_drop keys and trains_on tasks (reads YAMLs only)
 
@@ -124,11 +124,6 @@ def _check_run(cfg, args: argparse.Namespace, inputs: bool) -> None:
     """Before the run dir is made or written: `--run-dir` free (else exit 1 at once) and one this pipeline may
     run into (rundir_check), then, with `inputs`, every data source and existing input model (pipeline.check_inputs:
     exit 2 on bad input). Under a launcher the main process alone checks, and every rank stops with it."""
-    from posttrain import distributed as dist
-    from posttrain.pipeline import check_inputs
-    from posttrain.rundir import RunDir, RunDirLocked
-    from posttrain.rundir_check import check_run_dir
-
     run_dir = Path(args.run_dir) if args.run_dir else None
 
     def check() -> None:
@@ -205,98 +200,13 @@ def _strip_launcher_options(argv: list[str]) -> list[str]:
 
 def _log_server_tail(e: Exception) -> None:
     """A rollout server's failure carries its last log lines, which say why: show them below the error."""
-    from posttrain.rollout import RolloutServerError
-
     if isinstance(e, RolloutServerError):
         for line in str(e).strip().splitlines()[1:]:
             _log(f"  | {line}")
 
 
-def _list(_: argparse.Namespace) -> int:
-    """Every key a pipeline YAML can hold, with its default: the top level, each stage kind, the built-in
-    rewards and the merge methods."""
-    import posttrain.stages  # noqa: F401
-    from posttrain.config import EvalConfig, PipelineConfig
-    from posttrain.registry import MERGE_METHODS, REWARDS, STAGES
-
-    print("pipeline (top level):")
-    for name in ("name", "seed"):
-        print(f"  {name}: {PipelineConfig.model_fields[name].default!r}")
-    print("  eval:")
-    print("\n".join(_fields(EvalConfig(), "    ")))
-    print("  stages: [one of the kinds below, each with `kind:`]")
-    for kind in STAGES.names():
-        spec = STAGES.get(kind)
-        print(f"{kind}: {spec.doc}")
-        for line in _fields(spec.config(), "  "):
-            print(line)
-    print("rewards (grpo `rewards: [{name, weight, params, ...}]`; or path/to/file.py:function):")
-    for name in REWARDS.names():
-        print(f"  {name}: params {_keyword_params(REWARDS.get(name))}")
-    print(f"merge methods (merge `method:`): {', '.join(MERGE_METHODS.names())}")
-    return 0
-
-
-def _keyword_params(fn) -> str:
-    import inspect
-
-    from posttrain.rewards.builtin import FROM_SPEC
-
-    params = [p for p in inspect.signature(fn).parameters.values()
-              if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in FROM_SPEC]
-    return ", ".join(p.name + ("" if p.default is inspect.Parameter.empty else f"={p.default!r}")
-                     for p in params) or "none"
-
-
-def _fields(obj, indent: str) -> list[str]:
-    """`obj`'s fields with their values; a list of configs shows each entry whole, an unset optional config
-    (`lora: None`) the fields it takes when set."""
-    from pydantic import BaseModel
-
-    lines = []
-    for name, field in type(obj).model_fields.items():
-        value = getattr(obj, name)
-        if isinstance(value, BaseModel):
-            lines.append(f"{indent}{name}:")
-            lines += _fields(value, indent + "  ")
-        elif isinstance(value, list):
-            lines.append(f"{indent}{name}: {[_every_field(v) if isinstance(v, BaseModel) else v for v in value]!r}")
-        elif value is None and (unset := _optional_config(field.annotation)) is not None:
-            lines.append(f"{indent}{name}: None  (when set: {_one_line(unset)})")
-        else:
-            lines.append(f"{indent}{name}: {value!r}")
-    return lines
-
-
-def _every_field(cfg) -> dict:
-    """`cfg.model_dump()` with the fields a dump leaves out at their default (a data source's max_row_bytes)."""
-    return {**{k: getattr(cfg, k) for k in type(cfg).model_fields}, **cfg.model_dump()}
-
-
-def _optional_config(annotation):
-    """A default instance of the config class in `X | None`, if it has one (lora, search, ...)."""
-    import typing
-
-    from pydantic import BaseModel
-
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            try:
-                return arg()
-            except Exception:  # noqa: BLE001 - a config with required fields: shown as None only
-                return None
-    return None
-
-
-def _one_line(cfg) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in cfg.model_dump().items())
-
-
 def _report(args: argparse.Namespace) -> int:
     import json
-
-    from evals.report import terminal_summary
-    from evals.run_report import rerender_report
 
     out = rerender_report(Path(args.run_dir))
     for line in terminal_summary(json.loads((out.parent / "forgetting.json").read_text())):
@@ -309,8 +219,6 @@ def _quiet_libraries(verbose: bool) -> None:
     """Unless --verbose, keep the progress bars of transformers (model loading and saving), datasets and tqdm
     off the terminal through their own switches, read when they are imported (after this); a training stage
     takes the trainer's dicts and bar off itself (posttrain.progress)."""
-    from posttrain.progress import VERBOSE_ENV
-
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return
@@ -320,12 +228,6 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import posttrain.stages  # noqa: F401  (registers every world model name, world-v2 included)
-    from evals.runner import evaluate_model
-    from posttrain.config import ConfigError
-    from posttrain.model_files import check_folder_files
-    from posttrain.models import ModelError, resolve_model
-
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.out:
@@ -335,7 +237,7 @@ def _eval(args: argparse.Namespace) -> int:
     import jinja2
 
     try:
-        result = evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log,
+        result = runner.evaluate_model(model, suite=args.suite, limit=args.limit, out=args.out, log=_log,
                                 trust_remote_code=args.trust_remote_code)
     except OSError as e:  # transformers could not load it (a hub name not cached here, a broken folder)
         raise ModelError(f"{args.model}: cannot load the model: {str(e).strip().splitlines()[0]}") from None
@@ -349,8 +251,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _check_writable_parent(path: Path, option: str) -> None:
     """Refuse a path under an existing file (mkdir would raise NotADirectoryError / FileExistsError)."""
-    from posttrain.config import ConfigError
-
     for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir() and parent != path:
@@ -395,13 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from posttrain.rundir import RunDirLocked
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"run": _run, "stage": _run, "list": _list, "report": _report, "eval": _eval}
+    handlers = {"run": _run, "stage": _run, "list": list_keys, "report": _report, "eval": _eval}
     if args.command in ("run", "stage"):
         _quiet_libraries(args.verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)

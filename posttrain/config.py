@@ -1,11 +1,9 @@
-"""Strict pydantic configs and the YAML loader.
+"""The pipeline config and its loader: a pipeline YAML, its stages' configs, and `--set` overrides.
 
-Every config class forbids unknown keys; defaults live only here; YAML files state differences. A bad key or
-value raises `ConfigError` with one line naming the file, the dotted path and, for unknown keys, the closest
-known field ("did you mean"; a stage-level key that belongs to a nested block, TRL-style `learning_rate`,
-gets `trainer.learning_rate`). `--set a.b=v` overrides are typed by the schema: a string field keeps the raw
+Every config class forbids unknown keys (`posttrain.schema.Strict`); defaults live only in the classes; YAML files
+state differences. A bad key or value raises `ConfigError` with one line naming the file, the dotted path and,
+for unknown keys, the closest known field (see `posttrain.schema`). `--set a.b=v` overrides are typed by the schema: a string field keeps the raw
 text, any other field parses it as YAML and lets pydantic coerce it; `null` and `~` are None for every field.
-A boolean is never taken for a number (`max_steps: true` is refused, not read as 1); an int is still a float.
 
 Checked at load, before any model loads: every `${...}` in a stage's config must be exactly
 `${stages.<name of an earlier stage>.model}`; a model reference must not be empty, and one that is an explicit
@@ -20,57 +18,22 @@ and for `--set`.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from posttrain import yaml_caps
-from posttrain.config_refs import dotted as _dotted
+from evals.config import EvalConfig
+import posttrain.stages  # noqa: F401  (registers every stage kind)
 from posttrain.config_refs import model_ref_problem, stage_ref_problem
+from posttrain.data import source_problem
 from posttrain.registry import STAGES, RegistryError, did_you_mean
+from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
+                              read_yaml, unwrap, validate_in, validated)
 
-
-class ConfigError(ValueError):
-    """A config problem the user must fix; its message is one line."""
-
-
-# Names that become folder names (stages, the pipeline's run dir): no slashes, no leading dot.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _YAML_NULLS = ("null", "Null", "NULL", "~")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_number(cls, v: Any, info: Any) -> Any:
-        # pydantic's lax mode reads True as 1 for an int or float field; a YAML `true` there is a mistake. Full
-        # strict mode would also refuse the ints YAML gives float fields, so only bools are refused, here.
-        field = cls.model_fields.get(info.field_name) if info.field_name else None
-        if field is not None and isinstance(v, (bool, list, dict)) and _bool_for_number(v, field.annotation):
-            raise ValueError(f"expected a number, got {v!r}" if isinstance(v, bool) else
-                             "expected a number for every entry, got a boolean (true/false)")
-        return v
-
-
-def _bool_for_number(v: Any, tp: Any) -> bool:
-    """True when `v` is (or holds, in a list or dict value) a bool where `tp` wants an int or float."""
-    alts = _unwrap(tp, into_containers=False)
-    if isinstance(v, bool):
-        return bool not in alts and Any not in alts and any(t in (int, float) for t in alts)
-    for t in alts:
-        origin, args = typing.get_origin(t), typing.get_args(t)
-        if isinstance(v, list) and origin in (list, tuple, set) and args:
-            return any(_bool_for_number(x, args[0]) for x in v)
-        if isinstance(v, dict) and origin is dict and len(args) == 2:
-            return any(_bool_for_number(x, args[1]) for x in v.values())
-    return False
 
 
 def default_stage_name(kind: str, index: int, taken: typing.Collection[str] = ()) -> str:
@@ -97,22 +60,6 @@ def stage_names(stages: list[tuple[Any, str]]) -> list[Any]:
     return out
 
 
-class EvalConfig(Strict):
-    """The one eval block shared by every stage kind; the same settings run on base and after every stage."""
-
-    enabled: bool = True
-    suite: str = "world"
-    limit: int | None = Field(100, ge=1, description="examples per task (None = all)")
-    batch_size: int = Field(32, ge=1)
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, description="backend vllm: vLLM's share of the GPU's memory (vLLM's own default, 0.9, "
-                                     "refuses to start when less is free)")
-    seed: int = 0
-    num_fewshot: int = Field(0, ge=0)
-    max_new_tokens: int = Field(24, ge=1)
-    max_drop: dict[str, float] = Field(default_factory=dict, description="task -> allowed drop below base")
-    on_drop: Literal["stop", "warn"] = "stop"
 
 
 class PipelineConfig(Strict):
@@ -134,145 +81,30 @@ class PipelineConfig(Strict):
                 out.append(raw)
                 continue
             if not isinstance(raw, dict) or "kind" not in raw:
-                raise _Nested(f"stages[{i}]: needs a 'kind' ({', '.join(STAGES.names())})")
+                raise Nested(f"stages[{i}]: needs a 'kind' ({', '.join(STAGES.names())})")
             try:
                 spec = STAGES.get(raw["kind"])
             except RegistryError as e:
-                raise _Nested(f"stages[{i}].kind: {e}") from None
-            out.append(_validate(spec.config, raw, prefix=f"stages[{i}]"))
+                raise Nested(f"stages[{i}].kind: {e}") from None
+            out.append(validate_in(spec.config, raw, prefix=f"stages[{i}]"))
         names = stage_names([(s.name, s.kind) for s in out])
         for stage, name in zip(out, names):  # unnamed stages get default names; duplicates are checked below
             stage.name = name
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise _Nested(f"stages: stage names must be unique; repeated: {', '.join(sorted(dup))}")
+            raise Nested(f"stages: stage names must be unique; repeated: {', '.join(sorted(dup))}")
         for i, stage in enumerate(out):
             problem = stage_ref_problem(stage, names[:i], names[i + 1 :], prefix=f"stages[{i}].")
             if problem:
-                raise _Nested(problem)
+                raise Nested(problem)
         return out
-
-
-class _Nested(ValueError):
-    """Carries an already-formatted path out of a nested validation."""
-
-
-def validated(cls: type[BaseModel], data: Any, where: str) -> BaseModel:
-    """`cls.model_validate(data)`, or ConfigError `<where>: <key path>: <problem>` in one line."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_format_error(e, cls)}") from None
-
-
-def _validate(cls: type[BaseModel], data: dict, prefix: str) -> BaseModel:
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise _Nested(_format_error(e, cls, prefix)) from None
-
-
-def _unwrap(tp: Any, into_containers: bool = True) -> list[Any]:
-    """The alternatives of an annotation through Optional/Union/Annotated and, with `into_containers`, the
-    concrete types inside list/tuple/set/dict (a dict's values); without, list/dict types stay whole."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return [t for a in typing.get_args(tp) for t in _unwrap(a, into_containers)]
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(tp)[0], into_containers)
-    if into_containers and origin in (list, tuple, set):
-        return [t for a in typing.get_args(tp) for t in _unwrap(a)]
-    if into_containers and origin is dict:
-        return _unwrap(typing.get_args(tp)[1])
-    return [tp]
-
-
-def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The model class that owns the last element of `loc` (for did-you-mean on unknown keys)."""
-    current: Any = cls
-    for part in loc[:-1]:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
-            continue
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        models = [t for t in _unwrap(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
-        current = models[0] if models else None
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _format_error(e: ValidationError, cls: type[BaseModel], prefix: str = "") -> str:
-    errors = e.errors()
-    # An unknown key first: a mistyped required key also reports the real one missing, which hides the typo.
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    path = _dotted(loc)
-    full = f"{prefix}.{path}" if prefix and path else (prefix or path)
-    msg = str(err.get("msg", "invalid"))
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if isinstance(err.get("ctx", {}).get("error"), _Nested):
-        return msg
-    if err["type"] == "extra_forbidden":
-        owner = _model_at(cls, loc)
-        fields = list(owner.model_fields) if owner else []
-        key = str(loc[-1])  # a nested field of that exact name beats a fuzzy match (num_train_epochs: trainer)
-        hint = _nested_hint(owner, key, exact=True) or did_you_mean(key, fields) or _nested_hint(owner, key)
-        return f"{full}: unknown key{hint}" + (f"; known: {', '.join(fields)}" if fields and not hint else "")
-    inp = err.get("input")
-    # The input only when it is short and not already quoted: a stage's dict or the whole stages list would
-    # turn the one line into a dump of the config.
-    if "input" in err and err["type"] != "missing" and not isinstance(inp, (dict, list, tuple, set, BaseModel)) \
-            and len(repr(inp)) <= 80 and repr(inp) not in msg:
-        return f"{full}: {msg} (got {inp!r})"
-    return f"{full}: {msg}" if full else msg
-
-
-def _nested_hint(owner: type[BaseModel] | None, key: str, exact: bool = False) -> str:
-    """' (did you mean 'trainer.learning_rate'?)' when `key` (or a close spelling) is a field of a block nested
-    in `owner` (TRL-style flat keys at stage level), else ''."""
-    if owner is None:
-        return ""
-    nested: dict[str, list[str]] = {}  # field name -> dotted paths
-    for name, field in owner.model_fields.items():
-        for sub in _unwrap(field.annotation, into_containers=False):
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                for leaf in sub.model_fields:
-                    nested.setdefault(leaf, []).append(f"{name}.{leaf}")
-    leaves = [key] if key in nested else [] if exact else difflib.get_close_matches(key, list(nested), n=2,
-                                                                                      cutoff=0.8)
-    paths = [p for leaf in leaves for p in nested[leaf]]
-    return " (did you mean " + " or ".join(repr(p) for p in paths) + "?)" if paths else ""
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A config file's mapping (every config YAML is read here), within `yaml_caps`'s limits: a file over 1 MB
-    or an alias bomb is a one-line ConfigError, decided before anything is built from it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml_caps.read(p) or {}
-    except yaml_caps.YamlRefused as e:
-        raise ConfigError(str(e)) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)`` within `yaml_caps`'s limits (a `--set` value); ConfigError naming ``where``."""
-    try:
-        return yaml_caps.load(text, where)
-    except yaml_caps.YamlRefused as e:
-        raise ConfigError(str(e)) from None
 
 
 def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:
     """True when `--set key=raw` should keep raw as a string rather than parse it as YAML."""
     if cls is None or key not in cls.model_fields:
         return False
-    types_ = _unwrap(cls.model_fields[key].annotation, into_containers=False)
+    types_ = unwrap(cls.model_fields[key].annotation, into_containers=False)
     if raw.lstrip()[:1] in ("[", "{") and any(typing.get_origin(t) in (list, tuple, set, dict) for t in types_):
         return False  # `str | list[str]` given a YAML list: the list
     literal_str = all(isinstance(a, str) for t in types_ if typing.get_origin(t) is Literal for a in typing.get_args(t))
@@ -305,7 +137,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
         if nxt is None:
             nxt = node[part] = _default_for_set(cls, part, dotted)
         sub = cls.model_fields[part].annotation if cls is not None else None
-        models = [t for t in _unwrap(sub) if isinstance(t, type) and issubclass(t, BaseModel)] if sub else []
+        models = [t for t in unwrap(sub) if isinstance(t, type) and issubclass(t, BaseModel)] if sub else []
         node, cls = nxt, (models[0] if models else None)
     key = parts[-1]
     if isinstance(node, list):
@@ -325,7 +157,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
 def _key_hint(cls: type[BaseModel], key: str) -> str:
     """Did-you-mean for an unknown `--set` key, as for one in a YAML file (`learning_rate` at stage level:
     'trainer.learning_rate')."""
-    return _nested_hint(cls, key, exact=True) or did_you_mean(key, list(cls.model_fields)) or _nested_hint(cls, key)
+    return nested_hint(cls, key, exact=True) or did_you_mean(key, list(cls.model_fields)) or nested_hint(cls, key)
 
 
 def _blame_set(e: ConfigError, where: str, sets: list[str] | None, stages: Any = None) -> ConfigError:
@@ -353,7 +185,7 @@ def _default_for_set(cls: type[BaseModel] | None, part: str, dotted: str) -> Any
     if cls is None:
         return {}
     field = cls.model_fields[part]
-    types_ = _unwrap(field.annotation, into_containers=False)
+    types_ = unwrap(field.annotation, into_containers=False)
     if not any((isinstance(t, type) and issubclass(t, BaseModel)) or typing.get_origin(t) in (dict, list)
                or t is Any for t in types_):
         raise ConfigError(f"--set {dotted}: {part} is a value, not a block with keys")
@@ -408,8 +240,6 @@ def parse_sets(sets: list[str] | None) -> list[tuple[str, str]]:
 
 def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: dict | None = None) -> PipelineConfig:
     """Read a pipeline YAML (or `data`), apply `--set` overrides, validate; errors name the file and path."""
-    import posttrain.stages  # noqa: F401  (registers the stage kinds; a library caller need not know to)
-
     where = str(path) if path else "<config>"
     raw = read_yaml(path) if path else copy.deepcopy(dict(data or {}))  # --set must not edit the caller's dicts
     if "stages" not in raw and isinstance(raw.get("kind"), str):
@@ -425,8 +255,6 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
 
 def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
     """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage."""
-    import posttrain.stages  # noqa: F401  (registers the stage kinds)
-
     try:
         spec = STAGES.get(kind)
     except RegistryError as e:
@@ -461,8 +289,6 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
 def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") -> PipelineConfig:
     """Refuse local data files and model folders that do not exist now, not after the base model was loaded
     and evaluated and earlier stages trained."""
-    from posttrain.data import source_problem
-
     for i, stage in enumerate(cfg.stages):
         problem = model_ref_problem(stage, prefix.format(i=i))
         if problem:

@@ -13,18 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from posttrain.models import bare_name_problem, mistyped_folder
 from posttrain.registry import did_you_mean
+from posttrain.schema import dotted, unwrap
 
 # `${stages.<name>.model}`, the one way a stage names an earlier stage's output (the pipeline resolves it).
 STAGE_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.model\}$")
 _STAGE_FIELD_REF = re.compile(r"^\$\{stages\.([A-Za-z0-9_.-]+)\.([A-Za-z0-9_]+)\}$")
-
-
-def dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _strings(obj: Any, loc: tuple = ()) -> typing.Iterator[tuple[tuple, str]]:
@@ -71,7 +66,6 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
     folder without `name` (and, for `org/name`, no such model in the hub cache: `models.mistyped_folder`); the
     rules `resolve_model` applies. Checks names, the filesystem and the hub cache only: builds no world model,
     asks no hub."""
-    from posttrain.models import bare_name_problem, mistyped_folder
 
     empty = _empty_model_ref(stage)
     if empty is not None:
@@ -100,8 +94,6 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
 
 def _default_hint(cls: type[BaseModel], loc: tuple) -> str:
     """How to ask for the default of the stage field at `loc`: null (when None is allowed) or leaving it out."""
-    from posttrain.config import _unwrap as unwrap  # here: posttrain.config imports this module
-
     field = cls.model_fields.get(loc[0]) if len(loc) == 1 else None
     if field is None or field.is_required():
         return ""

@@ -17,7 +17,10 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field, model_serializer
 
-from posttrain.config import Strict
+from posttrain import world  # through the module: tests replace task_file
+from posttrain.registry import did_you_mean
+from posttrain.schema import Strict
+from posttrain.world.tasks import TASKS
 
 
 class DataError(ValueError):
@@ -145,9 +148,6 @@ def source_problem(src: DataSource) -> str | None:
     loads (so a config is refused at load, not after earlier stages trained), else None: a local data file that
     does not exist or is of another type, a folder, or a bare name (no `/`, no suffix) close to a world task name, which is a typo of
     it far more often than a hub dataset (those are named org/name). Reads the filesystem only, never the hub."""
-    from posttrain.registry import did_you_mean
-    from posttrain.world.tasks import TASKS
-
     if src.source in TASKS:
         return None
     path = Path(src.source).expanduser()
@@ -167,12 +167,8 @@ def source_problem(src: DataSource) -> str | None:
 
 def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iterator]:
     """(name for messages, iterator of (row number, row or None, error or None))."""
-    from posttrain.world.tasks import TASKS
-
     if src.source in TASKS:
-        from posttrain.world import task_file
-
-        path = task_file(src.source, src.split, log)
+        path = world.task_file(src.source, src.split, log)
         return str(path), _iter_jsonl(path)
     path = Path(src.source).expanduser()
     if path.suffix in DATA_SUFFIXES or path.exists():

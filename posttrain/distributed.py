@@ -25,14 +25,11 @@ The main process evaluates and builds world models in a single-process view (dis
 variables and accelerate's shared state hidden), since lm-eval and transformers' Trainer would otherwise
 treat the other ranks, who are not evaluating, as partners in a collective and wait for them forever.
 
-Ranks come from torchrun's environment (RANK, WORLD_SIZE), which `accelerate launch` sets for DDP, FSDP and
-DeepSpeed alike. Waiting uses accelerate's process group (gloo on CPU, nccl on GPU); its timeout is
-POSTTRAIN_DIST_TIMEOUT_S (default 4 h: the other ranks wait through the main process's evals).
+Ranks, barriers and their timeout: `posttrain.ranks`.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -40,9 +37,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import yaml
+
 from posttrain.models import resolve_model
 from posttrain.pipeline import Pipeline
+from posttrain.ranks import agree, barrier, is_main, launched
+from posttrain.rollout import PLANNED_PROCESSES_ENV
+from posttrain.schema import read_yaml
 from posttrain.stages.base import StageContext
+from posttrain.stages.common import TrainableStage
 
 REPO_ACCELERATE = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 # Set by torchrun / accelerate launch; hidden while the main process works alone (see single_process_view).
@@ -51,37 +54,16 @@ _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
 _LAUNCH_PREFIXES = ("ACCELERATE_USE_", "FSDP_", "ACCELERATE_DEEPSPEED_")
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def launched() -> bool:
-    """True in a process started by a distributed launcher with more than one process."""
-    return world_size() > 1
-
-
 @contextlib.contextmanager
 def planned_launch(launcher: str, num_processes: int | None, config: str | None) -> Iterator[None]:
     """While the CLI reads a config it is about to relaunch under `accelerate launch` (WORLD_SIZE is not set
     yet), the number of processes the launch will start, for the config checks that depend on it (a colocated
     vLLM's tensor_parallel_size): --num-processes, else the accelerate config's num_processes."""
-    from posttrain.rollout import PLANNED_PROCESSES_ENV
-
     path = Path(config) if config else None
     if launcher != "accelerate" or launched():
         yield
         return
     if num_processes is None:
-        import yaml
-
         path = path or default_accelerate_config()
         doc = yaml.safe_load(path.read_text()) if path.is_file() else None  # a missing file: refused at launch
         num_processes = doc.get("num_processes") if isinstance(doc, dict) else None
@@ -95,32 +77,6 @@ def planned_launch(launcher: str, num_processes: int | None, config: str | None)
             os.environ.pop(PLANNED_PROCESSES_ENV, None)
         else:
             os.environ[PLANNED_PROCESSES_ENV] = old
-
-
-def _state():
-    import torch
-    from accelerate.state import PartialState
-
-    timeout = _dt.timedelta(seconds=float(os.environ.get("POSTTRAIN_DIST_TIMEOUT_S", 4 * 3600)))
-    # cpu= as transformers' TrainingArguments asks (use_cpu when CUDA is absent), so the Trainer reuses this state.
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
-
-
-def barrier() -> None:
-    if launched():
-        _state().wait_for_everyone()
-
-
-def agree(value: Any) -> Any:
-    """The main process's `value` on every rank (e.g. a timestamped run directory name)."""
-    if not launched():
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    _state()
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
 
 
 def main_decides(check: Callable[[], None], errors: tuple[type, ...]) -> None:
@@ -173,8 +129,6 @@ class FollowerContext(StageContext):
 
 
 def _trainable(spec: Any) -> bool:
-    from posttrain.stages.common import TrainableStage
-
     return issubclass(spec.config, TrainableStage)
 
 
@@ -251,8 +205,6 @@ def default_accelerate_config() -> Path:
 def launch_command(child_argv: list[str], num_processes: int | None, config: str | None) -> list[str]:
     """`accelerate launch ... -m posttrain <child_argv>`, with --multi_gpu for DDP configs (CPU included:
     accelerate forks processes through torchrun only on that path; see configs/accelerate/ddp_cpu.yaml)."""
-    from posttrain.config import read_yaml
-
     path = Path(config) if config else default_accelerate_config()
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate-config {path}: no such file")

@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.config import ConfigError
+from posttrain.schema import ConfigError
 from posttrain.hft_layouts import (
     FrozenSlices,
     ModelInfo,

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from posttrain.config import ConfigError
+from posttrain.schema import ConfigError
 
 # A block is the first "<container>.<index>." in the name; `.*?` keeps it the outermost stack.
 _BLOCK_RE = re.compile(r"^(?P<block>(?:.*?\.)?(?:layers|h|blocks|layer)\.\d+)\.(?P<rest>.+)$")

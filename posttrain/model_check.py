@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from posttrain.models import ModelError, check_remote_code, check_weights, hub_cache_folder, resolve_model
+from posttrain.registry import WORLD_MODELS
+from posttrain.tensors import INDEX_FILE, SINGLE_FILE, ShardedReader  # torch: imported before any clock starts
+from posttrain.world import NotBuilt, only_built
 
 _SLICE_BYTES = 1 << 20
 # (resolved path, inode, size, mtime_ns) -> (tensors, floating-point values) of a file that passed.
@@ -45,8 +48,6 @@ def check_model(folder: str, *, allow_pickle: bool = False, trust_remote_code: b
     check_weights(str(path), allow_pickle)
     check_remote_code(str(path), trust_remote_code, log)
     _check_json(path / "config.json")
-    import posttrain.tensors  # noqa: F401  (torch: imported before the clock starts)
-
     files = sorted(path.glob("*.safetensors"))
     start, tensors, values, scanned = time.monotonic(), 0, 0, 0
     for file in files:
@@ -68,13 +69,9 @@ def existing_model(ref: str) -> str | None:
     """The folder `ref` names when it exists now, without building anything: a local folder, a world model
     already in the cache, a hub model in the local hub cache; None for one not built or downloaded yet (it is
     checked when its stage starts) and for a stage reference."""
-    from posttrain.models import WORLD_MODELS
-
     if "${" in ref:
         return None
     if ref in WORLD_MODELS:
-        from posttrain.world import NotBuilt, only_built
-
         with only_built():
             try:
                 return str(WORLD_MODELS.get(ref)(log=lambda m: None))
@@ -103,8 +100,6 @@ def _check_json(file: Path) -> None:
 
 def _check_index(folder: Path) -> None:
     """The index parses, and every shard it names exists and holds the tensors it places there."""
-    from posttrain.tensors import INDEX_FILE, SINGLE_FILE, ShardedReader
-
     index = folder / INDEX_FILE
     if not index.is_file() or (folder / SINGLE_FILE).is_file():
         return  # transformers reads model.safetensors first, and then never the index
@@ -119,8 +114,6 @@ def _scan(file: Path) -> tuple[int, int]:
     """(tensors, floating-point values) of one safetensors file whose header and size are sound and whose
     floating-point values are all finite; ModelError naming the file otherwise."""
     import torch
-
-    from posttrain.tensors import ShardedReader
 
     try:
         reader = ShardedReader(file.parent, files=[file.name])

@@ -23,19 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.registry import Registry, did_you_mean
-
-# Named models of the embedded world: name -> function(log) returning a local HF folder (built once, cached).
-WORLD_MODELS: Registry[Callable[..., Path]] = Registry("world model")
-
-
-def _world_base(log: Callable[[str], None] = print) -> Path:
-    from posttrain.world import base_model
-
-    return base_model(log)
-
-
-WORLD_MODELS.register("world", _world_base)
+from posttrain.registry import WORLD_MODELS, did_you_mean
+from posttrain.tensors import ShardedReader
 
 
 class ModelError(ValueError):
@@ -282,8 +271,6 @@ def saved_dtype(ref: str | None) -> str | None:
     (hub configs saying float32 over bf16 weights exist). A folder with pickle weights only falls back to its
     config. A hub name is looked up in the local hub cache; one not cached, or not a folder at all, is None.
     """
-    from posttrain.tensors import ShardedReader
-
     if not ref:
         return None
     folder = Path(ref) if Path(ref).is_dir() else hub_cache_folder(ref)
@@ -396,6 +383,3 @@ def cast_saved_weights(folder: Path, dtype: str) -> bool:
             changed = True
     return changed
 
-
-# Named trained world models (world-sft, ...) register themselves; imported last to avoid a cycle.
-from posttrain.world import trained as _trained  # noqa: E402,F401

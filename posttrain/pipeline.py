@@ -27,26 +27,28 @@ stage only with its ancestors, so two branches from one base are never measured 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from evals import run_report, runner
+from evals.report import terminal_summary
+from evals.run_report import EvalGateStop, base_ref, keep_in_eval, reference_record
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
 from posttrain.data import check_source
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.registry import STAGES, did_you_mean
-from posttrain.rundir import RunDir, atomic_write_text, hash_folder, mark_run_dir, sha256_file, sha256_json
+from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_folder, input_folder, is_stage_ref,
+                              mark_run_dir, sha256_file, sha256_json)
 from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
-from posttrain.world import NotBuilt, only_built
+from posttrain.world import VERSION, NotBuilt, only_built
+from posttrain.world.tasks import TASKS
 
-_ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class PipelineError(RuntimeError):
@@ -68,9 +70,6 @@ def _file_identity(path: str) -> str:
 
 
 def _data_identity(stage: Any) -> list[Any]:
-    from posttrain.world import VERSION
-    from posttrain.world.tasks import TASKS
-
     out = []
     for src in stage.training_data():
         path = Path(src.source).expanduser()
@@ -98,6 +97,11 @@ class Pipeline:
         self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
         self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
         self.report: dict | None = None  # the last forgetting.json written, for the summary at the end
+        # What evals.run_report reads of a run (its EvaluatedRun): records and parents above, and these.
+        self.root = self.rd.root
+        self.settings = cfg.eval
+        self.stage_names = [s.name for s in cfg.stages]
+        self.base_ref = base_ref(cfg.stages[0])
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model ("" when the stage never loads
@@ -135,12 +139,12 @@ class Pipeline:
         else:
             model = input_model if ref == stage.model and input_model else resolve_model(ref, self.log)
             first = ["base"] if model == self._base_model() else []
-        named = _ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
+        named = ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
         return list(dict.fromkeys(first + named))
 
     def _referenced_keys(self, stage: Any) -> list[str]:
         """DONE keys of every earlier stage the config names anywhere (e.g. a merge's `models:`)."""
-        names = sorted(set(_ANY_STAGE_REF.findall(yaml.safe_dump(stage.model_dump()))))
+        names = sorted(set(ANY_STAGE_REF.findall(yaml.safe_dump(stage.model_dump()))))
         return [self.done_keys.get(f"stage:{n}", f"missing:{n}") for n in names]
 
     def _model_identity(self, ref: str) -> str:
@@ -180,14 +184,12 @@ class Pipeline:
         """Per stage, the gain on its trained tasks, its forgetting and its drops (read from the report, so they
         are forgetting.json's figures), then the report's path, once (evals on)."""
         if self.report is not None:
-            from evals.report import terminal_summary
-
             for line in terminal_summary(self.report, str(self.rd.root / "report" / "forgetting.md")):
                 self.log(line)
 
     def _base_model(self) -> str:
         """The report's base row: the folder of `base_ref` ("" when there is none)."""
-        ref = base_ref(self.cfg.stages[0])
+        ref = self.base_ref
         return resolve_model(ref, self.log) if ref else ""
 
     def _dump(self) -> dict:
@@ -259,9 +261,10 @@ class Pipeline:
         """Evaluate a model with the pipeline's eval block and rewrite the report (no-op when disabled)."""
         if not self.cfg.eval.enabled or not model_dir:
             return
-        from evals.run_report import evaluate_into_run
-
-        self.report = evaluate_into_run(self, stage, folder, model_dir)
+        try:  # through the module: tests replace evaluate_into_run
+            self.report = run_report.evaluate_into_run(self, stage, folder, model_dir)
+        except EvalGateStop as e:
+            raise PipelineError(str(e)) from None
 
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each
@@ -269,9 +272,6 @@ class Pipeline:
         refs = stage.reference_models()
         if not self.cfg.eval.enabled or not refs:
             return
-        from evals.run_report import keep_in_eval, reference_record
-        from evals.runner import evaluate_model
-
         for ref in refs:
             if is_stage_ref(ref):
                 continue  # an earlier stage: it has its own row
@@ -283,19 +283,10 @@ class Pipeline:
                 continue
             self.shown.add(model_dir)
             folder = input_folder(ref)
-            result = evaluate_model(model_dir, out=self.rd.root / folder / "eval.json", settings=self.cfg.eval,
+            result = runner.evaluate_model(model_dir, out=self.rd.root / folder / "eval.json", settings=self.cfg.eval,
                                     log=self.log)
             result = keep_in_eval(self.rd.root / folder / "eval.json", result, model=model_dir)
             self.records.append(reference_record(ref, folder, model_dir, result, stage.name))
-
-
-def base_ref(first: Any) -> str | None:
-    """The model the report's base row evaluates, as the config names it: what the first stage builds on
-    (`builds_on()`: a merge's `base:` rather than its unused `model:`), else its `model:` input (the world base
-    by default; also for a linear merge, whose lineage starts at its first model but whose run is compared with
-    the pipeline's base); None when that names a stage."""
-    ref = first.builds_on() or first.model or "world"
-    return None if STAGE_REF.match(ref) else ref
 
 
 def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_dir: Path | None = None) -> None:
@@ -342,16 +333,6 @@ def _done_by_config(cfg: PipelineConfig, run_dir: Path | None) -> list[str]:
             break
         out.append(stage.name)
     return out
-
-
-def input_folder(ref: str) -> Path:
-    """Where an input model that is not a stage of the run keeps its eval, relative to the run dir."""
-    return Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
-
-
-def is_stage_ref(ref: str) -> bool:
-    """True when `ref` names a stage of the run (`${stages.<name>.model}` anywhere in it)."""
-    return bool(_ANY_STAGE_REF.search(ref))
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print, **kw: Any) -> Path:

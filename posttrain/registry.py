@@ -3,10 +3,16 @@
 Follows lm-evaluation-harness's registry (unknown names answer with "did you mean") and verl's rule that
 registering a name twice is an error. Registration happens through explicit imports in one ``__init__``,
 never by scanning subclasses or by import paths written in YAML.
+
+A lazy entry (`Registry.lazy`) names the module that registers it: the name is known (and listed, and checked
+for typos) at once, and the module is imported when the entry is first used. The model loader resolves world
+model names this way without importing the orchestration that builds them.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -46,19 +52,29 @@ class Registry(Generic[T]):
 
         return deco
 
+    def lazy(self, name: str, module: str) -> None:
+        """Reserve `name` for an object that importing `module` registers; imported on the first `get`."""
+        self._add(name, _Lazy(module))
+
     def _add(self, name: str, obj: T) -> None:
-        if name in self._items:
+        if name in self._items and not isinstance(self._items[name], _Lazy):
             raise RegistryError(f"{self.what} {name!r} is registered twice")
         self._items[name] = obj
 
     def get(self, name: str) -> T:
         try:
-            return self._items[name]
+            obj = self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
             raise RegistryError(
                 f"unknown {self.what} {name!r}{did_you_mean(name, list(self._items))}; known: {known}"
             ) from None
+        if isinstance(obj, _Lazy):
+            importlib.import_module(obj.module)
+            obj = self._items[name]
+            if isinstance(obj, _Lazy):
+                raise RegistryError(f"{self.what} {name!r}: importing {obj.module} did not register it")
+        return obj
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -73,7 +89,24 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
+class _Lazy:
+    """A registry entry not loaded yet: the module whose import registers it."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+
 # The named registries. Each module that fills one imports it from here.
 STAGES: Registry[Any] = Registry("stage kind")
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
 REWARDS: Registry[Callable[..., Any]] = Registry("reward")
+
+# Named models of the embedded world: name -> function(log) returning a local HF folder (built once, cached). The
+# loader (posttrain.models) resolves these names; the modules that build them sit above it (world/trained.py runs
+# a one-stage pipeline), so each is imported on first use.
+WORLD_MODELS: Registry[Callable[..., Path]] = Registry("world model")
+WORLD_MODELS.lazy("world", "posttrain.world")
+WORLD_MODELS.lazy("world-v2", "posttrain.world.v2")
+for _name in ("world-sft", "world-sft-arithmetic", "world-sft-reversal", "world-dpo-style",
+              "world-grpo-verifiable"):  # world.trained.RECIPES (a test checks the two lists agree)
+    WORLD_MODELS.lazy(_name, "posttrain.world.trained")

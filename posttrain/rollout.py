@@ -34,7 +34,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import ConfigError, Strict
+from posttrain.schema import ConfigError, Strict
 
 GPU_INSTALL = "pip install -e .[gpu]"
 # Set by the CLI while it reads a config it is about to relaunch under `accelerate launch`, where WORLD_SIZE is

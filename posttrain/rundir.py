@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -49,6 +50,19 @@ class RunDirRefused(ValueError):
 MARKER = "posttrain-run.json"
 # What a run writes at the top of its run dir besides LOCK (what `--overwrite` deletes).
 RUN_ENTRIES = (MARKER, "pipeline.yaml", "stages", "inputs", "report", "error.log")
+# `${stages.<name>.model}` anywhere in a string: a stage of the run named inside a config value.
+ANY_STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\.model\}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def input_folder(ref: str) -> Path:
+    """Where an input model that is not a stage of the run keeps its eval, relative to the run dir."""
+    return Path("inputs") / (_UNSAFE.sub("_", ref).strip("_.")[:100] or "model")
+
+
+def is_stage_ref(ref: str) -> bool:
+    """True when `ref` names a stage of the run (`${stages.<name>.model}` anywhere in it)."""
+    return bool(ANY_STAGE_REF.search(ref))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

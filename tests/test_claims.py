@@ -1,4 +1,4 @@
-"""posttrain.claims: the claims pipelines validate, and claims.md is decided and written from hand-made reports.
+"""experiments.claims: the claims pipelines validate, and claims.md is decided and written from hand-made reports.
 
 Nothing here trains or evaluates: every forgetting.json is built in the test with the shape the pipeline writes.
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import posttrain.stages  # noqa: F401  (registers stage kinds)
-from posttrain import claims as C
+from experiments import claims as C
 from posttrain.config import load_pipeline
 
 PIPELINES = sorted({c.pipeline for c in C.CLAIMS})

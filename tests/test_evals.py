@@ -374,7 +374,7 @@ WORLD_TASKS = "its tasks: world_arithmetic, world_reversal, world_verifiable, wo
 ])
 def test_check_eval_config_refuses_what_the_suite_never_scores(eval_block, trains_on, suite, error, monkeypatch):
     import posttrain.world
-    from evals.runner import check_eval_config
+    from evals.checks import check_eval_config
 
     monkeypatch.setattr(posttrain.world, "world_dir", None)  # cheap: no world build, no task rendering
     with pytest.raises(ConfigError) as e:
@@ -392,7 +392,7 @@ def test_check_eval_config_refuses_what_the_suite_never_scores(eval_block, train
 ])
 def test_check_eval_config_accepts_what_the_gate_and_bwt_match(eval_block, trains_on, suite, monkeypatch):
     import posttrain.world
-    from evals.runner import check_eval_config
+    from evals.checks import check_eval_config
 
     monkeypatch.setattr(posttrain.world, "world_dir", None)
     check_eval_config(_cfg(eval_block, trains_on, suite))
@@ -402,7 +402,7 @@ def test_a_real_task_the_suite_does_not_score_in_trains_on_only_warns(monkeypatc
     """A shipped pipeline run with a custom suite: a stage's trains_on task exists (a world task) but this
     suite does not score it; backward transfer leaves that term out, so a warning, not an error."""
     import posttrain.world
-    from evals.runner import check_eval_config
+    from evals.checks import check_eval_config
 
     monkeypatch.setattr(posttrain.world, "world_dir", None)
     warnings = []
@@ -418,7 +418,7 @@ def _pipeline_yamls():
 
 @pytest.mark.parametrize("path", _pipeline_yamls(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_pipeline_passes_check_eval_config(path):
-    from evals.runner import check_eval_config
+    from evals.checks import check_eval_config
 
     check_eval_config(load_pipeline(path))
 

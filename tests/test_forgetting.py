@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from evals.forgetting import (average_forgetting, backward_transfer, changes_vs_parent, check_gate,
+from evals.backward import backward_transfer
+from evals.forgetting import (average_forgetting, changes_vs_parent, check_gate,
                               deltas_vs_base, deltas_vs_previous, forgetting, forgetting_drops, max_drop,
                               score_matrix, significant_drops)
 from evals.report import write_report
@@ -510,7 +511,7 @@ def with_trains_on(**trains_on: list[str]) -> list[dict]:
 
 
 def test_backward_transfer_note_states_the_real_cause(tmp_path):
-    from evals.forgetting import backward_transfer_note
+    from evals.backward import backward_transfer_note
 
     assert backward_transfer_note(make_stages()) is None  # every term there
     # Two training stages, the first naming a task no eval scored (a typo): BWT has no term, and the note says

@@ -2,11 +2,13 @@
 registry behaviour. Expected numbers are written out literally; the arithmetic is in the comments."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from posttrain.compat import block_of, coefficients_for
-from posttrain.merge_methods import (
+from posttrain.merging.compat import block_of, coefficients_for
+from posttrain.merging.methods import (
     breadcrumbs,
     dare_linear,
     dare_ties,
@@ -339,7 +341,7 @@ def test_bad_arguments_are_refused(call, message):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sign_consensus_is_peft_bit_for_bit(n_models: int, dtype: torch.dtype) -> None:
     peft_merge = pytest.importorskip("peft.utils.merge_utils")
-    from posttrain.merge_methods import _sign_consensus
+    from posttrain.merging.ops import sign_consensus as _sign_consensus
 
     g = torch.Generator().manual_seed(n_models)
     taus = [torch.randn(4099, generator=g, dtype=dtype) for _ in range(n_models)]
@@ -357,7 +359,7 @@ def test_sign_consensus_is_peft_bit_for_bit(n_models: int, dtype: torch.dtype) -
 
 
 def test_dare_mask_is_the_bernoulli_stream_it_replaced() -> None:
-    from posttrain.merge_methods import drop_random
+    from posttrain.merging.ops import drop_random
 
     for dtype in (torch.float32, torch.float64):
         tau = torch.randn(10007, generator=torch.Generator().manual_seed(1), dtype=dtype)
@@ -390,7 +392,7 @@ def test_dare_with_numpy_generators_is_reproducible_and_slices_draw_the_same_mas
 
 
 def test_trim_keeps_every_magnitude_tied_with_the_kth() -> None:
-    from posttrain.merge_methods import trim_magnitude, trim_threshold
+    from posttrain.merging.ops import trim_magnitude, trim_threshold
 
     tau = T(5, -3, 3, 1, -3, 0.5)  # k = floor(0.5 · 6) = 3: the 3rd largest magnitude is 3, held by three entries
     assert trim_threshold(tau, 0.5) == 3.0
@@ -400,7 +402,7 @@ def test_trim_keeps_every_magnitude_tied_with_the_kth() -> None:
 
 
 def test_scratch_buffers_give_the_same_bits_as_fresh_tensors() -> None:
-    from posttrain.merge_stream import Scratch
+    from posttrain.merging.ops import Scratch
 
     base = torch.randn(300, generator=gen(1))
     models = [base + 0.1 * torch.randn(300, generator=gen(s)) for s in (2, 3, 4)]
@@ -411,3 +413,52 @@ def test_scratch_buffers_give_the_same_bits_as_fresh_tensors() -> None:
             fresh = fn(base, models, [0.5, 1.0, -0.3], generator=gen(9), **kw)
             reused = fn(base, models, [0.5, 1.0, -0.3], generator=gen(9), scratch=scratch, **kw)
             assert torch.equal(fresh.view(torch.uint8), reused.view(torch.uint8)), fn.__name__
+
+
+def test_slerp_is_the_closed_form_on_the_great_circle():
+    """SLERP (Shoemake 1985): for θ_0 and θ_1 at angle Ω, sin((1−t)Ω)/sin Ω·θ_0 + sin(tΩ)/sin Ω·θ_1. Two
+    orthogonal tensors of norms 1 and 2 (Ω = π/2) give cos(πt/2)·θ_0 + sin(πt/2)·θ_1; t = 0 and 1 are the ends."""
+    from posttrain.merging.methods import slerp
+
+    assert MERGE_METHODS.get("slerp") is slerp
+    v0 = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    v1 = torch.tensor([[0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    for t in (0.0, 0.25, 0.5, 1.0):
+        got = slerp(v0, [v1], [1.0], t=t, dtype=torch.float64)
+        expected = math.cos(math.pi * t / 2) * v0 + math.sin(math.pi * t / 2) * v1
+        assert got.shape == v0.shape and torch.allclose(got, expected, rtol=0, atol=1e-15), (t, got)
+    # A general angle: 60 degrees between unit vectors scaled by 3 and 5.
+    a = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+    b = 5 * torch.tensor([0.5, math.sqrt(3) / 2, 0.0], dtype=torch.float64)
+    omega, t = math.pi / 3, 0.3
+    expected = math.sin((1 - t) * omega) / math.sin(omega) * a + math.sin(t * omega) / math.sin(omega) * b
+    assert torch.allclose(slerp(a, [b], [1.0], t=t, dtype=torch.float64), expected, rtol=0, atol=1e-14)
+
+
+def test_slerp_of_nearly_parallel_tensors_is_linear_and_it_takes_one_model():
+    from posttrain.merging.methods import slerp
+
+    a = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    b = 2 * a + 1e-6  # cos Ω > 0.9995: sin Ω is too small to divide by
+    assert torch.equal(slerp(a, [b], [1.0], t=0.25, dtype=torch.float64), torch.lerp(a, b, 0.25))
+    with pytest.raises(ValueError, match="one model"):
+        slerp(a, [b, b], [1.0, 1.0], t=0.5)
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):
+        slerp(a, [b], [1.0], t=1.5)
+
+
+def test_readme_lists_every_merge_method_with_its_parameters():
+    """README's merge-method table names each registered method and its keyword parameters (a new method
+    without a row, or a renamed parameter, fails here)."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", readme, re.M))
+    stage_set = {"generator", "dtype", "scratch", "thresholds"}
+    for name in MERGE_METHODS.names():
+        params = [p for p, v in inspect.signature(MERGE_METHODS.get(name)).parameters.items()
+                  if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in stage_set]
+        assert name in rows, f"README has no row for merge method {name!r}"
+        assert re.findall(r"`(\w+)`", rows[name]) == params, (name, rows[name])

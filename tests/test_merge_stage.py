@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import posttrain.stages  # noqa: F401  (registers the stage kinds)
-from posttrain import merge_search
+from posttrain.stages import combine
 from posttrain.config import ConfigError, stage_pipeline
-from posttrain.merge_methods import dare_ties, task_arithmetic, ties
+from posttrain.merging.methods import dare_ties, task_arithmetic, ties
 from posttrain.models import ModelError, resolve_model
 from posttrain.stages.base import StageContext
-from posttrain.stages.merge import MergeStageConfig, model_generators, run
+from posttrain.merging.stream import model_generators
+from posttrain.stages.merge import MergeStageConfig, run
 from posttrain.tensors import INDEX_FILE
 from tests.conftest import load_tensors, make_tiny_llama
 from tests.test_report import check_run_summary
@@ -106,7 +107,8 @@ def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypat
     """Slices of 96 elements (the tiny tensors hold 16-1024) give the bits of one whole-tensor call per name:
     TIES with its thresholds found by sample and count (inputs read per slice, or once whole), DARE with each
     model's stream running on."""
-    from posttrain import merge_methods, merge_stream
+    from posttrain import registry as merge_methods
+    from posttrain.merging import stream as merge_stream
 
     monkeypatch.setattr(merge_stream, "SLICE", 96)
     monkeypatch.setattr(merge_stream, "CACHE_BYTES", cache_bytes)
@@ -122,13 +124,30 @@ def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypat
         assert torch.equal(got[name].view(torch.uint8), whole.to(tb[name].dtype).view(torch.uint8)), name
 
 
+def test_slerp_gets_whole_tensors_and_interpolates_base_and_one_model(merge_trio, tmp_path, monkeypatch):
+    """SLERP declares WHOLE streaming (its angle is over the whole tensor): with 96-element slices it still gets
+    each tensor at once, so the stage writes slerp(base, model) of every tensor; two models are refused at load."""
+    from posttrain.merging import stream
+    from posttrain.merging.methods import slerp
+
+    monkeypatch.setattr(stream, "SLICE", 96)
+    base, a, b = merge_trio
+    out = merge(make_ctx(tmp_path), method="slerp", base=str(base), models=models_((a, 1.0)), params={"t": 0.3})
+    got, tb, ta = load_tensors(out), load_tensors(base), load_tensors(a)
+    assert sorted(got) == sorted(tb)
+    for name in sorted(tb):
+        assert torch.equal(got[name], slerp(tb[name], [ta[name]], [1.0], t=0.3).to(tb[name].dtype)), name
+    with pytest.raises(ConfigError, match="slerp interpolates the base and one model; got 2 models"):
+        stage_pipeline("merge", None, ["method=slerp", "params={t: 0.5}"])
+
+
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
 @pytest.mark.parametrize("window", [-1.0, float("inf")], ids=["kth-above-window", "kth-below-window"])
 def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch, cache_bytes,
                                                                 window):
     """A window that misses the k-th magnitude (below every |τ|, or above) sends each model through a second
     pass over the side the count points to; the merge is still the whole-tensor TIES, bit for bit."""
-    from posttrain import merge_stream
+    from posttrain.merging import stream as merge_stream
 
     monkeypatch.setattr(merge_stream, "SLICE", 96)
     monkeypatch.setattr(merge_stream, "CACHE_BYTES", cache_bytes)
@@ -241,7 +260,7 @@ def test_grid_search_records_every_trial_and_keeps_the_best(merge_trio, tmp_path
         scored.append(model_dir)
         return -float((load_tensors(model_dir)[name] - target).abs().sum())
 
-    monkeypatch.setattr(merge_search, "eval_scorer", lambda search, log: scorer)
+    monkeypatch.setattr(combine, "eval_scorer", lambda search, log: scorer)
     ctx = make_ctx(tmp_path)
     search = {"method": "grid", "space": [0.0, 0.5, 1.0], "scope": "shared", "metric": "world_arithmetic/exact_match"}
     out = merge(ctx, method="task_arithmetic", base=str(base), models=models_((a, 1.0), (b, 1.0)), search=search)
@@ -343,7 +362,7 @@ def test_merge_peak_memory_stays_near_a_few_slices(tmp_path):
     import subprocess
     import sys
 
-    from posttrain.tensors import ShardedWriter
+    from posttrain.tensor_writer import ShardedWriter
 
     numel, count = 6 * 2**20, 4  # float32: 24 MiB per tensor, over merge_stream.CACHE_BYTES for 3 inputs
     g = torch.Generator().manual_seed(0)
@@ -373,7 +392,7 @@ def test_merge_progress_counts_every_tensor_byte_in_order(merge_trio, monkeypatc
     """with_progress yields the names in order and its bar ends at the bytes of all of them."""
     import tqdm.auto
 
-    from posttrain.merge_stream import with_progress
+    from posttrain.merging.stream import with_progress
     from posttrain.tensors import ShardedReader
 
     bars = []

@@ -64,3 +64,31 @@ def test_stage_hooks_name_the_data_and_reference_models_every_kind_answers():
         {"kind": "transfer"}]}).stages
     assert [[d.source for d in s.training_data()] for s in stages] == [["reversal"], [], []]
     assert [s.reference_models() for s in stages] == [[], ["world-sft-arithmetic", "world"], ["world-sft"]]
+
+
+def test_a_lazy_entry_is_listed_at_once_and_imported_on_first_use(tmp_path, monkeypatch):
+    """The model loader knows world model names without importing what builds them (issue 19): a lazy entry is
+    a name (listed, matched for typos) whose module registers the object when first asked for."""
+    (tmp_path / "lazy_thing_mod.py").write_text(
+        "from tests.test_registry import REG\nREG.register('thing', 42)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    REG.lazy("thing", "lazy_thing_mod")
+    REG.lazy("ghost", "json")  # importing json registers nothing
+    assert "thing" in REG and REG.names() == ["ghost", "thing"]
+    assert REG.get("thing") == 42 and REG.get("thing") == 42
+    with pytest.raises(RegistryError, match="importing json did not register it"):
+        REG.get("ghost")
+    with pytest.raises(RegistryError, match="registered twice"):
+        REG.register("thing", 43)
+
+
+REG = Registry("lazy thing")
+
+
+def test_every_world_model_name_is_registered_by_its_module():
+    from posttrain.registry import WORLD_MODELS
+    from posttrain.world.trained import RECIPES
+
+    assert set(WORLD_MODELS.names()) == {"world", "world-v2", *RECIPES}
+    for name in WORLD_MODELS.names():
+        assert callable(WORLD_MODELS.get(name))  # imports the module; builds nothing

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from posttrain.compat import check_compatible
+from posttrain.merging.compat import check_compatible
+from posttrain.tensor_writer import ShardedWriter
 from posttrain.tensors import (
     INDEX_FILE,
     SINGLE_FILE,
     MergeMismatch,
     PickleRefused,
     ShardedReader,
-    ShardedWriter,
     sha256_file,
 )
 

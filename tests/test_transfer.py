@@ -13,10 +13,12 @@ import torch
 
 import posttrain.stages  # noqa: F401  (registers the stage kinds and world-v2)
 from posttrain.config import ConfigError, stage_pipeline
-from posttrain.compat import block_of
-from posttrain.models import WORLD_MODELS, resolve_model
+from posttrain.merging.compat import block_of
+from posttrain.models import resolve_model
+from posttrain.registry import WORLD_MODELS
 from posttrain.stages.base import StageContext
-from posttrain.stages.transfer import TransferStageConfig, align_rows, run
+from posttrain.merging.compat import align_rows
+from posttrain.stages.transfer import TransferStageConfig, run
 from tests.conftest import TINY_SOURCE_WORDS as SOURCE_WORDS
 from tests.conftest import TINY_TARGET_WORDS as TARGET_WORDS
 from tests.conftest import TINY_TEMPLATE as TEMPLATE

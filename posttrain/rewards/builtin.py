@@ -13,13 +13,12 @@ import inspect
 import math
 import re
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from posttrain.registry import REWARDS, did_you_mean
 from posttrain.rewards.sandbox import Tests, run_sandboxed
 
-if TYPE_CHECKING:  # posttrain.rewards imports this module to register the builtins
-    from posttrain.rewards import RewardStats
+from posttrain.rewards.stats import RewardStats
 
 # Keyword-only parameters that build_reward_funcs fills from the RewardSpec rather than from its params.
 FROM_SPEC = ("timeout_s", "memory_mb", "stats")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 from pydantic.fields import FieldInfo
 
-from posttrain.config import NAME_PATTERN, Strict
+from posttrain.schema import NAME_PATTERN, Strict
 from posttrain.registry import STAGES
 
 

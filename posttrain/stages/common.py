@@ -17,9 +17,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from posttrain.config import ConfigError, Strict
+from posttrain.schema import ConfigError, Strict
 from posttrain.hft import TrainableConfig, frozen_slices
+from posttrain.models import cast_saved_weights, fit_cpu_threads, save_model_folder, saved_dtype
 from posttrain.progress import progress_line, quiet_trainer, verbose
+from posttrain.ranks import is_main
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
@@ -264,8 +266,6 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     DeepSpeed the weights live in shards, so every rank takes part in trainer.save_model, which gathers them.
     Once saved, the trainer lets go of its model, optimizer and vLLM engine (`_release_trainer`).
     """
-    from posttrain.distributed import is_main
-    from posttrain.models import fit_cpu_threads, save_model_folder, saved_dtype
 
     fit_cpu_threads(sum(p.numel() for p in trainer.model.parameters()))
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
@@ -336,8 +336,6 @@ def _save_gathered(trainer: Any, tokenizer: Any, out: Path, dtype: str | None) -
     """FSDP / DeepSpeed: trainer.save_model gathers the full weights (a collective: every rank calls it) and
     writes them on the main process (FULL_STATE_DICT, zero3_save_16bit_model in configs/accelerate/). They are
     written in the dtype they trained in, so the files are cast to the input's `dtype` afterwards."""
-    from posttrain.distributed import is_main
-    from posttrain.models import cast_saved_weights
 
     _set_generation_ids(trainer.model, tokenizer)
     trainer.save_model(str(out))

@@ -8,6 +8,7 @@ import contextlib
 from typing import Any
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
+from posttrain.ranks import agree, is_main
 from posttrain.rewards import RewardsFailed, RewardStats
 from posttrain.rollout import (
     VLLMServer,
@@ -117,7 +118,6 @@ def failed_rewards(stats: RewardStats, names: list[str], log) -> list[str]:
     Each process counts its own calls (TRL scores each rank's completions where they were generated), so
     the main process's view is taken by every rank: they fail together or not at all (none waits forever).
     """
-    from posttrain.distributed import agree
 
     failed = agree(stats.failed_every_call())
     for name in (n for n in names if n in failed):
@@ -138,7 +138,6 @@ def rollout_session(cfg: Any, ctx: StageContext) -> tuple[str, dict[str, Any], A
     server mode) while the trainer is built and trains, and stops it when the stage ends, fails or is
     interrupted. Every rank takes the main process's ports; it alone starts the server and talks to it.
     """
-    from posttrain.distributed import agree, is_main
 
     backend = resolve_backend(cfg.rollout)
     serve = backend == "vllm_server" and not cfg.rollout.url

@@ -5,18 +5,16 @@ trainable.json. `posttrain.hft` decides the mask; this module adds what needs th
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from posttrain.config import ConfigError
+from posttrain.schema import ConfigError
 from posttrain.hft import apply_trainable, frozen_slices, lora_targets, write_trainable_json
 from posttrain.hft_layouts import is_expert_tensor, router_names
+from posttrain.ranks import is_main
 from posttrain.stages.base import StageContext
 
-if TYPE_CHECKING:
-    from posttrain.stages.common import TrainableStage
 
-
-def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
+def select_parameters(model: Any, stage: Any, ctx: StageContext):
     """Apply `trainable:` (HFT / patterns) and LoRA; returns (model, peft_config or None, summary).
 
     The summary (also written as the stage's trainable.json, and whose "trained" the stages log as
@@ -44,7 +42,6 @@ def select_parameters(model: Any, stage: TrainableStage, ctx: StageContext):
             lora={"r": stage.lora.r, "alpha": stage.lora.alpha, "modules": modules, "parameters": parameters,
                   "adapter_params": adapter_params},
         )
-    from posttrain.distributed import is_main
 
     if is_main():  # under accelerate launch every rank selects the same parameters; one writes them down
         for warning in summary["warnings"]:
@@ -57,7 +54,7 @@ _NO_DROPOUT = ("lora.dropout: peft adapts the routed experts (peft's target_para
                "lora.dropout: 0")
 
 
-def lora_config(model: Any, stage: TrainableStage, mask: dict[str, Any], warnings: list[str]):
+def lora_config(model: Any, stage: Any, mask: dict[str, Any], warnings: list[str]):
     """peft's LoraConfig for `stage.lora`, adding to `warnings`.
 
     With a `trainable:` mode other than `all`, the targets are the modules and expert tensors holding a part

@@ -8,8 +8,8 @@ version gains the old fine-tuning without training; a pipeline that fine-tunes t
 - vocabularies may differ: embedding and LM-head rows are matched by token string between the source and
   target tokenizers (the paper uses model pairs that share a vocabulary); a target token absent from the source
   gets a zero diff (its row stays the target's); rows of source tokens absent from the target are dropped;
-- λ may differ per block (``per_block``, blocks of :func:`posttrain.compat.block_of`) and may be searched
-  on a dev split (``search``, :mod:`posttrain.merge_search`); the paper uses λ = 1.
+- λ may differ per block (``per_block``, blocks of :func:`posttrain.merging.compat.block_of`) and may be searched
+  on a dev split (``search``, :mod:`posttrain.merging.search`); the paper uses λ = 1.
 
 Everything is checked before anything is written: architecture (config.json ``model_type``, ``architectures``),
 tensor names in all three models, shapes (source base = source fine-tuned exactly; target = source except the
@@ -25,7 +25,7 @@ Work folder (``ctx.work_dir``)::
 
     inputs/<i>/           LoRA adapters merged into their base (removed when the stage ends)
     search/trial_NNN/     candidates of a λ search (only the best survives; it becomes model/)
-    search.jsonl          one line per trial, then the best (see posttrain.merge_search)
+    search.jsonl          one line per trial, then the best (see posttrain.merging.search)
     .model.partial/       the transfer being written, renamed to model/ once complete
     model/                target + λ·Δ: the target's config.json and generation_config.json (special token ids
                           rewritten to match the tokenizer written), the tokenizer of ``tokenizer_from``
@@ -45,17 +45,16 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-import posttrain.world.v2  # noqa: F401  (registers the world model `world-v2`, the default target)
-from posttrain import merge_search
-from posttrain.config import ConfigError
-from posttrain.compat import block_of, check_compatible, coefficients_for, is_vocab_tensor
-from posttrain.merge_search import Coefficients, SearchConfig
-from posttrain.merge_stream import with_progress
+from posttrain.merging.compat import align_rows, block_of, check_compatible, coefficients_for, is_vocab_tensor
+from posttrain.merging.ops import transfer_tensor
+from posttrain.merging.search import Coefficients, SearchConfig, check_grid
+from posttrain.merging.stream import copy_base_files, with_progress
 from posttrain.models import ModelError
-from posttrain.registry import did_you_mean
+from posttrain.schema import ConfigError
 from posttrain.stages.base import StageBase, StageContext, StageResult, stage
-from posttrain.stages.merge import _BLOCK_RE, _check_blocks, _copy_base_files, _input_folder
-from posttrain.tensors import MergeMismatch, ShardedReader, ShardedWriter
+from posttrain.stages.combine import check_block_name, check_blocks, input_model_folder, search_coefficients
+from posttrain.tensor_writer import ShardedWriter
+from posttrain.tensors import MergeMismatch, ShardedReader
 
 
 class TransferRefused(MergeMismatch, ModelError):
@@ -101,9 +100,7 @@ class TransferStageConfig(StageBase):
     @classmethod
     def _known_blocks(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (v or {}).items():
-            if not _BLOCK_RE.match(key):
-                raise ValueError(f"unknown block {key!r}{did_you_mean(key, ['embed', 'lm_head', 'norm', 'other'])}; "
-                                 "blocks are layers.<i>, embed, lm_head, norm, other")
+            check_block_name(key)
             if not math.isfinite(value):
                 raise ValueError(f"per_block.{key} must be finite, got {value}")
         return v
@@ -116,54 +113,10 @@ class TransferStageConfig(StageBase):
             raise ValueError("per_block and search exclude each other; search per block with search.scope: per_block")
         if self.search.scope != "per_block":
             try:
-                merge_search.check_grid(self.search, 1)  # one λ: per_model and shared are the same search
+                check_grid(self.search, 1)  # one λ: per_model and shared are the same search
             except ConfigError as e:
                 raise ValueError(str(e)) from None
         return self
-
-
-# ---------------------------------------------------------------------------------------------------- math
-
-
-def transfer_tensor(target: Tensor, source_base: Tensor, source_finetuned: Tensor, scale: float, *,
-                    rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fine-tuning transfer of one tensor (Lin et al. 2025): ``target + scale·(source_finetuned − source_base)``.
-
-    The diff and the sum are computed in `dtype`, the result cast to the target's dtype. `rows` (vocabulary
-    tensors, shape [V_target]) gives for each target row the source row whose diff it takes, −1 for none (a
-    zero diff). λ = 0 and non-float tensors (integer buffers) return the target unchanged, bit for bit.
-    """
-    if scale == 0.0 or not target.is_floating_point():
-        return target
-    delta = source_finetuned.to(dtype) - source_base.to(dtype)  # [V_source, H] for vocabulary tensors
-    if rows is not None:
-        delta = delta.index_select(0, rows.clamp(min=0))  # [V_target, H]
-        delta[rows < 0] = 0
-    return (target.to(dtype) + scale * delta).to(target.dtype)
-
-
-def align_rows(source_vocab: dict[str, int], target_vocab: dict[str, int], source_rows: int,
-               target_rows: int) -> tuple[Tensor, dict[str, int]]:
-    """Match vocabulary rows by token string: for each target row, the source row of the same token or −1.
-
-    Ids at or past a tensor's row count are ignored (a tokenizer may know fewer ids than a padded embedding
-    has rows; rows without a token also get −1). Returns the index [target_rows] and the alignment counts.
-    """
-    rows = torch.full((target_rows,), -1, dtype=torch.long)
-    unmatched = 0
-    for token, tid in target_vocab.items():
-        if tid >= target_rows:
-            continue
-        sid = source_vocab.get(token)
-        if sid is not None and sid < source_rows:
-            rows[tid] = sid
-        else:
-            unmatched += 1
-    matched = int((rows >= 0).sum())
-    covered = {tid for tid in target_vocab.values() if tid < target_rows}
-    source_only = sum(1 for t, sid in source_vocab.items() if sid < source_rows and t not in target_vocab)
-    return rows, {"matched_tokens": matched, "unmatched_tokens": unmatched, "source_only_tokens": source_only,
-                  "rows_without_token": target_rows - len(covered)}
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -353,7 +306,7 @@ def write_transfer(plan: _Plan, coeffs: Coefficients, out: Path) -> None:
 def _write_files(plan: _Plan, folder: Path) -> None:
     """The target's configs with special-token ids matching the tokenizer written next to them."""
     if plan.tokenizer is None:
-        _copy_base_files(plan.target_dir, folder)
+        copy_base_files(plan.target_dir, folder)
     else:
         for name in ("config.json", "generation_config.json"):
             if (plan.target_dir / name).is_file():
@@ -383,11 +336,11 @@ def run(cfg: TransferStageConfig, ctx: StageContext) -> StageResult:
     target_ref = cfg.target_base or ctx.input_model or "world"
     refs = {"target_base": target_ref, "source_base": cfg.source_base, "source_finetuned": cfg.source_finetuned}
     try:
-        folders = {k: _input_folder(ref, ctx, cfg, scratch) for k, ref in refs.items()}  # type: ignore[arg-type]
+        folders = {k: input_model_folder(ref, ctx, cfg, scratch) for k, ref in refs.items()}  # type: ignore[arg-type]
         plan = _plan(cfg, ctx, folders["target_base"], folders["source_base"], folders["source_finetuned"])
         blocks = sorted({block_of(n) for n in plan.target.names()})
         per_block = {k: [v] for k, v in (cfg.per_block or {}).items()} or None
-        _check_blocks(per_block, blocks)
+        check_blocks(per_block, blocks)
         ctx.log(f"transfer: {folders['target_base']} + λ·({folders['source_finetuned']} − "
                 f"{folders['source_base']}), vocabulary {plan.vocab or 'not aligned (no vocabulary tensor)'}")
         metrics: dict[str, Any] = {"tensors": len(plan.target), "vocab_tensors": len(plan.rows), **plan.vocab,
@@ -396,7 +349,8 @@ def run(cfg: TransferStageConfig, ctx: StageContext) -> StageResult:
             coeffs = Coefficients([cfg.scale], per_block)
             write_transfer(plan, coeffs, out)
         else:
-            coeffs = _search(cfg.search, plan, ctx, blocks, out, metrics)
+            coeffs = search_coefficients(cfg.search, 1, blocks, lambda c, d: write_transfer(plan, c, d), ctx, out,
+                                         metrics, "transfer_scorer")  # one "model": the diff
     finally:
         if plan is not None:
             plan.close()
@@ -408,15 +362,3 @@ def run(cfg: TransferStageConfig, ctx: StageContext) -> StageResult:
     metrics.update(lam)
     ctx.log_metrics({"event": "transfer", **metrics})
     return StageResult(out, metrics)
-
-
-def _search(search: SearchConfig, plan: _Plan, ctx: StageContext, blocks: list[str], out: Path,
-            metrics: dict[str, Any]) -> Coefficients:
-    """Search λ with merge_search (one "model": the diff) and move the best candidate to `out`; the scorer is
-    injectable through ctx.extra["transfer_scorer"] (a callable: model folder -> score)."""
-    points = merge_search.candidates(search, 1, blocks, ctx.seed)
-    scorer = ctx.extra.get("transfer_scorer") or merge_search.eval_scorer(search, ctx.log)
-    coeffs, found = merge_search.run_search(search, points, lambda c, d: write_transfer(plan, c, d), scorer,
-                                            ctx.work_dir, out, ctx.log)
-    metrics.update(found)
-    return coeffs

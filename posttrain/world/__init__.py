@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from posttrain.registry import WORLD_MODELS, did_you_mean
+from posttrain.world.build import build_world
+from posttrain.world.tasks import TASKS
+
 # Bump when anything that changes the generated world changes (data, tokenizer, model shape, pretraining).
 VERSION = "3"
 
@@ -94,8 +98,6 @@ def _cached(key: str, build: Callable[[Path], dict], log: Callable[[str], None] 
 
 
 def world_dir(log: Callable[[str], None] = print) -> Path:
-    from posttrain.world.build import build_world
-
     return _cached(f"world-{VERSION}", lambda tmp: build_world(tmp, log=log), log)
 
 
@@ -104,13 +106,12 @@ def base_model(log: Callable[[str], None] = print) -> Path:
 
 
 def task_file(task: str, split: str, log: Callable[[str], None] = print) -> Path:
-    from posttrain.world.tasks import TASKS
-
     if task not in TASKS:
-        from posttrain.registry import did_you_mean
-
         raise ValueError(f"unknown world task {task!r}{did_you_mean(task, TASKS)}; known: {', '.join(TASKS)}")
     path = world_dir(log) / "data" / task / f"{split}.jsonl"
     if not path.is_file():
         raise ValueError(f"world task {task!r} has no split {split!r} (train, dev, test)")
     return path
+
+
+WORLD_MODELS.register("world", base_model)

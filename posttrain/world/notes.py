@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from posttrain.models import WORLD_MODELS
+from posttrain.registry import WORLD_MODELS
 
 NOTES: dict[str, list[str]] = {
     "merge": [

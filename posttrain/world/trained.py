@@ -12,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from posttrain.models import WORLD_MODELS
+from posttrain import pipeline, world  # through the modules: tests replace run_pipeline and world_dir
+from posttrain.config import load_pipeline
+from posttrain.registry import WORLD_MODELS
+from posttrain.rundir import sha256_json
 from posttrain.world.tuning import world_trainer
 
 # name -> one stage's config (a dict as in a pipeline YAML). Eval is off: these are inputs, not results. Each
@@ -29,7 +32,7 @@ RECIPES: dict[str, dict] = {
     # task vectors are small and task arithmetic of the two onto world-sft keeps both skills.
     "world-dpo-style": {"kind": "dpo", "model": "world-sft", "rehearsal": [{"source": "arithmetic"}],
                         "rpo_alpha": 0.5, "trainer": world_trainer(
-                            "dpo", learning_rate=0.05, max_steps=300, logging_steps=20, save_steps=150)},
+                            "dpo", learning_rate=0.1, max_steps=300, logging_steps=20, save_steps=150)},
     "world-grpo-verifiable": {"kind": "grpo", "model": "world-sft", "data": [{"source": "verifiable"}],
                               "rewards": [{"name": "numeric_match"}], "max_completion_length": 8,
                               "trainer": world_trainer("grpo")},
@@ -37,8 +40,6 @@ RECIPES: dict[str, dict] = {
 
 
 def _pipeline(name: str, recipe: dict):
-    from posttrain.config import load_pipeline
-
     return load_pipeline(None, data={"name": name, "eval": {"enabled": False},
                                      "stages": [{**recipe, "name": name}]})
 
@@ -48,8 +49,6 @@ def cache_key(name: str, recipe: dict | None = None) -> str:
     for a recipe that starts from another recipe's model (`model: world-sft`), by that model's key too, so a
     retrained world-sft retrains the specialists made from it. A recipe from the world base keeps the key of
     its config alone (as before: caches already built stay valid); the base is keyed by the world's version."""
-    from posttrain.rundir import sha256_json
-
     stage = _pipeline(name, RECIPES[name] if recipe is None else recipe).stages[0]
     config = stage.model_dump(mode="json")
     inputs = [cache_key(ref) for ref in (stage.model, *stage.other_inputs()) if ref in RECIPES and ref != name]
@@ -58,22 +57,19 @@ def cache_key(name: str, recipe: dict | None = None) -> str:
 
 def trained_model(name: str, log: Callable[[str], None] = print) -> Path:
     """Run RECIPES[name] once into the cache and return its model folder."""
-    from posttrain.pipeline import run_pipeline
-    from posttrain.world import refuse_build, wait_for_lock, world_dir
-
-    root = world_dir(log) / "models"
+    root = world.world_dir(log) / "models"
     key = cache_key(name)
     run = root / key
     model = run / "stages" / f"01_{name}" / "model"
     if (run / "READY").is_file():
         return model
-    refuse_build(key)
+    world.refuse_build(key)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
-        wait_for_lock(lock, f"world: another process is training {name}; waiting for it", log)
+        world.wait_for_lock(lock, f"world: another process is training {name}; waiting for it", log)
         if not (run / "READY").is_file():
             log(f"world: training {name} once (cached in {run})")
-            run_pipeline(_pipeline(name, RECIPES[name]), run, log)
+            pipeline.run_pipeline(_pipeline(name, RECIPES[name]), run, log)
             (run / "READY").write_text("ok\n")
     return model
 

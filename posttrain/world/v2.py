@@ -14,7 +14,7 @@ Cached like the world itself::
       world.json      manifest: source base, added tokens, pretraining stats
       model/          HF folder: tiny Llama with the grown vocabulary, tokenizer with the world's chat template
 
-Registered as `world-v2` in WORLD_MODELS when this module is imported (the transfer stage imports it).
+Registered as `world-v2` in WORLD_MODELS (a lazy entry: the registry imports this module on first use).
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from posttrain.models import WORLD_MODELS
+from posttrain.registry import WORLD_MODELS
+from posttrain.world import VERSION, _cached, base_model, tasks
+from posttrain.world.build import _corpus, _packed_blocks, one_thread
+from posttrain.world.steps import train_with_progress
 
 METALS = ["copper", "silver", "cobalt", "nickel", "zinc", "bronze"]  # the added tokens
 SEED = 1  # the world base was built with seed 0
@@ -32,16 +35,12 @@ STEPS = 100  # continued pretraining: ~1.2 CPU-seconds a step, about a minute on
 
 def metals_table() -> dict[str, str]:
     """entity -> metal: the facts only world-v2 knows."""
-    from posttrain.world import tasks
-
     rng = random.Random(5678)
     return {e: rng.choice(METALS) for e in tasks.entities()}
 
 
 def v2_texts(seed: int = SEED) -> list[str]:
     """The corpus lines that are new in v2: changed phrasing and the metal facts (not the re-drawn corpus)."""
-    from posttrain.world import tasks
-
     rng = random.Random(f"v2-{seed}")
     texts = []
     for entity, metal in metals_table().items():
@@ -59,10 +58,6 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from posttrain.world import base_model
-    from posttrain.world.build import _corpus, _packed_blocks, one_thread
-    from posttrain.world.steps import train_with_progress
 
     base = base_model(log)
     set_seed(SEED)
@@ -96,8 +91,6 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
 
 def world_v2(log: Callable[[str], None] = print) -> Path:
     """The `world-v2` model folder, built once and cached."""
-    from posttrain.world import VERSION, _cached
-
     return _cached(f"world-v2-{VERSION}", lambda tmp: build_v2(tmp, log=log), log) / "model"
 
 

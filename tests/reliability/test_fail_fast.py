@@ -137,7 +137,7 @@ def test_a_world_model_not_built_yet_is_left_for_its_stage(monkeypatch, tmp_path
     """Checks before a run never build a world model (minutes): an unbuilt one is checked when it exists."""
     import posttrain.world as world
     from posttrain.model_check import existing_model
-    from posttrain.models import WORLD_MODELS
+    from posttrain.registry import WORLD_MODELS
 
     built = []
 

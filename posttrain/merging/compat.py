@@ -12,9 +12,11 @@ import re
 
 import torch
 
+from torch import Tensor
+
 from posttrain.tensors import MergeMismatch, ShardedReader
 
-__all__ = ["block_of", "coefficients_for", "is_vocab_tensor", "check_compatible"]
+__all__ = ["block_of", "coefficients_for", "is_vocab_tensor", "check_compatible", "align_rows"]
 
 # "model.layers.3.mlp.up_proj.weight", "transformer.h.3.attn...", "gpt_neox.layers.3...", "blocks.3..."
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -119,3 +121,27 @@ def _compare_shapes(name: str, ref: ShardedReader, other: ShardedReader) -> None
 
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def align_rows(source_vocab: dict[str, int], target_vocab: dict[str, int], source_rows: int,
+               target_rows: int) -> tuple[Tensor, dict[str, int]]:
+    """Match vocabulary rows by token string: for each target row, the source row of the same token or −1.
+
+    Ids at or past a tensor's row count are ignored (a tokenizer may know fewer ids than a padded embedding
+    has rows; rows without a token also get −1). Returns the index [target_rows] and the alignment counts.
+    """
+    rows = torch.full((target_rows,), -1, dtype=torch.long)
+    unmatched = 0
+    for token, tid in target_vocab.items():
+        if tid >= target_rows:
+            continue
+        sid = source_vocab.get(token)
+        if sid is not None and sid < source_rows:
+            rows[tid] = sid
+        else:
+            unmatched += 1
+    matched = int((rows >= 0).sum())
+    covered = {tid for tid in target_vocab.values() if tid < target_rows}
+    source_only = sum(1 for t, sid in source_vocab.items() if sid < source_rows and t not in target_vocab)
+    return rows, {"matched_tokens": matched, "unmatched_tokens": unmatched, "source_only_tokens": source_only,
+                  "rows_without_token": target_rows - len(covered)}

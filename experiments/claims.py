@@ -1,6 +1,6 @@
 """The seed claims (issue 11) reproduced on the embedded world: run their pipelines, then write claims.md.
 
-    python -m posttrain.claims [--runs runs/claims] [--only NAME,...] [--no-run] [--update-readme]
+    python -m experiments.claims [--runs runs/claims] [--only NAME,...] [--no-run] [--update-readme]
 
 Each claim names a pipeline in ``configs/pipelines/claims/`` (run into ``<runs>/<pipeline>``; a rerun skips
 the finished stages) and the comparisons that decide it, all fixed here before any outcome was seen. Every
@@ -255,7 +255,7 @@ def claim_section(claim: Claim, d: dict) -> str:
 
 def render(claims: tuple[Claim, ...], decisions: dict[str, dict], header: str = "") -> str:
     intro = ("# Seed claims on the embedded world\n\n"
-             f"{header}Written by `make claims` (`python -m posttrain.claims`); every score is copied from the "
+             f"{header}Written by `make claims` (`python -m experiments.claims`); every score is copied from the "
              "cited `report/forgetting.json` (value ± stderr). A comparison a > b is *held* when a − b > 2·se, "
              "*not held* when b − a > 2·se, *not significant* otherwise (se = sqrt(se_a² + se_b²)); an exact-match "
              "comparison is *at floor* when both rows are 0 within 2 of their own stderr. A claim is held when "
@@ -289,7 +289,7 @@ def update_readme(table: str, readme: Path = REPO / "README.md") -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m posttrain.claims", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.claims", description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs/claims", help="one run folder per pipeline, and claims.md")
     p.add_argument("--only", default="", help="comma-separated pipeline names to run (all: empty)")
     p.add_argument("--no-run", action="store_true", help="only write claims.md from the reports there")

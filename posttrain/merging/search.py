@@ -9,7 +9,7 @@
       trials: 8
 
 Each trial writes a full candidate merge to ``<work_dir>/search/trial_NNN/``, scores it with the scorer (by
-default the eval suite through ``evals.runner.evaluate_model`` on the dev split, one task), appends one JSON
+default the eval suite on the dev split, one task: ``posttrain.stages.combine.eval_scorer``), appends one JSON
 line to ``<work_dir>/search.jsonl`` and keeps the folder only while it is the best so far; the last line of
 ``search.jsonl`` is the best trial (``"best": true``), whose folder becomes the stage's ``model/`` (merge and
 transfer both end this way). Ties keep the earlier trial; a NaN score never wins.
@@ -31,10 +31,9 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import ConfigError, EvalConfig, Strict
+from posttrain.schema import ConfigError, Strict
 
-__all__ = ["SearchRange", "SearchConfig", "Coefficients", "Trial", "candidates", "grid_size", "eval_scorer",
-           "run_search"]
+__all__ = ["SearchRange", "SearchConfig", "Coefficients", "Trial", "candidates", "grid_size", "run_search"]
 
 Scorer = Callable[[Path], float]  # a candidate model folder -> its score on search.metric
 _MAX_GRID = 4096  # beyond this a grid is a mistake (3 values, 2 models, 4 blocks is already 6,561 points)
@@ -169,27 +168,6 @@ def _expand(point: list[float], scope: str, n_models: int, blocks: list[str]) ->
     # block-major: point[b * n_models : (b + 1) * n_models] are block b's coefficients, one per model.
     per_block = {b: list(point[i * n_models : (i + 1) * n_models]) for i, b in enumerate(blocks)}
     return Coefficients([1.0] * n_models, per_block)
-
-
-def eval_scorer(search: SearchConfig, log: Callable[[str], None] = print) -> Scorer:
-    """The default scorer: `search.metric` from the eval suite on `search.split`, scoring only its task."""
-    from evals.runner import evaluate_model, load_suite
-
-    suite = load_suite(search.suite)
-    if search.task not in suite.tasks:
-        raise ConfigError(f"search.metric: task {search.task!r} is not in suite {suite.name!r} "
-                          f"({', '.join(suite.tasks)})")
-    settings = EvalConfig(suite=search.suite, limit=search.limit)
-
-    def score(model_dir: Path) -> float:
-        result = evaluate_model(str(model_dir), settings=settings, split=search.split, tasks=[search.task], log=log)
-        scores = result["scores"]
-        if search.metric not in scores:
-            raise ConfigError(f"search.metric: {search.metric!r} is not a score of the eval; it gave "
-                              f"{', '.join(sorted(scores)) or 'nothing'}")
-        return float(scores[search.metric]["value"])
-
-    return score
 
 
 def _better(score: float, best: Trial | None, mode: str) -> bool:

@@ -3,73 +3,116 @@
 For each tensor name the merge stage calls :func:`write_tensor`. A floating-point tensor is cut into slices
 of ``SLICE`` elements (1 MiB of float32); each slice is read from every input with
 ``ShardedReader.read_flat`` into a buffer reused for the whole merge, merged by the registered method with a
-:class:`Scratch` for its temporaries, and written with ``ShardedWriter.add_flat``.
+:class:`~posttrain.merging.ops.Scratch` for its temporaries, and written with ``ShardedWriter.add_flat``.
 The working set (~15 slice buffers) stays in the CPU caches, and nothing is allocated per slice.
 
-Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it):
+How a tensor is cut is what its method declared at registration (posttrain.merging.ops), never its name:
 
-  * task arithmetic, linear: elementwise;
-  * DARE: each model draws from its own generator, slice after slice, and a draw over [0, a) then [a, b) is
-    the stream of one draw over [0, b) (checked for numpy's PCG64 and torch), so slicing leaves masks alone;
-  * TIES: the trim threshold of each model (the k-th largest |τ_i| of the whole tensor, exact) is found
-    first by :func:`trim_thresholds`, then passed with every slice; sign election and mean are elementwise.
-    That reads every slice twice, so a tensor whose inputs fit CACHE_BYTES is read once, whole.
+  * ``SLICES`` (linear, task arithmetic, DARE): slice by slice. DARE's generators draw slice after slice, and
+    a draw over [0, a) then [a, b) is the stream of one draw over [0, b), so slicing leaves masks alone;
+  * ``TRIM`` (TIES): each model's trim threshold (the k-th largest |τ_i| of the whole tensor, exact) is found
+    first by :func:`trim_thresholds`, then passed with every slice. That reads every slice twice, so a tensor
+    whose inputs fit CACHE_BYTES is read once, whole;
+  * ``WHOLE`` (Breadcrumbs, SLERP): the whole tensor at once.
 
-Breadcrumbs (two thresholds per model) takes the whole tensor at once.
+Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it). The
+measurements behind SLICE, SAMPLE and CACHE_BYTES: docs/notes/merging.md.
 """
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from posttrain.merge_methods import _count_of, _work_dtype, kth_largest
-from posttrain.tensors import ShardedReader, ShardedWriter
+from posttrain.merging.compat import coefficients_for
+from posttrain.merging.ops import SLICES, TRIM, Scratch, count_of, kth_largest, work_dtype
+from posttrain.merging.search import Coefficients
+from posttrain.tensor_writer import ShardedWriter
+from posttrain.tensors import INDEX_FILE, ShardedReader
 
-if TYPE_CHECKING:
-    from posttrain.stages.merge import _Plan
+__all__ = ["SLICE", "MergePlan", "model_generators", "write_merge", "write_tensor", "trim_thresholds", "with_progress",
+           "copy_base_files"]
 
-__all__ = ["SLICE", "SLICED", "Scratch", "write_tensor", "trim_thresholds", "with_progress"]
-
-# 2**18 elements: 1 MiB per float32 buffer. A TIES slice touches ~15 such buffers, which stay in L2/L3 (one
-# pass over a 131 MB tensor from DRAM measured ~4x slower per element); 2**17 and 2**19 measured 3-10% slower
-# on the benchmark's merges (more Python calls, or less cache).
+# 2**18 elements: 1 MiB per float32 buffer; a TIES slice's ~15 such buffers stay in L2/L3.
 SLICE = 1 << 18
-SLICED = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
-# TIES thresholds: a sample of SAMPLE entries brackets the k-th largest |τ| by ranks ± WINDOW_SIGMAS binomial
+# TRIM thresholds: a sample of SAMPLE entries brackets the k-th largest |τ| by ranks ± WINDOW_SIGMAS binomial
 # standard deviations (+ 0.1% of the sample). The entries are evenly spaced with a spacing coprime to the row
-# length, so they fall in every row and every column: weights whose rows or columns differ in scale (lognormal
-# σ 1-2) missed the window in 3 of 8 tensors with 32 runs of 2048 entries, in none with this. From a tensor
-# read whole they are a strided view; from the files, runs of SAMPLE_BLOCK entries (one read per run).
+# length, so they fall in every row and every column (weights whose rows or columns differ in scale). From a
+# tensor read whole they are a strided view; from the files, runs of SAMPLE_BLOCK entries (one read per run).
 SAMPLE, SAMPLE_BLOCK, WINDOW_SIGMAS = 1 << 16, 64, 4.0
-# TIES reads a tensor whose inputs together fit CACHE_BYTES once, whole, instead of slice by slice twice.
+# TRIM reads a tensor whose inputs together fit CACHE_BYTES once, whole, instead of slice by slice twice.
 CACHE_BYTES = 48 * 2**20
 
 
-class Scratch:
-    """Reusable buffers for a method's temporaries, by name. The merge stage passes one Scratch to every
-    slice of every tensor, so the ~10 temporaries of a TIES slice are allocated once per merge, not per
-    slice: a fresh 1 MB block costs page faults (100-400 µs measured, as much as the math on it). A result
-    computed with a Scratch may live in one of its buffers: it is valid until the next call that uses it."""
+@dataclass
+class MergePlan:
+    """Everything one merge needs except the coefficients (a search writes several merges from one plan)."""
 
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
-        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}  # slices repeat one shape
+    method: str
+    fn: Callable  # a registered merge method (its `streaming` says how to cut a tensor for it)
+    params: dict[str, Any]
+    dtype: torch.dtype  # math
+    seed: int
+    max_shard_bytes: int
+    ref: ShardedReader  # names, output dtypes and non-float tensors come from here (the base)
+    base: ShardedReader | None  # None for linear, which ignores the base
+    models: list[ShardedReader]
+    files_from: Path
 
-    def take(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        view = self._views.get((key, tuple(shape), dtype))
-        if view is not None:
-            return view
-        n = math.prod(shape)
-        buf = self._bufs.get((key, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[(key, dtype)] = torch.empty(n, dtype=dtype)
-            self._views = {k: v for k, v in self._views.items() if k[0] != key or k[2] != dtype}
-        view = self._views[(key, tuple(shape), dtype)] = buf[:n].view(shape)
-        return view
+    def close(self) -> None:
+        for r in {id(r): r for r in [self.ref, *([self.base] if self.base else []), *self.models]}.values():
+            r.close()
+
+
+def model_generators(seed: int, n_models: int) -> list[np.random.Generator]:
+    """One generator per model for the DARE masks: numpy PCG64 streams spawned from ``SeedSequence(seed)``
+    (independent by construction), each running on tensor after tensor, slice after slice."""
+    return [np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(n_models)]
+
+
+def write_merge(plan: MergePlan, coeffs: Coefficients, out: Path) -> None:
+    """Stream every tensor through the method into `out` (written as a partial folder, renamed when complete).
+
+    Each model's generator (:func:`model_generators`) draws its DARE masks tensor by tensor in sorted-name
+    order, so the same seed gives the same merge whatever the sharding of the inputs and the slicing.
+    """
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    gens = model_generators(plan.seed, len(plan.models))
+    scratch = Scratch()  # the slice buffers, reused by every tensor
+    try:
+        # The layout lets the writer put each tensor straight into its shard file: no shard is held in memory.
+        with ShardedWriter(partial, max_shard_bytes=plan.max_shard_bytes, layout=plan.ref.layout()) as writer:
+            for name in with_progress(plan.ref.names(), plan.ref, "merge"):
+                weights = coefficients_for(name, coeffs.weights, coeffs.per_block)
+                write_tensor(plan, name, weights, gens, writer, scratch)
+        copy_base_files(plan.files_from, partial)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+# Files copied from the base next to the merged weights: config, generation config, tokenizer and template.
+BASE_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+              "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.tiktoken", "spiece.model")
+
+
+def copy_base_files(src: Path, dst: Path, overwrite: bool = True, only_tokenizer: bool = False) -> None:
+    patterns = [p for p in BASE_FILES if not (only_tokenizer and p.endswith("config.json"))]
+    for p in sorted(src.iterdir()):
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns) and p.name != INDEX_FILE:
+            if overwrite or not (dst / p.name).exists():
+                shutil.copy2(p, dst / p.name)
 
 
 def with_progress(names: list[str], reader: ShardedReader, desc: str) -> Iterator[str]:
@@ -84,7 +127,7 @@ def with_progress(names: list[str], reader: ShardedReader, desc: str) -> Iterato
             bar.update(size)
 
 
-def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.random.Generator],
+def write_tensor(plan: MergePlan, name: str, weights: list[float], gens: list[np.random.Generator],
                  writer: ShardedWriter, scratch: Scratch) -> None:
     """Merge tensor ``name`` of every input with ``weights`` (one per model) and write it to ``writer``."""
     ref = plan.ref
@@ -94,17 +137,19 @@ def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.ran
         return
     kwargs: dict[str, Any] = dict(generator=gens, dtype=plan.dtype, scratch=scratch, **plan.params)
     base_arg = (lambda b: b) if plan.base is not None else (lambda b: None)
-    if plan.method not in SLICED:
+    streaming = plan.fn.streaming
+    if streaming not in (SLICES, TRIM):
         src = _Source(plan, name, weights, scratch, whole=False)
         base, tensors = src.read(0, n)
         merged = plan.fn(base_arg(base), tensors, weights, **kwargs)
         writer.add(name, merged.to(dtype).reshape(ref.shape(name)))
         return
-    two_passes = plan.method == "ties" and n > SLICE and kwargs.get("density", 0.2) < 1.0
-    # TIES reads every slice twice (thresholds, then merge): a tensor that fits CACHE_BYTES is read once.
+    density = kwargs.get("density", _default(plan.fn, "density")) if streaming == TRIM else 1.0
+    two_passes = n > SLICE and density < 1.0
+    # TRIM reads every slice twice (thresholds, then merge): a tensor that fits CACHE_BYTES is read once.
     src = _Source(plan, name, weights, scratch, whole=two_passes and src_bytes(plan, name) <= CACHE_BYTES)
     if two_passes:
-        kwargs["thresholds"] = trim_thresholds(plan, src, kwargs.get("density", 0.2), scratch)
+        kwargs["thresholds"] = trim_thresholds(plan, src, density, scratch)
     for start in range(0, n, SLICE):
         stop = min(n, start + SLICE)
         base, tensors = src.slice(start, stop)
@@ -112,7 +157,12 @@ def write_tensor(plan: _Plan, name: str, weights: list[float], gens: list[np.ran
         writer.add_flat(name, start, merged.to(dtype))
 
 
-def src_bytes(plan: _Plan, name: str) -> int:
+def _default(fn: Callable, param: str) -> Any:
+    """The default of a method's keyword parameter (a TRIM method's ``density``)."""
+    return inspect.signature(fn).parameters[param].default
+
+
+def src_bytes(plan: MergePlan, name: str) -> int:
     return plan.ref.numel(name) * plan.ref.dtype(name).itemsize * (1 + len(plan.models))
 
 
@@ -121,10 +171,10 @@ class _Source:
     leave zero-weight models out before any math, so those are not read (the base stands in for them).
     ``whole``: read each input once into a buffer and hand out views; else read every slice from the files."""
 
-    def __init__(self, plan: _Plan, name: str, weights: list[float], scratch: Scratch, whole: bool):
+    def __init__(self, plan: MergePlan, name: str, weights: list[float], scratch: Scratch, whole: bool):
         skip = plan.base is not None
         self.name, self.scratch, self.dtype = name, scratch, plan.ref.dtype(name)
-        self.n, self.work = plan.ref.numel(name), _work_dtype(plan.dtype)
+        self.n, self.work = plan.ref.numel(name), work_dtype(plan.dtype)
         self.np_work = np.float64 if self.work == torch.float64 else np.float32
         self.readers = [plan.ref, *(None if skip and w == 0.0 else r for r, w in zip(plan.models, weights))]
         self.active = [i for i, r in enumerate(self.readers[1:]) if r is not None]
@@ -158,9 +208,9 @@ def _base_for_missing(got: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
     return got[0], [g if g is not None else got[0] for g in got[1:]]
 
 
-def trim_thresholds(plan: _Plan, src: _Source, density: float, scratch: Scratch) -> list[float]:
+def trim_thresholds(plan: MergePlan, src: _Source, density: float, scratch: Scratch) -> list[float]:
     """TIES's trim threshold for each model (the ``floor(density·n)``-th largest |θ_i − θ_base| of the whole
-    tensor, exactly; see ``merge_methods.trim_threshold``) without holding the tensor.
+    tensor, exactly; see ``posttrain.merging.ops.trim_threshold``) without holding the tensor.
 
     Sample, bracket, count, select: |τ_i| on a sample of the tensor gives a window [lo, hi] that holds the k-th
     largest with a margin of WINDOW_SIGMAS standard deviations of its sample rank; one pass over the slices
@@ -170,7 +220,7 @@ def trim_thresholds(plan: _Plan, src: _Source, density: float, scratch: Scratch)
     tensor's entries, for one model): slower, never inexact. Zero-weight models get ``inf`` (they are left
     out before any math).
     """
-    k = _count_of(density, src.n)
+    k = count_of(density, src.n)
     limits = [math.inf] * (len(src.readers) - 1)  # k == 0: nothing kept
     if k == 0 or not src.active:
         return limits
@@ -218,8 +268,7 @@ def _windows(src: _Source, q: float, row: int) -> list[tuple[float, float]]:
 def _count_pass(src: _Source, active: list[int], windows: list[tuple[float, float]],
                 scratch: Scratch) -> tuple[list[int], list[np.ndarray]]:
     """One pass over the slices: per model, the count of |τ| > hi and the entries with lo <= |τ| <= hi.
-    |τ| has the bits that ties() computes for the same entries; numpy for the comparisons: ~10x faster than
-    torch's into bool tensors (measured on one core)."""
+    |τ| has the bits that ties() computes for the same entries; numpy for the comparisons (docs/notes/merging.md)."""
     above = [0] * len(active)
     inside: list[list[np.ndarray]] = [[] for _ in active]
     over = np.empty(SLICE, dtype=bool)
@@ -233,5 +282,5 @@ def _count_pass(src: _Source, active: list[int], windows: list[tuple[float, floa
             o, w = over[: a.size], within[: a.size]
             above[j] += int(np.count_nonzero(np.greater(a, hi, out=o)))
             np.logical_and(np.greater_equal(a, lo, out=w), np.logical_not(o, out=o), out=w)
-            inside[j].append(a.take(np.flatnonzero(w)))  # a copy (the buffer is reused); 3x faster than a[w]
+            inside[j].append(a.take(np.flatnonzero(w)))  # a copy (the buffer is reused); faster than a[w]
     return above, [np.concatenate(parts) for parts in inside]

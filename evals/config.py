@@ -1,0 +1,27 @@
+"""The eval block: the one set of eval settings every stage's evaluation (base included) runs with, so every
+delta compares like with like."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.schema import Strict
+
+
+class EvalConfig(Strict):
+    """The one eval block shared by every stage kind; the same settings run on base and after every stage."""
+
+    enabled: bool = True
+    suite: str = "world"
+    limit: int | None = Field(100, ge=1, description="examples per task (None = all)")
+    batch_size: int = Field(32, ge=1)
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="backend vllm: vLLM's share of the GPU's memory (vLLM's own default, 0.9, "
+                                     "refuses to start when less is free)")
+    seed: int = 0
+    num_fewshot: int = Field(0, ge=0)
+    max_new_tokens: int = Field(24, ge=1)
+    max_drop: dict[str, float] = Field(default_factory=dict, description="task -> allowed drop below base")
+    on_drop: Literal["stop", "warn"] = "stop"
