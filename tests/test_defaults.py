@@ -107,7 +107,7 @@ def test_defaults_add_no_loss_term_and_keep_trls_optimizer():
 
 # Fields a world config changes on purpose from its kind's block in posttrain/world/tuning.py.
 WORLD_CHANGES = {
-    ("stages/dpo.yaml", "dpo"): {"learning_rate": 0.05, "max_steps": 300, "save_steps": 150, "logging_steps": 20},
+    ("stages/dpo.yaml", "dpo"): {"learning_rate": 0.1, "max_steps": 300, "save_steps": 150, "logging_steps": 20},
     ("pipelines/recycle_then_finetune.yaml", "sft_recycled"): {"max_steps": 60},
     ("pipelines/recycle_then_finetune.yaml", "sft_from_v2"): {"max_steps": 60},
     ("pipelines/claims/recycle_then_finetune.yaml", "sft_recycled"): {"max_steps": 60},
