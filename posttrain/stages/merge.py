@@ -65,7 +65,6 @@ def _world_specialists() -> list[MergeInput]:
 
 
 class MergeStageConfig(StageBase):
-    kind: str = Field("merge", pattern="^merge$")
     method: str = Field("ties", description="a merge method: " + ", ".join(MERGE_METHODS.names()))
     base: str | None = Field(None, description="pre-trained model; default: the stage input (`model:` or the "
                                                "previous stage); linear: the first model")

@@ -14,7 +14,7 @@ import torch
 import posttrain.stages  # noqa: F401  (registers the stage kinds)
 from posttrain.models import ModelError
 from posttrain.stages.merge import MergeRefused
-from posttrain.stages.transfer import TransferRefused
+from posttrain.stages.transfer_plan import TransferRefused
 from posttrain.tensors import MergeMismatch
 from tests.conftest import (TINY_SOURCE_WORDS, TINY_TARGET_WORDS, TINY_TEMPLATE, make_tiny_llama, tiny_tokenizer,
                             with_architecture, with_renamed_tensor)
