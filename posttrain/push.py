@@ -84,18 +84,24 @@ def _data_cell(stage: dict) -> str:
 def _settings_cell(stage: dict) -> str:
     trainer = stage.get("trainer") or {}
     cells = [f"{k}={trainer[k]}" for k in KEY_SETTINGS if trainer.get(k) is not None]
-    for k in ("method", "trainable"):
-        if stage.get(k):
-            cells.append(f"{k}={stage[k]}")
+    if stage.get("method"):
+        cells.append(f"method={stage['method']}")
+    trainable = stage.get("trainable") or {}
+    if trainable.get("mode", "all") != "all":  # HFT: which parameters trained (the yaml below has the rest)
+        cells.append(f"trainable={trainable['mode']}" + (f" {trainable['fraction']}" if trainable.get("fraction") else ""))
     if stage.get("lora"):
         cells.append(f"lora r={stage['lora'].get('r')}")
     return ", ".join(cells) or "–"
 
 
-def lineage_table(pipe: dict, report: dict | None, name: str) -> str:
+def _base(pipe: dict) -> str:
+    """The model the first stage builds on, as the config names it (a merge's `base:`, else its `model:`)."""
     first = pipe["stages"][0]
-    base = first.get("base") or first.get("model") or "world"
-    rows = [f"| 0 | base | – | {base} | – |"]
+    return str(first.get("base") or first.get("model") or "world")
+
+
+def lineage_table(pipe: dict, report: dict | None, name: str) -> str:
+    rows = [f"| 0 | base | – | {_base(pipe)} | – |"]
     for i, s in enumerate(pipe["stages"], start=1):
         if s["name"] in ancestors(pipe, report, name):
             rows.append(f"| {i} | {s['name']} | {s['kind']} | {_data_cell(s)} | {_settings_cell(s)} |")
@@ -130,7 +136,10 @@ def render_card(run_dir: Path, name: str, repo: str) -> str:
     report_path = run_dir / "report" / "forgetting.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     kinds = sorted({s["kind"] for s in pipe["stages"] if s["name"] in ancestors(pipe, report, name)})
-    front = {"library_name": "transformers", "tags": ["posttrain", *kinds]}
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["posttrain", *kinds]}
+    base = _base(pipe)
+    if _REPO.match(base) and not Path(base).expanduser().exists():  # a hub model: the hub links the card to it
+        front["base_model"] = base
     out = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo.split('/')[-1]}", "",
            f"Stage `{name}` ({stage['kind']}) of the posttrain pipeline `{pipe.get('name')}`.", "",
            "## Lineage", "", lineage_table(pipe, report, name), "", "## Forgetting", ""]

@@ -12,7 +12,8 @@ from posttrain.cli import main
 from posttrain.world.tuning import world_trainer
 
 TINY = world_trainer("sft", max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=2)
-FAKE = {"01_arithmetic": (0.75, 0.25), "02_reversal": (0.5, 0.875), "/base": (0.25, 0.125)}
+# Four decimals (what the card shows), so a card that rounded further would not match.
+FAKE = {"01_arithmetic": (0.6875, 0.3125), "02_reversal": (0.5, 0.875), "/base": (0.25, 0.125)}
 KEYS = ["world_arithmetic/exact_match", "world_reversal/exact_match"]
 
 
@@ -50,10 +51,10 @@ def test_run_from_python_gives_the_report_as_records(two_tasks):
         assert r["value"] == written["stages"][i]["scores"][r["key"]]["value"]
         assert r["delta_vs_base"] == written["tasks"][r["key"]]["delta_vs_base"][i]
         assert r["forgetting"] == written["tasks"][r["key"]]["forgetting"][i]
-    # The made-up scores through the real report: reversal lost 0.25 of arithmetic's 0.75 and gained 0.75.
+    # The made-up scores through the real report: reversal lost 0.1875 of arithmetic's 0.6875 and gained 0.75.
     last = {r["key"]: r for r in records if r["stage"] == "reversal"}
-    assert last[KEYS[0]]["delta_vs_previous"] == -0.25 and last[KEYS[1]]["delta_vs_base"] == 0.75
-    assert last[KEYS[0]]["forgetting"] == 0.25 and run.report.summary == written["summary"]
+    assert last[KEYS[0]]["delta_vs_previous"] == -0.1875 and last[KEYS[1]]["delta_vs_base"] == 0.75
+    assert last[KEYS[0]]["forgetting"] == 0.1875 and run.report.summary == written["summary"]
     frame = run.report.frame()
     assert list(frame["value"]) == [r["value"] for r in records]
 
