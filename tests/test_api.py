@@ -127,3 +127,17 @@ def test_push_refuses_bad_input_in_one_line(two_tasks, capsys, args, message):
 def test_push_refuses_a_folder_that_is_no_run_dir(tmp_path, capsys):
     assert main(["push", str(tmp_path), "--stage", "sft", "--repo", "org/x"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run dir (no pipeline.yaml)"
+
+
+def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_tasks, monkeypatch, capsys):
+    import huggingface_hub
+
+    _, run_dir = two_tasks
+
+    def create_repo(self, repo_id, **kw):
+        raise RuntimeError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    assert main(["push", str(run_dir), "--stage", "arithmetic", "--repo", "org/x"]) == 1
+    assert capsys.readouterr().err.strip() == "error: push to org/x: 401 Client Error: Unauthorized"
+    assert not list(run_dir.glob(".push-*"))
