@@ -1,4 +1,4 @@
-"""posttrain command line: run | stage | eval | report | list.
+"""posttrain command line: run | stage | eval | report | list | push.
 
 Exit codes: 0 success, 2 bad input (config, data, model reference), 1 a failed run, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM; unwinds as Ctrl-C does). Errors print one line;
@@ -26,6 +26,7 @@ from posttrain.data import DataError
 from posttrain.model_files import check_folder_files
 from posttrain.models import ModelError, resolve_model
 from posttrain.pipeline import Pipeline, check_inputs
+from posttrain.push import add_parser as add_push_parser, push_command
 from posttrain.progress import VERBOSE_ENV
 from posttrain.registry import RegistryError
 from posttrain.rollout import RolloutServerError
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write eval.json here")
     e.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights (they can run code)")
     e.add_argument("--trust-remote-code", action="store_true", help="load a model whose config names its own code")
+    add_push_parser(sub)
     return p
 
 
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"run": _run, "stage": _run, "list": list_keys, "report": _report, "eval": _eval}
+    handlers = {"run": _run, "stage": _run, "list": list_keys, "report": _report, "eval": _eval,
+                "push": push_command}
     if args.command in ("run", "stage"):
         _quiet_libraries(args.verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)

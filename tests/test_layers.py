@@ -95,12 +95,15 @@ LAYERS: dict[str, int] = {
     "posttrain.__main__": 5,
     "posttrain.cli": 5,
     "posttrain.cli_list": 5,
+    "posttrain.api": 5,
+    "posttrain.push": 5,
 }
 
 # Libraries a function may import for itself: heavy or optional, so the base install and `posttrain --help`
 # do not pay for them.
 HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "lm_eval", "matplotlib", "datasets", "accelerate",
-         "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm"}
+         "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm",
+         "pandas"}
 
 def _layer(module: str) -> int | None:
     return LAYERS.get(module, 3 if module.startswith("posttrain.stages.") else None)

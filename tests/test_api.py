@@ -1,0 +1,143 @@
+"""The Python API (posttrain.api) and `posttrain push` (posttrain.push), on one two-task world pipeline run from
+Python: two 3-step SFTs, evals stubbed at lm-eval's boundary with made-up scores (as tests/test_pipeline.py does),
+so the records, eval.json files and report are the pipeline's own. The hub is stubbed at HfApi's methods."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import posttrain as pt
+from posttrain.cli import main
+from posttrain.world.tuning import world_trainer
+
+TINY = world_trainer("sft", max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=2)
+# Four decimals (what the card shows), so a card that rounded further would not match.
+FAKE = {"01_arithmetic": (0.6875, 0.3125), "02_reversal": (0.5, 0.875), "/base": (0.25, 0.125)}
+KEYS = ["world_arithmetic/exact_match", "world_reversal/exact_match"]
+
+
+def _fake_lm_eval(model_dir, spec, include, limit, settings, log):
+    values = next(v for k, v in FAKE.items() if k in str(model_dir))
+    scores = {key: {"value": v, "stderr": 0.0625} for key, v in zip(KEYS, values)}
+    return {"scores": scores, "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}}
+
+
+@pytest.fixture(scope="module")
+def two_tasks(world, tmp_path_factory):
+    """pt.run of arithmetic then reversal, from a dict; (Run, run dir)."""
+    import evals.runner
+
+    run_dir = tmp_path_factory.mktemp("api") / "r"
+    pipe = {"name": "two_tasks", "eval": {"limit": 4}, "stages": [
+        {"name": "arithmetic", "kind": "sft", "data": [{"source": "arithmetic", "limit": 8}], "trainer": dict(TINY)},
+        {"name": "reversal", "kind": "sft", "data": [{"source": "reversal", "limit": 8}], "trainer": dict(TINY)}]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+        run = pt.run(pipe, run_dir=run_dir, log=lambda m: None)
+    return run, run_dir
+
+
+def test_run_from_python_gives_the_report_as_records(two_tasks):
+    run, run_dir = two_tasks
+    assert run.run_dir == run_dir and run.stage_names == ["arithmetic", "reversal"]
+    assert run.models == {n: run_dir / "stages" / f"{i:02d}_{n}" / "model" for i, n in
+                          [(1, "arithmetic"), (2, "reversal")]}
+    written = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    records = list(run.report)
+    assert [(r["stage"], r["key"]) for r in records] == [(s, k) for s in ["base", "arithmetic", "reversal"] for k in KEYS]
+    for r in records:
+        i = [s["name"] for s in written["stages"]].index(r["stage"])
+        assert r["value"] == written["stages"][i]["scores"][r["key"]]["value"]
+        assert r["delta_vs_base"] == written["tasks"][r["key"]]["delta_vs_base"][i]
+        assert r["forgetting"] == written["tasks"][r["key"]]["forgetting"][i]
+    # The made-up scores through the real report: reversal lost 0.1875 of arithmetic's 0.6875 and gained 0.75.
+    last = {r["key"]: r for r in records if r["stage"] == "reversal"}
+    assert last[KEYS[0]]["delta_vs_previous"] == -0.1875 and last[KEYS[1]]["delta_vs_base"] == 0.75
+    assert last[KEYS[0]]["forgetting"] == 0.1875 and run.report.summary == written["summary"]
+    frame = run.report.frame()
+    assert list(frame["value"]) == [r["value"] for r in records]
+
+
+def test_stage_from_python_runs_one_stage(world, tmp_path):
+    run = pt.stage("sft", model="world", data="arithmetic", trainer=dict(TINY), eval={"enabled": False},
+                   run_dir=tmp_path / "one", log=lambda m: None)
+    assert list(run.models) == ["sft"] and (run.models["sft"] / "config.json").is_file()
+    assert run.config["stages"][0]["data"][0]["source"] == "arithmetic" and run.report is None
+    assert run.config["stages"][0]["trainer"]["max_steps"] == 3
+
+
+def _table(card: str, title: str) -> dict[str, list[float]]:
+    """Rows of the card's table under `### title`: model -> the first number of each cell."""
+    lines = card.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    out = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = [float(re.match(r"[+-]?[0-9.]+", c).group()) for c in cells[1:]]
+    return out
+
+
+def test_push_uploads_the_model_with_a_card_of_the_report(two_tasks, monkeypatch, capsys):
+    import huggingface_hub
+
+    _, run_dir = two_tasks
+    calls = {}
+
+    def create_repo(self, repo_id, **kw):
+        calls["create"] = (repo_id, kw)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        folder = Path(folder_path)
+        calls["upload"] = (repo_id, sorted(p.name for p in folder.iterdir()), (folder / "README.md").read_text())
+        calls["folder"] = folder
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    assert main(["push", str(run_dir), "--stage", "reversal", "--repo", "org/two-tasks", "--private"]) == 0
+    assert calls["create"] == ("org/two-tasks", {"private": True, "exist_ok": True, "repo_type": "model"})
+    repo, files, card = calls["upload"]
+    assert repo == "org/two-tasks"
+    assert {"README.md", "config.json", "model.safetensors", "pipeline.yaml", "forgetting.png"} <= set(files)
+    written = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    keys = list(written["tasks"])
+    assert _table(card, "Scores") == {r["name"]: [round(r["scores"][k]["value"], 4) for k in keys]
+                                      for r in written["stages"]}
+    assert _table(card, "Change vs base") == {r["name"]: [round(written["tasks"][k]["delta_vs_base"][i], 4) for k in keys]
+                                              for i, r in enumerate(written["stages"])}
+    lineage = card.split("## Lineage", 1)[1].split("## Forgetting", 1)[0]
+    assert "| 2 | reversal | sft | reversal (first 8) | learning_rate=" in lineage and "| 0 | base | – | world |" in lineage
+    assert (run_dir / "pipeline.yaml").read_text().strip() in card
+    # The staging folder is gone and the stage's own folder was never written to (its DONE hashes hold).
+    assert not calls["folder"].exists() and not (run_dir / "stages" / "02_reversal" / "model" / "README.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "reversl"], "--stage reversl: no such stage in {run_dir} (did you mean 'reversal'?)"),
+    (["--stage", "reversal", "--repo", "no-org"], "--repo no-org: expected org/name"),
+])
+def test_push_refuses_bad_input_in_one_line(two_tasks, capsys, args, message):
+    _, run_dir = two_tasks
+    full = ["push", str(run_dir), *args] + ([] if "--repo" in args else ["--repo", "org/x"])
+    assert main(full) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: " + message.format(run_dir=run_dir))
+
+
+def test_push_refuses_a_folder_that_is_no_run_dir(tmp_path, capsys):
+    assert main(["push", str(tmp_path), "--stage", "sft", "--repo", "org/x"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run dir (no pipeline.yaml)"
+
+
+def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_tasks, monkeypatch, capsys):
+    import huggingface_hub
+
+    _, run_dir = two_tasks
+
+    def create_repo(self, repo_id, **kw):
+        raise RuntimeError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    assert main(["push", str(run_dir), "--stage", "arithmetic", "--repo", "org/x"]) == 1
+    assert capsys.readouterr().err.strip() == "error: push to org/x: 401 Client Error: Unauthorized"
+    assert not list(run_dir.glob(".push-*"))
