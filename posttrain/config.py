@@ -29,6 +29,7 @@ from evals.config import EvalConfig
 import posttrain.stages  # noqa: F401  (registers every stage kind)
 from posttrain.config_refs import model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
+from posttrain.mixture import resolve_replays
 from posttrain.registry import STAGES, RegistryError, did_you_mean
 from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
                               read_yaml, unwrap, validate_in, validated)
@@ -97,6 +98,9 @@ class PipelineConfig(Strict):
             problem = stage_ref_problem(stage, names[:i], names[i + 1 :], prefix=f"stages[{i}].")
             if problem:
                 raise Nested(problem)
+        problem = resolve_replays(out, names)
+        if problem:
+            raise Nested(problem)
         return out
 
 

@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 
 from posttrain import world  # through the module: tests replace task_file
+from posttrain.mixture import check_share, sample_rows
 from posttrain.registry import did_you_mean
 from posttrain.schema import Strict
 from posttrain.world.tasks import TASKS
@@ -37,7 +38,9 @@ class DataSource(Strict):
     split: str = "train"
     subset: str | None = Field(None, description="hub dataset config name")
     columns: dict[str, str] = Field(default_factory=dict, description="our column -> dataset column")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="the first N usable rows, in file order (before sampling)")
+    fraction: float | None = Field(None, gt=0, description="sample this share of the rows, shuffled (> 1 upsamples)")
+    rows: int | None = Field(None, ge=1, description="sample this many rows, shuffled (over the source's upsamples)")
     on_bad_rows: Literal["error", "skip"] = "error"
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
 
@@ -45,10 +48,15 @@ class DataSource(Strict):
     def _dump(self, handler: Any) -> dict:
         # Left out while at its default: the field came after runs whose DONE hashes a stage's dumped config,
         # and a field every dump carries would have made every finished stage rerun.
-        out = handler(self)
+        out = handler(self)  # fraction and rows likewise, while unset
         if out.get("max_row_bytes") == MAX_ROW_BYTES:
             del out["max_row_bytes"]
-        return out
+        return {k: v for k, v in out.items() if v is not None or k not in ("fraction", "rows")}
+
+    @model_validator(mode="after")
+    def _one_share(self) -> "DataSource":
+        check_share(self.fraction, self.rows, "")
+        return self
 
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -264,12 +272,16 @@ def _stats(name: str, kept: int, bad: list[str]) -> dict:
     return {"source": name, "rows": kept, "bad_rows": len(bad), "bad_examples": bad[:5]}
 
 
-def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Read, rename (`columns`), check and trim rows; returns (rows, stats with bad-row counts)."""
+def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print,
+              seed: int = 0) -> tuple[list[dict], dict]:
+    """Read, rename (`columns`), check and trim (`limit`) rows, then sample them (`fraction`/`rows`, with `seed`:
+    posttrain.mixture); returns (rows, stats with bad-row counts)."""
     bad: list[str] = []
     name, it = _checked_rows(src, shape, log, bad)
     rows = [row for _, row, _ in it]
     stats = _stats(name, len(rows), bad)
+    rows = sample_rows(rows, src.fraction, src.rows, seed, f"{src.source}:{src.subset}:{src.split}")
+    stats["rows"] = len(rows)
     if bad:
         log(f"data: skipped {len(bad)} bad rows in {name} (first: {bad[0]})")
     return rows, stats
@@ -322,12 +334,12 @@ def _file_state(src: DataSource) -> tuple | None:
     return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def load_sources(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
-    """The checked rows of every source, in order, plus per-source stats."""
+def load_sources(sources: list[DataSource], shape: str, log: Callable[[str], None] = print, seed: int = 0):
+    """The checked (and sampled: load_rows) rows of every source, in order, plus per-source stats."""
     all_rows: list[dict] = []
     stats = []
     for src in sources:
-        rows, st = load_rows(src, shape, log)
+        rows, st = load_rows(src, shape, log, seed)
         all_rows += rows
         stats.append(st)
     return all_rows, stats
@@ -341,9 +353,9 @@ def rows_dataset(rows: list[dict]):
     return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
 
 
-def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str], None] = print):
+def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str], None] = print, seed: int = 0):
     """Concatenate sources into one `datasets.Dataset` (uniform columns) plus per-source stats."""
-    rows, stats = load_sources(sources, shape, log)
+    rows, stats = load_sources(sources, shape, log, seed)
     return rows_dataset(sft_rows(rows) if shape == "sft" else rows), stats
 
 

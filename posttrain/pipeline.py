@@ -69,16 +69,19 @@ def _file_identity(path: str) -> str:
     return sha256_file(p) if p.is_file() else f"missing:{path}"
 
 
+def _source_identity(src: Any) -> str:
+    path = Path(src.source).expanduser()
+    if src.source in TASKS:
+        return f"world-{VERSION}:{src.source}:{src.split}"
+    return sha256_file(path) if path.is_file() else f"hub:{src.source}:{src.subset}:{src.split}"
+
+
 def _data_identity(stage: Any) -> list[Any]:
-    out = []
-    for src in stage.training_data():
-        path = Path(src.source).expanduser()
-        if src.source in TASKS:
-            out.append(f"world-{VERSION}:{src.source}:{src.split}")
-        elif path.is_file():
-            out.append(sha256_file(path))
-        else:
-            out.append(f"hub:{src.source}:{src.subset}:{src.split}")
+    """What the stage trains on: its sources' contents, and for each `replay:` entry the earlier stage's sources
+    with their settings (not in this stage's config, so not in its config hash). No replay: the list it always was."""
+    out: list[Any] = [_source_identity(src) for src in stage.training_data()]
+    for r in getattr(stage, "replay", None) or []:
+        out.append({"replay": r.model_dump(), "data": [[_source_identity(s), s.model_dump()] for s in r.sources()]})
     return out
 
 

@@ -102,7 +102,8 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     rehearsal = near_miss_pairs(cfg.rehearsal, ctx.log)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, rehearsal)
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, rehearsal,
+                                              ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
     from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
 
     loss_type, loss_weights = cfg.trl_losses()

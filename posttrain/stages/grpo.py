@@ -98,7 +98,8 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     stats = RewardStats()
     reward_funcs, weights = build_reward_funcs(cfg.rewards, stats)
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log,
+                                         ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)

@@ -39,13 +39,13 @@ def prompt_rows(rows: list[dict], chat: bool) -> list[dict]:
     return rows
 
 
-def prompt_dataset(sources: list[DataSource], chat: bool, log) -> tuple[Any, list[dict]]:
+def prompt_dataset(sources: list[DataSource], chat: bool, log, seed: int = 0) -> tuple[Any, list[dict]]:
     """Checked prompt rows of every source as one `datasets.Dataset`, plus per-source stats.
 
     Rows are normalised by `prompt_rows` before the Dataset is built, since one Arrow column cannot hold both
     strings and message lists (a plain source mixed with a conversational one).
     """
-    rows, stats = load_sources(sources, "prompt", log)
+    rows, stats = load_sources(sources, "prompt", log, seed)  # seed: a source's fraction/rows sampling
     return rows_dataset(prompt_rows(rows, chat)), stats
 
 

@@ -77,7 +77,8 @@ def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     from datasets import Dataset
 
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log)
+    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log,
+                                        seed=ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
     from trl import KTOConfig, KTOTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(

@@ -16,15 +16,15 @@ def _as_chat(value: Any, role: str) -> list[dict]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def preference_rows(sources: list[DataSource], chat: bool, log,
-                    extra: tuple[list[dict], list[dict]] = ([], [])) -> tuple[list[dict], list[dict]]:
+def preference_rows(sources: list[DataSource], chat: bool, log, extra: tuple[list[dict], list[dict]] = ([], []),
+                    seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Checked prompt/chosen/rejected rows of every source (then `extra`'s), all chat or all plain text, with
     per-source stats.
 
     Rows are normalised before any Dataset is built, since one Arrow column cannot hold both strings and
     message lists (a plain source mixed with a conversational one).
     """
-    rows, stats = load_sources(sources, "preference", log)
+    rows, stats = load_sources(sources, "preference", log, seed)  # seed: a source's fraction/rows sampling
     rows += extra[0]
     stats += extra[1]
     if chat:
@@ -36,12 +36,12 @@ def preference_rows(sources: list[DataSource], chat: bool, log,
     return rows, stats
 
 
-def preference_dataset(sources: list[DataSource], chat: bool, log,
-                       extra: tuple[list[dict], list[dict]] = ([], [])) -> tuple[Any, list[dict]]:
+def preference_dataset(sources: list[DataSource], chat: bool, log, extra: tuple[list[dict], list[dict]] = ([], []),
+                       seed: int = 0) -> tuple[Any, list[dict]]:
     """`preference_rows` as one `datasets.Dataset` (DPOTrainer's input), plus per-source stats."""
     from datasets import Dataset
 
-    rows, stats = preference_rows(sources, chat, log, extra)
+    rows, stats = preference_rows(sources, chat, log, extra, seed)
     return Dataset.from_list(rows), stats
 
 
