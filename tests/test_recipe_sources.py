@@ -58,11 +58,11 @@ STAGE_FIELDS = {
     "transfer": ["scale", "per_block", "search", "tokenizer_from", "dtype"],
 }
 
-# Stage fields that are not hyperparameters (inputs, data, evaluation, safety switches, output layout), or are
-# checked in tests/test_recipes.py (rewards; `trainable`, the HFT variant's one difference).
+# Stage fields that are not hyperparameters (inputs, data and replay of earlier data, evaluation, safety switches,
+# output layout), or are checked in tests/test_recipes.py (rewards; `trainable`, the HFT variant's one difference).
 NOT_COMPARED = {"name", "kind", "model", "data", "trains_on", "trust_remote_code", "allow_pickle", "trainer",
                 "rewards", "rollout", "trainable", "base", "models", "max_shard_bytes", "seed", "source_base",
-                "source_finetuned", "target_base"}
+                "source_finetuned", "target_base", "replay"}
 
 
 def test_every_stage_field_is_compared_or_named_as_not_compared():
