@@ -168,6 +168,7 @@ class Pipeline:
                 gone = self.rd.clear()
                 self.log(f"run dir: --overwrite: deleted the other pipeline's {', '.join(gone)} in {self.rd.root}")
             mark_run_dir(self.rd.root, self.cfg.name)
+            tracking.reset(self.rd.root)  # what this run logs replaces what an earlier one did
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
             if self.cfg.eval.enabled:
                 base = self._base_model()

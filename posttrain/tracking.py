@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -75,6 +76,12 @@ def trainer_env(report_to: list[str], stage_dir: Path, run_dir: Path) -> Iterato
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def reset(run_dir: Path) -> None:
+    """Empty the run dir's tensorboard folder at the start of a run: a run logs every eval again (reused or not)
+    and the report, so what an earlier run logged would only repeat each point."""
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def _writer(run_dir: Path):

@@ -67,6 +67,9 @@ def test_tensorboard_holds_loss_eval_scores_and_forgetting(world, tmp_path, monk
     assert logged["report/forgetting/world_arithmetic/exact_match"] == [
         (row, pytest.approx(v)) for row, v in enumerate(forgetting) if v is not None]
 
+    run_pipeline(cfg, run_dir, lambda m: None)  # a rerun (stages done, evals reused) logs each point once
+    assert _scalars(run_dir / "tensorboard") == logged
+
 
 def test_report_to_none_writes_no_event_file(world, tmp_path, monkeypatch):
     import evals.runner
