@@ -109,3 +109,23 @@ def test_trainer_extra_report_to_points_to_the_field():
     stage = {**_stages()[0], "trainer": {**TINY, "extra": {"report_to": ["tensorboard"]}}}
     with pytest.raises(ConfigError, match=r"trainer.extra.report_to is set by posttrain .*`report_to:`"):
         load_pipeline(None, data={"stages": [stage]})
+
+
+def test_trl_gets_the_stage_trackers_and_run_name(tmp_path):
+    """The pipeline's trackers, unless the stage names its own, reach TRL's config with run_name
+    <pipeline>/<stage>."""
+    from trl import SFTConfig
+
+    from posttrain.pipeline import Pipeline
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.common import trl_args
+
+    cfg = load_pipeline(None, data={"name": "p", "report_to": "tensorboard", "stages": _stages(report_b="none")})
+    pipe = Pipeline(cfg, tmp_path / "r", lambda m: None)
+    got = []
+    for stage in cfg.stages:
+        ctx = StageContext(run_dir=tmp_path, work_dir=tmp_path / stage.name, index=1, seed=0, input_model=None,
+                           resolve=str, report_to=pipe._trackers(stage), run_name=f"p/{stage.name}")
+        args = trl_args(SFTConfig, stage, ctx)
+        got.append((args.report_to, args.run_name))
+    assert got == [(["tensorboard"], "p/a"), ([], "p/b")]
