@@ -85,8 +85,10 @@ def reset(run_dir: Path) -> None:
 
 
 def _writer(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
+    try:  # as transformers' TensorBoardCallback: torch's writer needs the tensorboard package, else tensorboardX
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 

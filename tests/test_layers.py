@@ -101,7 +101,8 @@ LAYERS: dict[str, int] = {
 # Libraries a function may import for itself: heavy or optional, so the base install and `posttrain --help`
 # do not pay for them.
 HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "lm_eval", "matplotlib", "datasets", "accelerate",
-         "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm"}
+         "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm",
+         "tensorboardX"}
 
 def _layer(module: str) -> int | None:
     return LAYERS.get(module, 3 if module.startswith("posttrain.stages.") else None)
