@@ -31,6 +31,7 @@ from posttrain.config_refs import model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
 from posttrain.mixture import resolve_replays
 from posttrain.registry import STAGES, RegistryError, did_you_mean
+from posttrain.tracking import check_report_to
 from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
                               read_yaml, unwrap, validate_in, validated)
 
@@ -69,7 +70,13 @@ class PipelineConfig(Strict):
     name: str = Field("pipeline", pattern=NAME_PATTERN, description="names the run dir (runs/<time>-<name>)")
     seed: int = 0
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    report_to: list[str] | str = Field("none", validate_default=True, description="none, or transformers' trackers: [tensorboard, wandb]")
     stages: list[Any] = Field(min_length=1)
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: Any) -> list[str]:
+        return check_report_to(v)
 
     @field_validator("stages", mode="before")
     @classmethod

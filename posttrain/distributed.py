@@ -170,7 +170,8 @@ class DistributedPipeline(Pipeline):
             work = self.rd.work_dir(index, stage.name)
             ctx = FollowerContext(run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
                                   input_model=input_model, resolve=lambda r: resolve_model(r, self.log),
-                                  log=self.log)
+                                  log=self.log, report_to=self._trackers(stage),  # TRL's args as on rank 0
+                                  run_name=f"{self.cfg.name}/{stage.name}")
             barrier()  # the main process has cleaned and created the work folder
             spec.run(stage, ctx)
         barrier()  # the main process has written DONE

@@ -46,9 +46,15 @@ from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_fol
                               mark_run_dir, sha256_file, sha256_json)
 from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
+from posttrain import tracking
 from posttrain.world import VERSION, NotBuilt, only_built
 from posttrain.world.tasks import TASKS
 
+
+
+def stage_config_hash(stage: Any) -> str:
+    """The hash DONE records of a stage's config; `report_to` is left out: where metrics go changes no weight."""
+    return sha256_json(stage.model_dump(exclude={"report_to"}))
 
 
 class PipelineError(RuntimeError):
@@ -165,6 +171,7 @@ class Pipeline:
                 gone = self.rd.clear()
                 self.log(f"run dir: --overwrite: deleted the other pipeline's {', '.join(gone)} in {self.rd.root}")
             mark_run_dir(self.rd.root, self.cfg.name)
+            tracking.reset(self.rd.root)  # what this run logs replaces what an earlier one did
             atomic_write_text(self.rd.root / "pipeline.yaml", yaml.safe_dump(self._dump(), sort_keys=False))
             if self.cfg.eval.enabled:
                 base = self._base_model()
@@ -178,6 +185,8 @@ class Pipeline:
                 self.shown.add(base)
             for i, stage in enumerate(self.cfg.stages):
                 self._run_stage(i, stage)
+            if self.report is not None:  # the report is final: its matrix and BWT go to the trackers
+                tracking.log_report(self.cfg.report_to, self.rd.root, self.report)
             self._print_summary()
         finally:
             self.rd.unlock()
@@ -203,7 +212,7 @@ class Pipeline:
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
         self.parents[stage.name] = self._parents(i, stage, input_model)
-        config_hash = sha256_json(stage.model_dump())
+        config_hash = stage_config_hash(stage)
         inputs = [
             _input_identity(identity_ref, input_model, self.done_keys) if stage.reads_input() else None,
             _data_identity(stage), self._referenced_keys(stage), self.cfg.seed,
@@ -247,6 +256,7 @@ class Pipeline:
         ctx = StageContext(
             run_dir=self.rd.root, work_dir=work, index=index, seed=self.cfg.seed,
             input_model=input_model, resolve=lambda r: resolve_model(r, self.log), log=self.log,
+            report_to=self._trackers(stage), run_name=f"{self.cfg.name}/{stage.name}",
         )
         self.log(f"[{index:02d} {stage.name}] {stage.kind} from {input_model or stage.lineage_input()}")
         start = time.time()
@@ -260,6 +270,11 @@ class Pipeline:
         self.log(f"[{index:02d} {stage.name}] done in {seconds}s -> {final / 'model'}")
         return done
 
+    def _trackers(self, stage: Any) -> list[str]:
+        """The trackers a stage reports to: its own `report_to`, else the pipeline's."""
+        own = getattr(stage, "report_to", None)
+        return list(self.cfg.report_to if own is None else own)
+
     def _evaluate(self, stage: Any, folder: str, model_dir: str) -> None:
         """Evaluate a model with the pipeline's eval block and rewrite the report (no-op when disabled)."""
         if not self.cfg.eval.enabled or not model_dir:
@@ -268,6 +283,10 @@ class Pipeline:
             self.report = run_report.evaluate_into_run(self, stage, folder, model_dir)
         except EvalGateStop as e:
             raise PipelineError(str(e)) from None
+        finally:
+            if self.records and self.records[-1]["folder"] == folder:
+                trackers = self.cfg.report_to if stage is None else self._trackers(stage)
+                tracking.log_eval(trackers, self.rd.root, int(folder[:2]), self.records[-1]["scores"])
 
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each
@@ -332,7 +351,7 @@ def _done_by_config(cfg: PipelineConfig, run_dir: Path | None) -> list[str]:
             done = json.loads((final / "DONE").read_text()) if final is not None else {}
         except (OSError, ValueError):
             done = {}
-        if not isinstance(done, dict) or done.get("config_sha256") != sha256_json(stage.model_dump()):
+        if not isinstance(done, dict) or done.get("config_sha256") != stage_config_hash(stage):
             break
         out.append(stage.name)
     return out

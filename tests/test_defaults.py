@@ -29,7 +29,7 @@ TRL_KINDS = KINDS + ("kto",)  # the kinds on a TRL trainer (kto's world values a
 COMMON = {"learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
           "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
           "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "bf16", "seed",
-          "trust_remote_code"}
+          "trust_remote_code", "report_to"}
 SHARED = {
     "sft": COMMON | {"max_length", "assistant_only_loss"},
     "dpo": COMMON | {"max_length", "loss_type", "beta", "loss_weights"},
@@ -44,6 +44,8 @@ DEVIATIONS = {
     **{(kind, "save_total_limit"): (2, "a rerun resumes from the newest complete checkpoint and falls back to the "
                                        "one before it if the newest was cut short; TRL keeps every checkpoint, "
                                        "which fills a disk on a real model") for kind in TRL_KINDS},
+    **{(kind, "report_to"): (None, "None takes the pipeline's report_to (default none, TRL's value), so one line "
+                                   "sends every stage of a run to a tracker") for kind in TRL_KINDS},
     ("sft", "assistant_only_loss"): (True, "chat rows train on the assistant turns only: prompts and user turns are "
                                            "inputs, not targets (TRL's default, False, trains on them; TÜLU 3 masks "
                                            "them too). Prompt/completion rows train on the completion either way"),

@@ -63,6 +63,7 @@ LAYERS: dict[str, int] = {
     "posttrain.world.tasks": 1,
     "posttrain.world.tuning": 1,
     "posttrain.world.v2": 1,
+    "posttrain.tracking": 1,
     # L2 evals
     "evals": 2,
     "evals.backward": 2,
@@ -104,7 +105,7 @@ LAYERS: dict[str, int] = {
 # do not pay for them.
 HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "lm_eval", "matplotlib", "datasets", "accelerate",
          "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm",
-         "pandas"}
+         "pandas", "tensorboardX"}
 
 def _layer(module: str) -> int | None:
     return LAYERS.get(module, 3 if module.startswith("posttrain.stages.") else None)

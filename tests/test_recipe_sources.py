@@ -62,7 +62,7 @@ STAGE_FIELDS = {
 # output layout), or are checked in tests/test_recipes.py (rewards; `trainable`, the HFT variant's one difference).
 NOT_COMPARED = {"name", "kind", "model", "data", "trains_on", "trust_remote_code", "allow_pickle", "trainer",
                 "rewards", "rollout", "trainable", "base", "models", "max_shard_bytes", "seed", "source_base",
-                "source_finetuned", "target_base", "replay"}
+                "source_finetuned", "target_base", "replay", "report_to"}
 
 
 def test_every_stage_field_is_compared_or_named_as_not_compared():

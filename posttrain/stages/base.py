@@ -112,6 +112,8 @@ class StageContext:
     resolve: Callable[[str], str]
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
+    report_to: list[str] = field(default_factory=list)  # trackers (posttrain.tracking); [] reports to none
+    run_name: str = ""  # the tracker run's name: <pipeline>/<stage>
 
     @property
     def metrics_path(self) -> Path:

@@ -25,6 +25,7 @@ from posttrain.ranks import is_main
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
+from posttrain.tracking import check_report_to
 from posttrain.stages.selection import lora_adapters, select_parameters  # noqa: F401 (the stages import them here)
 
 
@@ -77,6 +78,7 @@ class TrainableStage(StageBase):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     lora: LoraSpec | None = None
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
+    report_to: list[str] | str | None = Field(None, description="trackers for this stage; None: the pipeline's")
 
     def training_data(self) -> list[Any]:
         return list(self.data)  # every trainable kind declares `data:`, with its own default and row shape
@@ -94,12 +96,19 @@ class TrainableStage(StageBase):
         default = cls.model_fields["trainer"].default_factory().model_dump()
         return {**default, **v, "extra": {**default["extra"], **(v.get("extra") or {})}}
 
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: Any) -> Any:
+        return None if v is None else check_report_to(v)
+
     @field_validator("trainer")
     @classmethod
     def _no_reserved_extra(cls, v: TrainerConfig) -> TrainerConfig:
-        reserved = {"output_dir", "report_to", "resume_from_checkpoint"} & set(v.extra)
+        reserved = {"output_dir", "report_to", "run_name", "resume_from_checkpoint"} & set(v.extra)
         if reserved:
-            raise ValueError(f"trainer.extra.{sorted(reserved)[0]} is set by posttrain and cannot be overridden")
+            key = sorted(reserved)[0]
+            hint = " (set `report_to:` on the stage or the pipeline)" if key in ("report_to", "run_name") else ""
+            raise ValueError(f"trainer.extra.{key} is set by posttrain and cannot be overridden{hint}")
         return v
 
 
@@ -132,7 +141,8 @@ def trl_args(config_cls: type, stage: TrainableStage, ctx: StageContext, **kind_
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 renamed it (the old name warns)
         bf16=bf16,
         seed=t.seed if t.seed is not None else ctx.seed,
-        report_to=[],
+        report_to=list(ctx.report_to),  # resolved by the pipeline: the stage's, else the pipeline's
+        run_name=ctx.run_name or None,
         use_cpu=not cuda,
         dataloader_num_workers=0,
         # Log NaN/inf losses as they are (transformers would average them away) so the stage can stop on them.

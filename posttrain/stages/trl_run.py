@@ -13,6 +13,7 @@ from typing import Any, Callable, ContextManager
 
 from posttrain.models import load_model
 from posttrain.stages.base import StageContext, StageResult
+from posttrain.tracking import trainer_env
 from posttrain.stages.common import TrainableStage, metrics_callback, select_parameters, train_and_save, trl_args
 
 
@@ -58,7 +59,8 @@ def run_trl_stage(
         extra["ref_model"] = ref_model
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"], **(log or {})})
     first = [*(callbacks or []), metrics_callback(ctx)]
-    with (session or (lambda: contextlib.nullcontext([])))() as more:
+    with (session or (lambda: contextlib.nullcontext([])))() as more, \
+            trainer_env(ctx.report_to, ctx.work_dir, ctx.run_dir):
         trainer = trainer_cls(
             model=model,
             args=trl_config,

@@ -183,8 +183,8 @@ def test_stages_done_with_this_config_are_not_read_again(tmp_path):
     first stages whose DONE records the config as it is now."""
     import posttrain.stages  # noqa: F401
     from posttrain.config import load_pipeline
-    from posttrain.pipeline import check_inputs
-    from posttrain.rundir import RunDir, sha256_json
+    from posttrain.pipeline import check_inputs, stage_config_hash
+    from posttrain.rundir import RunDir
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(ROW) + "\n")
@@ -193,7 +193,7 @@ def test_stages_done_with_this_config_are_not_read_again(tmp_path):
         {"name": "b", "kind": "sft", "data": [{"source": str(data), "limit": 1}]}]})
     run = tmp_path / "run"
     (run / "stages" / "01_a" / "model").mkdir(parents=True)
-    RunDir.write_done(run / "stages" / "01_a", sha256_json(cfg.stages[0].model_dump()), "inputs")
+    RunDir.write_done(run / "stages" / "01_a", stage_config_hash(cfg.stages[0]), "inputs")
     logs: list[str] = []
     data.write_text("{not json\n")  # what a done stage read once: not read again
     with pytest.raises(DataError, match="row 1: bad JSON"):  # stage b is not done: its data is read

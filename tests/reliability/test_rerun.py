@@ -109,11 +109,12 @@ def test_a_file_added_to_a_finished_model_reruns_that_stage(run_dir):
 def test_an_interrupted_attempt_on_other_inputs_is_set_aside_not_resumed(run_dir):
     """Stage b was interrupted (its work folder holds a checkpoint), then stage a changed: b must not resume
     from checkpoints trained on a's old output. They are moved aside, logged, and removed once b is done."""
-    from posttrain.rundir import RunDir, sha256_json
+    from posttrain.pipeline import stage_config_hash
+    from posttrain.rundir import RunDir
 
     cfg = _cfg({"a": {"learning_rate": 5e-4}})
     work = run_dir / "stages" / ".02_b.tmp"
-    RunDir.prepare_work_dir(work, sha256_json(cfg.stages[1].model_dump()), "inputs-of-the-old-a", print)
+    RunDir.prepare_work_dir(work, stage_config_hash(cfg.stages[1]), "inputs-of-the-old-a", print)
     (work / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     what, logs = _rerun(run_dir, {"a": {"learning_rate": 5e-4}})
     assert what == {"a": "ran", "b": "ran", "c": "ran"}

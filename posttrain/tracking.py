@@ -1,0 +1,130 @@
+"""Experiment tracking: which trackers a run reports to, and what posttrain logs to them beside TRL's metrics.
+
+`report_to:` names transformers' integrations (`tensorboard`, `wandb`, `mlflow`, `trackio`, ...); TRL's
+trainer logs the training metrics to them, one tracker run per stage named `<pipeline>/<stage>`. After each
+eval this module logs the stage's scores, and after the last stage the forgetting matrix and BWT, to
+tensorboard through a SummaryWriter in the run dir. The layout, with tensorboard pointed at the run dir::
+
+    <run-dir>/tensorboard/                  eval scores (eval/<key>, step = stage index), the report
+    <run-dir>/stages/NN_<stage>/tensorboard/  that stage's training metrics (TRL's TensorBoardCallback)
+
+Other trackers get TRL's training metrics only; their eval logging is not written yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from posttrain.registry import did_you_mean
+
+# The module each integration imports and the pip package that provides it, where the names differ from the
+# integration's own name. tensorboard: transformers falls back to tensorboardX when torch's writer is missing.
+_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "azure_ml": ("azureml", "azureml-sdk"),
+            "flyte": ("flytekit", "flytekit"), "codecarbon": ("codecarbon", "codecarbon"),
+            "clearml": ("clearml", "clearml"), "comet_ml": ("comet_ml", "comet-ml")}
+
+
+def known_trackers() -> list[str]:
+    """The integrations transformers can report to (its INTEGRATION_TO_CALLBACK names)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return sorted(INTEGRATION_TO_CALLBACK)
+
+
+def check_report_to(value: Any) -> list[str]:
+    """`report_to:` as a list of tracker names ([] for `none`); a ValueError (one line) for an unknown name,
+    `all` (it would depend on what is installed), or a tracker whose package is not installed."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    if names in (["none"], []):
+        return []
+    known = known_trackers()
+    for name in names:
+        if name in ("none", "all"):
+            raise ValueError(f"'{name}' cannot be combined with trackers; list them instead"
+                             if name == "none" else "'all' is not allowed: list the trackers to report to")
+        if name not in known:
+            raise ValueError(f"unknown tracker '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}")
+        module, package = _MODULES.get(name, (name, name))
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard"
+                                                             and importlib.util.find_spec("tensorboardX")):
+            raise ValueError(f"tracker '{name}' needs its package: pip install {package}")
+    return list(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def trainer_env(report_to: list[str], stage_dir: Path, run_dir: Path) -> Iterator[None]:
+    """Environment transformers' callbacks read when the trainer is built: tensorboard's log folder (transformers
+    5 dropped TrainingArguments.logging_dir) under the stage's folder, and the run dir as the group of wandb's
+    runs; the previous values are restored afterwards."""
+    env = {}
+    if "tensorboard" in report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = str(stage_dir / "tensorboard")
+    if "wandb" in report_to:
+        env["WANDB_RUN_GROUP"] = run_dir.name
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def reset(run_dir: Path) -> None:
+    """Empty the run dir's tensorboard folder at the start of a run: a run logs every eval again (reused or not)
+    and the report, so what an earlier run logged would only repeat each point."""
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
+def _writer(run_dir: Path):
+    try:  # as transformers' TensorBoardCallback: torch's writer needs the tensorboard package, else tensorboardX
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def log_eval(report_to: list[str], run_dir: Path, stage_index: int, scores: dict[str, Any]) -> None:
+    """Log one model's eval scores (`{key: {"value", "stderr"}}`) as eval/<key> at step = its stage index (0:
+    the base)."""
+    if "tensorboard" not in report_to:
+        return
+    with contextlib.closing(_writer(run_dir)) as w:
+        for key, score in sorted(scores.items()):
+            value = score.get("value") if isinstance(score, dict) else score
+            if _finite(value):
+                w.add_scalar(f"eval/{key}", float(value), stage_index)
+
+
+def log_report(report_to: list[str], run_dir: Path, report: dict) -> None:
+    """Log the forgetting report: per key, the forgetting of each stage row (report/forgetting/<key>, step = the
+    row), BWT and average forgetting (report/bwt, report/average_forgetting, step = rows), and the markdown
+    report as text."""
+    if "tensorboard" not in report_to:
+        return
+    rows = len(report.get("stages", []))
+    with contextlib.closing(_writer(run_dir)) as w:
+        for key, per in sorted(report.get("tasks", {}).items()):
+            for kind in ("forgetting", "delta_vs_base"):
+                for row, value in enumerate(per.get(kind) or []):
+                    if _finite(value):
+                        w.add_scalar(f"report/{kind}/{key}", float(value), row)
+        summary = report.get("summary", {})
+        for name, field in (("bwt", "backward_transfer"), ("average_forgetting", "average_forgetting")):
+            if _finite(summary.get(field)):
+                w.add_scalar(f"report/{name}", float(summary[field]), rows)
+        md = run_dir / "report" / "forgetting.md"
+        if md.is_file():
+            w.add_text("report/forgetting", md.read_text(), rows)
