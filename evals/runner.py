@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from evals.config import EvalConfig
 from posttrain import rollout
 from posttrain import world as _world  # through the module: tests replace world_dir
 from posttrain.models import fit_cpu_threads, folder_params
+from posttrain.progress import terminal_only_bars
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
 from posttrain.schema import ConfigError, Strict, read_yaml, validated
@@ -278,7 +280,10 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
         model_args["trust_remote_code"] = True
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
-    with _no_git_hash(), _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
+    # lm-eval's request bars: on a terminal only (posttrain.progress); its model module is imported lazily.
+    bars = importlib.import_module("lm_eval.models." + ("vllm_causallms" if backend == "vllm" else "huggingface"))
+    with _no_git_hash(), terminal_only_bars(bars), \
+            _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
         results = lm_eval.simple_evaluate(
             model=backend,
             model_args=model_args,

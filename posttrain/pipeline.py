@@ -41,6 +41,7 @@ from posttrain.config_refs import STAGE_REF
 from posttrain.data import check_source
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
+from posttrain.progress import PipelineProgress
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_folder, input_folder, is_stage_ref,
                               mark_run_dir, sha256_file, sha256_json)
@@ -111,6 +112,7 @@ class Pipeline:
         self.settings = cfg.eval
         self.stage_names = [s.name for s in cfg.stages]
         self.base_ref = base_ref(cfg.stages[0])
+        self.progress = PipelineProgress(len(cfg.stages))  # a line as each stage starts and ends, with the time left
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model ("" when the stage never loads
@@ -209,6 +211,7 @@ class Pipeline:
 
     def _run_stage(self, i: int, stage: Any) -> None:
         index = i + 1
+        self.log(self.progress.start(index, stage.name))
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
         self.parents[stage.name] = self._parents(i, stage, input_model)
@@ -222,6 +225,7 @@ class Pipeline:
         inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)
+        skipped = bool(done)
         if done:
             self.log(f"[{index:02d} {stage.name}] done already; skipping")
         else:
@@ -234,6 +238,7 @@ class Pipeline:
         self._evaluate_inputs(stage)
         self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
         self.shown.add(str(final / "model"))
+        self.log(self.progress.end(index, stage.name, skipped=skipped))
 
     def _check_models(self, stage: Any, input_model: str) -> None:
         """Check the model folders the stage reads now that they exist (a world model built on first use, an

@@ -23,19 +23,44 @@ def _fake_lm_eval(model_dir, spec, include, limit, settings, log):
     return {"scores": scores, "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}}
 
 
+PIPE = {"name": "two_tasks", "eval": {"limit": 4}, "stages": [
+    {"name": "arithmetic", "kind": "sft", "data": [{"source": "arithmetic", "limit": 8}], "trainer": dict(TINY)},
+    {"name": "reversal", "kind": "sft", "data": [{"source": "reversal", "limit": 8}], "trainer": dict(TINY)}]}
+
+
 @pytest.fixture(scope="module")
-def two_tasks(world, tmp_path_factory):
-    """pt.run of arithmetic then reversal, from a dict; (Run, run dir)."""
+def two_tasks_logged(world, tmp_path_factory):
+    """pt.run of arithmetic then reversal, from a dict; (Run, run dir, the lines it logged)."""
     import evals.runner
 
     run_dir = tmp_path_factory.mktemp("api") / "r"
-    pipe = {"name": "two_tasks", "eval": {"limit": 4}, "stages": [
-        {"name": "arithmetic", "kind": "sft", "data": [{"source": "arithmetic", "limit": 8}], "trainer": dict(TINY)},
-        {"name": "reversal", "kind": "sft", "data": [{"source": "reversal", "limit": 8}], "trainer": dict(TINY)}]}
+    lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
-        run = pt.run(pipe, run_dir=run_dir, log=lambda m: None)
-    return run, run_dir
+        run = pt.run(PIPE, run_dir=run_dir, log=lines.append)
+    return run, run_dir, lines
+
+
+@pytest.fixture(scope="module")
+def two_tasks(two_tasks_logged):
+    return two_tasks_logged[:2]
+
+
+def test_run_prints_each_stage_start_and_end_with_elapsed_and_time_left(two_tasks_logged):
+    """posttrain.progress.PipelineProgress's lines, in order around each stage's own (its "done in" and eval)."""
+    *_, lines = two_tasks_logged
+    d = r"(\d+m)?\d+s"
+    want = [rf"\[01 arithmetic\] stage 1/2 starts: 0/2 done, {d} elapsed, time left unknown until a stage has run$",
+            r"\[01 arithmetic\] done in ",
+            rf"\[01 arithmetic\] stage 1/2 finished in {d}: 1/2 done, {d} elapsed, ~{d} left \({d} a stage, mean of 1\)$",
+            rf"\[02 reversal\] stage 2/2 starts: 1/2 done, {d} elapsed, ~{d} left \({d} a stage, mean of 1\)$",
+            r"\[02 reversal\] done in ",
+            rf"\[02 reversal\] stage 2/2 finished in {d}: 2/2 done, {d} elapsed$"]
+    at = 0
+    for pattern in want:
+        found = next((i for i in range(at, len(lines)) if re.match(pattern, lines[i])), None)
+        assert found is not None, f"no line after {lines[at - 1] if at else 'the start'!r} matches {pattern!r}"
+        at = found + 1
 
 
 def test_run_from_python_gives_the_report_as_records(two_tasks):
