@@ -144,3 +144,16 @@ def test_lm_eval_request_bars_follow_the_terminal_rule(world, monkeypatch):
         runner._run_lm_eval(str(world / "base"), runner.Suite(name="s", tasks=["t"]), None, 1,
                             EvalConfig(backend="hf"), lambda m: None)
     assert drawn == [False, True] and hf.tqdm is original
+
+
+def test_merge_bar_is_drawn_on_a_terminal_only(monkeypatch):
+    import torch
+
+    from posttrain.merging.stream import with_progress
+
+    reader = types.SimpleNamespace(numel=lambda name: 4, dtype=lambda name: torch.float32)  # 16 bytes a tensor
+    for tty in (False, True):
+        err = _Stderr(tty)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert list(with_progress(["a", "b"], reader, desc="merge")) == ["a", "b"]
+        assert ("merge: 100%" in err.getvalue() and "32.0/32.0" in err.getvalue()) is tty and (tty or err.getvalue() == "")
