@@ -23,13 +23,14 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from evals.config import EvalConfig
 import posttrain.stages  # noqa: F401  (registers every stage kind)
 from posttrain.config_refs import model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
 from posttrain.mixture import resolve_replays
+from posttrain.push import PushConfig
 from posttrain.registry import STAGES, RegistryError, did_you_mean
 from posttrain.tracking import check_report_to
 from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
@@ -72,6 +73,15 @@ class PipelineConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report_to: list[str] | str = Field("none", validate_default=True, description="none, or transformers' trackers: [tensorboard, wandb]")
     stages: list[Any] = Field(min_length=1)
+    push: PushConfig | None = Field(None, description="after a successful run, upload a stage's model (posttrain push)")
+
+    @model_validator(mode="after")
+    def _push_stage(self) -> "PipelineConfig":
+        names = [s.name for s in self.stages]
+        if self.push is not None and self.push.stage is not None and self.push.stage not in names:
+            raise Nested(f"push.stage: no stage {self.push.stage!r}{did_you_mean(self.push.stage, names)}; "
+                         f"stages: {', '.join(names)}")
+        return self
 
     @field_validator("report_to")
     @classmethod

@@ -42,6 +42,7 @@ from posttrain.data import check_source
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.progress import PipelineProgress
+from posttrain.push import push_after_run
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_folder, input_folder, is_stage_ref,
                               mark_run_dir, sha256_file, sha256_json)
@@ -190,6 +191,8 @@ class Pipeline:
             if self.report is not None:  # the report is final: its matrix and BWT go to the trackers
                 tracking.log_report(self.cfg.report_to, self.rd.root, self.report)
             self._print_summary()
+            if self.cfg.push is not None:  # the `push:` block, once every stage is done (PushFailed: one line)
+                push_after_run(self.cfg.push, self.rd.root, self.stage_names, self.log)
         finally:
             self.rd.unlock()
         return self.rd.root

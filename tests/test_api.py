@@ -1,8 +1,10 @@
-"""The Python API (posttrain.api) and `posttrain push` (posttrain.push), on one two-task world pipeline run from
-Python: two 3-step SFTs, evals stubbed at lm-eval's boundary with made-up scores (as tests/test_pipeline.py does),
-so the records, eval.json files and report are the pipeline's own. The hub is stubbed at HfApi's methods."""
+"""The Python API (posttrain.api), `posttrain push` and a pipeline's `push:` block (posttrain.push), and the
+pipeline's progress lines (posttrain.progress), on one two-task world pipeline run from Python: two 3-step SFTs,
+evals stubbed at lm-eval's boundary with made-up scores (as tests/test_pipeline.py does), so the records, eval.json
+files and report are the pipeline's own. The hub is stubbed at HfApi's methods."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,76 @@ def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_t
     assert main(["push", str(run_dir), "--stage", "arithmetic", "--repo", "org/x"]) == 1
     assert capsys.readouterr().err.strip() == "error: push to org/x: 401 Client Error: Unauthorized"
     assert not list(run_dir.glob(".push-*"))
+
+
+def _stub_hub(monkeypatch, calls: dict, refuse: bool = False) -> None:
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kw):
+        if refuse:
+            raise RuntimeError("403 Forbidden: no write access\nmore detail")
+        calls["create"] = (repo_id, kw)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        folder = Path(folder_path)
+        calls["upload"] = (repo_id, sorted(p.name for p in folder.iterdir()), (folder / "README.md").read_text())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+@pytest.mark.parametrize("block, stage, private", [
+    ({"repo": "org/two-tasks"}, "reversal", False),  # no stage: the last one
+    ({"repo": "org/arith", "stage": "arithmetic", "private": True}, "arithmetic", True),
+])
+def test_push_block_uploads_after_a_successful_run(two_tasks, tmp_path, monkeypatch, block, stage, private):
+    """A rerun of the finished run with a `push:` block: every stage is skipped, then the stage is pushed."""
+    import evals.runner
+
+    _, run_dir = two_tasks
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)  # the module's run dir stays as the other tests read it
+    calls: dict = {}
+    _stub_hub(monkeypatch, calls)
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    lines: list[str] = []
+    pt.run({**PIPE, "push": block}, run_dir=copy, log=lines.append)
+    assert sum("skipped (done already)" in line for line in lines) == 2  # push: is no stage's config
+    assert calls["create"] == (block["repo"], {"private": private, "exist_ok": True, "repo_type": "model"})
+    repo, files, card = calls["upload"]
+    assert repo == block["repo"] and {"README.md", "model.safetensors", "pipeline.yaml"} <= set(files)
+    assert f"Stage `{stage}` (sft) of the posttrain pipeline `two_tasks`." in card
+    assert lines[-1] == f"pushed {stage} to https://huggingface.co/{block['repo']}"
+
+
+def test_push_block_refused_upload_is_one_line_and_the_run_stays_done(two_tasks, tmp_path, monkeypatch):
+    import evals.runner
+
+    from posttrain.push import PushFailed
+
+    _, run_dir = two_tasks
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    _stub_hub(monkeypatch, {}, refuse=True)
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    with pytest.raises(PushFailed) as e:
+        pt.run({**PIPE, "push": {"repo": "org/x"}}, run_dir=copy, log=lambda m: None)
+    assert str(e.value).startswith("push: reversal to org/x: 403 Forbidden: no write access (the run is finished;")
+    assert "\n" not in str(e.value)
+    assert (copy / "stages" / "02_reversal" / "DONE").is_file() and not list(copy.glob(".push-*"))
+
+
+@pytest.mark.parametrize("push, message", [
+    ({"repo": "org/x", "stage": "reversl"}, "push.stage: no stage 'reversl' (did you mean 'reversal'?); "
+                                            "stages: arithmetic, reversal"),
+    ({"repo": "no-org"}, "push.repo: expected org/name, got 'no-org'"),
+    ({"repo": "org/x", "privat": True}, "push.privat: unknown key (did you mean 'private'?)"),
+])
+def test_push_block_config_errors_at_load(push, message):
+    from posttrain.config import load_pipeline
+    from posttrain.schema import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(None, data={**PIPE, "push": push})
+    assert str(e.value) == f"<config>: {message}"

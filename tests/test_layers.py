@@ -92,13 +92,13 @@ LAYERS: dict[str, int] = {
     "posttrain.pipeline": 4,
     "posttrain.distributed": 4,
     "posttrain.world.trained": 4,
+    "posttrain.push": 4,
     # L5 faces
     "posttrain": 5,
     "posttrain.__main__": 5,
     "posttrain.cli": 5,
     "posttrain.cli_list": 5,
     "posttrain.api": 5,
-    "posttrain.push": 5,
 }
 
 # Libraries a function may import for itself: heavy or optional, so the base install and `posttrain --help`
