@@ -280,9 +280,10 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
         model_args["trust_remote_code"] = True
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
-    # lm-eval's request bars: on a terminal only (posttrain.progress); its model module is imported lazily.
-    bars = importlib.import_module("lm_eval.models." + ("vllm_causallms" if backend == "vllm" else "huggingface"))
-    with _no_git_hash(), terminal_only_bars(bars), \
+    # lm-eval's bars: on a terminal only (posttrain.progress); its model modules are imported lazily.
+    bars = [importlib.import_module(m) for m in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models." + (
+        "vllm_causallms" if backend == "vllm" else "huggingface"))]
+    with _no_git_hash(), terminal_only_bars(*bars), \
             _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
         results = lm_eval.simple_evaluate(
             model=backend,

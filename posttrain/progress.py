@@ -106,18 +106,23 @@ class PipelineProgress:
 
 @contextlib.contextmanager
 def terminal_only_bars(*modules: Any) -> Iterator[None]:
-    """While inside, a tqdm bar that one of `modules` opens with ``disable=False`` is drawn only when its stream
-    (stderr) is a terminal: tqdm's own test, ``disable=None``. Other bars are left as opened.
+    """While inside, the tqdm bars `modules` open are drawn only when their stream (stderr) is a terminal (tqdm's
+    own test, ``disable=None``): one opened with ``disable=False`` is drawn there; one opened without ``disable``
+    is left off under TQDM_DISABLE, and drawn there otherwise; ``disable=True`` stays off.
 
-    lm-eval opens its request bars with ``disable=disable_tqdm or rank != 0``, False on the main process: an
-    explicit argument, which beats tqdm's environment defaults (TQDM_DISABLE, set by the CLI unless --verbose),
-    so a run logged to a file got every redraw of the bar as another line. The module's name ``tqdm`` is
-    replaced for the length of the call and put back after it."""
+    Why: lm-eval opens its request bars with ``disable=disable_tqdm or rank != 0``, False on the main process, an
+    explicit argument that beats tqdm's environment defaults, so a run logged to a file got every redraw of the
+    bar as another line. Its other bars (building contexts, tokenizing) pass no ``disable`` and were meant to
+    follow TQDM_DISABLE (set by the CLI unless --verbose), but tqdm reads its environment once, when it is first
+    imported, and torch imports it before the CLI sets the variable; it is read here at each bar instead. The
+    module's name ``tqdm`` is replaced for the length of the call and put back after it."""
     swapped = [(m, m.tqdm) for m in modules if callable(getattr(m, "tqdm", None))]
 
     def wrap(original: Any) -> Any:
         def tqdm(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("disable") is False:
+            if "disable" not in kwargs:
+                kwargs["disable"] = True if os.environ.get("TQDM_DISABLE", "") not in ("", "0") else None
+            elif kwargs["disable"] is False:
                 kwargs["disable"] = None
             return original(*args, **kwargs)
         return tqdm

@@ -108,21 +108,31 @@ class _Stderr(io.StringIO):
 def test_bars_are_drawn_on_a_terminal_only(monkeypatch):
     from tqdm import tqdm
 
-    lib = types.SimpleNamespace(tqdm=tqdm)  # a library that opens its bars with disable=False, as lm-eval does
-    for tty in (False, True):
-        err = _Stderr(tty)
-        monkeypatch.setattr(sys, "stderr", err)
-        with terminal_only_bars(lib):
-            for _ in lib.tqdm(range(3), disable=False, desc="requests"):
-                pass
-            lib.tqdm(total=1, disable=True).close()  # an explicit True (rank != 0) stays off on a terminal too
-        assert ("requests" in err.getvalue()) is tty and (tty or err.getvalue() == "")
+    lib = types.SimpleNamespace(tqdm=tqdm)  # a library that opens bars as lm-eval does
+    for quiet in (False, True):  # TQDM_DISABLE: the CLI's switch without --verbose
+        if quiet:
+            monkeypatch.setenv("TQDM_DISABLE", "1")
+        else:
+            monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        for tty in (False, True):
+            err = _Stderr(tty)
+            monkeypatch.setattr(sys, "stderr", err)
+            with terminal_only_bars(lib):
+                for _ in lib.tqdm(range(3), disable=False, desc="requests"):  # lm-eval's request bars
+                    pass
+                for _ in lib.tqdm(range(3), desc="contexts"):  # lm-eval's bars that pass no disable
+                    pass
+                lib.tqdm(total=1, disable=True, desc="rank1").close()  # rank != 0: off on a terminal too
+            shown = err.getvalue()
+            assert ("requests" in shown, "contexts" in shown, "rank1" in shown) == (tty, tty and not quiet, False)
     assert lib.tqdm is tqdm  # put back
 
 
 def test_lm_eval_request_bars_follow_the_terminal_rule(world, monkeypatch):
-    """The eval runner opens lm-eval's request bars through terminal_only_bars: off when stderr is a file."""
+    """The eval runner opens lm-eval's bars through terminal_only_bars: request bars off when stderr is a file,
+    the others off under TQDM_DISABLE (which tqdm, imported by torch before the CLI sets it, would not read)."""
     import lm_eval
+    import lm_eval.api.task as task
     import lm_eval.models.huggingface as hf
 
     from evals import runner
@@ -130,20 +140,23 @@ def test_lm_eval_request_bars_follow_the_terminal_rule(world, monkeypatch):
 
     drawn = []
 
-    def simple_evaluate(**kw):  # what lm-eval's HFLM does on the main process: disable=(disable_tqdm or rank != 0)
-        bar = hf.tqdm(total=1, disable=False, desc="Running generate_until requests")
-        drawn.append(not bar.disable)
-        bar.close()
+    def simple_evaluate(**kw):
+        # HFLM on the main process: disable=(disable_tqdm or rank != 0); a task building its contexts: no disable.
+        bars = [hf.tqdm(total=1, disable=False, desc="Running generate_until requests"), task.tqdm(total=1)]
+        drawn.append(tuple(not bar.disable for bar in bars))
+        for bar in bars:
+            bar.close()
         return {"results": {}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(runner, "_task_manager", lambda *a: None)
-    original = hf.tqdm
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # as the CLI sets it without --verbose
+    original = hf.tqdm, task.tqdm
     for tty in (False, True):
         monkeypatch.setattr(sys, "stderr", _Stderr(tty))
         runner._run_lm_eval(str(world / "base"), runner.Suite(name="s", tasks=["t"]), None, 1,
                             EvalConfig(backend="hf"), lambda m: None)
-    assert drawn == [False, True] and hf.tqdm is original
+    assert drawn == [(False, False), (True, False)] and (hf.tqdm, task.tqdm) == original
 
 
 def test_merge_bar_is_drawn_on_a_terminal_only(monkeypatch):
