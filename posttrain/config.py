@@ -290,7 +290,7 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
     stage["kind"] = kind
     pipe = dict(base or {})
     for key, value in parse_sets(sets):
-        if key.startswith("eval.") or key == "seed":  # pipeline-level settings stay reachable
+        if key.startswith(("eval.", "push.")) or key == "seed":  # pipeline-level settings stay reachable
             apply_override(pipe, key, value, PipelineConfig)
         else:
             apply_override(stage, key, value, spec.config)

@@ -241,3 +241,10 @@ def test_push_block_config_errors_at_load(push, message):
     with pytest.raises(ConfigError) as e:
         load_pipeline(None, data={**PIPE, "push": push})
     assert str(e.value) == f"<config>: {message}"
+
+
+def test_posttrain_stage_reaches_the_push_block_with_set():
+    from posttrain.config import stage_pipeline
+
+    assert stage_pipeline("sft", None, ["push.repo=org/one", "push.private=true"]).push.model_dump() == \
+        {"repo": "org/one", "stage": None, "private": True}
