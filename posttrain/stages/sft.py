@@ -32,13 +32,20 @@ class SFTStageConfig(TrainableStage):
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
     replay: list[Replay] = Field(default_factory=list, description="shares of earlier stages' data to mix in")
+    # TRL's defaults (False). TRL builds each row's labels (assistant mask included) before it packs, so packing
+    # changes which rows share a sequence, never which tokens carry loss; rows stay apart by their position_ids
+    # (flash attention, or transformers' packed-sequence mask for sdpa/eager).
+    packing: bool = Field(False, description="pack rows into max_length sequences (TRL's best-fit decreasing)")
+    padding_free: bool = Field(False, description="flatten each batch into one unpadded sequence (implied by packing)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
-        # Left out while empty: a field every dump carried would change the config hash of every finished stage.
+        # Left out at their defaults: a field every dump carried would change the config hash of every finished
+        # stage (and of every cached world model).
         out = handler(self)
-        if not out.get("replay"):
-            out.pop("replay", None)
+        for key in ("replay", "packing", "padding_free"):
+            if not out.get(key):
+                out.pop(key, None)
         return out
 
     def data_sources(self) -> list[tuple[DataSource, str]]:
@@ -84,7 +91,8 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(cfg, ctx, (SFTConfig, SFTTrainer), dataset, data_stats, tokenizer, args=dict(
-        assistant_only_loss=assistant_only and not own_masks, packing=False, dataset_num_proc=None))
+        assistant_only_loss=assistant_only and not own_masks, packing=cfg.packing, padding_free=cfg.padding_free,
+        dataset_num_proc=None))
 
 
 def replay_rows(replays: list[Replay], shape: str, log, seed: int, stats: list[dict]) -> list[dict]:
