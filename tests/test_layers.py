@@ -76,6 +76,7 @@ LAYERS: dict[str, int] = {
     "evals.run_report": 2,
     "evals.runner": 2,
     "evals.summary": 2,
+    "evals.mitigation": 2,
     # L3 stages
     "posttrain.stages": 3,
     "posttrain.stages.base": 3,
@@ -92,6 +93,7 @@ LAYERS: dict[str, int] = {
     "posttrain.pipeline": 4,
     "posttrain.distributed": 4,
     "posttrain.world.trained": 4,
+    "posttrain.mitigate": 4,
     # L5 faces
     "posttrain": 5,
     "posttrain.__main__": 5,
