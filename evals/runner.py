@@ -151,6 +151,10 @@ def evaluate_model(
         # prompts, and eval.json's suite says so (apply_chat_template: false).
         log(f"eval: {model_dir} has no chat template; scoring plain prompts")
         spec = spec.model_copy(update={"apply_chat_template": False})
+    if split != "test" and any(not t.startswith("world_") for t in spec.tasks):
+        # lm-eval scores its own tasks on their test split whatever is asked: a "dev" score would be a test one
+        raise ConfigError(f"a {split}-split eval needs world tasks; suite {spec.name!r} has "
+                          f"{', '.join(t for t in spec.tasks if not t.startswith('world_'))}")
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     model_path = Path(model_dir)

@@ -33,7 +33,7 @@ from posttrain.mixture import resolve_replays
 from posttrain.push import PushConfig
 from posttrain.registry import STAGES, RegistryError, did_you_mean
 from posttrain.tracking import check_report_to
-from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
+from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, key_hint, parse_yaml,
                               read_yaml, unwrap, validate_in, validated)
 
 _YAML_NULLS = ("null", "Null", "NULL", "~")
@@ -178,7 +178,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
 def _key_hint(cls: type[BaseModel], key: str) -> str:
     """Did-you-mean for an unknown `--set` key, as for one in a YAML file (`learning_rate` at stage level:
     'trainer.learning_rate')."""
-    return nested_hint(cls, key, exact=True) or did_you_mean(key, list(cls.model_fields)) or nested_hint(cls, key)
+    return key_hint(cls, key)
 
 
 def _blame_set(e: ConfigError, where: str, sets: list[str] | None, stages: Any = None) -> ConfigError:

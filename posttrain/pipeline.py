@@ -35,7 +35,7 @@ import yaml
 
 from evals import run_report, runner
 from evals.report import terminal_summary
-from evals.run_report import EvalGateStop, base_ref, keep_in_eval, reference_record
+from evals.run_report import EvalGateMitigate, EvalGateStop, base_ref, keep_in_eval, reference_record
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
 from posttrain.data import check_source
@@ -48,7 +48,7 @@ from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_fol
                               mark_run_dir, sha256_file, sha256_json)
 from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
-from posttrain import tracking
+from posttrain import mitigate, tracking
 from posttrain.world import VERSION, NotBuilt, only_built
 from posttrain.world.tasks import TASKS
 
@@ -107,6 +107,7 @@ class Pipeline:
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
         self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
         self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
+        self.inputs_of: dict[str, str] = {}  # stage name -> its input model folder ("" when it reads none)
         self.report: dict | None = None  # the last forgetting.json written, for the summary at the end
         # What evals.run_report reads of a run (its EvaluatedRun): records and parents above, and these.
         self.root = self.rd.root
@@ -227,6 +228,9 @@ class Pipeline:
         others += [_file_identity(f) for f in stage.input_files()]
         inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
+        self.inputs_of[stage.name] = input_model
+        if self.cfg.eval.enabled:  # a mitigation made under other settings is undone before DONE is read
+            mitigate.reconcile(final, self.cfg.eval, self.log)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)
         skipped = bool(done)
         if done:
@@ -239,6 +243,8 @@ class Pipeline:
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
         self._evaluate_inputs(stage)
+        if self.cfg.eval.enabled and (final / "unmitigated" / "model").is_dir():
+            self.records.append(mitigate.unmitigated_row(self, final, stage.name))
         self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
         self.shown.add(str(final / "model"))
         self.log(self.progress.end(index, stage.name, skipped=skipped))
@@ -291,10 +297,25 @@ class Pipeline:
             self.report = run_report.evaluate_into_run(self, stage, folder, model_dir)
         except EvalGateStop as e:
             raise PipelineError(str(e)) from None
+        except EvalGateMitigate as e:  # the stage row stays the trained model's until a mitigation is kept
+            self._mitigate(stage, folder, e.messages)
         finally:
             if self.records and self.records[-1]["folder"] == folder:
                 trackers = self.cfg.report_to if stage is None else self._trackers(stage)
                 tracking.log_eval(trackers, self.rd.root, int(folder[:2]), self.records[-1]["scores"])
+
+    def _mitigate(self, stage: Any, folder: str, messages: list[str]) -> None:
+        """`on_drop: mitigate` (posttrain.mitigate): keep θ(α) as the stage's model, its trained model becoming
+        the `<stage>:unmitigated` reference row, and evaluate the kept model as the stage's row."""
+        final = self.rd.root / "stages" / folder
+        try:
+            done = mitigate.mitigate(self, final, self.inputs_of.get(stage.name), self.records[-1]["trains_on"],
+                                     messages)
+        except mitigate.MitigationFailed as e:
+            raise PipelineError(str(e)) from None
+        self.done_keys[f"stage:{stage.name}"] = done["key"]
+        self.records[-1] = mitigate.unmitigated_row(self, final, stage.name)
+        self._evaluate(stage, folder, str(final / "model"))
 
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each

@@ -76,6 +76,7 @@ LAYERS: dict[str, int] = {
     "evals.run_report": 2,
     "evals.runner": 2,
     "evals.summary": 2,
+    "evals.mitigation": 2,
     # L3 stages
     "posttrain.stages": 3,
     "posttrain.stages.base": 3,
@@ -93,6 +94,7 @@ LAYERS: dict[str, int] = {
     "posttrain.distributed": 4,
     "posttrain.world.trained": 4,
     "posttrain.push": 4,
+    "posttrain.mitigate": 4,
     # L5 faces
     "posttrain": 5,
     "posttrain.__main__": 5,

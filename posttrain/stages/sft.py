@@ -9,7 +9,9 @@ earlier turn (naming the row and the turn).
 """
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, model_serializer
 
 from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_sources, rows_dataset, sft_rows
@@ -30,6 +32,22 @@ class SFTStageConfig(Replayable, TrainableStage):
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
+    # TRL's defaults (False). TRL builds each row's labels (assistant mask included) before it packs, so packing
+    # changes which rows share a sequence, never which tokens carry loss; rows stay apart by their position_ids
+    # (flash attention, or transformers' packed-sequence mask for sdpa/eager).
+    packing: bool = Field(False, description="pack rows into max_length sequences (TRL's best-fit decreasing)")
+    padding_free: bool = Field(False, description="flatten each batch into one unpadded sequence (implied by packing)")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        # Left out at their defaults: a field every dump carried would change the config hash of every finished
+        # stage (and of every cached world model). Replaces Replayable's serializer (a class has one), so `replay`
+        # is listed here too.
+        out = handler(self)
+        for key in ("replay", "packing", "padding_free"):
+            if not out.get(key):
+                out.pop(key, None)
+        return out
 
     def data_sources(self) -> list[tuple[DataSource, str]]:
         return [(src, "sft") for src in self.data]
@@ -75,5 +93,6 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(cfg, ctx, (SFTConfig, SFTTrainer), dataset, data_stats, tokenizer, args=dict(
-        assistant_only_loss=assistant_only and not own_masks, packing=False, dataset_num_proc=None))
+        assistant_only_loss=assistant_only and not own_masks, packing=cfg.packing, padding_free=cfg.padding_free,
+        dataset_num_proc=None))
 
