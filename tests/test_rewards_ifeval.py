@@ -146,7 +146,8 @@ def test_the_spec_column_is_a_param():
     spec = json.dumps({"func_name": "validate_no_commas"})
     stats = RewardStats()
     (func,), _ = build_reward_funcs([{"name": "ifeval", "params": {"column": "constraint"}}], stats)
-    assert func(prompts=[None] * 2, completions=["ok", "o, k"], answer=["72", "72"], constraint=[spec] * 2) == [1.0, 0.0]
+    scores = func(prompts=[None] * 2, completions=["ok", "o, k"], answer=["72", "72"], constraint=[spec] * 2)
+    assert scores == [1.0, 0.0]
     assert func(prompts=[None], completions=["ok"], answer=[spec]) == [0.0]  # no such column: the batch fails,
     assert stats.count("exception", "ifeval") == 1                          # counted, as any reward failure
 

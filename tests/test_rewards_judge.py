@@ -53,7 +53,7 @@ def _judge(folder: Path, **params):
 def test_a_right_and_a_wrong_completion_are_scored_apart(judge_folder):
     func, stats = _judge(judge_folder)
     prompt = [{"role": "user", "content": "what is the capital of france"}]
-    completions = [[{"role": "assistant", "content": "it is paris"}], [{"role": "assistant", "content": "it is london"}]]
+    completions = [[{"role": "assistant", "content": f"it is {city}"}] for city in ("paris", "london")]
     assert func(prompts=[prompt, prompt], completions=completions) == [0.9, 0.0]
     assert stats.count() == 0
 

@@ -81,8 +81,8 @@ IFEVAL: Mapping = {
     "keywords:frequency": (C.keyword_count, {"keyword": "word", "frequency": "n", "relation": "relation"},
                            {"whole_word": False}),
     "keywords:forbidden_words": (C.no_forbidden_words, {"forbidden_words": "words"}, {"whole_word": True}),
-    "keywords:letter_frequency": (C.letter_count, {"letter": "letter", "let_frequency": "n", "let_relation": "relation"},
-                                  {"ignore_case": True}),
+    "keywords:letter_frequency": (
+        C.letter_count, {"letter": "letter", "let_frequency": "n", "let_relation": "relation"}, {"ignore_case": True}),
     "language:response_language": (C.in_language, {"language": "language"}, {}),
     "length_constraints:number_sentences": (C.sentence_count, {"num_sentences": "n", "relation": "relation"}, {}),
     "length_constraints:number_paragraphs": (C.paragraph_count, {"num_paragraphs": "n"}, {"divider": "***"}),
@@ -168,6 +168,9 @@ def run_check(table: Mapping, name: str, args: dict[str, Any] | None, text: str)
     call = {rename[k]: v for k, v in given.items()}
     if "options" in call:
         call["options"] = _options(call["options"])
+    for key in ("keywords", "words"):  # one keyword written bare would be iterated letter by letter
+        if isinstance(call.get(key), str):
+            call[key] = [call[key]]
     params = inspect.signature(check).parameters
     missing = [p for p, spec in params.items() if p != "text" and spec.default is inspect.Parameter.empty
                and p not in call and p not in fixed]
