@@ -75,6 +75,7 @@ def test_parse_score():
 @pytest.mark.parametrize("params, says", [
     ({}, "needs params: model"),
     ({"model": "no/such/folder"}, "not found"),
+    ({"model": "${stages.sft.model}"}, "not resolved in reward params"),
     ({"rubric": "rate {prompt}"}, "{completion}"),
     ({"max_score": 0}, "max_score must be a positive number"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),

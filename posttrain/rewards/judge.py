@@ -131,7 +131,10 @@ def _check_params(params: dict[str, Any]) -> None:
     model = params.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError(f"reward 'judge': model must be a model folder, got {model!r}")
-    if not model.startswith("${") and not (Path(model) / "config.json").is_file():
+    if "${" in model:  # the pipeline substitutes `${stages.<name>.model}` in a stage's `model:`, not in params
+        raise ValueError(f"reward 'judge': model {model!r}: a stage reference is not resolved in reward params; "
+                         "give the judge's folder path")
+    if not (Path(model) / "config.json").is_file():
         raise ValueError(f"reward 'judge': model folder {model!r} not found (no config.json there)")
     rubric = params.get("rubric", DEFAULT_RUBRIC)
     if not isinstance(rubric, str) or "{completion}" not in rubric:
