@@ -51,7 +51,7 @@ class MergeRefused(MergeMismatch, ModelError):
     """The inputs cannot be merged (architecture, names, shapes, dtypes, vocabulary); one line."""
 
 
-_RESERVED = ("generator", "dtype", "scratch", "thresholds")  # method arguments the stage sets itself
+_RESERVED = ("generator", "dtype", "scratch", "thresholds", "row_length", "stats")  # set by the stage itself
 
 
 class MergeInput(Strict):
