@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evals import runner  # through the module: tests replace evaluate_model
 from evals.report import terminal_summary
 from evals.run_report import rerender_report
@@ -257,8 +259,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     """`posttrain merge --from-mergekit cfg.yml`: the mergekit YAML as a merge stage, printed or run."""
     if args.print:
-        import yaml
-
         print(yaml.safe_dump(from_mergekit(args.from_mergekit), sort_keys=False), end="")
         return 0
     return _run(args)

@@ -99,7 +99,8 @@ def bf16_trio(tmp_path_factory):
 
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {"lam": 0.8}), ("ties", {"density": 0.3}),
                                             ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
-                                            ("linear", {})])
+                                            ("linear", {}), ("ties", {"density": [0.3, 0.6]}),
+                                            ("della", {"density": 0.5, "epsilon": 0.2})])
 @pytest.mark.parametrize("trio", ["merge_trio", "bf16_trio"])
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
 def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypatch, method, params, trio,
