@@ -153,8 +153,9 @@ def _params(method: str, s: dict[str, Any], models: list[tuple[str, dict]], refu
     """posttrain's ``params:`` for ``method`` from mergekit's settings ``s`` (its defaults filled in)."""
     rescales = method in ("dare_linear", "dare_ties", "della")
     if "rescale" in s and bool(s["rescale"]) != rescales:
-        raise refuse("parameters.rescale", f"posttrain's {method} {'always' if rescales else 'never'} rescales "
-                                           f"(the paper's 1/keep probability); only rescale: {str(rescales).lower()} "
+        why = ("always divides kept entries by their keep probability (the paper; mergekit 0.1 matches the L1 "
+               "norm)" if rescales else "never rescales kept entries")
+        raise refuse("parameters.rescale", f"posttrain's {method} {why}: only rescale: {str(rescales).lower()} "
                                            "is mapped")
     if s.get("filter_wise"):
         raise refuse("parameters.filter_wise", "posttrain's model_stock is per tensor: only false is mapped")
