@@ -3,7 +3,8 @@
     python -m benchmarks.run [--quick] [--only train,merge,eval,rerun,rollout,real] [--runs N] [--update-readme]
 
   train.py    sft and dpo stages vs a plain TRL script: s/step (goal <= 1.03), whole stage (goal <= 1.10)
-  merge.py    task arithmetic, TIES, DARE on 3 x 1.1 GB models: vs raw read+write (<= 1.5 / <= 3),
+  merge.py    task arithmetic, TIES, DARE, model_stock, DELLA on 3 x 1.1 GB models: vs raw read+write
+              (<= 1.5 / <= 3 / <= 5 DELLA),
               vs mergekit's CLI, peak RSS (<= 3 x largest tensor + 200 MB)
   eval.py     world suite: `posttrain eval` vs the `lm_eval` CLI (goal <= 1.05)
   rerun.py    config error (< 10 s), rerun of a finished pipeline (< 5 s)
@@ -36,7 +37,7 @@ OUT = Path(__file__).resolve().parent / "results.json"
 GROUPS = ("train", "merge", "eval", "rerun", "rollout", "real")
 # DARE is timed as dare_linear (random drop, then task arithmetic): dare_ties adds TIES's sign election, which
 # TIES's own figure already times, and costs ~45 s a run more (3 runs of both sides would break the 20 minutes).
-MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear"]
+MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear", "model_stock", "della"]
 # mergekit's TIES takes ~2 minutes a run on 2 cores (mergekit 0.1.5): --mergekit task_arithmetic,ties adds it.
 MERGEKIT_METHODS = ["task_arithmetic", "dare_linear"]
 

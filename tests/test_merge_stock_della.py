@@ -149,6 +149,22 @@ def test_della_seeded_drops_are_reproducible_and_slicing_at_rows_draws_the_same(
     assert torch.equal(sliced, whole.reshape(-1))
 
 
+def test_row_ranks_are_a_stable_sort_in_float32_and_float64():
+    """float32 ranks come from a sort of (bits, position) keys: the order of numpy's stable argsort, ties
+    (equal magnitudes, zeros from both signed zeros, an infinity) by position."""
+    from posttrain.merging.ops import row_ranks
+
+    x = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    x[0, :10], x[1], x[2, ::3], x[3, 5] = 0.5, 0.0, -0.0, float("inf")
+    mag = x.abs()
+    expected = np.argsort(np.argsort(mag.numpy(), axis=1, kind="stable"), axis=1, kind="stable")
+    for m in (mag, mag.double()):
+        got = row_ranks(m, 50)
+        assert got.dtype == m.dtype and np.array_equal(got.numpy().astype(np.int64), expected)
+    assert np.array_equal(row_ranks(mag.reshape(-1), 25).numpy().astype(np.int64),
+                          np.argsort(np.argsort(mag.reshape(12, 25).numpy(), axis=1, kind="stable"), axis=1))
+
+
 @pytest.mark.parametrize("kw, message", [({"density": 0.1, "epsilon": 0.1}, r"density ± epsilon must lie in \(0, 1\)"),
                                          ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon"),
                                          ({"density": [0.5], "epsilon": 0.1}, "params.density: 1 values but 2 models"),

