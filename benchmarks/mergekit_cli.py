@@ -61,8 +61,8 @@ def command(method: str, inputs: list[Path], out: Path, shard_bytes: int, workdi
     (posttrain's merge stage does the same), in shards of `shard_bytes` (mergekit counts them in elements)."""
     name, params = METHODS[method]
     cfg = {"merge_method": name, "base_model": str(inputs[0]), "dtype": "float32",
-           "models": [{"model": str(m)} if params is None else {"model": str(m), "parameters": {"weight": 1.0, **params}}
-                      for m in inputs[1:]]}
+           "models": [{"model": str(m)} if params is None else
+                      {"model": str(m), "parameters": {"weight": 1.0, **params}} for m in inputs[1:]]}
     if out_dtype != "float32":
         cfg["out_dtype"] = out_dtype
     if name in ("ties", "dare_ties", "dare_linear"):

@@ -33,7 +33,8 @@ def mk_ties(base: Path, a: Path, b: Path) -> dict:
 
 def mk_task_arithmetic(base: Path, a: Path, b: Path) -> dict:
     return {"merge_method": "task_arithmetic", "base_model": str(base),
-            "models": [{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": -0.3}}],
+            "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                       {"model": str(b), "parameters": {"weight": -0.3}}],
             "parameters": {"lambda": 0.8}}
 
 
@@ -58,7 +59,8 @@ def test_mergekit_yaml_merges_bit_for_bit_as_the_native_config(merge_trio, tmp_p
     assert sorted(got) == sorted(want)
     for name in want:
         assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
-    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], load_tensors(base)["model.layers.0.mlp.up_proj.weight"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(got[name], load_tensors(base)[name])  # a merge, not a copy of the base
 
 
 def test_mergekit_defaults_are_written_out_and_breadcrumbs_names_are_mapped(tmp_path):
@@ -113,7 +115,8 @@ def test_cli_prints_the_stage_and_exits_2_on_a_refused_key(tmp_path, capsys):
     args = build_parser().parse_args(["merge", "--from-mergekit", str(path), "--set", "params.lam=0.5"])
     stage = _load(args).stages[0]  # what `posttrain merge` runs: the stage, with --set applied on top
     assert (stage.kind, stage.method, stage.base, stage.params) == ("merge", "task_arithmetic", "x", {"lam": 0.5})
-    bad = write(tmp_path, {"merge_method": "ties", "base_model": "x", "models": [{"model": "a"}], "slices": []}, "b.yml")
+    bad = write(tmp_path, {"merge_method": "ties", "base_model": "x", "models": [{"model": "a"}], "slices": []},
+                "b.yml")
     assert main(["merge", "--from-mergekit", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}: slices: layer ranges are not mapped: give whole models under models:"

@@ -63,7 +63,8 @@ def rand(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 def test_model_stock_two_unit_task_vectors_at_60_degrees_give_t_two_thirds():
     """cos θ = 1/2, k = 2: t = 2·(1/2) / (1 + 1/2) = 2/3; merged = 2/3·mean(θ_1, θ_2) + 1/3·θ_0."""
     base = torch.tensor([1.0, 2.0, 0.0], dtype=F64)
-    a, b = base + torch.tensor([1.0, 0.0, 0.0], dtype=F64), base + torch.tensor([0.5, math.sqrt(3) / 2, 0], dtype=F64)
+    a = base + torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    b = base + torch.tensor([0.5, math.sqrt(3) / 2, 0.0], dtype=F64)
     got = model_stock(base, [a, b], [1.0, 1.0], dtype=F64)
     expected = 2 / 3 * (a + b) / 2 + 1 / 3 * base
     assert torch.allclose(got, expected, rtol=0, atol=1e-15)
@@ -101,7 +102,8 @@ def test_model_stock_refuses_weights_and_a_single_model():
 # ------------------------------------------------------------------------------------------------------ della
 
 
-@pytest.mark.parametrize("density, epsilon, weights, lam", [(0.5, 0.15, [1.0, 1.0], 1.0), (0.3, 0.2, [0.7, -0.4], 0.8),
+@pytest.mark.parametrize("density, epsilon, weights, lam", [(0.5, 0.15, [1.0, 1.0], 1.0),
+                                                            (0.3, 0.2, [0.7, -0.4], 0.8),
                                                             (0.7, 0.05, [1.0, 2.0, 0.5], 1.0)])
 def test_della_matches_the_paper_formula_in_numpy(density, epsilon, weights, lam):
     base = rand((6, 40), 0)
@@ -165,10 +167,12 @@ def test_row_ranks_are_a_stable_sort_in_float32_and_float64():
                           np.argsort(np.argsort(mag.reshape(12, 25).numpy(), axis=1, kind="stable"), axis=1))
 
 
-@pytest.mark.parametrize("kw, message", [({"density": 0.1, "epsilon": 0.1}, r"density ± epsilon must lie in \(0, 1\)"),
-                                         ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon"),
-                                         ({"density": [0.5], "epsilon": 0.1}, "params.density: 1 values but 2 models"),
-                                         ({"normalize": "mean"}, "normalize must be one of count, weights, none")])
+@pytest.mark.parametrize("kw, message", [
+    ({"density": 0.1, "epsilon": 0.1}, r"density ± epsilon must lie in \(0, 1\)"),
+    ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon"),
+    ({"density": [0.5], "epsilon": 0.1}, "params.density: 1 values but 2 models"),
+    ({"normalize": "mean"}, "normalize must be one of count, weights, none"),
+])
 def test_della_refuses_bad_parameters(kw, message):
     base = rand((4,), 0)
     with pytest.raises(ValueError, match=message):
@@ -189,15 +193,32 @@ def test_ties_takes_one_density_per_model():
 
 
 def test_normalize_divides_by_count_summed_weights_or_nothing():
-    """x = w·τ: [2·1, 0.5·3, −1·1] at one entry, elected sign + (sum 2.5 ≥ 0): agreeing 2 and 1.5 (weights 2, 0.5).
-    count: 3.5/2; weights (mergekit's normalize: true): 3.5/2.5; none: 3.5."""
-    taus = lambda: [torch.tensor([1.0], dtype=F64), torch.tensor([3.0], dtype=F64), torch.tensor([1.0], dtype=F64)]  # noqa: E731
+    """x = w·τ: [2·1, 0.5·3, −1·1] at one entry, elected sign + (sum 2.5 ≥ 0): agreeing 2 and 1.5 (weights 2
+    and 0.5). count: 3.5/2; weights (mergekit's normalize: true): 3.5/2.5; none: 3.5."""
+    def taus():
+        return [torch.tensor([v], dtype=F64) for v in (1.0, 3.0, 1.0)]
+
     w = [2.0, 0.5, -1.0]
     assert sign_consensus(taus(), w).item() == 3.5 / 2
     assert sign_consensus(taus(), w, normalize="weights").item() == 3.5 / 2.5
     assert sign_consensus(taus(), w, normalize="none").item() == 3.5
     zero = sign_consensus([torch.tensor([0.0]), torch.tensor([0.0])], [0.5, 0.5], normalize="weights")
     assert zero.item() == 0.0  # no model agrees: the divisor 0 becomes 1 (mergekit), not a NaN
+
+
+@pytest.mark.parametrize("n", [2, 5])  # 5: sign_consensus sums a stack (posttrain.merging.ops), its other path
+def test_normalize_weights_is_mergekits_divisor(n):
+    """mergekit's GTA with consensus and normalize: Σ w_i·τ_i·m_i / Σ w_i·m_i, a divisor of 0 replaced by 1."""
+    taus = [rand((200,), s) for s in range(n)]
+    for t in taus:
+        t[:20] = 0.0
+    w = [1.5, -0.5, 0.7, 2.0, 0.3][:n]
+    x = np.stack([wi * t.numpy() for wi, t in zip(w, taus)])
+    mask = np.sign(x) == np.where(x.sum(axis=0) >= 0, 1.0, -1.0)
+    divisor = (np.array(w)[:, None] * mask).sum(axis=0)
+    divisor[divisor == 0] = 1
+    got = sign_consensus([t.clone() for t in taus], w, normalize="weights")
+    np.testing.assert_allclose(got.numpy(), (x * mask).sum(axis=0) / divisor, rtol=1e-12, atol=1e-15)
 
 
 def test_a_per_model_list_of_the_wrong_length_is_one_config_error():

@@ -83,28 +83,14 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
         raise refuse("tokenizer_source", "posttrain copies the base's tokenizer: only `base` is mapped")
     base = _model_ref(doc.get("base_model"), "base_model", refuse) if doc.get("base_model") is not None else None
     glob = _values(doc.get("parameters") or {}, "parameters", refuse, _GLOBAL | _PER_MODEL)
-    entries = doc.get("models") or []
-    if not isinstance(entries, list) or not entries:
-        raise refuse("models", "give a list of {model: ..., parameters: {...}}")
     per_model = {"weight"} | (_PER_MODEL & set(MERGEKIT_DEFAULTS[method]))
-    known = per_model | (set(MERGEKIT_DEFAULTS[method]) & _GLOBAL) | {"int8_mask"} | ({"t"} if method == "slerp" else set())
+    known = per_model | (set(MERGEKIT_DEFAULTS[method]) & _GLOBAL) | {"int8_mask"}
+    known |= {"t"} if method == "slerp" else set()
     for k in glob:
         if k not in known:
             raise refuse(f"parameters.{k}", f"has no effect in mergekit's {method} and no posttrain parameter")
-    models: list[tuple[str, dict[str, float]]] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) - {"model", "parameters"}:
-            raise refuse(f"models[{i}]", "only `model` and `parameters` are mapped")
-        ref = _model_ref(entry.get("model"), f"models[{i}].model", refuse)
-        own = _values(entry.get("parameters") or {}, f"models[{i}].parameters", refuse, _PER_MODEL)
-        for k in own:
-            if k not in per_model:
-                raise refuse(f"models[{i}].parameters.{k}", f"has no effect in mergekit's {method} and no "
-                                                            "posttrain parameter")
-        if ref != base:  # the base's task vector is zero: mergekit skips it
-            models.append((ref, {k: v for k, v in glob.items() if k in per_model} | own))
-    if not models:
-        raise refuse("models", "no model besides base_model")
+    models = _models(doc.get("models"), method, base, {k: v for k, v in glob.items() if k in per_model}, per_model,
+                     refuse)
     if method == "linear" and base is not None:
         raise refuse("base_model", "linear averages `models:` only; list the base among them to include it")
     settings = {**MERGEKIT_DEFAULTS[method], **{k: v for k, v in glob.items() if k in _GLOBAL}}
@@ -120,6 +106,29 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
     cfg["params"] = params
     cfg["dtype"] = "float64" if dtype == "float64" else "float32"
     return cfg
+
+
+def _models(entries: Any, method: str, base: str | None, defaults: dict[str, Any], per_model: set[str],
+            refuse) -> list[tuple[str, dict[str, Any]]]:
+    """(reference, per-model parameters with the global ``defaults`` under them) for each entry of ``models:``
+    that is not the base."""
+    if not isinstance(entries, list) or not entries:
+        raise refuse("models", "give a list of {model: ..., parameters: {...}}")
+    models = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) - {"model", "parameters"}:
+            raise refuse(f"models[{i}]", "only `model` and `parameters` are mapped")
+        ref = _model_ref(entry.get("model"), f"models[{i}].model", refuse)
+        own = _values(entry.get("parameters") or {}, f"models[{i}].parameters", refuse, _PER_MODEL)
+        for k in own:
+            if k not in per_model:
+                raise refuse(f"models[{i}].parameters.{k}", f"has no effect in mergekit's {method} and no "
+                                                            "posttrain parameter")
+        if ref != base:  # the base's task vector is zero: mergekit skips it
+            models.append((ref, defaults | own))
+    if not models:
+        raise refuse("models", "no model besides base_model")
+    return models
 
 
 def _model_ref(value: Any, key: str, refuse) -> str:

@@ -25,7 +25,8 @@ model or a list with one per model, as mergekit's per-model ``parameters:``. The
 DARE-TIES, DELLA) take ``normalize``: what the disjoint sum is divided by (posttrain.merging.ops.sign_consensus).
 
 Libraries checked: ``peft.utils.merge_utils`` (0.21) and mergekit's ``generalized_task_arithmetic.py``,
-``sparsify.py``, ``slerp.py`` and ``model_stock.py``. TIES steps 2-3 give peft's bits (posttrain.merging.ops.sign_consensus).
+``sparsify.py``, ``slerp.py`` and ``model_stock.py``. TIES steps 2-3 give peft's bits
+(posttrain.merging.ops.sign_consensus).
 Adding a method is one function here: ``@merge_method(name, streaming)`` on ``fn``; its keyword-only
 parameters are the method's ``params:`` in a merge stage's config.
 """
@@ -140,10 +141,11 @@ def ties(
 
     Departure: the paper has no per-model weights. Here TIES runs on the weighted vectors w_i·τ_i (weights
     all 1 is the paper). peft elects the sign on the unweighted vectors; mergekit divides by Σ w_i over the
-    agreeing models instead of their count. Trimming is per tensor, the paper trims the whole task vector;
-    magnitudes tied with the k-th largest are all kept (see :func:`trim_magnitude`). ``thresholds`` (one per
-    model; set by the stage, not by users) are the trim magnitudes of the whole tensor when ``base`` and
-    ``tensors`` are slices of it; None computes them from the tensors given.
+    agreeing models instead of their count (``normalize="weights"``; ``"none"`` divides by nothing). Trimming
+    is per tensor, the paper trims the whole task vector; magnitudes tied with the k-th largest are all kept
+    (see :func:`trim_magnitude`). ``density`` may be one per model. ``thresholds`` (one per model; set by the
+    stage, not by users) are the trim magnitudes of the whole tensor when ``base`` and ``tensors`` are slices
+    of it; None computes them from the tensors given.
     """
     del generator
     dens = fractions(density, weights, "density")
