@@ -120,3 +120,15 @@ def test_cli_prints_the_stage_and_exits_2_on_a_refused_key(tmp_path, capsys):
     assert main(["merge", "--from-mergekit", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}: slices: layer ranges are not mapped: give whole models under models:"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock", "della"])
+def test_the_benchs_mergekit_configs_import_to_the_method_they_time(tmp_path, method):
+    """benchmarks/mergekit_cli.py times mergekit on YAMLs it writes: each reads back as the same method."""
+    from benchmarks import mergekit_cli
+
+    inputs = [tmp_path / n for n in ("base", "a", "b")]
+    cmd = mergekit_cli.command(method, inputs, tmp_path / "out", 2**20, tmp_path)
+    cfg = from_mergekit(Path(cmd[3]))
+    assert cfg["method"] == method and [m["model"] for m in cfg["models"]] == [str(p) for p in inputs[1:]]
+    MergeStageConfig.model_validate(cfg)

@@ -257,7 +257,7 @@ def trim_thresholds(plan: MergePlan, src: _Source, densities: list[float], scrat
             side = (float(np.nextafter(src.np_work(hi), np.inf)), math.inf) if need < 1 else \
                 (-math.inf, float(np.nextafter(src.np_work(lo), -np.inf)))
             above_side, inside_side = _count_pass(src, [i], [side], scratch)
-            need, cands = k - above_side[0], inside_side[0]
+            need, cands = ks[i] - above_side[0], inside_side[0]
         limits[i] = float(np.partition(cands, cands.size - need)[cands.size - need])
     return limits
 
