@@ -38,8 +38,9 @@ GROUPS = ("train", "merge", "eval", "rerun", "rollout", "real")
 # DARE is timed as dare_linear (random drop, then task arithmetic): dare_ties adds TIES's sign election, which
 # TIES's own figure already times, and costs ~45 s a run more (3 runs of both sides would break the 20 minutes).
 MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear", "model_stock", "della"]
-# mergekit's TIES takes ~2 minutes a run on 2 cores (mergekit 0.1.5): --mergekit task_arithmetic,ties adds it.
-MERGEKIT_METHODS = ["task_arithmetic", "dare_linear"]
+# mergekit's TIES takes ~2 minutes a run on 2 cores (mergekit 0.1.5) and its DELLA ~3 (an argsort of every
+# row, twice): --mergekit task_arithmetic,ties,della adds them.
+MERGEKIT_METHODS = ["task_arithmetic", "dare_linear", "model_stock"]
 
 
 def collect(groups: list[str], runs: int, quick: bool, mergekit: list[str]) -> list[Figure]:
