@@ -161,7 +161,7 @@ def write_tensor(plan: MergePlan, name: str, weights: list[float], gens: list[np
     src = _Source(plan, name, weights, scratch, whole=two_passes and src_bytes(plan, name) <= CACHE_BYTES)
     if two_passes and streaming == TRIM:
         kwargs["thresholds"] = trim_thresholds(plan, src, densities, scratch)
-    if streaming == STATS:
+    if streaming == STATS and n > 0:
         kwargs["stats"] = sum(plan.fn.stats(base_arg(b), ts, weights, plan.dtype, scratch)
                               for b, ts in (src.slice(a, min(n, a + SLICE)) for a in range(0, n, SLICE)))
     for start in range(0, n, step):
