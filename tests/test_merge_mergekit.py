@@ -132,3 +132,17 @@ def test_the_benchs_mergekit_configs_import_to_the_method_they_time(tmp_path, me
     cfg = from_mergekit(Path(cmd[3]))
     assert cfg["method"] == method and [m["model"] for m in cfg["models"]] == [str(p) for p in inputs[1:]]
     MergeStageConfig.model_validate(cfg)
+
+
+def test_posttrain_merge_runs_the_imported_stage_into_a_run_dir(merge_trio, tmp_path, capsys):
+    """The command end to end (evals off): the run dir's merge is the native config's merge, bit for bit."""
+    base, a, b = merge_trio
+    path = write(tmp_path, mk_ties(base, a, b))
+    run_dir = tmp_path / "run"
+    assert main(["merge", "--from-mergekit", str(path), "--set", "eval.enabled=false", "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run_dir)
+    got = load_tensors(run_dir / "stages" / "01_merge" / "model")
+    want = load_tensors(merge(make_ctx(tmp_path / "native"), **native("ties", base, a, b)))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
