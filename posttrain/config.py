@@ -274,14 +274,16 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
         raise _blame_set(e, where, sets, raw.get("stages")) from None
 
 
-def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
-    """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage."""
+def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None,
+                   doc: dict | None = None) -> PipelineConfig:
+    """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage. ``doc``: the
+    stage config already read (`posttrain merge --from-mergekit` translates it from ``path``)."""
     try:
         spec = STAGES.get(kind)
     except RegistryError as e:
         raise ConfigError(str(e)) from None
     where = str(path) if path else f"<{kind} defaults>"
-    stage = read_yaml(path) if path else {}
+    stage = dict(doc) if doc is not None else read_yaml(path) if path else {}
     if "stages" in stage:
         raise ConfigError(f"{where}: stages: this is a pipeline file, not a stage config: run it with "
                           f"`posttrain run {where}`")

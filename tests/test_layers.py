@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "posttrain.rewards.stats": 1,
     "posttrain.merging": 1,
     "posttrain.merging.compat": 1,
+    "posttrain.merging.mergekit": 1,
     "posttrain.merging.methods": 1,
     "posttrain.merging.ops": 1,
     "posttrain.merging.search": 1,
