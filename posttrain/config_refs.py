@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from posttrain.hub_pins import cached_pin_problem
 from posttrain.models import bare_name_problem, mistyped_folder
 from posttrain.registry import did_you_mean
 from posttrain.schema import dotted, unwrap
@@ -83,7 +84,7 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
             hint = did_you_mean(path.name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
             problem = f"model {ref!r} is not a folder (no such path){hint}"
         else:
-            problem = mistyped_folder(ref) or bare_name_problem(ref)
+            problem = mistyped_folder(ref) or bare_name_problem(ref) or cached_pin_problem(ref)
             if problem is None:
                 continue
         dumped = dumped if dumped is not None else list(_strings(stage.model_dump()))

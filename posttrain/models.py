@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from posttrain.hub_pins import PinError, cached_pin_problem, model_snapshot, split_ref
 from posttrain.registry import WORLD_MODELS, did_you_mean
 from posttrain.tensors import ShardedReader
 
@@ -50,17 +51,22 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
-    problem = mistyped_folder(ref) or bare_name_problem(ref)
+    problem = mistyped_folder(ref) or bare_name_problem(ref) or cached_pin_problem(ref)
     if problem:
         raise ModelError(problem)
     if _hub_shaped(ref):
-        if hub_cache_folder(ref) is None:
+        if hub_cache_folder(ref) is None and split_ref(ref)[1] is None:
             hub_unreachable(ref)
-        return ref  # a hub name
+        try:  # the snapshot folder of the commit the revision points at now (posttrain.hub_pins)
+            return model_snapshot(ref, log)
+        except PinError as e:
+            raise ModelError(str(e)) from None
     raise ModelError(f"model {ref!r} is not a folder, a world model or a hub name (org/name or name)")
 
 
 def _hub_shaped(ref: str) -> bool:
+    """`org/name` or `name`, with or without `@revision`."""
+    ref = split_ref(ref)[0]
     return not ref.startswith(("world", ".", "/", "~")) and ref.count("/") <= 1 and _valid_repo_id(ref)
 
 
@@ -125,13 +131,14 @@ def hub_unreachable(name: str) -> None:
         raise ModelError(f"{where}, and the hub ({host}) cannot be reached: {e}") from None
 
 
-def hub_cache_folder(name: str) -> Path | None:
-    """The local snapshot folder of hub model `name` (its `main` revision) when its config.json is cached,
-    else None; never touches the network."""
+def hub_cache_folder(ref: str) -> Path | None:
+    """The local snapshot folder of hub model `ref` (`name`, its `main` revision, or `name@revision`) when its
+    config.json is cached, else None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
+    name, revision = split_ref(ref)
     try:
-        found = try_to_load_from_cache(name, "config.json")
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
     except ValueError:  # not a valid repo id (huggingface_hub's validation errors are ValueErrors)
         return None
     return Path(found).parent if isinstance(found, str) else None  # None, or the cached "no such file" marker
