@@ -100,7 +100,7 @@ def model_snapshot(ref: str, log: Callable[[str], None] = print) -> str:
     PinError (one line) for a revision the hub or the cache does not have."""
     name, revision = split_ref(ref)
     key = ("model", name, revision)
-    if key in _ONLINE:
+    if key in _ONLINE and not _offline():
         return _ONLINE[key]
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
@@ -167,7 +167,7 @@ def dataset_commit(name: str, subset: str | None, revision: str | None,
     (offline and not cached: the load then fails and names the dataset). Raises PinError for a revision the hub
     does not have, or, offline, one that is not the version cached here."""
     key = ("dataset", name, revision)
-    if key in _ONLINE:
+    if key in _ONLINE and not _datasets_offline():
         return _ONLINE[key]
     if not _datasets_offline():
         from huggingface_hub import HfApi
