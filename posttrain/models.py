@@ -1,8 +1,9 @@
 """Load and save Hugging Face model folders: safetensors only unless pickle is allowed, tokenizer, dtype.
 
 A model reference is one of: `world` (the embedded base), a named world model registered in WORLD_MODELS
-(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`;
-loaded by transformers from its cache; offline machines need it cached already). An `org/name` whose `org/` is
+(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`,
+either with an optional `@revision`), resolved to the hub cache's snapshot folder of the commit that revision
+points at now (posttrain.hub_pins; downloaded when the hub can be reached, else it must be cached already). An `org/name` whose `org/` is
 a local folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder. A bare
 name that starts with `world` or is close to a world model's name (`wrold`) is a typo of it unless the hub
 cache holds it.
@@ -38,7 +39,9 @@ _TORCH_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
-    """Turn a reference into something `from_pretrained` takes: a local folder path or a hub name.
+    """Turn a reference into a local folder `from_pretrained` takes; a hub name (`org/name[@revision]`) into
+    its snapshot folder `.../snapshots/<commit>` (posttrain.hub_pins.model_snapshot), so that every reader of it
+    loads one commit, and DONE can name it.
 
     `models/llama_aa` has the shape of a hub name (`org/name`). When `models/` is a local folder and no hub model
     `models/llama_aa` is cached, it is far more likely a mistyped folder than a hub name, so it is refused here
@@ -55,7 +58,7 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
     if problem:
         raise ModelError(problem)
     if _hub_shaped(ref):
-        if hub_cache_folder(ref) is None and split_ref(ref)[1] is None:
+        if hub_cache_folder(ref) is None:
             hub_unreachable(ref)
         try:  # the snapshot folder of the commit the revision points at now (posttrain.hub_pins)
             return model_snapshot(ref, log)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -223,3 +224,32 @@ def test_streaming_and_revision_refusals_name_the_field():
     # Unset, the new fields stay out of the dump, so DONE's config hash of every finished stage is unchanged.
     assert set(DataSource(source="acme/toy").model_dump()) == {"source", "split", "subset", "columns", "limit",
                                                                "on_bad_rows"}
+
+
+def test_online_the_hub_names_the_dataset_commit_and_load_dataset_gets_it(dscache, monkeypatch):
+    """Online (stubbed at huggingface_hub's and datasets' boundaries): `dataset_info(revision).sha` is the
+    identity and the revision load_dataset is given; a revision the hub does not have is one line."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    import posttrain.hub_pins
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(posttrain.hub_pins, "_ONLINE", {})
+    asked, loaded = [], []
+
+    def info(self, name, revision=None, timeout=None):
+        asked.append((name, revision))
+        if revision == "nope":
+            raise RevisionNotFoundError("404", response=SimpleNamespace(headers={}, request=None))
+        return SimpleNamespace(sha=C3)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", info)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded.append(k["revision"]) or ROWS)
+    src = DataSource(source="acme/toy", revision="v1", limit=2)
+    assert _data_identity(SimpleNamespace(training_data=lambda: [src])) == [f"hub:acme/toy@{C3}:None:train"]
+    rows, _ = load_rows(src, "sft", lambda m: None)
+    assert rows == ROWS[:2] and loaded == [C3] and asked == [("acme/toy", "v1")]  # asked once per process
+    with pytest.raises(DataError, match=r"^dataset 'acme/toy': the hub has no revision 'nope'$"):
+        load_rows(DataSource(source="acme/toy", revision="nope"), "sft", lambda m: None)
