@@ -253,3 +253,25 @@ def test_online_the_hub_names_the_dataset_commit_and_load_dataset_gets_it(dscach
     assert rows == ROWS[:2] and loaded == [C3] and asked == [("acme/toy", "v1")]  # asked once per process
     with pytest.raises(DataError, match=r"^dataset 'acme/toy': the hub has no revision 'nope'$"):
         load_rows(DataSource(source="acme/toy", revision="nope"), "sft", lambda m: None)
+
+
+def test_a_streamed_hub_dataset_trains_and_a_new_version_reruns_the_stage(dscache, hub, world, tmp_path):
+    """End to end: an SFT stage on a streamed cached hub dataset trains on its first `limit` rows; a newer
+    cached version (what datasets loads offline now) reruns it, an unchanged one does not."""
+    from posttrain.world.tuning import world_trainer
+
+    prepare(dscache, C1, ROWS, 1_000)
+    trainer = world_trainer("sft", max_steps=1, per_device_train_batch_size=2, logging_steps=1)
+    data = {"eval": {"enabled": False}, "stages": [
+        {"name": "s", "kind": "sft", "data": [{"source": "acme/toy", "streaming": True, "limit": 4}],
+         "trainer": trainer}]}
+    logs: list[str] = []
+    run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
+    events = [json.loads(x) for x in (tmp_path / "r" / "stages" / "01_s" / "metrics.jsonl").read_text().splitlines()]
+    sources = next(e["sources"] for e in events if e.get("event") == "data")
+    assert [(s["source"], s["rows"]) for s in sources] == [("acme/toy[train]", 4)]
+    run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
+    assert any("[01 s] done already" in line for line in logs)
+    prepare(dscache, C2, ROWS[::-1], 2_000)
+    run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
+    assert any("[01 s] rerunning" in line for line in logs)
