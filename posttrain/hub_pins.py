@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Callable
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# The files a model stage reads from a hub snapshot (as the merge and transfer stages always downloaded them).
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# The files a model stage reads from a hub snapshot: those the merge and transfer stages always downloaded, and
+# a model's own code (`*.py`: loaded only with trust_remote_code, which models.check_remote_code gates). Top
+# level only: from_pretrained reads no subfolder, and repos keep other formats there (`original/`), or as
+# `consolidated*.safetensors` beside the HF weights (Mistral's), which would double the download.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+SKIPPED_FILES = ["*/*", "consolidated*"]
 PICKLE_FILES = ["*.bin", "*.pt", "*.pth", "*.ckpt"]  # fetched only for a repo with no safetensors
 _ONLINE: dict[tuple, str] = {}  # (repo type, name, revision) -> snapshot folder or commit, asked once per process
 
@@ -108,9 +112,10 @@ def model_snapshot(ref: str, log: Callable[[str], None] = print) -> str:
 
     at = f"revision {revision!r}" if revision else "its main revision"
     try:
-        folder = snapshot_download(name, revision=revision, allow_patterns=MODEL_FILES)
+        folder = snapshot_download(name, revision=revision, allow_patterns=MODEL_FILES, ignore_patterns=SKIPPED_FILES)
         if not _offline() and not any(Path(folder).glob("*.safetensors")):
-            folder = snapshot_download(name, revision=Path(folder).name, allow_patterns=MODEL_FILES + PICKLE_FILES)
+            folder = snapshot_download(name, revision=Path(folder).name, allow_patterns=MODEL_FILES + PICKLE_FILES,
+                                       ignore_patterns=SKIPPED_FILES)
     except RevisionNotFoundError:
         raise PinError(f"model {ref!r}: the hub has no {at} of {name!r}") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:

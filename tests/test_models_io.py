@@ -177,8 +177,9 @@ def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
     fetched = []  # huggingface_hub's boundary: the commit main points at, downloaded (weights: safetensors)
     snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / ("c" * 40)
 
-    def download(name, revision=None, allow_patterns=None):
+    def download(name, revision=None, allow_patterns=None, ignore_patterns=None):
         fetched.append((name, revision, "*.safetensors" in allow_patterns, "*.bin" in allow_patterns))
+        assert "*/*" in ignore_patterns  # no subfolder: from_pretrained reads none (`original/` weights)
         snap.mkdir(parents=True, exist_ok=True)
         return str(snap)
 
