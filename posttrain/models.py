@@ -3,10 +3,10 @@
 A model reference is one of: `world` (the embedded base), a named world model registered in WORLD_MODELS
 (e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`,
 either with an optional `@revision`), resolved to the hub cache's snapshot folder of the commit that revision
-points at now (posttrain.hub_pins; downloaded when the hub can be reached, else it must be cached already). An `org/name` whose `org/` is
-a local folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder. A bare
-name that starts with `world` or is close to a world model's name (`wrold`) is a typo of it unless the hub
-cache holds it.
+points at now (posttrain.hub_pins; downloaded when the hub can be reached, else it must be cached already).
+An `org/name` whose `org/` is a local folder counts as a hub name only when the hub cache holds it: otherwise
+it is a mistyped folder. A bare name that starts with `world` or is close to a world model's name (`wrold`) is
+a typo of it unless the hub cache holds it.
 
 A folder whose config names its own code (`auto_map`) loads only with `trust_remote_code`, except when its
 `model_type` is one transformers has (Phi-3 as released): then transformers' own class loads it, as
