@@ -243,7 +243,8 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
+def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
+               quantization_config: Any = None):
     """Load a causal LM for training; float32 on CPU (bf16 matmuls are slow and lossy there).
 
     The dtype trained in is not the dtype saved: `train_and_save` writes the input's stored dtype back
@@ -255,7 +256,7 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights(ref, allow_pickle)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if quantization_config is None else {"quantization_config": quantization_config}
     if check_remote_code(ref, trust_remote_code):
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
         if hasattr(config, "auto_map"):

@@ -15,6 +15,7 @@ from posttrain.models import load_model
 from posttrain.stages.base import StageContext, StageResult
 from posttrain.tracking import trainer_env
 from posttrain.stages.common import TrainableStage, metrics_callback, select_parameters, train_and_save, trl_args
+from posttrain.stages.selection import quantization_config
 
 
 def run_trl_stage(
@@ -47,14 +48,16 @@ def run_trl_stage(
     """
     config_cls, trainer_cls = trl
     trl_config = trl_args(config_cls, cfg, ctx, **(args or {}))
-    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    model, peft_config, trainable = select_parameters(model, cfg, ctx)
+    def load(quantized: bool = False):
+        return load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+                          quantization_config=quantization_config(cfg.lora) if quantized else None)
+
+    model, peft_config, trainable = select_parameters(load(quantized=True), cfg, ctx)
     extra = dict(trainer_kwargs or {})
     if reference:
         ref_model = None
         if peft_config is None:
-            ref_model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
-                                   allow_pickle=cfg.allow_pickle)
+            ref_model = load()
             ref_model.requires_grad_(False)
         extra["ref_model"] = ref_model
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"], **(log or {})})
@@ -72,6 +75,8 @@ def run_trl_stage(
         )
         if prepare is not None:
             prepare(trainer)
-        metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
+        quantized = cfg.lora is not None and cfg.lora.quantize is not None
+        metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None,
+                                 unquantized=load if quantized else None)
     metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
     return StageResult(ctx.work_dir / "model", metrics)
