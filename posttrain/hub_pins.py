@@ -85,10 +85,9 @@ def cached_commit(name: str, revision: str | None, repo_type: str = "model") -> 
     revision = revision or "main"
     if COMMIT.match(revision):
         return revision if (folder / "snapshots" / revision).is_dir() else None
-    ref = folder / "refs" / revision
     try:
-        return ref.read_text().strip() or None if ref.is_file() else None
-    except OSError:
+        return (folder / "refs" / revision).read_text().strip() or None
+    except OSError:  # no such ref (or no such repo) in the cache
         return None
 
 
