@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import Field, model_serializer, model_validator
 
 from posttrain import world  # through the module: tests replace task_file
+from posttrain.hub_pins import PinError, dataset_identity, load_hub_dataset, source_pin_problem
 from posttrain.mixture import check_share, sample_rows
 from posttrain.registry import did_you_mean
 from posttrain.schema import Strict
@@ -43,19 +44,25 @@ class DataSource(Strict):
     rows: int | None = Field(None, ge=1, description="sample this many rows, shuffled (over the source's upsamples)")
     on_bad_rows: Literal["error", "skip"] = "error"
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
+    revision: str | None = Field(None, min_length=1, description="hub dataset: branch, tag or commit (default main)")
+    streaming: bool = Field(False, description="hub dataset: read rows one at a time, only as many as are used")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
         # Left out while at its default: the field came after runs whose DONE hashes a stage's dumped config,
         # and a field every dump carries would have made every finished stage rerun.
-        out = handler(self)  # fraction and rows likewise, while unset
+        out = handler(self)  # fraction, rows, revision and streaming likewise, while unset
         if out.get("max_row_bytes") == MAX_ROW_BYTES:
             del out["max_row_bytes"]
-        return {k: v for k, v in out.items() if v is not None or k not in ("fraction", "rows")}
+        return {k: v for k, v in out.items() if v not in (None, False) or k not in ("fraction", "rows", "revision",
+                                                                                 "streaming")}
 
     @model_validator(mode="after")
     def _one_share(self) -> "DataSource":
         check_share(self.fraction, self.rows, "")
+        local = self.source in TASKS or Path(self.source).suffix in DATA_SUFFIXES or Path(self.source).exists()
+        if problem := source_pin_problem(self, local):
+            raise ValueError(problem)
         return self
 
 
@@ -201,13 +208,18 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
 
             return str(path), _iter_table(pq.read_table(path).to_pylist())
         raise DataError(f"{path}: unsupported data file type ({_SUFFIX_WORDS})")
-    from datasets import load_dataset
-
     try:
-        ds = load_dataset(src.source, src.subset, split=src.split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
-        raise DataError(f"dataset {src.source!r} (split {src.split!r}) could not be loaded: {str(e).splitlines()[0]}") from None
-    return f"{src.source}[{src.split}]", _iter_table(ds)
+        return f"{src.source}[{src.split}]", _iter_table(load_hub_dataset(src, log))
+    except PinError as e:
+        raise DataError(str(e)) from None
+
+
+def hub_identity(src: DataSource) -> str:
+    """What a hub data source is, for DONE: `hub:<name>@<commit a load reads now>:<subset>:<split>`."""
+    try:
+        return dataset_identity(src)
+    except PinError as e:
+        raise DataError(str(e)) from None
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:
