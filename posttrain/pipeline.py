@@ -194,7 +194,7 @@ class Pipeline:
             for i, stage in enumerate(self.cfg.stages):
                 self._run_stage(i, stage)
             if self.report is not None:  # the report is final: its matrix and BWT go to the trackers
-                tracking.log_report(self.cfg.report_to, self.rd.root, self.report)
+                tracking.log_report(self.cfg.report_to, self.rd.root, self.report, f"{self.cfg.name}/report")
             self._print_summary()
             if self.cfg.push is not None:  # the `push:` block, once every stage is done (PushFailed: one line)
                 push_after_run(self.cfg.push, self.rd.root, self.stage_names, self.log)
@@ -306,7 +306,8 @@ class Pipeline:
         finally:
             if self.records and self.records[-1]["folder"] == folder:
                 trackers = self.cfg.report_to if stage is None else self._trackers(stage)
-                tracking.log_eval(trackers, self.rd.root, int(folder[:2]), self.records[-1]["scores"])
+                tracking.log_eval(trackers, self.rd.root, int(folder[:2]), self.records[-1]["scores"],
+                                  f"{self.cfg.name}/{self.records[-1]['name']}")
 
     def _mitigate(self, stage: Any, folder: str, messages: list[str]) -> None:
         """`on_drop: mitigate` (posttrain.mitigate): keep θ(α) as the stage's model, its trained model becoming

@@ -8,7 +8,10 @@ tensorboard through a SummaryWriter in the run dir. The layout, with tensorboard
     <run-dir>/tensorboard/                  eval scores (eval/<key>, step = stage index), the report
     <run-dir>/stages/NN_<stage>/tensorboard/  that stage's training metrics (TRL's TensorBoardCallback)
 
-Other trackers get TRL's training metrics only; their eval logging is not written yet.
+wandb: the training run of each stage is TRL's (`<pipeline>/<stage>`, grouped by the run dir's name); each eval is
+a run of its own in the same group (`<pipeline>/<row>`, job type `eval`, the scores as eval/<key> in its summary),
+and the report one more (`<pipeline>/report`, job type `report`: BWT, average forgetting and the forgetting
+matrix as a table). Other trackers get TRL's training metrics only.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from posttrain.ranks import is_main
 from posttrain.registry import did_you_mean
 
 # The module each integration imports and the pip package that provides it, where the names differ from the
@@ -57,20 +61,28 @@ def check_report_to(value: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def trainer_env(report_to: list[str], stage_dir: Path, run_dir: Path) -> Iterator[None]:
-    """Environment transformers' callbacks read when the trainer is built: tensorboard's log folder (transformers
-    5 dropped TrainingArguments.logging_dir) under the stage's folder, and the run dir as the group of wandb's
-    runs; the previous values are restored afterwards."""
+def trainer_env(report_to: list[str], stage_dir: Path, run_dir: Path, run_name: str = "") -> Iterator[None]:
+    """What transformers' callbacks need while the trainer is built and trains: tensorboard's log folder
+    (transformers 5 dropped TrainingArguments.logging_dir) under the stage's folder, in the environment (restored
+    afterwards); for wandb, the stage's run itself, started here in the run dir's group and folder: the
+    callback logs into a run that is already active, and wandb reads its environment (a folder, a group) only
+    once per process, so setting those per stage would be ignored from the second run on."""
     env = {}
     if "tensorboard" in report_to:
         env["TENSORBOARD_LOGGING_DIR"] = str(stage_dir / "tensorboard")
-    if "wandb" in report_to:
-        env["WANDB_RUN_GROUP"] = run_dir.name
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    run = None
     try:
+        if "wandb" in report_to and is_main():
+            import wandb
+
+            run = wandb.init(group=run_dir.name, name=run_name or stage_dir.name, job_type="train",
+                             dir=os.environ.get("WANDB_DIR") or str(run_dir), reinit="finish_previous")
         yield
     finally:
+        if run is not None:
+            run.finish()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -96,9 +108,28 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def log_eval(report_to: list[str], run_dir: Path, stage_index: int, scores: dict[str, Any]) -> None:
+def _wandb_run(run_dir: Path, name: str, job_type: str, values: dict[str, Any], table: Any = None) -> None:
+    """One finished wandb run in the run dir's group holding `values` (and `table` as report/forgetting)."""
+    import wandb
+
+    run = wandb.init(group=run_dir.name, name=name, job_type=job_type, dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                     reinit="finish_previous")
+    try:
+        if table is not None:
+            run.log({"report/forgetting": table})
+        run.log(values)
+        run.summary.update(values)
+    finally:
+        run.finish()
+
+
+def log_eval(report_to: list[str], run_dir: Path, stage_index: int, scores: dict[str, Any], name: str = "") -> None:
     """Log one model's eval scores (`{key: {"value", "stderr"}}`) as eval/<key> at step = its stage index (0:
-    the base)."""
+    the base); `name`: the tracker run's (`<pipeline>/<row>`)."""
+    if "wandb" in report_to:
+        values = {f"eval/{k}": float(s["value"]) for k, s in sorted(scores.items())
+                  if isinstance(s, dict) and _finite(s.get("value"))}
+        _wandb_run(run_dir, name or f"eval-{stage_index:02d}", "eval", {**values, "stage_index": stage_index})
     if "tensorboard" not in report_to:
         return
     with contextlib.closing(_writer(run_dir)) as w:
@@ -108,10 +139,12 @@ def log_eval(report_to: list[str], run_dir: Path, stage_index: int, scores: dict
                 w.add_scalar(f"eval/{key}", float(value), stage_index)
 
 
-def log_report(report_to: list[str], run_dir: Path, report: dict) -> None:
+def log_report(report_to: list[str], run_dir: Path, report: dict, name: str = "report") -> None:
     """Log the forgetting report: per key, the forgetting of each stage row (report/forgetting/<key>, step = the
     row), BWT and average forgetting (report/bwt, report/average_forgetting, step = rows), and the markdown
     report as text."""
+    if "wandb" in report_to:
+        _log_report_wandb(run_dir, report, name)
     if "tensorboard" not in report_to:
         return
     rows = len(report.get("stages", []))
@@ -128,3 +161,17 @@ def log_report(report_to: list[str], run_dir: Path, report: dict) -> None:
         md = run_dir / "report" / "forgetting.md"
         if md.is_file():
             w.add_text("report/forgetting", md.read_text(), rows)
+
+
+def _log_report_wandb(run_dir: Path, report: dict, name: str) -> None:
+    """The report as one wandb run: BWT and average forgetting, and the forgetting matrix (row x key) as a table."""
+    import wandb
+
+    summary = report.get("summary", {})
+    values = {f"report/{short}": float(summary[field]) for short, field in
+              (("bwt", "backward_transfer"), ("average_forgetting", "average_forgetting")) if _finite(summary.get(field))}
+    keys = sorted(report.get("tasks", {}))
+    rows = [s.get("name") for s in report.get("stages", [])]
+    data = [[row, *[(report["tasks"][k].get("forgetting") or [None] * len(rows))[i] for k in keys]]
+            for i, row in enumerate(rows)]
+    _wandb_run(run_dir, name, "report", values, wandb.Table(columns=["stage", *keys], data=data))

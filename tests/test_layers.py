@@ -114,7 +114,7 @@ LAYERS: dict[str, int] = {
 # do not pay for them.
 HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "lm_eval", "matplotlib", "datasets", "accelerate",
          "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "math_verify", "jinja2", "tqdm",
-         "pandas", "tensorboardX"}
+         "pandas", "tensorboardX", "wandb"}
 
 # Project imports made inside a function on purpose, each with why: (importer, imported).
 DEFERRED = {

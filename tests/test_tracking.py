@@ -129,3 +129,67 @@ def test_trl_gets_the_stage_trackers_and_run_name(tmp_path):
         args = trl_args(SFTConfig, stage, ctx)
         got.append((args.report_to, args.run_name))
     assert got == [(["tensorboard"], "p/a"), ([], "p/b")]
+
+
+def _wandb_runs(folder) -> list[dict]:
+    """The offline runs under `folder`: {name, group, job, history: {key: [values]}, summary}. wandb 0.31 keeps an
+    offline run only in its run-*.wandb file: LevelDB's log format (32 KiB blocks of records with a 7-byte header:
+    crc, length, type FULL/FIRST/MIDDLE/LAST) after a 7-byte ":W&B" header, each record a wandb Record proto."""
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted(folder.glob("offline-run-*/run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B"
+        run = {"history": {}, "summary": {}}
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            buf = chunk if kind in (1, 2) else buf + chunk
+            if kind not in (1, 4):
+                continue
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            what = rec.WhichOneof("record_type")
+            if what == "run":
+                run.update(name=rec.run.display_name, group=rec.run.run_group, job=rec.run.job_type)
+            for item in (rec.history.item if what == "history" else rec.summary.update if what == "summary" else []):
+                key = item.key or "/".join(item.nested_key)
+                if what == "history":
+                    run["history"].setdefault(key, []).append(json.loads(item.value_json))
+                else:
+                    run["summary"][key] = json.loads(item.value_json)
+        runs.append(run)
+    return runs
+
+
+def test_wandb_offline_holds_training_eval_and_report_runs(world, tmp_path, monkeypatch):
+    """`report_to: wandb` (offline, as a user without network runs it): TRL's training run of each stage, one
+    eval run per row with its scores, and a report run with forgetting.json's BWT, grouped by the run dir and
+    named <pipeline>/<stage>; all under the run dir, none in the working directory."""
+    pytest.importorskip("wandb")
+    import evals.runner
+
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(None, data={"name": "wb", "report_to": "wandb", "eval": {"limit": 2}, "stages": _stages()})
+    run_dir = tmp_path / "r"
+    run_pipeline(cfg, run_dir, lambda m: None)
+    assert not (tmp_path / "wandb").exists()
+    runs = {(r["name"], r["job"]): r for r in _wandb_runs(run_dir / "wandb")}
+    assert set(runs) == {("wb/a", "train"), ("wb/b", "train"), ("wb/base", "eval"), ("wb/a", "eval"),
+                         ("wb/b", "eval"), ("wb/report", "report")}
+    assert {r["group"] for r in runs.values()} == {"r"}
+    losses = [json.loads(x)["loss"] for x in (run_dir / "stages" / "01_a" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert runs["wb/a", "train"]["history"]["train/loss"] == pytest.approx(losses, rel=1e-5)
+    assert runs["wb/a", "eval"]["summary"]["eval/world_arithmetic/exact_match"] == 0.75
+    assert runs["wb/b", "eval"]["summary"]["eval/world_reversal/exact_match"] == 0.75
+    report = json.loads((run_dir / "report" / "forgetting.json").read_text())
+    assert runs["wb/report", "report"]["summary"]["report/bwt"] == pytest.approx(report["summary"]["backward_transfer"])

@@ -63,7 +63,7 @@ def run_trl_stage(
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"], **(log or {})})
     first = [*(callbacks or []), metrics_callback(ctx)]
     with (session or (lambda: contextlib.nullcontext([])))() as more, \
-            trainer_env(ctx.report_to, ctx.work_dir, ctx.run_dir):
+            trainer_env(ctx.report_to, ctx.work_dir, ctx.run_dir, ctx.run_name):
         trainer = trainer_cls(
             model=model,
             args=trl_config,
