@@ -84,7 +84,7 @@ def mitigated(world, tmp_path_factory):
     import evals.runner
 
     raw = yaml.safe_load((REPO / "configs/pipelines/mitigate.yaml").read_text())
-    raw["eval"]["max_drop"] = {"world_arithmetic": 0.3}
+    raw["eval"].update(max_drop={"world_arithmetic": 0.3}, mitigate_alphas=[0.9, 0.75, 0.5, 0.25])
     stage = raw["stages"][0]
     stage.update(model="world", trainer=world_trainer("sft", max_steps=3, per_device_train_batch_size=4,
                                                       learning_rate=1e-2))
