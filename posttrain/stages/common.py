@@ -170,7 +170,11 @@ def metrics_callback(ctx: StageContext):
     # Fault injection for the reliability tests: SIGKILL ourselves after step N, exactly like `kill -9`.
     # With POSTTRAIN_FAULT_MID_ACCUMULATION=1 the kill lands after a micro-batch of step N+1 instead, halfway
     # through a gradient accumulation.
+    # POSTTRAIN_FAULT_KILL_STAGE=<name> limits the kill to that stage of a pipeline (the others train through).
     crash_at = int(os.environ.get("POSTTRAIN_FAULT_KILL_AT_STEP", "0"))
+    only = os.environ.get("POSTTRAIN_FAULT_KILL_STAGE")
+    if only and not ctx.run_name.endswith(f"/{only}"):
+        crash_at = 0
     mid_accum = os.environ.get("POSTTRAIN_FAULT_MID_ACCUMULATION") == "1"
 
     class _Metrics(TrainerCallback):
