@@ -109,7 +109,7 @@ class Pipeline:
         # What evals.run_report reads of a run (its EvaluatedRun): records and parents above, and these.
         self.root = self.rd.root
         self.settings = cfg.eval
-        self.stage_names = [s.name for s in cfg.stages]
+        self.stage_names = [s.name for s in cfg.stages if s.generates()]  # the stages the report waits for
         self.base_ref = base_ref(cfg.stages[0])
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
@@ -232,7 +232,11 @@ class Pipeline:
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
         self._evaluate_inputs(stage)
-        self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+        if stage.generates():
+            self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+        elif self.cfg.eval.enabled:
+            self.log(f"[{index:02d} {stage.name}] eval: its model scores text and generates none; no eval row "
+                     "(its training log has the pair accuracy)")
         self.shown.add(str(final / "model"))
 
     def _check_models(self, stage: Any, input_model: str) -> None:

@@ -7,3 +7,4 @@ from posttrain.stages import transfer  # noqa: F401
 from posttrain.stages import kto  # noqa: F401
 from posttrain.stages import orpo  # noqa: F401
 from posttrain.stages import simpo  # noqa: F401
+from posttrain.stages import reward  # noqa: F401

@@ -358,11 +358,14 @@ def _save_gathered(trainer: Any, tokenizer: Any, out: Path, dtype: str | None) -
         if dtype is not None:
             cast_saved_weights(out, dtype)
         tokenizer.save_pretrained(out)
-        trainer.model.generation_config.save_pretrained(out)
+        if getattr(trainer.model, "generation_config", None) is not None:  # a reward model has none
+            trainer.model.generation_config.save_pretrained(out)
 
 
 def _set_generation_ids(model: Any, tokenizer: Any) -> None:
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)
+    if gen is None:  # a model that does not generate (the reward stage's sequence classifier)
+        return
     gen.eos_token_id = eos_ids(tokenizer.eos_token_id, gen.eos_token_id)
     gen.pad_token_id = tokenizer.pad_token_id
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.ranks import agree, is_main
-from posttrain.rewards import RewardsFailed, RewardStats
+from posttrain.rewards import RewardsFailed, RewardStats, build_reward_funcs, with_models
+from posttrain.rewards.scorer import release_scorers
 from posttrain.rollout import (
     VLLMServer,
     free_port,
@@ -20,6 +21,7 @@ from posttrain.rollout import (
     vllm_serve_command,
 )
 from posttrain.stages.base import StageContext
+from posttrain.stages.combine import resolve_ref
 
 
 def _as_chat(prompt: Any) -> list[dict[str, str]]:
@@ -91,6 +93,12 @@ def trainer_class():
     return _GRPOTrainer
 
 
+def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[Any], list[float]]:
+    """`build_reward_funcs` for the stage's rewards, each `reward_model`'s `model` resolved to its folder
+    (`${stages.<name>.model}`: that earlier stage's output in the run dir)."""
+    return build_reward_funcs(with_models(cfg.rewards, lambda ref: resolve_ref(ref, ctx)), stats)
+
+
 def reward_errors_callback(stats: RewardStats):
     """A TrainerCallback that adds the reward error counts to each log record (before metrics_callback)."""
     from transformers import TrainerCallback
@@ -148,6 +156,14 @@ def rollout_session(cfg: Any, ctx: StageContext) -> tuple[str, dict[str, Any], A
 
     @contextlib.contextmanager
     def session():
+        try:
+            with _server() as more:
+                yield more
+        finally:
+            release_scorers()  # the reward models the rewards loaded: their memory goes back before the evals
+
+    @contextlib.contextmanager
+    def _server():
         if not (serve and is_main()):
             yield []
             return

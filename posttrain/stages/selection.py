@@ -84,8 +84,11 @@ def lora_config(model: Any, stage: Any, mask: dict[str, Any], warnings: list[str
                             "modules only; list them in lora.target_parameters")
     if parameters and spec.dropout:
         raise ConfigError(_NO_DROPOUT)
+    # A reward model (sequence classifier) is SEQ_CLS: peft then trains its new score head whole
+    # (modules_to_save) beside the adapters, and merge_and_unload keeps the trained head.
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      target_parameters=parameters or None, task_type="CAUSAL_LM")
+                      target_parameters=parameters or None, task_type=task)
 
 
 def moe_linear_parameters(model: Any) -> list[str]:

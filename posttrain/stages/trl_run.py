@@ -32,6 +32,7 @@ def run_trl_stage(
     callbacks: list[Any] | None = None,
     session: Callable[[], ContextManager[list[Any]]] | None = None,
     prepare: Callable[[Any], None] | None = None,
+    load: Callable[[], Any] | None = None,
 ) -> StageResult:
     """Train `cfg` with TRL's (config class, trainer class) `trl` on `dataset`; write `ctx.work_dir/model`.
 
@@ -44,10 +45,12 @@ def run_trl_stage(
     session: a context that stays open while the trainer is built and trains and yields more callbacks
         (GRPO's vLLM server).
     prepare: called with the built trainer before training (DPO cuts long prompts in its tokenized data).
+    load: loads the model to train (default: the input as a causal LM; the reward stage: as a scorer).
     """
     config_cls, trainer_cls = trl
     trl_config = trl_args(config_cls, cfg, ctx, **(args or {}))
-    model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    model = load() if load is not None else load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
+                                                       allow_pickle=cfg.allow_pickle)
     model, peft_config, trainable = select_parameters(model, cfg, ctx)
     extra = dict(trainer_kwargs or {})
     if reference:
