@@ -8,3 +8,4 @@ from posttrain.stages import kto  # noqa: F401
 from posttrain.stages import orpo  # noqa: F401
 from posttrain.stages import simpo  # noqa: F401
 from posttrain.stages import reward  # noqa: F401
+from posttrain.stages import rloo  # noqa: F401

@@ -77,11 +77,13 @@ def epoch_sampler(**repeat_sampler_kwargs: Any):
     return _EpochSampler(**repeat_sampler_kwargs)
 
 
-def trainer_class():
-    """GRPOTrainer with `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
-    from trl import GRPOTrainer
+def trainer_class(base: type | None = None):
+    """`base` (GRPOTrainer; the rloo stage's RLOOTrainer, whose sampler is the same RepeatSampler) with
+    `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
+    if base is None:
+        from trl import GRPOTrainer as base
 
-    class _GRPOTrainer(GRPOTrainer):
+    class _EpochTrainer(base):
         def _get_train_sampler(self, dataset=None):
             # TRL's sampler first, so its batch arithmetic (prompts per generation batch, repeats per
             # num_iterations x steps_per_generation) stays TRL's; only the class changes.
@@ -90,7 +92,17 @@ def trainer_class():
                                  batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
                                  seed=s.seed)
 
-    return _GRPOTrainer
+    return _EpochTrainer
+
+
+def group_problem(trainer: Any, num_generations: int) -> str | None:
+    """Why a batch of `trainer` (per-device size x accumulation, in completions) holds no whole number of
+    groups of `num_generations`, or None."""
+    batch = trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps
+    if batch % num_generations:
+        return (f"trainer.per_device_train_batch_size x gradient_accumulation_steps ({batch}) counts completions "
+                f"and must be a multiple of num_generations ({num_generations})")
+    return None
 
 
 def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[Any], list[float]]:
