@@ -1,7 +1,7 @@
 """Class defaults are for real models: TRL's own; the embedded world's tuned values live only in its configs.
 
 Two halves. (1) Every field a stage class's default shares with TRL's config dataclass (SFTConfig, DPOConfig,
-GRPOConfig, KTOConfig, ORPOConfig, CPOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
+GRPOConfig, KTOConfig, ORPOConfig, CPOConfig, RewardConfig, RLOOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
 their reasons. (2) Every world config (configs/stages/, configs/pipelines/ with claims and experiments, and the
 cached world models of posttrain/world/trained.py) resolves to the world's trainer block of its kind
 (posttrain/world/tuning.py), so that `make stage=...` and `make claims` train as they did before the defaults
@@ -22,8 +22,8 @@ from posttrain.world.tuning import WORLD_STAGE_FIELDS, WORLD_TRAINERS
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("sft", "dpo", "grpo")  # the kinds the world tunes in posttrain/world/tuning.py
-# The kinds on a TRL trainer (the world values of kto, orpo and simpo are in configs/stages/<kind>.yaml).
-TRL_KINDS = KINDS + ("kto", "orpo", "simpo")
+# The kinds on a TRL trainer (the world values of the others are in configs/stages/<kind>.yaml).
+TRL_KINDS = KINDS + ("kto", "orpo", "simpo", "reward", "rloo")
 
 # Every field a default stage config shares with TRL's config, by name (trainer fields and stage fields).
 # Listed rather than computed only, so that a field added on either side is a decision, not a silent pass.
@@ -38,6 +38,9 @@ SHARED = {
     "kto": COMMON | {"max_length", "loss_type", "beta", "desirable_weight", "undesirable_weight"},
     "orpo": COMMON | {"max_length", "beta"},
     "simpo": COMMON | {"max_length", "beta", "cpo_alpha", "label_smoothing"},  # CPOConfig's (loss_type: simpo)
+    "reward": COMMON | {"max_length", "center_rewards_coefficient"},
+    "rloo": COMMON | {"num_generations", "beta", "epsilon", "max_completion_length", "temperature",
+                      "normalize_advantages"},
 }
 
 # Deliberate deviations from TRL's defaults: (kind, field) -> (our value, why).
@@ -63,12 +66,12 @@ DEVIATIONS = {
 
 
 def _trl_config(kind: str) -> type:
-    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig, SFTConfig
     from trl.experimental.cpo import CPOConfig
     from trl.experimental.orpo import ORPOConfig
 
     return {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "kto": KTOConfig, "orpo": ORPOConfig,
-            "simpo": CPOConfig}[kind]
+            "simpo": CPOConfig, "reward": RewardConfig, "rloo": RLOOConfig}[kind]
 
 
 def _trl_defaults(kind: str) -> dict:
