@@ -29,6 +29,8 @@ def check_eval_config(cfg: Any, warn: Callable[[str], None] = print) -> None:
     if not cfg.eval.enabled:
         return
     spec = load_suite(cfg.eval.suite)
+    if cfg.eval.on_drop == "mitigate":
+        _check_mitigate(cfg, spec)
     for name in cfg.eval.max_drop:
         problem = _unknown_gate_key(name, spec)
         if problem:
@@ -43,6 +45,17 @@ def check_eval_config(cfg: Any, warn: Callable[[str], None] = print) -> None:
                      "transfer leaves this stage's term out")
             elif problem:
                 raise ConfigError(f"stages.{stage.name}.trains_on: {problem}")
+
+
+def _check_mitigate(cfg: Any, spec: Suite) -> None:
+    """`on_drop: mitigate` chooses α on dev splits: it needs limits to meet and a dev split posttrain can score
+    for every task (the world's tasks have one; an lm-eval task's dev split is not selectable yet)."""
+    if not cfg.eval.max_drop:
+        raise ConfigError("eval.on_drop: mitigate needs eval.max_drop: the limits an interpolation must meet")
+    no_dev = [t for t in spec.tasks if not _world_task(t)]
+    if no_dev:
+        raise ConfigError(f"eval.on_drop: mitigate scores dev splits, and suite {spec.name!r} has tasks without one "
+                          f"posttrain can select ({', '.join(no_dev[:3])}); use world tasks, or on_drop: stop")
 
 
 def _known_task(task: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from posttrain.schema import Strict
 
@@ -24,4 +24,16 @@ class EvalConfig(Strict):
     num_fewshot: int = Field(0, ge=0)
     max_new_tokens: int = Field(24, ge=1)
     max_drop: dict[str, float] = Field(default_factory=dict, description="task -> allowed drop below base")
-    on_drop: Literal["stop", "warn"] = "stop"
+    on_drop: Literal["stop", "warn", "mitigate"] = Field(
+        "stop", description="a stage past max_drop: stop the run, warn, or mitigate (interpolate with its parent)")
+    mitigate_alphas: list[float] = Field(
+        default_factory=lambda: [0.9, 0.75, 0.5, 0.25], min_length=1,
+        description="on_drop: mitigate: the α of θ(α) = parent + α·(stage − parent) tried on the dev splits")
+
+    @field_validator("mitigate_alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 < a < 1]
+        if bad:
+            raise ValueError(f"each α must be in (0, 1) (1 is the stage itself, 0 its parent); got {bad[0]}")
+        return sorted(set(v), reverse=True)

@@ -140,8 +140,9 @@ def references_note(stages: list[Stage]) -> str:
     if not names:
         return ""
     return (f"Reference rows ({', '.join(names)}) are input models a stage reads without being a stage of this run "
-            "(a merge's `models:`, a transfer's `source_finetuned`), evaluated with the same suite and settings and "
-            "placed before the stage that reads them. Forgetting, significant drops, the summary and the eval gate "
+            "(a merge's `models:`, a transfer's `source_finetuned`), or the trained model of a mitigated stage "
+            "(`<stage>:unmitigated`), evaluated with the same suite and settings and placed before the stage they "
+            "belong to. Forgetting, significant drops, the summary and the eval gate "
             "are computed over the base and the stages only.")
 
 
@@ -329,11 +330,12 @@ def render_markdown(stages: list[Stage], report: dict[str, Any], z: float,
 
 def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | None = None,
                  z: float = 2.0, not_comparable: list[dict[str, Any]] | None = None,
-                 pending: list[str] | None = None) -> dict[str, Any]:
+                 pending: list[str] | None = None, extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``forgetting.{json,md,png}`` into ``out_dir`` (created if needed); return the JSON report.
 
     ``extra_sections`` are markdown strings appended to ``forgetting.md`` (e.g. the HFT masks per stage).
-    ``not_comparable`` (``[{"name", "eval", "why": [...]}]``: rows left out of ``stages`` because their scores
+    ``extra_json``: more top-level entries of the JSON, each kept when not empty. ``not_comparable``
+    (``[{"name", "eval", "why": [...]}]``: rows left out of ``stages`` because their scores
     do not compare) and ``pending`` (stage names a run has not evaluated yet) are listed in the md and, when
     not empty, kept in the JSON under the same names.
     """
@@ -343,6 +345,7 @@ def write_report(stages: list[Stage], out_dir: str, extra_sections: list[str] | 
         report["not_comparable"] = [dict(r) for r in not_comparable]
     if pending:
         report["pending"] = list(pending)
+    report.update({k: v for k, v in (extra_json or {}).items() if v})  # e.g. `mitigation`, when there is one
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"  # allow_nan=False: strict JSON or fail
     atomic_write_bytes(os.path.join(out_dir, "forgetting.json"), text.encode())
     md = render_markdown(stages, report, z, extra_sections)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from evals import runner
+from evals import mitigation, runner
 from evals.config import EvalConfig
 from evals.forgetting import check_gate
 from evals.report import stage_line, write_report
@@ -25,6 +25,14 @@ from posttrain.world.tasks import TASKS
 
 class EvalGateStop(RuntimeError):
     """The eval.max_drop gate stopped the run (`on_drop: stop`); one line naming the stage and the task."""
+
+
+class EvalGateMitigate(RuntimeError):
+    """The eval.max_drop gate broke with `on_drop: mitigate`: the pipeline interpolates (posttrain.mitigate)."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("; ".join(messages))
+        self.messages = messages
 
 
 class EvaluatedRun(Protocol):
@@ -77,6 +85,13 @@ def reference_record(ref: str, folder: Path, model_dir: str, result: dict, input
             "trains_on": [], "reference": True, "input_of": input_of}
 
 
+def unmitigated_record(name: str, folder: str, result: dict) -> dict:
+    """The reference row of a mitigated stage's trained model (stages/<folder>/unmitigated), placed before the
+    stage's row, which is the interpolation kept (evals.mitigation)."""
+    return {"name": f"{name}:unmitigated", "folder": f"stages/{folder}/unmitigated", "model": result["model"],
+            "scores": result["scores"], "trains_on": [], "reference": True, "input_of": name}
+
+
 def keep_in_eval(out: Path, result: dict, **fields: Any) -> dict:
     """`result` with `fields` set, rewriting the eval.json at `out` when they differ, so that `posttrain
     report` rebuilds from the eval.json files the rows the pipeline built (the lineage above all)."""
@@ -125,23 +140,34 @@ def evaluate_into_run(pipe: EvaluatedRun, stage: Any, folder: str, model_dir: st
     name = "base" if stage is None else stage.name
     ref = pipe.base_ref if stage is None else None
     pipe.records.append(_record(name, folder, model_dir, stage, result, model_ref=ref))
-    report = write_report(pipe.records, pipe.root / "report", extra_sections=_hft_sections(pipe.root),
-                          pending=pending_stages(pipe.records, pipe.stage_names))
+    report = write_run_report(pipe.root, pipe.records, pending=pending_stages(pipe.records, pipe.stage_names))
     for summ in report["stage_summaries"]:
         if stage is not None and summ["stage"] == stage.name:
             pipe.log(f"[{folder.replace('_', ' ', 1)}] {stage_line(summ)}")
-    _gate(pipe, stage)
+    _gate(pipe, stage, folder)
     return report
 
 
-def _gate(pipe: EvaluatedRun, stage: Any) -> None:
-    """The eval.max_drop gate after a stage: stop the run (`on_drop: stop`) or warn."""
+def write_run_report(run_dir: Path, records: list[dict], **kw: Any) -> dict:
+    """write_report with the run's own sections: what each stage trained, and the mitigations."""
+    return write_report(records, run_dir / "report",
+                        extra_sections=_hft_sections(run_dir) + mitigation.sections(run_dir, run_dir / "report"),
+                        extra_json={"mitigation": mitigation.json_part(run_dir)}, **kw)
+
+
+def _gate(pipe: EvaluatedRun, stage: Any, folder: str) -> None:
+    """The eval.max_drop gate after a stage: stop the run (`on_drop: stop`), mitigate (`mitigate`: once; a kept
+    interpolation that still breaks the gate on the test split is warned about), or warn."""
     if stage is None or not pipe.settings.max_drop:
         return
-    for msg in check_gate(pipe.records, pipe.settings.max_drop):
+    messages = check_gate(pipe.records, pipe.settings.max_drop)
+    mitigated = (pipe.root / "stages" / folder / mitigation.MITIGATION_FILE).is_file()
+    if messages and pipe.settings.on_drop == "mitigate" and not mitigated:
+        raise EvalGateMitigate(messages)
+    for msg in messages:
         if pipe.settings.on_drop == "stop":
             raise EvalGateStop(f"eval gate: {msg}")
-        pipe.log(f"warning: eval gate: {msg}")
+        pipe.log(f"warning: eval gate: {msg}" + (" (after mitigation, chosen on dev)" if mitigated else ""))
 
 
 def pending_stages(records: list[dict], stage_names: list[str]) -> list[str]:
@@ -206,6 +232,11 @@ def rerender_report(run_dir: Path) -> Path:
             for record, key in _reference_records(run_dir, stage, shown):
                 records.append(record)
                 keys.append(key)
+            unmitigated = run_dir / "stages" / folder / "unmitigated" / "eval.json"
+            if unmitigated.is_file():
+                before = json.loads(unmitigated.read_text())
+                records.append(unmitigated_record(raw["name"], folder, before))
+                keys.append(before.get("key"))
             result = json.loads(path.read_text())
             records.append(_record(raw["name"], folder, result["model"], stage, result))
             keys.append(result.get("key"))
@@ -221,8 +252,7 @@ def rerender_report(run_dir: Path) -> Path:
                           "compare with; rerun the pipeline to re-evaluate")
     names = {r["name"] for r in left_out}
     out = run_dir / "report"
-    write_report([r for r in records if r["name"] not in names], out, extra_sections=_hft_sections(run_dir),
-                 not_comparable=left_out)
+    write_run_report(run_dir, [r for r in records if r["name"] not in names], not_comparable=left_out)
     return out / "forgetting.md"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from evals.config import EvalConfig
 from posttrain import rollout
 from posttrain import world as _world  # through the module: tests replace world_dir
 from posttrain.models import fit_cpu_threads, folder_params
+from posttrain.progress import terminal_only_bars
 from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_json, hash_folder, sha256_json
 from posttrain.schema import ConfigError, Strict, read_yaml, validated
@@ -149,6 +151,10 @@ def evaluate_model(
         # prompts, and eval.json's suite says so (apply_chat_template: false).
         log(f"eval: {model_dir} has no chat template; scoring plain prompts")
         spec = spec.model_copy(update={"apply_chat_template": False})
+    if split != "test" and any(not t.startswith("world_") for t in spec.tasks):
+        # lm-eval scores its own tasks on their test split whatever is asked: a "dev" score would be a test one
+        raise ConfigError(f"a {split}-split eval needs world tasks; suite {spec.name!r} has "
+                          f"{', '.join(t for t in spec.tasks if not t.startswith('world_'))}")
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     model_path = Path(model_dir)
@@ -278,7 +284,11 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
         model_args["trust_remote_code"] = True
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
-    with _no_git_hash(), _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
+    # lm-eval's bars: on a terminal only (posttrain.progress); its model modules are imported lazily.
+    bars = [importlib.import_module(m) for m in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models." + (
+        "vllm_causallms" if backend == "vllm" else "huggingface"))]
+    with _no_git_hash(), terminal_only_bars(*bars), \
+            _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
         results = lm_eval.simple_evaluate(
             model=backend,
             model_args=model_args,

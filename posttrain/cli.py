@@ -223,7 +223,8 @@ def _quiet_libraries(verbose: bool) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return
-    # TQDM_DISABLE: tqdm's own default for bars a library opens without `disable=` (lm-eval's request building).
+    # TQDM_DISABLE: for bars a library opens without `disable=` (lm-eval's context building). tqdm reads it only
+    # when first imported, which torch has done by now; posttrain.progress.terminal_only_bars reads it per bar.
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         os.environ.setdefault(name, "1")
 

@@ -18,8 +18,9 @@ def list_keys(_: argparse.Namespace) -> int:
     """Every key a pipeline YAML can hold, with its default: the top level, each stage kind, the built-in
     rewards and the merge methods."""
     print("pipeline (top level):")
-    for name in ("name", "seed"):
+    for name in ("name", "seed", "report_to"):
         print(f"  {name}: {PipelineConfig.model_fields[name].default!r}")
+    print("  push: None  (when set: {repo: org/name, stage: None (the last stage), private: False})")
     print("  eval:")
     print("\n".join(_fields(EvalConfig(), "    ")))
     print("  stages: [one of the kinds below, each with `kind:`]")

@@ -23,16 +23,17 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from evals.config import EvalConfig
 import posttrain.stages  # noqa: F401  (registers every stage kind)
 from posttrain.config_refs import STAGE_REF, model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
 from posttrain.mixture import resolve_replays
+from posttrain.push import PushConfig
 from posttrain.registry import STAGES, RegistryError, did_you_mean
 from posttrain.tracking import check_report_to
-from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, nested_hint, parse_yaml,
+from posttrain.schema import (NAME_PATTERN, ConfigError, Nested, Strict, key_hint, parse_yaml,
                               read_yaml, unwrap, validate_in, validated)
 
 _YAML_NULLS = ("null", "Null", "NULL", "~")
@@ -72,6 +73,15 @@ class PipelineConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report_to: list[str] | str = Field("none", validate_default=True, description="none, or transformers' trackers: [tensorboard, wandb]")
     stages: list[Any] = Field(min_length=1)
+    push: PushConfig | None = Field(None, description="after a successful run, upload a stage's model (posttrain push)")
+
+    @model_validator(mode="after")
+    def _push_stage(self) -> "PipelineConfig":
+        names = [s.name for s in self.stages]
+        if self.push is not None and self.push.stage is not None and self.push.stage not in names:
+            raise Nested(f"push.stage: no stage {self.push.stage!r}{did_you_mean(self.push.stage, names)}; "
+                         f"stages: {', '.join(names)}")
+        return self
 
     @field_validator("report_to")
     @classmethod
@@ -188,7 +198,7 @@ def apply_override(data: dict, dotted: str, raw: str, root: type[BaseModel]) -> 
 def _key_hint(cls: type[BaseModel], key: str) -> str:
     """Did-you-mean for an unknown `--set` key, as for one in a YAML file (`learning_rate` at stage level:
     'trainer.learning_rate')."""
-    return nested_hint(cls, key, exact=True) or did_you_mean(key, list(cls.model_fields)) or nested_hint(cls, key)
+    return key_hint(cls, key)
 
 
 def _blame_set(e: ConfigError, where: str, sets: list[str] | None, stages: Any = None) -> ConfigError:
@@ -300,7 +310,7 @@ def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, b
     stage["kind"] = kind
     pipe = dict(base or {})
     for key, value in parse_sets(sets):
-        if key.startswith("eval.") or key == "seed":  # pipeline-level settings stay reachable
+        if key.startswith(("eval.", "push.")) or key == "seed":  # pipeline-level settings stay reachable
             apply_override(pipe, key, value, PipelineConfig)
         else:
             apply_override(stage, key, value, spec.config)

@@ -9,7 +9,10 @@ Replay mixes a share of an earlier stage's training data into a later stage: the
 continual learning (Robins 1995, "Catastrophic forgetting, rehearsal and pseudorehearsal"; Rolnick et al.
 2019, "Experience Replay for Continual Learning"), and what LLaMA-Factory's maintainers suggest against
 forgetting (#2611). The pool is the earlier stage's `data:` as that stage read it (its own limit and sampling
-applied), sampled again with the replay's `fraction:` or `rows:`.
+applied), sampled again with the replay's `fraction:` or `rows:`. A stage kind takes `replay:` by deriving from
+`Replayable` (sft, dpo, kto, grpo); the earlier stage must train on rows of the same shape (sft rows, preference
+pairs, or prompts): a DPO stage replays a DPO or KTO stage's pairs, a GRPO stage another GRPO stage's prompts.
+Only `data:` is replayed, not a DPO stage's `rehearsal:` pairs (built from prompt/answer rows of another shape).
 """
 from __future__ import annotations
 
@@ -45,6 +48,17 @@ def sample_rows(rows: list[Any], fraction: float | None, count: int | None, seed
     return [rows[i] for i in picked]
 
 
+def spread(own: list[Any], extra: list[Any]) -> list[Any]:
+    """`own` with `extra`'s rows spread evenly among them, both in their order: for a trainer that reads rows in
+    order (KTO's sequential sampler), where rows appended at the end would all be met last. Row i of n sits at
+    (i + 0.5) / n, own rows first on a tie."""
+    if not own or not extra:
+        return own + extra
+    placed = [((i + 0.5) / len(own), 0, i) for i in range(len(own))] + \
+             [((k + 0.5) / len(extra), 1, k) for k in range(len(extra))]
+    return [(own if which == 0 else extra)[i] for _, which, i in sorted(placed)]
+
+
 def check_share(fraction: float | None, rows: int | None, where: str) -> None:
     """`fraction` and `rows` exclude each other (one line naming both)."""
     if fraction is not None and rows is not None:
@@ -78,11 +92,34 @@ class Replay(Strict):
         return list(self._sources)
 
 
+class Replayable(Strict):
+    """The `replay:` field of a stage kind that mixes earlier stages' data into its own `data:` rows (listed before
+    the kind's other base, `class X(Replayable, TrainableStage)`, so the field comes after the shared ones)."""
+
+    replay: list[Replay] = Field(default_factory=list, description="shares of earlier stages' data to mix in")
+
+    @model_serializer(mode="wrap")
+    def _dump_replay(self, handler: Any) -> dict:
+        # Left out while empty: a field every dump carried would change the config hash of every finished stage.
+        out = handler(self)
+        if not out.get("replay"):
+            out.pop("replay", None)
+        return out
+
+
+def _replay_pool(stage: Any) -> tuple[list[Any], set[str]]:
+    """A stage's `data:` sources (what a later stage can replay; `training_data()`) and the shapes of their rows
+    (from `data_sources()`, which also lists other inputs: a DPO stage's `rehearsal:` prompts)."""
+    sources = stage.training_data()
+    return sources, {shape for src, shape in stage.data_sources() if any(src is s for s in sources)}
+
+
 def resolve_replays(stages: list[Any], names: list[str]) -> str | None:
     """Attach to every `replay:` entry the data sources of the stage it names; returns the first problem as one
-    line with its key path (a stage not earlier, a stage without training data, rows of another shape), else None."""
+    line with its key path (a stage not earlier, a stage without training data, rows of another shape: naming
+    both kinds), else None."""
     for i, stage in enumerate(stages):
-        shapes = {shape for _, shape in stage.data_sources()}
+        _, shapes = _replay_pool(stage)
         for j, r in enumerate(getattr(stage, "replay", None) or []):
             where = f"stages[{i}].replay[{j}].from"
             if r.from_ not in names[:i]:
@@ -90,12 +127,12 @@ def resolve_replays(stages: list[Any], names: list[str]) -> str | None:
                     return f"{where}: {r.from_!r} is not an earlier stage (replay mixes in data already trained on)"
                 return f"{where}: no earlier stage {r.from_!r}{did_you_mean(r.from_, names[:i])}"
             earlier = stages[names.index(r.from_)]
-            pairs = earlier.data_sources()
-            if not pairs:
+            sources, theirs = _replay_pool(earlier)
+            if not sources:
                 return f"{where}: stage {r.from_!r} ({earlier.kind}) trains on no data to replay"
-            theirs = {shape for _, shape in pairs}
             if theirs != shapes:
-                return (f"{where}: stage {r.from_!r} trains on {'/'.join(sorted(theirs))} rows, stage "
-                        f"{names[i]!r} on {'/'.join(sorted(shapes))} rows")
-            r._sources = [src for src, _ in pairs]
+                return (f"{where}: stage {r.from_!r} ({earlier.kind}) trains on {'/'.join(sorted(theirs))} rows, "
+                        f"stage {names[i]!r} ({stage.kind}) on {'/'.join(sorted(shapes))} rows; a {stage.kind} "
+                        f"stage replays only {'/'.join(sorted(shapes))} rows")
+            r._sources = list(sources)
     return None

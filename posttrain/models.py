@@ -234,7 +234,7 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
-               scorer: bool = False):
+               quantization_config: Any = None, scorer: bool = False):
     """Load a causal LM for training; float32 on CPU (bf16 matmuls are slow and lossy there).
 
     `scorer`: load it as a sequence classifier with one output (a reward model: transformers'
@@ -250,7 +250,7 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_weights(ref, allow_pickle)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if quantization_config is None else {"quantization_config": quantization_config}
     if check_remote_code(ref, trust_remote_code):
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
         if hasattr(config, "auto_map"):

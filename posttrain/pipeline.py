@@ -35,18 +35,20 @@ import yaml
 
 from evals import run_report, runner
 from evals.report import terminal_summary
-from evals.run_report import EvalGateStop, base_ref, keep_in_eval, reference_record
+from evals.run_report import EvalGateMitigate, EvalGateStop, base_ref, keep_in_eval, reference_record
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
 from posttrain.data import check_source
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
+from posttrain.progress import PipelineProgress
+from posttrain.push import push_after_run
 from posttrain.registry import STAGES, did_you_mean
 from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_folder, input_folder, is_stage_ref,
                               mark_run_dir, sha256_file, sha256_json)
 from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
-from posttrain import tracking
+from posttrain import mitigate, tracking
 from posttrain.world import VERSION, NotBuilt, only_built
 from posttrain.world.tasks import TASKS
 
@@ -105,12 +107,14 @@ class Pipeline:
         self.records: list[dict] = []  # one per evaluated model, base first (for the report)
         self.shown: set[str] = set()  # model folders (or hub names) that already have a row in the report
         self.parents: dict[str, list[str]] = {}  # stage name -> rows it is built from (see "Lineage" above)
+        self.inputs_of: dict[str, str] = {}  # stage name -> its input model folder ("" when it reads none)
         self.report: dict | None = None  # the last forgetting.json written, for the summary at the end
         # What evals.run_report reads of a run (its EvaluatedRun): records and parents above, and these.
         self.root = self.rd.root
         self.settings = cfg.eval
         self.stage_names = [s.name for s in cfg.stages if s.generates()]  # the stages the report waits for
         self.base_ref = base_ref(cfg.stages[0])
+        self.progress = PipelineProgress(len(cfg.stages))  # a line as each stage starts and ends, with the time left
 
     def _resolve_input(self, i: int, stage: Any) -> tuple[str, str]:
         """(identity key for hashing, loadable ref) of the stage's input model ("" when the stage never loads
@@ -188,6 +192,8 @@ class Pipeline:
             if self.report is not None:  # the report is final: its matrix and BWT go to the trackers
                 tracking.log_report(self.cfg.report_to, self.rd.root, self.report)
             self._print_summary()
+            if self.cfg.push is not None:  # the `push:` block, once every stage is done (PushFailed: one line)
+                push_after_run(self.cfg.push, self.rd.root, self.stage_names, self.log)
         finally:
             self.rd.unlock()
         return self.rd.root
@@ -209,6 +215,7 @@ class Pipeline:
 
     def _run_stage(self, i: int, stage: Any) -> None:
         index = i + 1
+        self.log(self.progress.start(index, stage.name))
         spec = STAGES.get(stage.kind)
         identity_ref, input_model = self._resolve_input(i, stage)
         self.parents[stage.name] = self._parents(i, stage, input_model)
@@ -221,7 +228,11 @@ class Pipeline:
         others += [_file_identity(f) for f in stage.input_files()]
         inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
+        self.inputs_of[stage.name] = input_model
+        if self.cfg.eval.enabled:  # a mitigation made under other settings is undone before DONE is read
+            mitigate.reconcile(final, self.cfg.eval, self.log)
         done, why = RunDir.check_done(final, config_hash, inputs_hash)
+        skipped = bool(done)
         if done:
             self.log(f"[{index:02d} {stage.name}] done already; skipping")
         else:
@@ -233,11 +244,14 @@ class Pipeline:
         self.done_keys[f"stage:{stage.name}"] = done["key"]
         self._evaluate_inputs(stage)
         if stage.generates():
+            if self.cfg.eval.enabled and (final / "unmitigated" / "model").is_dir():
+                self.records.append(mitigate.unmitigated_row(self, final, stage.name))
             self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
         elif self.cfg.eval.enabled:
             self.log(f"[{index:02d} {stage.name}] eval: its model scores text and generates none; no eval row "
                      "(its training log has the pair accuracy)")
         self.shown.add(str(final / "model"))
+        self.log(self.progress.end(index, stage.name, skipped=skipped))
 
     def _check_models(self, stage: Any, input_model: str) -> None:
         """Check the model folders the stage reads now that they exist (a world model built on first use, an
@@ -287,10 +301,25 @@ class Pipeline:
             self.report = run_report.evaluate_into_run(self, stage, folder, model_dir)
         except EvalGateStop as e:
             raise PipelineError(str(e)) from None
+        except EvalGateMitigate as e:  # the stage row stays the trained model's until a mitigation is kept
+            self._mitigate(stage, folder, e.messages)
         finally:
             if self.records and self.records[-1]["folder"] == folder:
                 trackers = self.cfg.report_to if stage is None else self._trackers(stage)
                 tracking.log_eval(trackers, self.rd.root, int(folder[:2]), self.records[-1]["scores"])
+
+    def _mitigate(self, stage: Any, folder: str, messages: list[str]) -> None:
+        """`on_drop: mitigate` (posttrain.mitigate): keep θ(α) as the stage's model, its trained model becoming
+        the `<stage>:unmitigated` reference row, and evaluate the kept model as the stage's row."""
+        final = self.rd.root / "stages" / folder
+        try:
+            done = mitigate.mitigate(self, final, self.inputs_of.get(stage.name), self.records[-1]["trains_on"],
+                                     messages)
+        except mitigate.MitigationFailed as e:
+            raise PipelineError(str(e)) from None
+        self.done_keys[f"stage:{stage.name}"] = done["key"]
+        self.records[-1] = mitigate.unmitigated_row(self, final, stage.name)
+        self._evaluate(stage, folder, str(final / "model"))
 
     def _evaluate_inputs(self, stage: Any) -> None:
         """Evaluate the input models `stage` names that have no row yet and are not stages of this run; each

@@ -1,4 +1,5 @@
-"""`posttrain push RUN_DIR --stage NAME --repo org/name [--private]`: publish one stage's model with a model card.
+"""`posttrain push RUN_DIR --stage NAME --repo org/name [--private]`, or a pipeline's `push:` block after a
+successful run: publish one stage's model with a model card.
 
 The card (README.md) states what the model is and how it was made: its lineage (the base model, then each stage
 it descends from with its kind, data and key trainer settings, read from the run's resolved pipeline.yaml),
@@ -10,6 +11,10 @@ The upload folder is a temporary ``<run-dir>/.push-<random>/`` holding hard link
 where links are refused) beside the card files, removed after the upload: the stage's own model folder is
 never written to, so its DONE hashes still match and a rerun still skips it. Upload: huggingface_hub's
 `HfApi.create_repo` (exist_ok) then `HfApi.upload_folder`, one commit.
+
+`push: {repo: org/name, stage: NAME, private: false}` in a pipeline YAML (`PushConfig`) does the same at the end
+of every successful run, as TRL's `push_to_hub: true` with `hub_model_id` and `hub_private_repo` does at the end
+of training: the stage defaults to the last one. An L4 module (not a face) so that the pipeline can call it.
 """
 from __future__ import annotations
 
@@ -25,13 +30,34 @@ from typing import Any, Callable
 
 import yaml
 
+from pydantic import Field, field_validator
+
 from posttrain.registry import did_you_mean
-from posttrain.schema import ConfigError, read_yaml
+from posttrain.schema import ConfigError, Strict, read_yaml
 
 # The trainer settings a reader of the card wants first; any other key is in the pipeline.yaml below it.
 KEY_SETTINGS = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "max_length", "beta", "loss_type", "num_generations")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PushConfig(Strict):
+    """A pipeline's `push:` block: after a successful run, upload `stage`'s model to `repo` (as `posttrain push`)."""
+
+    repo: str = Field(description="org/name on the Hugging Face hub")
+    stage: str | None = Field(None, description="the stage whose model to push; None: the last stage")
+    private: bool = Field(False, description="create the repository private")
+
+    @field_validator("repo")
+    @classmethod
+    def _org_name(cls, v: str) -> str:
+        if not _REPO.match(v):
+            raise ValueError(f"expected org/name, got {v!r}")
+        return v
+
+
+class PushFailed(RuntimeError):
+    """The hub refused an upload (no token, no rights, no network); one line for the user."""
 
 
 def find_stage(run_dir: Path, name: str) -> tuple[dict, dict, Path]:
@@ -191,6 +217,20 @@ def push(run_dir: Path, name: str, repo: str, private: bool = False,
                           commit_message=f"posttrain push: stage {name} of {run_dir.name}")
     log(f"pushed {name} to {url}")
     return str(url)
+
+
+def push_after_run(block: PushConfig, run_dir: Path, stages: list[str], log: Callable[[str], None] = print) -> str:
+    """A pipeline's `push:` block, once its run has finished: `push` of `block.stage` (default the last stage).
+    A refused upload raises PushFailed in one line; the run's stages are done, so a rerun skips them and pushes."""
+    name = block.stage or stages[-1]
+    try:
+        return push(run_dir, name, block.repo, block.private, log)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the hub refused: one line, as `posttrain push` prints it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PushFailed(f"push: {name} to {block.repo}: {first} (the run is finished; rerun it, or `posttrain push "
+                         f"{run_dir} --stage {name} --repo {block.repo}`, to push again)") from None
 
 
 def add_parser(sub: Any) -> None:

@@ -129,7 +129,7 @@ def format_error(e: ValidationError, cls: type[BaseModel], prefix: str = "") -> 
         owner = _model_at(cls, loc)
         fields = list(owner.model_fields) if owner else []
         key = str(loc[-1])  # a nested field of that exact name beats a fuzzy match (num_train_epochs: trainer)
-        hint = nested_hint(owner, key, exact=True) or did_you_mean(key, fields) or nested_hint(owner, key)
+        hint = key_hint(owner, key)
         return f"{full}: unknown key{hint}" + (f"; known: {', '.join(fields)}" if fields and not hint else "")
     inp = err.get("input")
     # The input only when it is short and not already quoted: a stage's dict or the whole stages list would
@@ -138,6 +138,20 @@ def format_error(e: ValidationError, cls: type[BaseModel], prefix: str = "") -> 
             and len(repr(inp)) <= 80 and repr(inp) not in msg:
         return f"{full}: {msg} (got {inp!r})"
     return f"{full}: {msg}" if full else msg
+
+
+def key_hint(owner: type[BaseModel] | None, key: str) -> str:
+    """Did-you-mean for an unknown key of `owner`: a nested field of that exact name (num_train_epochs:
+    trainer's), a close own field, a close nested field (learning_rat: trainer.learning_rate, not the own
+    padding_free that a loose match would pick), a loosely close own field; '' when nothing is close."""
+    fields = list(owner.model_fields) if owner else []
+    return (nested_hint(owner, key, exact=True) or _close(key, fields, 0.8) or nested_hint(owner, key)
+            or did_you_mean(key, fields))
+
+
+def _close(key: str, fields: list[str], cutoff: float) -> str:
+    close = difflib.get_close_matches(key, fields, n=3, cutoff=cutoff)
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
 
 
 def nested_hint(owner: type[BaseModel] | None, key: str, exact: bool = False) -> str:

@@ -1,8 +1,10 @@
-"""The Python API (posttrain.api) and `posttrain push` (posttrain.push), on one two-task world pipeline run from
-Python: two 3-step SFTs, evals stubbed at lm-eval's boundary with made-up scores (as tests/test_pipeline.py does),
-so the records, eval.json files and report are the pipeline's own. The hub is stubbed at HfApi's methods."""
+"""The Python API (posttrain.api), `posttrain push` and a pipeline's `push:` block (posttrain.push), and the
+pipeline's progress lines (posttrain.progress), on one two-task world pipeline run from Python: two 3-step SFTs,
+evals stubbed at lm-eval's boundary with made-up scores (as tests/test_pipeline.py does), so the records, eval.json
+files and report are the pipeline's own. The hub is stubbed at HfApi's methods."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,19 +25,44 @@ def _fake_lm_eval(model_dir, spec, include, limit, settings, log):
     return {"scores": scores, "seconds": 0.0, "backend": "fake", "lm_eval": {}, "task_configs": {}}
 
 
+PIPE = {"name": "two_tasks", "eval": {"limit": 4}, "stages": [
+    {"name": "arithmetic", "kind": "sft", "data": [{"source": "arithmetic", "limit": 8}], "trainer": dict(TINY)},
+    {"name": "reversal", "kind": "sft", "data": [{"source": "reversal", "limit": 8}], "trainer": dict(TINY)}]}
+
+
 @pytest.fixture(scope="module")
-def two_tasks(world, tmp_path_factory):
-    """pt.run of arithmetic then reversal, from a dict; (Run, run dir)."""
+def two_tasks_logged(world, tmp_path_factory):
+    """pt.run of arithmetic then reversal, from a dict; (Run, run dir, the lines it logged)."""
     import evals.runner
 
     run_dir = tmp_path_factory.mktemp("api") / "r"
-    pipe = {"name": "two_tasks", "eval": {"limit": 4}, "stages": [
-        {"name": "arithmetic", "kind": "sft", "data": [{"source": "arithmetic", "limit": 8}], "trainer": dict(TINY)},
-        {"name": "reversal", "kind": "sft", "data": [{"source": "reversal", "limit": 8}], "trainer": dict(TINY)}]}
+    lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
-        run = pt.run(pipe, run_dir=run_dir, log=lambda m: None)
-    return run, run_dir
+        run = pt.run(PIPE, run_dir=run_dir, log=lines.append)
+    return run, run_dir, lines
+
+
+@pytest.fixture(scope="module")
+def two_tasks(two_tasks_logged):
+    return two_tasks_logged[:2]
+
+
+def test_run_prints_each_stage_start_and_end_with_elapsed_and_time_left(two_tasks_logged):
+    """posttrain.progress.PipelineProgress's lines, in order around each stage's own (its "done in" and eval)."""
+    *_, lines = two_tasks_logged
+    d = r"(\d+m)?\d+s"
+    want = [rf"\[01 arithmetic\] stage 1/2 starts: 0/2 done, {d} elapsed, time left unknown until a stage has run$",
+            r"\[01 arithmetic\] done in ",
+            rf"\[01 arithmetic\] stage 1/2 finished in {d}: 1/2 done, {d} elapsed, ~{d} left \({d} a stage, mean of 1\)$",
+            rf"\[02 reversal\] stage 2/2 starts: 1/2 done, {d} elapsed, ~{d} left \({d} a stage, mean of 1\)$",
+            r"\[02 reversal\] done in ",
+            rf"\[02 reversal\] stage 2/2 finished in {d}: 2/2 done, {d} elapsed$"]
+    at = 0
+    for pattern in want:
+        found = next((i for i in range(at, len(lines)) if re.match(pattern, lines[i])), None)
+        assert found is not None, f"no line after {lines[at - 1] if at else 'the start'!r} matches {pattern!r}"
+        at = found + 1
 
 
 def test_run_from_python_gives_the_report_as_records(two_tasks):
@@ -141,3 +168,83 @@ def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_t
     assert main(["push", str(run_dir), "--stage", "arithmetic", "--repo", "org/x"]) == 1
     assert capsys.readouterr().err.strip() == "error: push to org/x: 401 Client Error: Unauthorized"
     assert not list(run_dir.glob(".push-*"))
+
+
+def _stub_hub(monkeypatch, calls: dict, refuse: bool = False) -> None:
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kw):
+        if refuse:
+            raise RuntimeError("403 Forbidden: no write access\nmore detail")
+        calls["create"] = (repo_id, kw)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        folder = Path(folder_path)
+        calls["upload"] = (repo_id, sorted(p.name for p in folder.iterdir()), (folder / "README.md").read_text())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+@pytest.mark.parametrize("block, stage, private", [
+    ({"repo": "org/two-tasks"}, "reversal", False),  # no stage: the last one
+    ({"repo": "org/arith", "stage": "arithmetic", "private": True}, "arithmetic", True),
+])
+def test_push_block_uploads_after_a_successful_run(two_tasks, tmp_path, monkeypatch, block, stage, private):
+    """A rerun of the finished run with a `push:` block: every stage is skipped, then the stage is pushed."""
+    import evals.runner
+
+    _, run_dir = two_tasks
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)  # the module's run dir stays as the other tests read it
+    calls: dict = {}
+    _stub_hub(monkeypatch, calls)
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    lines: list[str] = []
+    pt.run({**PIPE, "push": block}, run_dir=copy, log=lines.append)
+    assert sum("skipped (done already)" in line for line in lines) == 2  # push: is no stage's config
+    assert calls["create"] == (block["repo"], {"private": private, "exist_ok": True, "repo_type": "model"})
+    repo, files, card = calls["upload"]
+    assert repo == block["repo"] and {"README.md", "model.safetensors", "pipeline.yaml"} <= set(files)
+    assert f"Stage `{stage}` (sft) of the posttrain pipeline `two_tasks`." in card
+    assert lines[-1] == f"pushed {stage} to https://huggingface.co/{block['repo']}"
+
+
+def test_push_block_refused_upload_is_one_line_and_the_run_stays_done(two_tasks, tmp_path, monkeypatch):
+    import evals.runner
+
+    from posttrain.push import PushFailed
+
+    _, run_dir = two_tasks
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    _stub_hub(monkeypatch, {}, refuse=True)
+    monkeypatch.setattr(evals.runner, "_run_lm_eval", _fake_lm_eval)
+    with pytest.raises(PushFailed) as e:
+        pt.run({**PIPE, "push": {"repo": "org/x"}}, run_dir=copy, log=lambda m: None)
+    assert str(e.value).startswith("push: reversal to org/x: 403 Forbidden: no write access (the run is finished;")
+    assert "\n" not in str(e.value)
+    assert (copy / "stages" / "02_reversal" / "DONE").is_file() and not list(copy.glob(".push-*"))
+
+
+@pytest.mark.parametrize("push, message", [
+    ({"repo": "org/x", "stage": "reversl"}, "push.stage: no stage 'reversl' (did you mean 'reversal'?); "
+                                            "stages: arithmetic, reversal"),
+    ({"repo": "no-org"}, "push.repo: expected org/name, got 'no-org'"),
+    ({"repo": "org/x", "privat": True}, "push.privat: unknown key (did you mean 'private'?)"),
+])
+def test_push_block_config_errors_at_load(push, message):
+    from posttrain.config import load_pipeline
+    from posttrain.schema import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(None, data={**PIPE, "push": push})
+    assert str(e.value) == f"<config>: {message}"
+
+
+def test_posttrain_stage_reaches_the_push_block_with_set():
+    from posttrain.config import stage_pipeline
+
+    assert stage_pipeline("sft", None, ["push.repo=org/one", "push.private=true"]).push.model_dump() == \
+        {"repo": "org/one", "stage": None, "private": True}

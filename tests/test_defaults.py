@@ -32,7 +32,7 @@ COMMON = {"learning_rate", "max_steps", "num_train_epochs", "per_device_train_ba
           "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "bf16", "seed",
           "trust_remote_code", "report_to"}
 SHARED = {
-    "sft": COMMON | {"max_length", "assistant_only_loss"},
+    "sft": COMMON | {"max_length", "assistant_only_loss", "packing", "padding_free"},
     "dpo": COMMON | {"max_length", "loss_type", "beta", "loss_weights"},
     "grpo": COMMON | {"num_generations", "beta", "loss_type", "epsilon", "max_completion_length", "temperature"},
     "kto": COMMON | {"max_length", "loss_type", "beta", "desirable_weight", "undesirable_weight"},

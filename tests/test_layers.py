@@ -46,6 +46,9 @@ LAYERS: dict[str, int] = {
     "posttrain.rewards.confine": 1,
     "posttrain.rewards.deadline": 1,
     "posttrain.rewards.harness": 1,
+    "posttrain.rewards.ifeval": 1,
+    "posttrain.rewards.ifeval_checks": 1,
+    "posttrain.rewards.judge": 1,
     "posttrain.rewards.imports": 1,
     "posttrain.rewards.namespace": 1,
     "posttrain.rewards.sandbox": 1,
@@ -77,6 +80,7 @@ LAYERS: dict[str, int] = {
     "evals.run_report": 2,
     "evals.runner": 2,
     "evals.summary": 2,
+    "evals.mitigation": 2,
     # L3 stages
     "posttrain.stages": 3,
     "posttrain.stages.base": 3,
@@ -93,13 +97,14 @@ LAYERS: dict[str, int] = {
     "posttrain.pipeline": 4,
     "posttrain.distributed": 4,
     "posttrain.world.trained": 4,
+    "posttrain.push": 4,
+    "posttrain.mitigate": 4,
     # L5 faces
     "posttrain": 5,
     "posttrain.__main__": 5,
     "posttrain.cli": 5,
     "posttrain.cli_list": 5,
     "posttrain.api": 5,
-    "posttrain.push": 5,
 }
 
 # Libraries a function may import for itself: heavy or optional, so the base install and `posttrain --help`

@@ -1,5 +1,6 @@
 """Mixtures and replay (posttrain/mixture.py): `fraction:`/`rows:` sampling of a source with the stage's seed, and
-`replay:` of an earlier stage's data into a later SFT stage (in its dataset and its data hash)."""
+`replay:` of an earlier stage's data into a later SFT, DPO, KTO or GRPO stage (in its dataset and its data hash;
+refused at load from a stage whose rows have another shape)."""
 import json
 from collections import Counter
 
@@ -103,3 +104,91 @@ def test_config_errors_are_one_line(tmp_path, replay, source, want):
     with pytest.raises(ConfigError, match=want) as e:
         load_pipeline(None, data=data)
     assert "\n" not in str(e.value)
+
+
+# Rows of each shape (posttrain.data), tagged so a replayed row is told from the stage's own by its prompt.
+ROWS = {"sft": lambda tag, i: {"prompt": f"{tag}{i}", "completion": f"c{i}"},
+        "preference": lambda tag, i: {"prompt": f"{tag}{i}", "chosen": f"y{i}", "rejected": f"n{i}"},
+        "prompt": lambda tag, i: {"prompt": f"{tag}{i}", "answer": str(i)}}
+SHAPE = {"sft": "sft", "dpo": "preference", "kto": "preference", "grpo": "prompt"}
+
+
+def _rows(tmp_path, name: str, n: int, tag: str, shape: str) -> str:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(ROWS[shape](tag, i)) + "\n" for i in range(n)))
+    return str(p)
+
+
+def _kind_pipe(tmp_path, first_kind: str, kind: str, replay=None):
+    grpo = {"trainer": {"per_device_train_batch_size": 2}, "num_generations": 2}  # a batch the group size fits
+    stages = []
+    for name, k, n, tag in (("first", first_kind, 40, "a"), ("second", kind, 20, "b")):
+        stage = {"name": name, "kind": k, "data": [{"source": _rows(tmp_path, f"{tag}.jsonl", n, tag, SHAPE[k])}],
+                 **(grpo if k == "grpo" else {})}
+        stages.append(stage)
+    if replay is not None:
+        stages[1]["replay"] = replay
+    return load_pipeline(None, data={"stages": stages})
+
+
+class _Seen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("first_kind, kind", [("dpo", "dpo"), ("kto", "kto"), ("dpo", "kto"), ("kto", "dpo"),
+                                              ("grpo", "grpo")])
+def test_replayed_rows_reach_the_trainers_dataset(tmp_path, monkeypatch, first_kind, kind):
+    """10% of the earlier stage's 40 rows (4) beside the stage's own 20, the same on a rerun; in the data hash."""
+    import importlib
+    import types
+
+    from posttrain.stages.base import StageContext
+
+    module = importlib.import_module(f"posttrain.stages.{kind}")
+    seen: list = []
+
+    def trainer(cfg, ctx, trl, dataset, stats, *a, **k):
+        seen.append(([r["prompt"] for r in dataset.to_list()], stats))
+        raise _Seen  # before any model loads
+
+    monkeypatch.setattr(module, "load_tokenizer", lambda *a: types.SimpleNamespace(chat_template=None))
+    monkeypatch.setattr(module, "run_trl_stage", trainer)
+    stage = _kind_pipe(tmp_path, first_kind, kind, replay=[{"from": "first", "fraction": 0.1}]).stages[1]
+    ctx = StageContext(run_dir=tmp_path, work_dir=tmp_path, index=2, seed=0, input_model="m", resolve=str)
+    for _ in range(2):
+        with pytest.raises(_Seen):
+            module.run(stage, ctx)
+    (prompts, stats), (again, _) = seen
+    per_row = 2 if kind == "kto" else 1  # KTO unpairs each pair into a desirable and an undesirable row
+    assert sum(p.startswith("b") for p in prompts) == 20 * per_row
+    replayed = [p for p in prompts if p.startswith("a")]
+    assert len(replayed) == 4 * per_row and len(set(replayed)) == 4
+    assert stats[-1] == {"source": "replay:first", "rows": 4, "bad_rows": 0, "bad_examples": []}
+    assert again == prompts  # the same seed replays the same rows
+    if kind == "kto":  # read in order by TRL: the replayed pairs are spread through the stage's own, not appended
+        assert prompts.index(replayed[0]) < 20
+    plain = _kind_pipe(tmp_path, first_kind, kind).stages[1]
+    assert _data_identity(plain) != _data_identity(stage) and "replay" not in plain.model_dump()
+
+
+def test_dpo_replays_an_earlier_dpo_stages_pairs_not_its_rehearsal(tmp_path):
+    """A DPO stage's `rehearsal:` prompts are not its `data:`: a later DPO stage with or without rehearsal replays
+    the pairs alone."""
+    rehearsal = [{"source": _rows(tmp_path, "r.jsonl", 5, "r", "prompt")}]
+    pipe = load_pipeline(None, data={"stages": [
+        {"name": "first", "kind": "dpo", "data": [{"source": _rows(tmp_path, "a.jsonl", 5, "a", "preference")}],
+         "rehearsal": rehearsal},
+        {"name": "second", "kind": "dpo", "data": [{"source": _rows(tmp_path, "b.jsonl", 5, "b", "preference")}],
+         "rehearsal": rehearsal, "replay": [{"from": "first", "rows": 2}]}]})
+    assert [s.source for s in pipe.stages[1].replay[0].sources()] == [str(tmp_path / "a.jsonl")]
+
+
+@pytest.mark.parametrize("first_kind, kind, theirs, ours", [
+    ("sft", "dpo", "sft", "preference"), ("dpo", "sft", "preference", "sft"), ("sft", "grpo", "sft", "prompt"),
+    ("grpo", "kto", "prompt", "preference"), ("dpo", "grpo", "preference", "prompt"),
+])
+def test_replay_from_an_incompatible_kind_is_refused_at_load(tmp_path, first_kind, kind, theirs, ours):
+    with pytest.raises(ConfigError) as e:
+        _kind_pipe(tmp_path, first_kind, kind, replay=[{"from": "first", "fraction": 0.5}])
+    assert str(e.value) == (f"<config>: stages[1].replay[0].from: stage 'first' ({first_kind}) trains on {theirs} rows, "
+                            f"stage 'second' ({kind}) on {ours} rows; a {kind} stage replays only {ours} rows")

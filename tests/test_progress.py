@@ -1,10 +1,15 @@
-"""What a training stage prints: a progress line at every tenth of the steps, not transformers' log dicts and
-bar (unless --verbose, POSTTRAIN_VERBOSE); every record still goes to metrics.jsonl."""
+"""What a run prints about how far it is: the pipeline's line as each stage starts and ends (elapsed, time left),
+a training stage's progress line at every tenth of the steps, not transformers' log dicts and bar (unless
+--verbose, POSTTRAIN_VERBOSE; every record still goes to metrics.jsonl), and progress bars on a terminal only.
+The lines of a real two-stage world pipeline: tests/test_api.py (it reuses that file's run)."""
 from __future__ import annotations
 
+import io
 import json
+import sys
+import types
 
-from posttrain.progress import VERBOSE_ENV, progress_line, quiet_trainer
+from posttrain.progress import VERBOSE_ENV, PipelineProgress, progress_line, quiet_trainer, terminal_only_bars
 from posttrain.stages.base import StageContext
 from posttrain.stages.common import metrics_callback
 
@@ -67,3 +72,101 @@ def test_quiet_trainer_takes_the_printing_callbacks_off(tmp_path, monkeypatch):
         monkeypatch.delenv(VERBOSE_ENV)
         quiet_trainer(trainer)
         assert not any(isinstance(cb, printing) for cb in trainer.callback_handler.callbacks)
+
+
+def test_pipeline_progress_lines():
+    now = [100.0]
+    p = PipelineProgress(3, clock=lambda: now[0])
+    now[0] = 112.0  # the base eval
+    assert p.start(1, "sft") == "[01 sft] stage 1/3 starts: 0/3 done, 12s elapsed, time left unknown until a stage has run"
+    now[0] = 212.0
+    assert p.end(1, "sft", skipped=False) == \
+        "[01 sft] stage 1/3 finished in 1m40s: 1/3 done, 1m52s elapsed, ~3m20s left (1m40s a stage, mean of 1)"
+    # A skipped stage costs nothing and is left out of the mean.
+    assert p.start(2, "dpo").endswith("1/3 done, 1m52s elapsed, ~3m20s left (1m40s a stage, mean of 1)")
+    now[0] = 213.0
+    assert p.end(2, "dpo", skipped=True) == \
+        "[02 dpo] stage 2/3 skipped (done already): 2/3 done, 1m53s elapsed, ~1m40s left (1m40s a stage, mean of 1)"
+    p.start(3, "grpo")
+    now[0] = 273.0
+    assert p.end(3, "grpo", skipped=False) == "[03 grpo] stage 3/3 finished in 1m00s: 3/3 done, 2m53s elapsed"
+    # Only skipped stages so far: still unknown.
+    q = PipelineProgress(2, clock=lambda: 0.0)
+    q.start(1, "a")
+    assert q.end(1, "a", skipped=True).endswith("1/2 done, 0s elapsed, time left unknown until a stage has run")
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_bars_are_drawn_on_a_terminal_only(monkeypatch):
+    from tqdm import tqdm
+
+    lib = types.SimpleNamespace(tqdm=tqdm)  # a library that opens bars as lm-eval does
+    for quiet in (False, True):  # TQDM_DISABLE: the CLI's switch without --verbose
+        if quiet:
+            monkeypatch.setenv("TQDM_DISABLE", "1")
+        else:
+            monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        for tty in (False, True):
+            err = _Stderr(tty)
+            monkeypatch.setattr(sys, "stderr", err)
+            with terminal_only_bars(lib):
+                for _ in lib.tqdm(range(3), disable=False, desc="requests"):  # lm-eval's request bars
+                    pass
+                for _ in lib.tqdm(range(3), desc="contexts"):  # lm-eval's bars that pass no disable
+                    pass
+                lib.tqdm(total=1, disable=True, desc="rank1").close()  # rank != 0: off on a terminal too
+            shown = err.getvalue()
+            assert ("requests" in shown, "contexts" in shown, "rank1" in shown) == (tty, tty and not quiet, False)
+    assert lib.tqdm is tqdm  # put back
+
+
+def test_lm_eval_request_bars_follow_the_terminal_rule(world, monkeypatch):
+    """The eval runner opens lm-eval's bars through terminal_only_bars: request bars off when stderr is a file,
+    the others off under TQDM_DISABLE (which tqdm, imported by torch before the CLI sets it, would not read)."""
+    import lm_eval
+    import lm_eval.api.task as task
+    import lm_eval.models.huggingface as hf
+
+    from evals import runner
+    from evals.config import EvalConfig
+
+    drawn = []
+
+    def simple_evaluate(**kw):
+        # HFLM on the main process: disable=(disable_tqdm or rank != 0); a task building its contexts: no disable.
+        bars = [hf.tqdm(total=1, disable=False, desc="Running generate_until requests"), task.tqdm(total=1)]
+        drawn.append(tuple(not bar.disable for bar in bars))
+        for bar in bars:
+            bar.close()
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(runner, "_task_manager", lambda *a: None)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # as the CLI sets it without --verbose
+    original = hf.tqdm, task.tqdm
+    for tty in (False, True):
+        monkeypatch.setattr(sys, "stderr", _Stderr(tty))
+        runner._run_lm_eval(str(world / "base"), runner.Suite(name="s", tasks=["t"]), None, 1,
+                            EvalConfig(backend="hf"), lambda m: None)
+    assert drawn == [(False, False), (True, False)] and (hf.tqdm, task.tqdm) == original
+
+
+def test_merge_bar_is_drawn_on_a_terminal_only(monkeypatch):
+    import torch
+
+    from posttrain.merging.stream import with_progress
+
+    reader = types.SimpleNamespace(numel=lambda name: 4, dtype=lambda name: torch.float32)  # 16 bytes a tensor
+    for tty in (False, True):
+        err = _Stderr(tty)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert list(with_progress(["a", "b"], reader, desc="merge")) == ["a", "b"]
+        assert ("merge: 100%" in err.getvalue() and "32.0/32.0" in err.getvalue()) is tty and (tty or err.getvalue() == "")

@@ -64,10 +64,11 @@ STAGE_FIELDS = {
 }
 
 # Stage fields that are not hyperparameters (inputs, data and replay of earlier data, evaluation, safety switches,
-# output layout), or are checked in tests/test_recipes.py (rewards; `trainable`, the HFT variant's one difference).
+# output layout, batch layout: packing puts loss on the same tokens), or are checked in tests/test_recipes.py
+# (rewards; `trainable`, the HFT variant's one difference).
 NOT_COMPARED = {"name", "kind", "model", "data", "trains_on", "trust_remote_code", "allow_pickle", "trainer",
                 "rewards", "rollout", "trainable", "base", "models", "max_shard_bytes", "seed", "source_base",
-                "source_finetuned", "target_base", "replay", "report_to"}
+                "source_finetuned", "target_base", "replay", "report_to", "packing", "padding_free"}
 
 
 def test_every_stage_field_is_compared_or_named_as_not_compared():

@@ -200,25 +200,31 @@ def test_tulu3_recipes_read_the_three_tulu3_datasets():
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.name.startswith("tulu3_")], ids=_ids)
 def test_rlvr_rewards_score_the_mapped_ground_truth(path, tmp_path):
-    """`ground_truth` reaches the rewards as `answer`: right math answers score, wrong ones do not."""
+    """`ground_truth` reaches the rewards as `answer`: right math answers and right IF answers score, wrong ones
+    do not. The recipe validates with `ifeval` beside `math_verify`, and each scores its own rows: a reward's
+    None (ifeval on a math row) is left out of the sum, as TRL's GRPOTrainer does (NaN, then nansum)."""
     from posttrain.rewards import build_reward_funcs
 
     stage = next(s for s in load_pipeline(path).stages if s.kind == "grpo")
+    assert [r.name for r in stage.rewards] == ["math_verify", "ifeval"]
     (_, rows, _), = _rows(stage, tmp_path)
+    funcs, weights = build_reward_funcs(stage.rewards)
+
+    def score(kept: list[dict], texts: list[str]) -> list[float]:
+        completions = [[_msg("assistant", t)] for t in texts]  # conversational, as TRL passes them
+        kwargs = {"prompts": [r["prompt"] for r in kept], "completions": completions,
+                  "answer": [r["answer"] for r in kept]}
+        per_func = [f(**kwargs) for f in funcs]
+        return [sum(w * v[i] for w, v in zip(weights, per_func) if v[i] is not None) for i in range(len(texts))]
+
     math_rows = [r for r, raw in zip(rows, RLVR) if raw["dataset"] in ("gsm8k", "MATH")]
     right = ["She sold 48 + 24 = 72 clips in all.", "So the fraction is $\\boxed{\\frac{1}{2}}$."]
     wrong = ["She sold 48 + 25 = 73 clips in all.", "So the fraction is $\\boxed{\\frac{3}{2}}$."]
-    funcs, weights = build_reward_funcs(stage.rewards)
-
-    def score(texts: list[str]) -> list[float]:
-        completions = [[_msg("assistant", t)] for t in texts]  # conversational, as TRL passes them
-        kwargs = {"prompts": [r["prompt"] for r in math_rows], "completions": completions,
-                  "answer": [r["answer"] for r in math_rows]}
-        per_func = [f(**kwargs) for f in funcs]
-        return [sum(w * v[i] for w, v in zip(weights, per_func)) for i in range(len(texts))]
-
-    assert score(right) == [sum(weights)] * 2
-    assert score(wrong) == [0.0, 0.0]
+    assert score(math_rows, right) == [weights[0]] * 2
+    assert score(math_rows, wrong) == [0.0, 0.0]
+    if_rows = [r for r, raw in zip(rows, RLVR) if raw["dataset"] == "ifeval"]  # verify_paragraph_count, N 3
+    assert score(if_rows, ["Calm.\n* * *\nWaves.\n* * *\nGulls."]) == [weights[1]]
+    assert score(if_rows, ["Calm.\n* * *\nWaves."]) == [0.0]
 
 
 def test_tulu3_preference_rows_reach_dpo_without_a_repeated_prompt(tmp_path):

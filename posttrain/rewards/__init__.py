@@ -1,8 +1,8 @@
 """Verifiable rewards for the GRPO stage: config (``RewardSpec``), name checks, and TRL reward callables.
 
 A reward is named either by a registered builtin (``exact_match``, ``numeric_match``, ``math_verify``,
-``format_regex``, ``code_exec``, ``length_penalty``; see ``builtin.py``; ``reward_model``, a learned reward
-model's score, see ``scorer.py``) or as ``path/to/file.py:function``,
+``format_regex``, ``code_exec``, ``length_penalty``; see ``builtin.py``; ``ifeval``, ``judge``: ``ifeval.py``,
+``judge.py``; ``reward_model``, a learned reward model's score: ``scorer.py``) or as ``path/to/file.py:function``,
 a user function with TRL's signature ``f(prompts, completions, **kwargs) -> list[float | None]``.
 
 ``build_reward_funcs`` returns callables that ``trl.GRPOTrainer(reward_funcs=...)`` accepts, plus the weights
@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from posttrain.registry import REWARDS, RegistryError, did_you_mean
 from posttrain.rewards import builtin  # importing it registers the builtin rewards
+from posttrain.rewards import ifeval, judge  # noqa: F401  (these register ifeval and judge)
 from posttrain.rewards import scorer  # noqa: F401  (registers reward_model)
 from posttrain.rewards.imports import imported_names
 from posttrain.rewards.deadline import RewardTimeout, call_with_deadline

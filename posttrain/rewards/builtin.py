@@ -144,3 +144,6 @@ def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any]) -> N
     for key in ("target_len", "scale", "max_procs"):
         if key in params and (not isinstance(params[key], (int, float)) or params[key] < 0):
             raise ValueError(f"reward {name!r}: {key} must be a non-negative number, got {params[key]!r}")
+    own_check = getattr(fn, "check_params", None)  # a reward's own checks of its params' values (ifeval, judge)
+    if own_check is not None:
+        own_check(params)

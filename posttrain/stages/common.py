@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field, field_validator
 
@@ -26,7 +26,7 @@ from posttrain.registry import did_you_mean
 from posttrain.rundir import atomic_write_text
 from posttrain.stages.base import StageBase, StageContext
 from posttrain.tracking import check_report_to
-from posttrain.stages.selection import lora_adapters, select_parameters  # noqa: F401 (the stages import them here)
+from posttrain.stages.selection import LoraSpec, lora_adapters, select_parameters  # noqa: F401 (the stages import them here)
 
 
 class TrainerConfig(Strict):
@@ -55,21 +55,6 @@ class TrainerConfig(Strict):
     bf16: bool | None = Field(None, description="None: bf16 on a GPU that supports it, float32 on CPU")
     seed: int | None = Field(None, description="None: the pipeline's seed")
     extra: dict[str, Any] = Field(default_factory=dict, description="more fields of TRL's config, passed as-is")
-
-
-class LoraSpec(Strict):
-    """LoRA via peft (Hu et al. 2021). The stage writes the adapter and a merged HF folder as model/.
-
-    `target_parameters` (peft's): parameters adapted directly, for the routed experts of an MoE model, which
-    transformers stores as 3-D tensors that no `target_modules` entry reaches. None: the expert tensors when
-    `target_modules` is `all-linear`, none otherwise; [] adapts no expert.
-    """
-
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    target_parameters: list[str] | None = None
 
 
 class TrainableStage(StageBase):
@@ -267,7 +252,8 @@ def last_checkpoint(ctx: StageContext) -> str | None:
     return str(done[max(done)]) if done else None
 
 
-def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) -> dict[str, Any]:
+def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool,
+                   unquantized: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run trainer.train (resuming when a checkpoint exists), then write model/ (merged if LoRA).
 
     model/ is written in the dtype the input's weights are stored in (`saved_dtype`), whatever dtype trained
@@ -308,7 +294,7 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     elif is_main():
         if lora:
             model.save_pretrained(ctx.work_dir / "adapter")
-            model = model.merge_and_unload()
+            model = model.merge_and_unload() if unquantized is None else _merged_unquantized(ctx, unquantized)
         _set_generation_ids(model, tokenizer)
         save_model_folder(model, tokenizer, ctx.work_dir / "model", dtype)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -319,6 +305,14 @@ def train_and_save(trainer: Any, tokenizer: Any, ctx: StageContext, lora: bool) 
     del model
     _release_trainer(trainer)
     return metrics
+
+
+def _merged_unquantized(ctx: StageContext, unquantized: Callable[[], Any]) -> Any:
+    """A QLoRA adapter merged into the input model loaded again unquantized: merged into the 4/8-bit weights it
+    trained on, the update would be rounded to the quantization grid and model/ would be a bitsandbytes model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(unquantized(), ctx.work_dir / "adapter").merge_and_unload()
 
 
 def _release_trainer(trainer: Any) -> None:

@@ -17,6 +17,7 @@ loss and its variants (`loss_type`, TRL's names). How this stage departs from, o
 * **Rehearsal pairs** (`rehearsal:`, empty by default; `make stage=dpo` sets the world's arithmetic): a
   prompt/answer task mixed in as (answer, answer +- 1) pairs, so a skill the pairs never show does not drift
   (`near_miss_pairs`).
+* **Replay** (`replay:`, posttrain/mixture.py): a share of an earlier DPO or KTO stage's pairs mixed in.
 
 Defaults are TRL 1.16's DPOConfig values for real models (AdamW, lr 1e-6, beta 0.1, sigmoid loss, no extra
 term). The world's tuning (SGD, RPO, rehearsal) and what was tried: docs/notes/dpo_world_tuning.md.
@@ -26,11 +27,13 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.preference import near_miss_pairs, preference_dataset, prompt_cutter
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 # TRL 1.16's DPOConfig.loss_type values. Importing TRL takes seconds, too slow for config validation (which
@@ -44,7 +47,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-6)  # TRL 1.16's DPOConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
-class DPOStageConfig(TrainableStage):
+class DPOStageConfig(Replayable, TrainableStage):
     """DPO (or a TRL variant) on preference pairs."""
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
@@ -100,10 +103,12 @@ class DPOStageConfig(TrainableStage):
 @stage("dpo", DPOStageConfig)
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
+    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     rehearsal = near_miss_pairs(cfg.rehearsal, ctx.log)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, rehearsal,
-                                              ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
+    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
+    extra = (rehearsal[0] + replayed[0], rehearsal[1] + replayed[1])
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, extra, seed)
     from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
 
     loss_type, loss_weights = cfg.trl_losses()

@@ -23,6 +23,8 @@ How this stage departs from, or adds to, the paper and TRL (the parts: posttrain
     stops it when the stage ends, fails or is interrupted.
   * The default input is `world-sft`, not the previous stage: RL needs a model that already answers in the
     task's format. In a pipeline, chain it explicitly (`model: ${stages.<previous>.model}`).
+  * `replay:` (posttrain/mixture.py) mixes in a share of an earlier GRPO stage's prompts, scored by this
+    stage's rewards (a column only the earlier prompts have reaches them; one they lack is None).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.rewards import RewardSpec, RewardStats, reward_file, reward_models
 from posttrain.rollout import RolloutConfig
@@ -45,6 +48,7 @@ from posttrain.stages.grpo_support import (
     rollout_session,
     trainer_class,
 )
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 LOSS_TYPES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
@@ -56,7 +60,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-6, max_length=None)
 
 
-class GRPOStageConfig(TrainableStage):
+class GRPOStageConfig(Replayable, TrainableStage):
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)
@@ -101,9 +105,10 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     """GRPO with verifiable rewards on TRL's GRPOTrainer (full, LoRA, or HFT-selected parameters)."""
     stats = RewardStats()
     funcs, weights = reward_funcs(cfg, ctx, stats)
+    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log,
-                                         ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
+    replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)
+    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)

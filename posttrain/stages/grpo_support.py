@@ -41,14 +41,16 @@ def prompt_rows(rows: list[dict], chat: bool) -> list[dict]:
     return rows
 
 
-def prompt_dataset(sources: list[DataSource], chat: bool, log, seed: int = 0) -> tuple[Any, list[dict]]:
-    """Checked prompt rows of every source as one `datasets.Dataset`, plus per-source stats.
+def prompt_dataset(sources: list[DataSource], chat: bool, log, seed: int = 0,
+                   extra: tuple[list[dict], list[dict]] = ([], [])) -> tuple[Any, list[dict]]:
+    """Checked prompt rows of every source (then `extra`'s: replayed rows and their stats) as one
+    `datasets.Dataset`, plus per-source stats.
 
     Rows are normalised by `prompt_rows` before the Dataset is built, since one Arrow column cannot hold both
     strings and message lists (a plain source mixed with a conversational one).
     """
     rows, stats = load_sources(sources, "prompt", log, seed)  # seed: a source's fraction/rows sampling
-    return rows_dataset(prompt_rows(rows, chat)), stats
+    return rows_dataset(prompt_rows(rows + extra[0], chat)), stats + extra[1]
 
 
 def epoch_sampler(**repeat_sampler_kwargs: Any):

@@ -11,6 +11,8 @@ by `desirable_weight` / `undesirable_weight`. TRL owns that loss (`loss_type`: `
   into TRL's {prompt, completion, label} rows: chosen -> desirable, rejected -> undesirable (`unpaired_rows`).
   Plain strings become chat when the tokenizer has a chat template, as in DPO (posttrain/stages/preference.py).
 * **Reference = the stage's input model**, as in DPO: a frozen copy, or with LoRA the adapter-disabled model.
+* **Replay** (`replay:`, posttrain/mixture.py): a share of an earlier KTO or DPO stage's pairs, spread evenly
+  among the stage's own (TRL reads KTO rows in order, see `unpaired_rows`) before they are unpaired.
 
 Defaults are TRL 1.16's KTOConfig values for real models (AdamW, lr 1e-6, beta 0.1, weights 1.0); the world's
 tuned values are stated in configs/stages/kto.yaml.
@@ -22,10 +24,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable, spread
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.preference import preference_rows
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -33,7 +37,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-6)  # TRL 1.16's KTOConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
-class KTOStageConfig(TrainableStage):
+class KTOStageConfig(Replayable, TrainableStage):
     """KTO (or TRL's unpaired APO-zero) on desirable and undesirable completions."""
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
@@ -76,9 +80,12 @@ def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     """Kahneman-Tversky Optimization with TRL's KTOTrainer (full, LoRA, or HFT-selected parameters)."""
     from datasets import Dataset
 
+    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log,
-                                        seed=ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
+    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
+    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
+    own = len(pairs) - len(replayed[0])
+    pairs = spread(pairs[:own], pairs[own:])
     from trl import KTOConfig, KTOTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(

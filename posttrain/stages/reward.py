@@ -25,7 +25,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from posttrain.data import DataSource
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.preference import preference_dataset
@@ -59,15 +59,6 @@ def run(cfg: RewardStageConfig, ctx: StageContext) -> StageResult:
     dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed=seed)
     from trl import RewardConfig, RewardTrainer  # after the data check: importing TRL takes seconds
 
-    def scorer():
-        from transformers import set_seed
-        from trl.trainer.reward_trainer import suppress_seqcls_warning
-
-        set_seed(seed)  # the score head is new: drawn from torch's generator, seeded as TRL seeds it
-        with suppress_seqcls_warning():  # transformers lists the LM head as unused and the score head as new
-            return load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
-                              allow_pickle=cfg.allow_pickle, scorer=True)
-
     def count_dropped(trainer) -> None:
         dropped = len(dataset) - len(trainer.train_dataset)
         if dropped:
@@ -75,7 +66,7 @@ def run(cfg: RewardStageConfig, ctx: StageContext) -> StageResult:
         ctx.log_metrics({"event": "data", "dropped_long": dropped})
 
     return run_trl_stage(
-        cfg, ctx, (RewardConfig, RewardTrainer), dataset, data_stats, tokenizer, load=scorer, prepare=count_dropped,
+        cfg, ctx, (RewardConfig, RewardTrainer), dataset, data_stats, tokenizer, scorer=True, prepare=count_dropped,
         args=dict(center_rewards_coefficient=cfg.center_rewards_coefficient, trust_remote_code=cfg.trust_remote_code,
                   dataset_num_proc=None),
     )

@@ -5,13 +5,58 @@ trainable.json. `posttrain.hft` decides the mask; this module adds what needs th
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
-from posttrain.schema import ConfigError
+from pydantic import Field, field_validator, model_serializer
+
+from posttrain.schema import ConfigError, Strict
 from posttrain.hft import apply_trainable, frozen_slices, lora_targets, write_trainable_json
 from posttrain.hft_layouts import is_expert_tensor, router_names
 from posttrain.ranks import is_main
 from posttrain.stages.base import StageContext
+
+
+class LoraSpec(Strict):
+    """LoRA via peft (Hu et al. 2021). The stage writes the adapter and a merged HF folder as model/.
+
+    `target_parameters` (peft's): parameters adapted directly, for the routed experts of an MoE model, which
+    transformers stores as 3-D tensors that no `target_modules` entry reaches. None: the expert tensors when
+    `target_modules` is `all-linear`, none otherwise; [] adapts no expert.
+    """
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    target_parameters: list[str] | None = None
+    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): train magnitude and direction apart")
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA (Dettmers et al. 2023): the frozen base in 4 or 8 bits; bitsandbytes, CUDA only")
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize_needs_cuda(cls, v: str | None) -> str | None:
+        """Refused at load, before any eval: bitsandbytes' kernels need a CUDA GPU."""
+        if v is None:
+            return v
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{v} (QLoRA) needs a CUDA GPU for bitsandbytes; this machine has none")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{v} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        # Left out at their defaults, so that adding them changed no finished LoRA stage's config hash.
+        out = handler(self)
+        for key in ("use_dora", "quantize"):
+            if not out.get(key):
+                out.pop(key, None)
+        return out
 
 
 def select_parameters(model: Any, stage: Any, ctx: StageContext):
@@ -52,6 +97,8 @@ def select_parameters(model: Any, stage: Any, ctx: StageContext):
 
 _NO_DROPOUT = ("lora.dropout: peft adapts the routed experts (peft's target_parameters) without dropout; set "
                "lora.dropout: 0")
+_NO_DORA = ("lora.use_dora: peft adapts the routed experts (peft's target_parameters) without DoRA; set "
+            "lora.target_parameters: [] to leave them out, or lora.use_dora: false")
 
 
 def lora_config(model: Any, stage: Any, mask: dict[str, Any], warnings: list[str]):
@@ -84,11 +131,28 @@ def lora_config(model: Any, stage: Any, mask: dict[str, Any], warnings: list[str
                             "modules only; list them in lora.target_parameters")
     if parameters and spec.dropout:
         raise ConfigError(_NO_DROPOUT)
+    if parameters and spec.use_dora:
+        raise ConfigError(_NO_DORA)
     # A reward model (sequence classifier) is SEQ_CLS: peft then trains its new score head whole
     # (modules_to_save) beside the adapters, and merge_and_unload keeps the trained head.
     task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      target_parameters=parameters or None, task_type=task)
+                      target_parameters=parameters or None, use_dora=spec.use_dora, task_type=task)
+
+
+def quantization_config(spec: Any) -> Any:
+    """transformers' BitsAndBytesConfig for `lora.quantize` (None without it): 4-bit as QLoRA trains (Dettmers
+    et al. 2023: NF4, double quantization, bf16 compute), or LLM.int8() for 8-bit. TRL prepares the quantized
+    model for training (peft's prepare_model_for_kbit_training) when it wraps it with the LoRA config."""
+    if spec is None or spec.quantize is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def moe_linear_parameters(model: Any) -> list[str]:

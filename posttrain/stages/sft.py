@@ -15,10 +15,11 @@ from pydantic import Field, model_serializer
 
 from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_sources, rows_dataset, sft_rows
-from posttrain.mixture import Replay, sample_rows
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -26,19 +27,26 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=2e-5)  # TRL 1.16's SFTConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
-class SFTStageConfig(TrainableStage):
+class SFTStageConfig(Replayable, TrainableStage):
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="arithmetic")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
     # TRL's default is False; prompts and user turns are inputs, not targets (TÜLU 3 masks them too).
     assistant_only_loss: bool = Field(True, description="chat data: loss on assistant turns only")
-    replay: list[Replay] = Field(default_factory=list, description="shares of earlier stages' data to mix in")
+    # TRL's defaults (False). TRL builds each row's labels (assistant mask included) before it packs, so packing
+    # changes which rows share a sequence, never which tokens carry loss; rows stay apart by their position_ids
+    # (flash attention, or transformers' packed-sequence mask for sdpa/eager).
+    packing: bool = Field(False, description="pack rows into max_length sequences (TRL's best-fit decreasing)")
+    padding_free: bool = Field(False, description="flatten each batch into one unpadded sequence (implied by packing)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
-        # Left out while empty: a field every dump carried would change the config hash of every finished stage.
+        # Left out at their defaults: a field every dump carried would change the config hash of every finished
+        # stage (and of every cached world model). Replaces Replayable's serializer (a class has one), so `replay`
+        # is listed here too.
         out = handler(self)
-        if not out.get("replay"):
-            out.pop("replay", None)
+        for key in ("replay", "packing", "padding_free"):
+            if not out.get(key):
+                out.pop(key, None)
         return out
 
     def data_sources(self) -> list[tuple[DataSource, str]]:
@@ -74,7 +82,8 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised fine-tuning with TRL's SFTTrainer (full, LoRA, or HFT-selected parameters)."""
     seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     rows, data_stats = load_sources(cfg.data, "sft", ctx.log, seed)
-    rows += replay_rows(cfg.replay, "sft", ctx.log, seed, data_stats)
+    replayed, replay_stats = replay_rows(cfg.replay, "sft", ctx.log, seed)
+    rows, data_stats = rows + replayed, data_stats + replay_stats
     dataset = rows_dataset(sft_rows(rows))
     assistant_only = cfg.assistant_only_loss and "messages" in dataset.column_names
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
@@ -84,18 +93,6 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(cfg, ctx, (SFTConfig, SFTTrainer), dataset, data_stats, tokenizer, args=dict(
-        assistant_only_loss=assistant_only and not own_masks, packing=False, dataset_num_proc=None))
+        assistant_only_loss=assistant_only and not own_masks, packing=cfg.packing, padding_free=cfg.padding_free,
+        dataset_num_proc=None))
 
-
-def replay_rows(replays: list[Replay], shape: str, log, seed: int, stats: list[dict]) -> list[dict]:
-    """The rows each `replay:` entry mixes in (posttrain.mixture), appending their stats to `stats`."""
-    out: list[dict] = []
-    for r in replays:
-        if not r.sources():  # a stage config validated outside its pipeline: replaying nothing would be silent
-            raise DataError(f"replay from {r.from_!r}: the stage was not loaded as part of its pipeline")
-        pool, _ = load_sources(r.sources(), shape, lambda m: None, seed)  # the earlier stage's rows, as it read them
-        rows = sample_rows(pool, r.fraction, r.rows, seed, f"replay:{r.from_}")
-        log(f"data: replaying {len(rows):,} of {len(pool):,} rows of stage {r.from_}")
-        stats.append({"source": f"replay:{r.from_}", "rows": len(rows), "bad_rows": 0, "bad_examples": []})
-        out += rows
-    return out

@@ -15,6 +15,19 @@ from posttrain.models import load_model
 from posttrain.stages.base import StageContext, StageResult
 from posttrain.tracking import trainer_env
 from posttrain.stages.common import TrainableStage, metrics_callback, select_parameters, train_and_save, trl_args
+from posttrain.stages.selection import quantization_config
+
+
+@contextlib.contextmanager
+def _scorer_head(seed: int):
+    """Seed the new score head of a reward model, and keep transformers from listing the input's LM head as
+    unused and the score head as missing (TRL's own context for the same load)."""
+    from transformers import set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    set_seed(seed)
+    with suppress_seqcls_warning():
+        yield
 
 
 def run_trl_stage(
@@ -32,7 +45,7 @@ def run_trl_stage(
     callbacks: list[Any] | None = None,
     session: Callable[[], ContextManager[list[Any]]] | None = None,
     prepare: Callable[[Any], None] | None = None,
-    load: Callable[[], Any] | None = None,
+    scorer: bool = False,
 ) -> StageResult:
     """Train `cfg` with TRL's (config class, trainer class) `trl` on `dataset`; write `ctx.work_dir/model`.
 
@@ -45,19 +58,23 @@ def run_trl_stage(
     session: a context that stays open while the trainer is built and trains and yields more callbacks
         (GRPO's vLLM server).
     prepare: called with the built trainer before training (DPO cuts long prompts in its tokenized data).
-    load: loads the model to train (default: the input as a causal LM; the reward stage: as a scorer).
+    scorer: load the input as a one-output sequence classifier (the reward stage), its new score head drawn
+        after seeding torch with the run's seed, as TRL's RewardTrainer does when it loads a model by name.
     """
     config_cls, trainer_cls = trl
     trl_config = trl_args(config_cls, cfg, ctx, **(args or {}))
-    model = load() if load is not None else load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
-                                                       allow_pickle=cfg.allow_pickle)
-    model, peft_config, trainable = select_parameters(model, cfg, ctx)
+    def load(quantized: bool = False):
+        with _scorer_head(trl_config.seed) if scorer else contextlib.nullcontext():
+            return load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
+                              allow_pickle=cfg.allow_pickle, scorer=scorer,
+                              quantization_config=quantization_config(cfg.lora) if quantized else None)
+
+    model, peft_config, trainable = select_parameters(load(quantized=True), cfg, ctx)
     extra = dict(trainer_kwargs or {})
     if reference:
         ref_model = None
         if peft_config is None:
-            ref_model = load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
-                                   allow_pickle=cfg.allow_pickle)
+            ref_model = load()
             ref_model.requires_grad_(False)
         extra["ref_model"] = ref_model
     ctx.log_metrics({"event": "data", "sources": data_stats, "trained_params": trainable["trained"], **(log or {})})
@@ -75,6 +92,8 @@ def run_trl_stage(
         )
         if prepare is not None:
             prepare(trainer)
-        metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None)
+        quantized = cfg.lora is not None and cfg.lora.quantize is not None
+        metrics = train_and_save(trainer, tokenizer, ctx, lora=peft_config is not None,
+                                 unquantized=load if quantized else None)
     metrics["bad_rows"] = sum(s["bad_rows"] for s in data_stats)
     return StageResult(ctx.work_dir / "model", metrics)

@@ -1,0 +1,153 @@
+"""``judge``: a local causal LM asked a rubric about each completion, its answer parsed to a score in [0, 1]
+(LLM-as-a-judge: Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", arXiv 2306.05685;
+as a GRPO/RLVR reward, open-instruct's ``LMJudgeVerifier``).
+
+The rubric is a template with ``{prompt}`` and ``{completion}``; the judge's reply (after a ``</think>``, if it
+thinks) is searched with ``pattern``, the first group (else the whole match) read as a number and divided by
+``max_score``. Departures from open-instruct's verifier: the judge is a local model folder run with transformers
+(greedy, ``max_new_tokens``), not an API; the score is the number parsed from the reply, not a JSON field. A reply
+with no number, or one outside [0, max_score], scores 0 and is counted (``rewards/errors/judge/unparseable``).
+
+The judge loads once per process and model folder (``_load``), on the trainer's GPU when CUDA is there
+(``device: auto``), in inference mode; it is never trained and its memory stays held until the process ends.
+vLLM: the issue asks for vLLM on GPU. ``generate_replies`` is the one seam for it (a ``vllm.LLM`` per folder,
+``SamplingParams(temperature=0, max_tokens=max_new_tokens)``), not written yet because it cannot be tested on the
+CPU-only install (vllm is the ``gpu`` extra); until then a GPU run generates with transformers on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from posttrain.registry import REWARDS
+from posttrain.rewards.stats import RewardStats
+
+log = logging.getLogger(__name__)
+
+UNPARSEABLE = "unparseable"
+DEFAULT_RUBRIC = ("Rate how well the answer responds to the request, from 0 (wrong or useless) to 10 (correct and "
+                  "complete). Reply with the number only.\n\nRequest: {prompt}\n\nAnswer: {completion}\n\nScore:")
+DEFAULT_PATTERN = r"(\d+(?:\.\d+)?)"
+_warned: set[str] = set()
+_lock = threading.Lock()  # reward calls may come from a thread pool; one generate at a time per process
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as text: strings as they are; a conversation as ``role: content`` lines (one message: its
+    content alone)."""
+    if isinstance(prompt, str) or prompt is None:
+        return prompt or ""
+    messages = [m for m in prompt if isinstance(m, dict)]
+    if len(messages) == 1:
+        return str(messages[0].get("content", ""))
+    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
+
+
+def parse_score(reply: str, pattern: str, max_score: float) -> float | None:
+    """The score in ``reply`` divided by ``max_score``, or None when no number in [0, max_score] is found."""
+    reply = reply.split("</think>")[-1]
+    found = re.search(pattern, reply, flags=re.DOTALL)
+    if found is None:
+        return None
+    try:
+        value = float(found.group(1) if found.groups() else found.group(0))
+    except (TypeError, ValueError):
+        return None
+    return value / max_score if math.isfinite(value) and 0 <= value <= max_score else None
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model: str, device: str, stamp: int):
+    """(tokenizer, model) of a judge folder, loaded once per process, device and ``stamp`` (the folder's mtime:
+    a stage that rewrote the folder since, renaming its new version into place, gets the new judge)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.padding_side = "left"  # generation continues the right end of every row
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = torch.float32 if device == "cpu" else "auto"  # bf16 matmuls on CPU are slow where they run at all
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    lm.requires_grad_(False)
+    return tok, lm
+
+
+def generate_replies(model: str, queries: list[str], *, max_new_tokens: int, batch_size: int, device: str,
+                     chat_template: bool) -> list[str]:
+    """The judge's greedy reply to each query (transformers ``generate``). The vLLM hook goes here."""
+    import torch
+
+    tok, lm = _load(model, device, Path(model).stat().st_mtime_ns)
+    if chat_template and tok.chat_template:
+        queries = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in queries]
+    replies: list[str] = []
+    with _lock, torch.inference_mode():
+        for start in range(0, len(queries), batch_size):
+            enc = tok(queries[start:start + batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=not chat_template or not tok.chat_template).to(lm.device)
+            out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            replies += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return replies
+
+
+@REWARDS.register("judge")
+def judge(completions: list[str], prompts: list[Any] | None = None, *, model: str, rubric: str = DEFAULT_RUBRIC,
+          pattern: str = DEFAULT_PATTERN, max_score: float = 10.0, max_new_tokens: int = 16, batch_size: int = 8,
+          device: str = "auto", chat_template: bool = True, stats: RewardStats | None = None,
+          **kwargs: Any) -> list[float]:
+    """The judge's score of each completion in [0, 1]: ``rubric`` filled with the prompt and the completion,
+    answered greedily by the causal LM folder ``model``, parsed with ``pattern`` and divided by ``max_score``.
+    A reply without a score in [0, max_score] scores 0 (counted as unparseable)."""
+    prompts = list(prompts) if prompts is not None else [None] * len(completions)
+    queries = [rubric.replace("{prompt}", prompt_text(p)).replace("{completion}", c)  # not str.format: a
+               for p, c in zip(prompts, completions, strict=True)]                  # completion may hold braces
+    replies = generate_replies(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                               chat_template=chat_template)
+    out = []
+    for reply in replies:
+        value = parse_score(reply, pattern, max_score)
+        if value is None:
+            if stats is not None:
+                stats.record("judge", UNPARSEABLE)
+            if UNPARSEABLE not in _warned:
+                _warned.add(UNPARSEABLE)
+                log.warning("reward 'judge': no score in [0, %g] in the judge's reply %r; scoring it 0 (counted as "
+                            "unparseable)", max_score, reply[:200])
+        out.append(0.0 if value is None else value)
+    return out
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Refuse what would fail at the first call: a model that is no folder, a rubric without {completion}."""
+    model = params.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"reward 'judge': model must be a model folder, got {model!r}")
+    if "${" in model:  # the pipeline substitutes `${stages.<name>.model}` in a stage's `model:`, not in params
+        raise ValueError(f"reward 'judge': model {model!r}: a stage reference is not resolved in reward params; "
+                         "give the judge's folder path")
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"reward 'judge': model folder {model!r} not found (no config.json there)")
+    rubric = params.get("rubric", DEFAULT_RUBRIC)
+    if not isinstance(rubric, str) or "{completion}" not in rubric:
+        raise ValueError("reward 'judge': rubric must be a string with {completion} (and usually {prompt}) in it")
+    for key in ("max_score", "max_new_tokens", "batch_size"):
+        value = params.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"reward 'judge': {key} must be a positive number, got {value!r}")
+    for key in ("max_new_tokens", "batch_size"):
+        if not isinstance(params.get(key, 1), int):
+            raise ValueError(f"reward 'judge': {key} must be a whole number, got {params[key]!r}")
+    if params.get("device", "auto") not in ("auto", "cpu") and not str(params.get("device")).startswith("cuda"):
+        raise ValueError(f"reward 'judge': device must be auto, cpu or cuda[:N], got {params['device']!r}")
+
+
+judge.check_params = _check_params  # builtin.check_params calls it after the generic checks
