@@ -73,16 +73,19 @@ def test_orpo_loss_is_nll_minus_lambda_log_odds_and_every_parameter_moves(world,
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
-def test_simpo_loss_is_the_margin_loss_of_length_averaged_rewards(world, tmp_path):
-    """One pair a step, so the logged margin is that pair's: loss = -log sigmoid(margin - gamma), gamma = 0.5 * 2."""
-    out = _stage("simpo", tmp_path, "trainer.per_device_train_batch_size=1")
+def test_simpo_loss_is_the_margin_loss_of_length_averaged_rewards_plus_the_nll_term(world, tmp_path):
+    """One pair a step, so the logged terms are that pair's: loss = -log sigmoid(margin - gamma) + cpo_alpha * NLL
+    with gamma = 0.5 * beta (the world config's cpo_alpha, 0.5; the class default 0 leaves the margin loss)."""
+    out = _stage("simpo", tmp_path, "trainer.per_device_train_batch_size=1", "beta=2.0")
     logs = _losses(out)
     assert [r["step"] for r in logs] == [1, 2, 3]
     for r in logs:
-        assert r["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-(r["rewards/margins"] - 1.0)))), rel=1e-5)
-        assert r["nll_loss"] == 0.0  # cpo_alpha 0: no NLL term
-        # The rewards are beta times the length-averaged log-likelihoods (TRL logs both).
+        margin_loss = -math.log(1 / (1 + math.exp(-(r["rewards/margins"] - 1.0))))
+        assert r["loss"] == pytest.approx(margin_loss + 0.5 * r["nll_loss"], rel=1e-5)
+        # The rewards are beta times the length-averaged log-likelihoods, and the NLL is the chosen answer's
+        # mean token NLL: minus its length-averaged log-likelihood.
         assert r["rewards/chosen"] == pytest.approx(2.0 * r["logps/chosen"], rel=1e-5)
+        assert r["nll_loss"] == pytest.approx(-r["logps/chosen"], rel=1e-5)
     assert _digests(out / "model") != _digests(world / "base")
 
 

@@ -153,7 +153,7 @@ def test_reward_model_scores_a_right_completion_above_a_wrong_one(reward_run):
     right = funcs[0](prompts=prompts, completions=[r["chosen"] for r in rows])
     wrong = funcs[0](prompts=prompts, completions=[r["rejected"] for r in rows])
     assert sum(r > w for r, w in zip(right, wrong)) >= 14, (right, wrong)
-    assert funcs[0].stats.as_metrics() == {}  # no error of any kind
+    assert not any(funcs[0].stats.as_metrics().values())  # no error of any kind
 
 
 def _world_style_test():
