@@ -25,10 +25,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.preference import preference_dataset
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -36,7 +38,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-4)  # TRL 1.16's RewardConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
-class RewardStageConfig(TrainableStage):
+class RewardStageConfig(Replayable, TrainableStage):
     """A reward model (one-output sequence classifier) trained on preference pairs."""
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
@@ -56,7 +58,8 @@ def run(cfg: RewardStageConfig, ctx: StageContext) -> StageResult:
     """A reward model trained on preference pairs with TRL's RewardTrainer (full, LoRA, or HFT-selected)."""
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed=seed)
+    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
     from trl import RewardConfig, RewardTrainer  # after the data check: importing TRL takes seconds
 
     def count_dropped(trainer) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.rewards import RewardSpec, RewardStats
 from posttrain.rollout import RolloutConfig
@@ -36,6 +37,7 @@ from posttrain.stages.grpo_support import (
     rollout_session,
     trainer_class,
 )
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -44,7 +46,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-6, max_length=None)
 
 
-class RLOOStageConfig(TrainableStage):
+class RLOOStageConfig(Replayable, TrainableStage):
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)
@@ -78,9 +80,10 @@ def run(cfg: RLOOStageConfig, ctx: StageContext) -> StageResult:
     """REINFORCE Leave-One-Out on TRL's RLOOTrainer (full, LoRA, or HFT-selected parameters)."""
     stats = RewardStats()
     funcs, weights = reward_funcs(cfg, ctx, stats)
+    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log,
-                                         ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
+    replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)  # earlier stages' prompts (`replay:`)
+    dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)
     from trl import RLOOConfig, RLOOTrainer  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)

@@ -24,10 +24,12 @@ import warnings
 from pydantic import Field
 
 from posttrain.data import DataSource
+from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.preference import preference_dataset
+from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -35,7 +37,7 @@ def _trl_trainer() -> TrainerConfig:
     return TrainerConfig(learning_rate=1e-6)  # TRL 1.16's CPOConfig; max_length 1024 is TrainerConfig's (TRL's too)
 
 
-class SimPOStageConfig(TrainableStage):
+class SimPOStageConfig(Replayable, TrainableStage):
     """SimPO on preference pairs: length-normalised likelihood margins, no reference model."""
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
@@ -53,8 +55,9 @@ class SimPOStageConfig(TrainableStage):
 def run(cfg: SimPOStageConfig, ctx: StageContext) -> StageResult:
     """Simple Preference Optimization with TRL's CPOTrainer (full, LoRA, or HFT-selected parameters)."""
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log,
-                                             seed=ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed)
+    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
+    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)  # earlier stages' pairs (`replay:`)
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
     with warnings.catch_warnings():  # TRL warns that trl.experimental may change; pyproject pins TRL
         warnings.simplefilter("ignore")
         from trl.experimental.cpo import CPOConfig, CPOTrainer  # after the data check: importing TRL takes seconds
