@@ -161,3 +161,15 @@ def _world_style_test():
 
     folder = world_dir() / "data" / "style"
     return next(folder / f for f in ("test.jsonl", "validation.jsonl", "train.jsonl") if (folder / f).is_file())
+
+
+def test_a_language_model_as_reward_model_is_refused_before_training(world, tmp_path, capsys):
+    """A causal LM would load with a new, random score head and score noise: refused in one line, exit 2."""
+    from posttrain.cli import main
+
+    sets = ["eval.enabled=false", "model=world", "data=[{source: verifiable, limit: 4}]",
+            "rewards=[{name: reward_model, params: {model: world}}]"]
+    assert main(["stage", "rloo", "--run-dir", str(tmp_path / "r"), *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "is not a sequence-classification model (architectures: LlamaForCausalLM)" in err
+    assert not list((tmp_path / "r" / "stages").glob(".01_rloo.tmp/checkpoints/*"))

@@ -19,6 +19,22 @@ import functools
 from typing import Any
 
 from posttrain.registry import REWARDS
+from posttrain.schema import ConfigError
+
+
+def check_scorer(folder: str) -> None:
+    """Refuse (ConfigError: exit 2, before the stage trains) a folder that is no one-output sequence classifier:
+    a causal LM would load with a new, random score head and score noise without any error."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"reward_model: {folder} is not a sequence-classification model (architectures: "
+                          f"{', '.join(archs) or 'none'}); give a reward stage's output (${{stages.<name>.model}}) "
+                          "or a one-output reward model folder")
+    if config.num_labels != 1:
+        raise ConfigError(f"reward_model: {folder} has {config.num_labels} outputs; a reward model has one")
 
 
 @functools.lru_cache(maxsize=4)
@@ -30,8 +46,6 @@ def _scorer(folder: str) -> tuple[Any, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {folder} has {model.config.num_labels} outputs; a reward model has one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # the classifier finds each row's last token by its padding

@@ -10,7 +10,7 @@ from typing import Any
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.ranks import agree, is_main
 from posttrain.rewards import RewardsFailed, RewardStats, build_reward_funcs, with_models
-from posttrain.rewards.scorer import release_scorers
+from posttrain.rewards.scorer import check_scorer, release_scorers
 from posttrain.rollout import (
     VLLMServer,
     free_port,
@@ -109,8 +109,12 @@ def group_problem(trainer: Any, num_generations: int) -> str | None:
 
 def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[Any], list[float]]:
     """`build_reward_funcs` for the stage's rewards, each `reward_model`'s `model` resolved to its folder
-    (`${stages.<name>.model}`: that earlier stage's output in the run dir)."""
-    return build_reward_funcs(with_models(cfg.rewards, lambda ref: resolve_ref(ref, ctx)), stats)
+    (`${stages.<name>.model}`: that earlier stage's output in the run dir) and checked to be a reward model."""
+    specs = with_models(cfg.rewards, lambda ref: resolve_ref(ref, ctx))
+    for spec in specs:
+        if spec.name == "reward_model":
+            check_scorer(spec.params["model"])
+    return build_reward_funcs(specs, stats)
 
 
 def reward_errors_callback(stats: RewardStats):
