@@ -152,7 +152,9 @@ class Pipeline:
         else:
             model = input_model if ref == stage.model and input_model else resolve_model(ref, self.log)
             first = ["base"] if model == self._base_model() else []
-        named = ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
+        # A reward stage named as a reward's scorer (`reward_model`) is an input, not an ancestor: it has no row.
+        scorers = {s.name for s in self.cfg.stages if not s.generates()}
+        named = [n for n in ANY_STAGE_REF.findall(json.dumps(stage.model_dump())) if n not in scorers]
         return list(dict.fromkeys(first + named))
 
     def _referenced_keys(self, stage: Any) -> list[str]:

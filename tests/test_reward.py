@@ -95,6 +95,7 @@ def test_reward_stages_write_scorers_with_no_eval_row(world, reward_run):
     assert not any("01_rm" in m or "02_rm_lora" in m for m in evaluated) and any("03_rl" in m for m in evaluated)
     rows = json.loads((run_dir / "report" / "forgetting.json").read_text())["stages"]
     assert [r["name"] for r in rows] == ["base", "rl", "rloo"]
+    assert all("rm" not in r.get("parents", []) for r in rows)  # a scorer is an input, not an ancestor
     assert any("01 rm] eval: its model scores text" in line for line in logs)
     for name in ("01_rm", "02_rm_lora"):
         model = AutoModelForSequenceClassification.from_pretrained(run_dir / "stages" / name / "model")
