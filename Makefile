@@ -39,7 +39,7 @@ JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo
 PYTEST  := $(BIN)/pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile
 
 test: setup
-	$(PYTEST) tests; rc=$$?; \
+	$(PYTEST) --durations=25 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 # Crashes, faults and bad input (issue #9); `make test` runs this folder too.

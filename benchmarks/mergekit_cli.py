@@ -43,12 +43,15 @@ def env() -> dict[str, str]:
     return e
 
 
-# posttrain method -> mergekit's name and parameters (same densities as posttrain's defaults).
+# posttrain method -> mergekit's name and per-model parameters (posttrain's defaults: the same densities, DELLA's
+# epsilon). model_stock takes no per-model parameters in mergekit (not even a weight).
 METHODS = {
     "task_arithmetic": ("task_arithmetic", {}),
     "ties": ("ties", {"density": 0.2}),
     "dare_ties": ("dare_ties", {"density": 0.1}),
     "dare_linear": ("dare_linear", {"density": 0.1}),
+    "model_stock": ("model_stock", None),
+    "della": ("della", {"density": 0.5, "epsilon": 0.15}),
 }
 
 
@@ -58,11 +61,12 @@ def command(method: str, inputs: list[Path], out: Path, shard_bytes: int, workdi
     (posttrain's merge stage does the same), in shards of `shard_bytes` (mergekit counts them in elements)."""
     name, params = METHODS[method]
     cfg = {"merge_method": name, "base_model": str(inputs[0]), "dtype": "float32",
-           "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in inputs[1:]]}
+           "models": [{"model": str(m)} if params is None else
+                      {"model": str(m), "parameters": {"weight": 1.0, **params}} for m in inputs[1:]]}
     if out_dtype != "float32":
         cfg["out_dtype"] = out_dtype
-    if name != "task_arithmetic":
-        cfg["parameters"] = {"normalize": False}  # posttrain's TIES does not divide by the summed weights
+    if name in ("ties", "dare_ties", "dare_linear"):
+        cfg["parameters"] = {"normalize": False}  # no division by the summed weights (all 1 here)
     path = workdir / f"mergekit-{method}.yml"
     path.write_text(yaml.safe_dump(cfg))
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[out_dtype]

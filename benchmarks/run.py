@@ -3,7 +3,8 @@
     python -m benchmarks.run [--quick] [--only train,merge,eval,rerun,rollout,real] [--runs N] [--update-readme]
 
   train.py    sft and dpo stages vs a plain TRL script: s/step (goal <= 1.03), whole stage (goal <= 1.10)
-  merge.py    task arithmetic, TIES, DARE on 3 x 1.1 GB models: vs raw read+write (<= 1.5 / <= 3),
+  merge.py    task arithmetic, TIES, DARE, model_stock, DELLA on 3 x 1.1 GB models: vs raw read+write
+              (<= 1.5 / <= 3 / <= 5 DELLA),
               vs mergekit's CLI, peak RSS (<= 3 x largest tensor + 200 MB)
   eval.py     world suite: `posttrain eval` vs the `lm_eval` CLI (goal <= 1.05)
   rerun.py    config error (< 10 s), rerun of a finished pipeline (< 5 s)
@@ -18,7 +19,8 @@ figures from the previous results.json, each row with the date of the run that m
 header says which run measured which groups. --quick shrinks every size for development (its numbers
 mean nothing). About 14 minutes on 2 quiet CPU cores: 4.6 measured without `real` (2026-11-28), and `real`
 about 9 (8.8 min of CPU time, 21.9 min wall under a load of 5-6, 2026-12-05). Every side runs
-single-threaded (BENCH_THREADS=1, see common.bench_env).
+single-threaded (BENCH_THREADS=1, see common.bench_env). model_stock and DELLA (added 2026-12-05) add about 3
+minutes (estimated from one run of their sides, docs/notes/merging.md).
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ OUT = Path(__file__).resolve().parent / "results.json"
 GROUPS = ("train", "merge", "eval", "rerun", "rollout", "real")
 # DARE is timed as dare_linear (random drop, then task arithmetic): dare_ties adds TIES's sign election, which
 # TIES's own figure already times, and costs ~45 s a run more (3 runs of both sides would break the 20 minutes).
-MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear"]
-# mergekit's TIES takes ~2 minutes a run on 2 cores (mergekit 0.1.5): --mergekit task_arithmetic,ties adds it.
-MERGEKIT_METHODS = ["task_arithmetic", "dare_linear"]
+MERGE_METHODS = ["task_arithmetic", "ties", "dare_linear", "model_stock", "della"]
+# mergekit's TIES takes ~2 minutes a run on 2 cores (mergekit 0.1.5) and its DELLA ~3 (estimated from one run's
+# ratio; it argsorts every row twice): --mergekit task_arithmetic,ties,della adds them.
+MERGEKIT_METHODS = ["task_arithmetic", "dare_linear", "model_stock"]
 
 
 def collect(groups: list[str], runs: int, quick: bool, mergekit: list[str]) -> list[Figure]:

@@ -38,9 +38,10 @@ def cache_dir() -> Path | None:
 
 
 def address(key: dict[str, Any], batch_size: int, versions: dict[str, str]) -> str | None:
-    """The eval's content address (64 hex), or None when the model is not a local folder (`key`'s
-    model_sha256 is then "hub:<name>")."""
-    if str(key.get("model_sha256", "")).startswith("hub:"):
+    """The eval's content address (64 hex), or None when the model is a hub name not pinned to a commit (`key`'s
+    model_sha256 is then "hub:<name>"; a hub snapshot's "hub:<name>@<commit>" names its content)."""
+    model = str(key.get("model_sha256", ""))
+    if model.startswith("hub:") and "@" not in model:
         return None
     return sha256_json({"format": FORMAT, "key": key, "batch_size": batch_size, "versions": versions})
 

@@ -74,6 +74,8 @@ def _stderr_of(stage: Stage, key: str) -> float | None:
 
 def _trains_on_cell(stage: Stage) -> str:
     if is_reference(stage):
+        if stage.get("unmitigated_of"):
+            return "trained, before mitigation"
         return f"input of {stage['input_of']}" if stage.get("input_of") else "input"
     return ", ".join(stage.get("trains_on") or []) or "–"
 

@@ -89,7 +89,7 @@ def unmitigated_record(name: str, folder: str, result: dict) -> dict:
     """The reference row of a mitigated stage's trained model (stages/<folder>/unmitigated), placed before the
     stage's row, which is the interpolation kept (evals.mitigation)."""
     return {"name": f"{name}:unmitigated", "folder": f"stages/{folder}/unmitigated", "model": result["model"],
-            "scores": result["scores"], "trains_on": [], "reference": True, "input_of": name}
+            "scores": result["scores"], "trains_on": [], "reference": True, "unmitigated_of": name}
 
 
 def keep_in_eval(out: Path, result: dict, **fields: Any) -> dict:

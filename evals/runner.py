@@ -22,6 +22,7 @@ from evals import cache
 from evals.config import EvalConfig
 from posttrain import rollout
 from posttrain import world as _world  # through the module: tests replace world_dir
+from posttrain.hub_pins import snapshot_identity
 from posttrain.models import fit_cpu_threads, folder_params
 from posttrain.progress import terminal_only_bars
 from posttrain.registry import did_you_mean
@@ -158,7 +159,9 @@ def evaluate_model(
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     model_path = Path(model_dir)
-    model_hash = sha256_json(hash_folder(model_path)) if model_path.is_dir() else f"hub:{model_dir}"
+    # A hub snapshot is named by its commit (hub:<name>@<commit>, posttrain.hub_pins): no need to hash its files.
+    model_hash = (snapshot_identity(model_path) or sha256_json(hash_folder(model_path))) if model_path.is_dir() \
+        else f"hub:{model_dir}"
     key = {"model_sha256": model_hash, **eval_settings(settings, spec, task_hashes, split)}
     limit = key["limit"]
     if out and Path(out).is_file():

@@ -1,6 +1,6 @@
 """`python -m posttrain` (also what `accelerate launch -m posttrain` runs)."""
 import sys
 
-from posttrain.cli import main
+from posttrain.entry import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""posttrain command line: run | stage | eval | report | list | push.
+"""posttrain command line: run | stage | merge | eval | report | list | push.
 
 Exit codes: 0 success, 2 bad input (config, data, model reference), 1 a failed run, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM; unwinds as Ctrl-C does). Errors print one line;
@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evals import runner  # through the module: tests replace evaluate_model
 from evals.report import terminal_summary
 from evals.run_report import rerender_report
@@ -23,6 +25,7 @@ from posttrain import distributed as dist
 from posttrain.cli_list import list_keys
 from posttrain.config import load_pipeline, stage_pipeline
 from posttrain.data import DataError
+from posttrain.merging.mergekit import from_mergekit
 from posttrain.model_files import check_folder_files
 from posttrain.models import ModelError, resolve_model
 from posttrain.pipeline import Pipeline, check_inputs
@@ -56,6 +59,9 @@ def _pipeline_defaults() -> dict:
 
 
 def _load(args: argparse.Namespace):
+    if args.command == "merge":  # a mergekit YAML, translated into a merge stage and run as `posttrain stage merge`
+        return stage_pipeline("merge", args.from_mergekit, args.set, base=_pipeline_defaults(),
+                              doc=from_mergekit(args.from_mergekit))
     if args.command == "stage":
         path = args.config or _default_stage_file(args.kind)
         return stage_pipeline(args.kind, path, args.set, base=_pipeline_defaults())
@@ -251,6 +257,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """`posttrain merge --from-mergekit cfg.yml`: the mergekit YAML as a merge stage, printed or run."""
+    if args.print:
+        print(yaml.safe_dump(from_mergekit(args.from_mergekit), sort_keys=False), end="")
+        return 0
+    return _run(args)
+
+
 def _check_writable_parent(path: Path, option: str) -> None:
     """Refuse a path under an existing file (mkdir would raise NotADirectoryError / FileExistsError)."""
     for parent in [path, *path.parents]:
@@ -268,21 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stage", help="run one stage on the embedded default (or --config)")
     s.add_argument("kind")
     s.add_argument("--config", help="stage config YAML (default: the checkout's configs/stages/<kind>.yaml, not ./configs)")
-    for q in (r, s):
+    m = sub.add_parser("merge", help="run a merge stage read from a mergekit YAML (--from-mergekit)")
+    m.add_argument("--from-mergekit", required=True, metavar="CFG",
+                   help="a mergekit-yaml config; its names are mapped to the merge stage's (README, merge methods)")
+    m.add_argument("--print", action="store_true", help="print the merge stage config it becomes; run nothing")
+    m.set_defaults(launcher="none", num_processes=None, accelerate_config=None)
+    for q in (r, s, m):
         q.add_argument("--set", action="append", default=[], metavar="a.b=v", help="override a config value")
         q.add_argument("--run-dir", help="default: runs/<timestamp>-<name>; an existing one must be a run dir of "
                        "this pipeline (to rerun or resume it) or an empty folder")
         q.add_argument("--overwrite", action="store_true",
                        help="replace the run dir's run of another pipeline (its files are deleted first)")
+        q.add_argument("--verbose", action="store_true",
+                       help="print the trainers' log dicts and progress bars (default: a compact progress line; "
+                            "every log record is in the stage's metrics.jsonl either way)")
+    for q in (r, s):
         q.add_argument("--launcher", choices=["none", "accelerate"], default="none",
                        help="accelerate: re-run this command under `accelerate launch` (data-parallel training)")
         q.add_argument("--num-processes", type=int, default=None, metavar="N",
                        help="with --launcher accelerate: processes (GPUs) per machine; default: the config's")
         q.add_argument("--accelerate-config", default=None, metavar="F",
                        help="with --launcher accelerate: default configs/accelerate/ddp.yaml (ddp_cpu.yaml on CPU)")
-        q.add_argument("--verbose", action="store_true",
-                       help="print the trainers' log dicts and progress bars (default: a compact progress line; "
-                            "every log record is in the stage's metrics.jsonl either way)")
     sub.add_parser("list", help="registered stage kinds with their config fields and defaults")
     rep = sub.add_parser("report", help="re-render the forgetting report of a run dir")
     rep.add_argument("run_dir")
@@ -302,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"run": _run, "stage": _run, "list": list_keys, "report": _report, "eval": _eval,
+    handlers = {"run": _run, "stage": _run, "merge": _merge, "list": list_keys, "report": _report, "eval": _eval,
                 "push": push_command}
-    if args.command in ("run", "stage"):
+    if args.command in ("run", "stage", "merge"):
         _quiet_libraries(args.verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

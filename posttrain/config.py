@@ -10,7 +10,9 @@ Checked at load, before any model loads: every `${...}` in a stage's config must
 local path (`/`, `./`, `../`, `~`) must exist; a bare name (no `/`) that is no world model or local folder is a
 hub name (`gpt2`) unless it is a typo of a world model's (`wrold`); a `dir/name` whose `dir/` is a local folder
 must exist too unless the hub cache holds it (the rules `resolve_model` applies; an `org/name` with no local
-`org/` is a hub name, never looked up here). A data source
+`org/` is a hub name, never looked up here). Offline (HF_HUB_OFFLINE), a pinned hub model (`org/name@rev`)
+must be in the hub cache at that revision, and a hub dataset's `revision:` must be the version datasets' cache
+holds (posttrain.hub_pins). A data source
 must not be a missing data file, a folder or a bare name close to a world task (`data.source_problem`).
 Unnamed stages are named by `stage_names` (the kind, then kind<i>, skipping names the user gave), for the run
 and for `--set`.
@@ -29,6 +31,7 @@ from evals.config import EvalConfig
 import posttrain.stages  # noqa: F401  (registers every stage kind)
 from posttrain.config_refs import STAGE_REF, model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
+from posttrain.hub_pins import dataset_pin_problem
 from posttrain.mixture import resolve_replays
 from posttrain.push import PushConfig
 from posttrain.registry import STAGES, RegistryError, did_you_mean
@@ -294,14 +297,16 @@ def load_pipeline(path: str | Path | None, sets: list[str] | None = None, data: 
         raise _blame_set(e, where, sets, raw.get("stages")) from None
 
 
-def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None) -> PipelineConfig:
-    """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage."""
+def stage_pipeline(kind: str, path: str | Path | None, sets: list[str] | None, base: dict | None = None,
+                   doc: dict | None = None) -> PipelineConfig:
+    """A one-stage pipeline for `posttrain stage <kind>`; `--set` paths are relative to the stage. ``doc``: the
+    stage config already read (`posttrain merge --from-mergekit` translates it from ``path``)."""
     try:
         spec = STAGES.get(kind)
     except RegistryError as e:
         raise ConfigError(str(e)) from None
     where = str(path) if path else f"<{kind} defaults>"
-    stage = read_yaml(path) if path else {}
+    stage = dict(doc) if doc is not None else read_yaml(path) if path else {}
     if "stages" in stage:
         raise ConfigError(f"{where}: stages: this is a pipeline file, not a stage config: run it with "
                           f"`posttrain run {where}`")
@@ -338,4 +343,7 @@ def _check_files(cfg: PipelineConfig, where: str, prefix: str = "stages[{i}].") 
             problem = source_problem(src)
             if problem is not None:
                 raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].source: {problem}")
+            problem = dataset_pin_problem(src.source, src.subset, src.revision) if src.revision else None
+            if problem is not None:  # offline, a pinned hub dataset that is not the version datasets would load
+                raise ConfigError(f"{where}: {prefix.format(i=i)}data[{j}].revision: {problem}")
     return cfg

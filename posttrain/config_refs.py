@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from posttrain.hub_pins import cached_pin_problem
 from posttrain.models import bare_name_problem, mistyped_folder
 from posttrain.registry import did_you_mean
 from posttrain.schema import dotted, unwrap
@@ -63,7 +64,8 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
     """The one-line problem with a model reference of `stage` (`model` and `other_inputs()`) that cannot exist:
     an empty one, an explicit local path (`/`, `./`, `../`, `~`) that is missing, a bare name (no `/`) that is a
     typo of a world model's or no hub name (`models.bare_name_problem`), or a `dir/name` whose `dir/` is a local
-    folder without `name` (and, for `org/name`, no such model in the hub cache: `models.mistyped_folder`); the
+    folder without `name` (and, for `org/name`, no such model in the hub cache: `models.mistyped_folder`), or a
+    hub name's `@revision` that is empty or, offline, not in the hub cache (`hub_pins.cached_pin_problem`); the
     rules `resolve_model` applies. Checks names, the filesystem and the hub cache only: builds no world model,
     asks no hub."""
 
@@ -83,7 +85,7 @@ def model_ref_problem(stage: Any, prefix: str = "") -> str | None:
             hint = did_you_mean(path.name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
             problem = f"model {ref!r} is not a folder (no such path){hint}"
         else:
-            problem = mistyped_folder(ref) or bare_name_problem(ref)
+            problem = mistyped_folder(ref) or bare_name_problem(ref) or cached_pin_problem(ref)
             if problem is None:
                 continue
         dumped = dumped if dumped is not None else list(_strings(stage.model_dump()))

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import Field, model_serializer, model_validator
 
 from posttrain import world  # through the module: tests replace task_file
+from posttrain.row_checks import check_preference, check_prompt, check_sft
+from posttrain.hub_pins import PinError, dataset_identity, load_hub_dataset, source_pin_problem
 from posttrain.mixture import check_share, sample_rows
 from posttrain.registry import did_you_mean
 from posttrain.schema import Strict
@@ -43,77 +45,26 @@ class DataSource(Strict):
     rows: int | None = Field(None, ge=1, description="sample this many rows, shuffled (over the source's upsamples)")
     on_bad_rows: Literal["error", "skip"] = "error"
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
+    revision: str | None = Field(None, min_length=1, description="hub dataset: branch, tag or commit (default main)")
+    streaming: bool = Field(False, description="hub dataset: read rows one at a time, only as many as are used")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
         # Left out while at its default: the field came after runs whose DONE hashes a stage's dumped config,
         # and a field every dump carries would have made every finished stage rerun.
-        out = handler(self)  # fraction and rows likewise, while unset
+        out = handler(self)  # fraction, rows, revision and streaming likewise, while unset
         if out.get("max_row_bytes") == MAX_ROW_BYTES:
             del out["max_row_bytes"]
-        return {k: v for k, v in out.items() if v is not None or k not in ("fraction", "rows")}
+        return {k: v for k, v in out.items() if v not in (None, False) or k not in ("fraction", "rows", "revision",
+                                                                                 "streaming")}
 
     @model_validator(mode="after")
     def _one_share(self) -> "DataSource":
         check_share(self.fraction, self.rows, "")
+        local = self.source in TASKS or Path(self.source).suffix in DATA_SUFFIXES or Path(self.source).exists()
+        if problem := source_pin_problem(self, local):
+            raise ValueError(problem)
         return self
-
-
-ROLES = {"system", "user", "assistant", "tool"}
-
-
-def _is_messages(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(m, dict) for m in v)
-
-
-def _check_messages(v: Any, field: str) -> str | None:
-    if not _is_messages(v):
-        return f"'{field}' must be a non-empty list of {{role, content}} messages"
-    for j, m in enumerate(v):
-        if m.get("role") not in ROLES:
-            return f"'{field}[{j}].role' must be one of {sorted(ROLES)}, got {m.get('role')!r}"
-        if not isinstance(m.get("content"), str):
-            return f"'{field}[{j}].content' must be a string"
-    return None
-
-
-def _check_text(row: dict, field: str, allow_messages: bool = True) -> str | None:
-    if field not in row or row[field] is None:
-        return f"missing column '{field}'"
-    v = row[field]
-    if allow_messages and isinstance(v, list):
-        return _check_messages(v, field)
-    if not isinstance(v, str):
-        return f"'{field}' must be a string, got {type(v).__name__}"
-    if not v.strip():
-        return f"'{field}' is empty"
-    return None
-
-
-def check_sft(row: dict) -> str | None:
-    if "messages" in row:
-        err = _check_messages(row["messages"], "messages")
-        if err:
-            return err
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
-            return "'messages' has no non-empty assistant turn"
-        return None
-    if "prompt" in row or "completion" in row:
-        return _check_text(row, "prompt") or _check_text(row, "completion")
-    return "missing column 'messages' (or 'prompt' and 'completion')"
-
-
-def check_preference(row: dict) -> str | None:
-    return _check_text(row, "prompt") or _check_text(row, "chosen") or _check_text(row, "rejected")
-
-
-def check_prompt(row: dict) -> str | None:
-    err = _check_text(row, "prompt")
-    if err:
-        return err
-    if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
-        return "missing column 'answer'" if "answer" not in row else "'answer' is empty"
-    return None
 
 
 CHECKS: dict[str, Callable[[dict], str | None]] = {"sft": check_sft, "preference": check_preference, "prompt": check_prompt}
@@ -201,13 +152,18 @@ def _open_source(src: DataSource, log: Callable[[str], None]) -> tuple[str, Iter
 
             return str(path), _iter_table(pq.read_table(path).to_pylist())
         raise DataError(f"{path}: unsupported data file type ({_SUFFIX_WORDS})")
-    from datasets import load_dataset
-
     try:
-        ds = load_dataset(src.source, src.subset, split=src.split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
-        raise DataError(f"dataset {src.source!r} (split {src.split!r}) could not be loaded: {str(e).splitlines()[0]}") from None
-    return f"{src.source}[{src.split}]", _iter_table(ds)
+        return f"{src.source}[{src.split}]", _iter_table(load_hub_dataset(src, log))
+    except PinError as e:
+        raise DataError(str(e)) from None
+
+
+def hub_identity(src: DataSource) -> str:
+    """What a hub data source is, for DONE: `hub:<name>@<commit a load reads now>:<subset>:<split>`."""
+    try:
+        return dataset_identity(src)
+    except PinError as e:
+        raise DataError(str(e)) from None
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:

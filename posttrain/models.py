@@ -1,11 +1,12 @@
 """Load and save Hugging Face model folders: safetensors only unless pickle is allowed, tokenizer, dtype.
 
 A model reference is one of: `world` (the embedded base), a named world model registered in WORLD_MODELS
-(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`;
-loaded by transformers from its cache; offline machines need it cached already). An `org/name` whose `org/` is
-a local folder counts as a hub name only when the hub cache holds it: otherwise it is a mistyped folder. A bare
-name that starts with `world` or is close to a world model's name (`wrold`) is a typo of it unless the hub
-cache holds it.
+(e.g. `world-sft`, built and cached on first use), a local folder, or a hub name (`org/name`, or a bare `gpt2`,
+either with an optional `@revision`), resolved to the hub cache's snapshot folder of the commit that revision
+points at now (posttrain.hub_pins; downloaded when the hub can be reached, else it must be cached already).
+An `org/name` whose `org/` is a local folder counts as a hub name only when the hub cache holds it: otherwise
+it is a mistyped folder. A bare name that starts with `world` or is close to a world model's name (`wrold`) is
+a typo of it unless the hub cache holds it.
 
 A folder whose config names its own code (`auto_map`) loads only with `trust_remote_code`, except when its
 `model_type` is one transformers has (Phi-3 as released): then transformers' own class loads it, as
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from posttrain.hub_pins import PinError, cached_pin_problem, model_snapshot, split_ref
 from posttrain.registry import WORLD_MODELS, did_you_mean
 from posttrain.tensors import ShardedReader
 
@@ -37,7 +39,9 @@ _TORCH_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
-    """Turn a reference into something `from_pretrained` takes: a local folder path or a hub name.
+    """Turn a reference into a local folder `from_pretrained` takes; a hub name (`org/name[@revision]`) into
+    its snapshot folder `.../snapshots/<commit>` (posttrain.hub_pins.model_snapshot), so that every reader of it
+    loads one commit, and DONE can name it.
 
     `models/llama_aa` has the shape of a hub name (`org/name`). When `models/` is a local folder and no hub model
     `models/llama_aa` is cached, it is far more likely a mistyped folder than a hub name, so it is refused here
@@ -50,17 +54,22 @@ def resolve_model(ref: str, log: Callable[[str], None] = print) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
-    problem = mistyped_folder(ref) or bare_name_problem(ref)
+    problem = mistyped_folder(ref) or bare_name_problem(ref) or cached_pin_problem(ref)
     if problem:
         raise ModelError(problem)
     if _hub_shaped(ref):
         if hub_cache_folder(ref) is None:
             hub_unreachable(ref)
-        return ref  # a hub name
+        try:  # the snapshot folder of the commit the revision points at now (posttrain.hub_pins)
+            return model_snapshot(ref, log)
+        except PinError as e:
+            raise ModelError(str(e)) from None
     raise ModelError(f"model {ref!r} is not a folder, a world model or a hub name (org/name or name)")
 
 
 def _hub_shaped(ref: str) -> bool:
+    """`org/name` or `name`, with or without `@revision`."""
+    ref = split_ref(ref)[0]
     return not ref.startswith(("world", ".", "/", "~")) and ref.count("/") <= 1 and _valid_repo_id(ref)
 
 
@@ -125,13 +134,14 @@ def hub_unreachable(name: str) -> None:
         raise ModelError(f"{where}, and the hub ({host}) cannot be reached: {e}") from None
 
 
-def hub_cache_folder(name: str) -> Path | None:
-    """The local snapshot folder of hub model `name` (its `main` revision) when its config.json is cached,
-    else None; never touches the network."""
+def hub_cache_folder(ref: str) -> Path | None:
+    """The local snapshot folder of hub model `ref` (`name`, its `main` revision, or `name@revision`) when its
+    config.json is cached, else None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
+    name, revision = split_ref(ref)
     try:
-        found = try_to_load_from_cache(name, "config.json")
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
     except ValueError:  # not a valid repo id (huggingface_hub's validation errors are ValueErrors)
         return None
     return Path(found).parent if isinstance(found, str) else None  # None, or the cached "no such file" marker

@@ -38,7 +38,8 @@ from evals.report import terminal_summary
 from evals.run_report import EvalGateMitigate, EvalGateStop, base_ref, keep_in_eval, reference_record
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
-from posttrain.data import check_source
+from posttrain.data import check_source, hub_identity
+from posttrain.hub_pins import snapshot_identity
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.progress import PipelineProgress
@@ -64,11 +65,14 @@ class PipelineError(RuntimeError):
 
 
 def _input_identity(ref: str, resolved: str, done_keys: dict[str, str]) -> str:
-    """What the stage's input *is*: a stage's DONE key, a folder's file hashes, or a hub name."""
+    """What the stage's input *is*: a stage's DONE key, a hub snapshot's `hub:<name>@<commit>`, a folder's file
+    hashes, or a hub name."""
     if ref in done_keys:
         return done_keys[ref]
     path = Path(resolved)
-    return sha256_json(hash_folder(path)) if path.is_dir() else f"hub:{resolved}"
+    if not path.is_dir():
+        return f"hub:{resolved}"
+    return snapshot_identity(path) or sha256_json(hash_folder(path))
 
 
 def _file_identity(path: str) -> str:
@@ -81,7 +85,7 @@ def _source_identity(src: Any) -> str:
     path = Path(src.source).expanduser()
     if src.source in TASKS:
         return f"world-{VERSION}:{src.source}:{src.split}"
-    return sha256_file(path) if path.is_file() else f"hub:{src.source}:{src.subset}:{src.split}"
+    return sha256_file(path) if path.is_file() else hub_identity(src)
 
 
 def _data_identity(stage: Any) -> list[Any]:

@@ -163,7 +163,7 @@ def render_card(run_dir: Path, name: str, repo: str) -> str:
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     kinds = sorted({s["kind"] for s in pipe["stages"] if s["name"] in ancestors(pipe, report, name)})
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["posttrain", *kinds]}
-    base = _base(pipe)
+    base = _base(pipe).split("@", 1)[0]  # a pinned hub model (org/name@rev): the hub links the card to org/name
     if _REPO.match(base) and not Path(base).expanduser().exists():  # a hub model: the hub links the card to it
         front["base_model"] = base
     out = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo.split('/')[-1]}", "",

@@ -248,3 +248,15 @@ def test_posttrain_stage_reaches_the_push_block_with_set():
 
     assert stage_pipeline("sft", None, ["push.repo=org/one", "push.private=true"]).push.model_dump() == \
         {"repo": "org/one", "stage": None, "private": True}
+
+
+def test_a_card_names_a_pinned_hub_base_without_its_revision(tmp_path):
+    """`model: org/name@rev` (a pinned hub model): the card's base_model is org/name, which the hub links."""
+    from posttrain.push import render_card
+
+    run_dir = tmp_path / "run"
+    (run_dir / "stages" / "01_sft" / "model").mkdir(parents=True)
+    (run_dir / "stages" / "01_sft" / "DONE").write_text("{}")
+    (run_dir / "pipeline.yaml").write_text("name: p\nstages:\n  - {name: sft, kind: sft, model: 'Qwen/Qwen2.5-0.5B@a1b2c3'}\n")
+    card = render_card(run_dir, "sft", "me/model")
+    assert "base_model: Qwen/Qwen2.5-0.5B\n" in card

@@ -456,7 +456,7 @@ def test_readme_lists_every_merge_method_with_its_parameters():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", readme, re.M))
-    stage_set = {"generator", "dtype", "scratch", "thresholds"}
+    stage_set = {"generator", "dtype", "scratch", "thresholds", "row_length", "stats"}
     for name in MERGE_METHODS.names():
         params = [p for p, v in inspect.signature(MERGE_METHODS.get(name)).parameters.items()
                   if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in stage_set]

@@ -99,7 +99,8 @@ def bf16_trio(tmp_path_factory):
 
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {"lam": 0.8}), ("ties", {"density": 0.3}),
                                             ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
-                                            ("linear", {})])
+                                            ("linear", {}), ("ties", {"density": [0.3, 0.6]}),
+                                            ("della", {"density": 0.5, "epsilon": 0.2})])
 @pytest.mark.parametrize("trio", ["merge_trio", "bf16_trio"])
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
 def test_sliced_merge_equals_the_whole_tensor_merge(request, tmp_path, monkeypatch, method, params, trio,
@@ -141,27 +142,28 @@ def test_slerp_gets_whole_tensors_and_interpolates_base_and_one_model(merge_trio
         stage_pipeline("merge", None, ["method=slerp", "params={t: 0.5}"])
 
 
+@pytest.mark.parametrize("density", [0.2, [0.2, 0.5]], ids=["one-density", "density-per-model"])
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["read-twice", "read-once"])
 @pytest.mark.parametrize("window", [-1.0, float("inf")], ids=["kth-above-window", "kth-below-window"])
 def test_ties_thresholds_are_exact_when_the_sample_window_misses(merge_trio, tmp_path, monkeypatch, cache_bytes,
-                                                                window):
+                                                                window, density):
     """A window that misses the k-th magnitude (below every |τ|, or above) sends each model through a second
     pass over the side the count points to; the merge is still the whole-tensor TIES, bit for bit."""
     from posttrain.merging import stream as merge_stream
 
     monkeypatch.setattr(merge_stream, "SLICE", 96)
     monkeypatch.setattr(merge_stream, "CACHE_BYTES", cache_bytes)
-    monkeypatch.setattr(merge_stream, "_windows", lambda src, q, row: [(window, window)] * len(src.active))
+    monkeypatch.setattr(merge_stream, "_windows", lambda src, active, qs, row: [(window, window)] * len(active))
     passes = []
     count_pass = merge_stream._count_pass
     monkeypatch.setattr(merge_stream, "_count_pass", lambda *a: passes.append(a[2]) or count_pass(*a))
     base, a, b = merge_trio
     out = merge(make_ctx(tmp_path), method="ties", base=str(base), models=models_((a, 1.0), (b, 1.0)),
-                params={"density": 0.2})
+                params={"density": density})
     assert any(len(w) == 1 for w in passes)  # second passes, one model at a time, ran
     got, tb, ta, tbb = load_tensors(out), load_tensors(base), load_tensors(a), load_tensors(b)
     for name in sorted(tb):
-        assert torch.equal(got[name], ties(tb[name], [ta[name], tbb[name]], [1.0, 1.0], density=0.2)), name
+        assert torch.equal(got[name], ties(tb[name], [ta[name], tbb[name]], [1.0, 1.0], density=density)), name
 
 
 def test_output_loads_and_has_the_base_config_and_tokenizer(merge_trio, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import posttrain.hub_pins
 import posttrain.stages  # noqa: F401
 import posttrain.stages.trl_run as trl_run
 from posttrain.config import ConfigError, load_pipeline
@@ -172,11 +173,28 @@ def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
         resolve_model("Qwen/Qwen2.5-0.5B")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])  # a reachable hub: left to transformers
-    assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # no local Qwen/: a hub name
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])  # a reachable hub: asked for the snapshot
+    fetched = []  # huggingface_hub's boundary: the commit main points at, downloaded (weights: safetensors)
+    snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / ("c" * 40)
+
+    def download(name, revision=None, allow_patterns=None, ignore_patterns=None):
+        fetched.append((name, revision, "*.safetensors" in allow_patterns, "*.bin" in allow_patterns))
+        assert "*/*" in ignore_patterns  # no subfolder: from_pretrained reads none (`original/` weights)
+        snap.mkdir(parents=True, exist_ok=True)
+        return str(snap)
+
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(posttrain.hub_pins, "_ONLINE", {})  # what this process asked the hub: nothing yet
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_model("Qwen/Qwen2.5-0.5B") == str(snap)  # no local Qwen/: a hub name, at a commit
+    # No safetensors in it: pickles are fetched too, at the same commit (check_weights refuses them unasked).
+    assert fetched == [("Qwen/Qwen2.5-0.5B", None, True, False), ("Qwen/Qwen2.5-0.5B", "c" * 40, True, True)]
+    assert resolve_model("Qwen/Qwen2.5-0.5B") == str(snap) and len(fetched) == 2  # asked once per process
     (tmp_path / "models").mkdir()
     snapshot = _cache_hub_model(tmp_path / "hub", "models/cached")
-    assert resolve_model("models/cached") == "models/cached"  # a local models/ too, but the hub has it cached
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", real)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model("models/cached") == str(snapshot)  # a local models/ too, but the hub has it cached
     make_tiny_llama(snapshot, dtype=torch.bfloat16, tokenizer=False)
     assert saved_dtype("models/cached") == "bfloat16"  # and its dtype is read from the cache
 
@@ -193,8 +211,9 @@ def test_bare_hub_names_resolve_and_train_from_the_hub_cache(tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    make_tiny("gpt2", _cache_hub_model(tmp_path / "hub", "gpt2"))
-    assert resolve_model("gpt2") == "gpt2"
+    snapshot = _cache_hub_model(tmp_path / "hub", "gpt2")
+    make_tiny("gpt2", snapshot)
+    assert resolve_model("gpt2") == str(snapshot)  # the snapshot folder of the commit main points at
     run_dir = tmp_path / "run"
     cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
         {"kind": "sft", "model": "gpt2", "data": [{"source": "arithmetic", "limit": 4}], "trainer": TINY}]})
@@ -208,8 +227,8 @@ def test_bare_hub_names_resolve_and_train_from_the_hub_cache(tmp_path, monkeypat
             load_pipeline(None, data={"stages": [{"kind": "sft", "model": ref}]})
     with pytest.raises(ModelError, match=r"^model 'my model' is not a folder, a world model or a hub name"):
         resolve_model("my model", log=lambda m: None)
-    _cache_hub_model(tmp_path / "hub", "wrold")  # a hub model of that name, downloaded: it is one
-    assert resolve_model("wrold") == "wrold"
+    snapshot = _cache_hub_model(tmp_path / "hub", "wrold")  # a hub model of that name, downloaded: it is one
+    assert resolve_model("wrold") == str(snapshot)
 
 
 # ---- a trainable regex that matches nothing is a config error (exit 2) --------------------------------------------

@@ -20,8 +20,13 @@ Task-vector methods (everything except ``linear`` and ``slerp``) work on τ_i = 
 coefficient of 0 gives the base back bit for bit and a zero-weight model neither votes in a sign election
 nor draws from the random generator.
 
+A method's ``density`` (and DELLA's ``epsilon``, Breadcrumbs' ``beta``/``gamma``) is one number for every
+model or a list with one per model, as mergekit's per-model ``parameters:``. The sign-electing methods (TIES,
+DARE-TIES, DELLA) take ``normalize``: what the disjoint sum is divided by (posttrain.merging.ops.sign_consensus).
+
 Libraries checked: ``peft.utils.merge_utils`` (0.21) and mergekit's ``generalized_task_arithmetic.py``,
-``sparsify.py`` and ``slerp.py``. TIES steps 2-3 give peft's bits (posttrain.merging.ops.sign_consensus).
+``sparsify.py``, ``slerp.py`` and ``model_stock.py``. TIES steps 2-3 give peft's bits
+(posttrain.merging.ops.sign_consensus).
 Adding a method is one function here: ``@merge_method(name, streaming)`` on ``fn``; its keyword-only
 parameters are the method's ``params:`` in a merge stage's config.
 """
@@ -33,11 +38,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from posttrain.merging.ops import (SLICES, TRIM, WHOLE, Scratch, base_copy, check_fraction, check_tensors, count_of,
-                                   drop_, drop_outliers, empty, generators_for, merge_method, per_model, rebase,
+from posttrain.merging.ops import (ROWS, SLICES, STATS, TRIM, WHOLE, Scratch, base_copy, check_fraction,
+                                   check_normalize, check_tensors, count_of, drop_, drop_outliers, empty,
+                                   generators_for, magprune_, merge_method, per_model, per_model_values, rebase,
                                    sign_consensus, task_vectors, trim_, weighted_sum, work_dtype)
 
-__all__ = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "slerp"]
+__all__ = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "slerp", "model_stock",
+           "della"]
+
+Fraction = float | list[float]  # one value for every model, or one per model (a list as long as `models:`)
+
+
+def fractions(value: Fraction, weights: list[float], what: str) -> list[float]:
+    """``value`` for each model with nonzero weight, every given value checked to lie in [0, 1]."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        check_fraction(what, float(v))
+    return per_model_values(value, weights, what)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -116,28 +132,31 @@ def ties(
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
     thresholds: list[float] | None = None,
-    density: float = 0.2,
+    density: Fraction = 0.2,
     lam: float = 1.0,
+    normalize: str = "count",
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim each τ_i to its top-``density`` magnitudes, elect a sign per
     entry by total magnitude, take the disjoint mean of the agreeing entries, return θ_base + lam · τ_m.
 
     Departure: the paper has no per-model weights. Here TIES runs on the weighted vectors w_i·τ_i (weights
     all 1 is the paper). peft elects the sign on the unweighted vectors; mergekit divides by Σ w_i over the
-    agreeing models instead of their count. Trimming is per tensor, the paper trims the whole task vector;
-    magnitudes tied with the k-th largest are all kept (see :func:`trim_magnitude`). ``thresholds`` (one per
-    model; set by the stage, not by users) are the trim magnitudes of the whole tensor when ``base`` and
-    ``tensors`` are slices of it; None computes them from the tensors given.
+    agreeing models instead of their count (``normalize="weights"``; ``"none"`` divides by nothing). Trimming
+    is per tensor, the paper trims the whole task vector; magnitudes tied with the k-th largest are all kept
+    (see :func:`trim_magnitude`). ``density`` may be one per model. ``thresholds`` (one per model; set by the
+    stage, not by users) are the trim magnitudes of the whole tensor when ``base`` and ``tensors`` are slices
+    of it; None computes them from the tensors given.
     """
     del generator
-    check_fraction("density", density)
+    dens = fractions(density, weights, "density")
+    check_normalize(normalize)
     b, taus, ws = task_vectors(base, tensors, weights, dtype, scratch)
     if not taus or lam == 0:
         return base_copy(base, dtype)
-    if density < 1.0:
-        for tau, limit in zip(taus, per_model(thresholds, weights, "thresholds")):
-            trim_(tau, density, limit, scratch)
-    return rebase(b, lam, sign_consensus(taus, ws, scratch))
+    for tau, d, limit in zip(taus, dens, per_model(thresholds, weights, "thresholds")):
+        if d < 1.0:
+            trim_(tau, d, limit, scratch)
+    return rebase(b, lam, sign_consensus(taus, ws, scratch, normalize))
 
 
 @merge_method("dare_linear", SLICES)
@@ -149,21 +168,21 @@ def dare_linear(
     generator: torch.Generator | np.random.Generator | list | None = None,
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
-    density: float = 0.1,
+    density: Fraction = 0.1,
     lam: float = 1.0,
 ) -> Tensor:
     """DARE then task arithmetic (Yu et al. 2024, "Language Models are Super Mario"): each τ_i loses every
     entry with probability 1 − ``density`` and the rest are scaled by 1/``density``; then
     θ = θ_base + lam · Σ w_i τ̃_i. ``density=1`` is exactly task arithmetic. Pass a seeded ``generator`` (or
     one per model) for reproducible merges; the masks are drawn per tensor, in model order."""
-    check_fraction("density", density)
-    if density >= 1.0:  # nothing dropped, no random numbers drawn: task arithmetic, bit for bit
+    dens = fractions(density, weights, "density")
+    if all(d >= 1.0 for d in dens):  # nothing dropped, no random numbers drawn: task arithmetic, bit for bit
         return task_arithmetic(base, tensors, weights, dtype=dtype, scratch=scratch, lam=lam)
     gens = generators_for(generator, weights)
     b, taus, ws = task_vectors(base, tensors, weights, dtype, scratch)
     if not taus or lam == 0:
         return base_copy(base, dtype)
-    dropped = [drop_(tau, density, g, scratch) for tau, g in zip(taus, gens)]
+    dropped = [tau if d >= 1.0 else drop_(tau, d, g, scratch) for tau, d, g in zip(taus, dens, gens)]
     return rebase(b, lam, weighted_sum(dropped, ws, scratch))
 
 
@@ -176,23 +195,25 @@ def dare_ties(
     generator: torch.Generator | np.random.Generator | list | None = None,
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
-    density: float = 0.1,
+    density: Fraction = 0.1,
     lam: float = 1.0,
+    normalize: str = "count",
 ) -> Tensor:
     """DARE then TIES sign election and disjoint mean (Yu et al. 2024, the DARE + TIES-Merging setting).
 
     DARE's random drop replaces TIES's magnitude trim (as in mergekit and peft); the sign election and the
     disjoint mean run on w_i·τ̃_i, as in :func:`ties`.
     """
-    check_fraction("density", density)
+    dens = fractions(density, weights, "density")
+    check_normalize(normalize)
     gens = generators_for(generator, weights)
     b, taus, ws = task_vectors(base, tensors, weights, dtype, scratch)
     if not taus or lam == 0:
         return base_copy(base, dtype)
-    if density < 1.0:
-        for tau, g in zip(taus, gens):
-            drop_(tau, density, g, scratch)
-    return rebase(b, lam, sign_consensus(taus, ws, scratch))
+    for tau, d, g in zip(taus, dens, gens):
+        if d < 1.0:
+            drop_(tau, d, g, scratch)
+    return rebase(b, lam, sign_consensus(taus, ws, scratch, normalize))
 
 
 @merge_method("breadcrumbs", WHOLE)
@@ -204,8 +225,8 @@ def breadcrumbs(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     scratch: Scratch | None = None,
-    beta: float = 0.01,
-    gamma: float = 0.9,
+    beta: Fraction = 0.01,
+    gamma: Fraction = 0.9,
     lam: float = 1.0,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): in each τ_i zero the ``beta`` fraction of largest and the
@@ -217,14 +238,13 @@ def breadcrumbs(
     """
     del generator
     check_tensors(base, tensors, weights, needs_base=True)
-    check_fraction("beta", beta)
-    check_fraction("gamma", gamma)
-    if count_of(beta, base.numel()) == 0 and count_of(gamma, base.numel()) == 0:
+    betas, gammas = fractions(beta, weights, "beta"), fractions(gamma, weights, "gamma")
+    if all(count_of(x, base.numel()) == 0 for x in betas + gammas):
         return task_arithmetic(base, tensors, weights, dtype=dtype, lam=lam)  # nothing masked: the same bits
     b, taus, ws = task_vectors(base, tensors, weights, dtype, scratch)
     if not taus or lam == 0:
         return base_copy(base, dtype)
-    masked = [drop_outliers(tau, beta, gamma) for tau in taus]
+    masked = [drop_outliers(tau, bt, gm) for tau, bt, gm in zip(taus, betas, gammas)]
     return rebase(b, lam, weighted_sum(masked, ws, scratch))
 
 
@@ -266,3 +286,106 @@ def slerp(
 
 
 _EPS, _PARALLEL = 1e-8, 0.9995  # mergekit's eps and DOT_THRESHOLD
+
+
+def _gram(base: Tensor, tensors: list[Tensor], weights: list[float], dtype: torch.dtype,
+          scratch: Scratch | None = None) -> np.ndarray:
+    """model_stock's statistic of a slice: G[i, j] = Σ τ_i·τ_j over its entries, for the models with nonzero
+    weight (k × k, float64; each slice's dots in the work dtype). Sums over slices give the whole tensor's."""
+    _, taus, _ = task_vectors(base, tensors, weights, dtype, scratch)
+    gram = np.zeros((len(taus), len(taus)))
+    for i, a in enumerate(taus):
+        for j in range(i, len(taus)):
+            gram[i, j] = gram[j, i] = float(torch.dot(a.reshape(-1), taus[j].reshape(-1)))
+    return gram
+
+
+def stock_ratio(gram: np.ndarray) -> float:
+    """Model Stock's t = k·cos θ / (1 + (k − 1)·cos θ), cos θ the mean of the pairwise cosines of the k task
+    vectors (mergekit's reading of the paper, which defines θ for two models; a norm product below 1e-6 counts
+    as 1e-6 and each cosine is clipped to [−1, 1], as mergekit)."""
+    k = gram.shape[0]
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    cos = [min(1.0, max(-1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i in range(k) for j in range(i + 1, k)]
+    c = math.fsum(cos) / len(cos)
+    return k * c / (1.0 + (k - 1) * c)
+
+
+@merge_method("model_stock", STATS, stats=_gram)
+def model_stock(
+    base: Tensor | None,
+    tensors: list[Tensor],
+    weights: list[float],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None,
+    stats: np.ndarray | None = None,
+) -> Tensor:
+    """Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models"): per tensor,
+    θ = t·mean(θ_i) + (1 − t)·θ_base with t = k·cos θ / (1 + (k − 1)·cos θ) from the angle between the task
+    vectors τ_i = θ_i − θ_base (:func:`stock_ratio`). Needs k ≥ 2 models.
+
+    ``stats`` (set by the stage, not by users) is the Gram matrix of the whole tensor's task vectors, summed
+    over its slices in a first pass (:func:`_gram`); None computes it from the tensors given. Departures: the
+    paper works per layer and defines θ for two models; as mergekit, here it is per tensor and cos θ is the
+    mean pairwise cosine. Weights are not coefficients (t is): each is 1, or 0 to leave a model out.
+    """
+    del generator
+    check_tensors(base, tensors, weights, needs_base=True)
+    if any(float(w) not in (0.0, 1.0) for w in weights):
+        raise ValueError(f"model_stock takes no weights (t comes from the angle): give 1, or 0 to leave a model "
+                         f"out; got {list(weights)}")
+    kept = [t for t, w in zip(tensors, weights) if float(w) != 0.0]
+    if len(kept) < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models (with weight 1), got {len(kept)}")
+    t = stock_ratio(stats if stats is not None else _gram(base, tensors, weights, dtype))
+    out = empty(scratch, "sum", base, work_dtype(dtype)).copy_(kept[0])
+    for x in kept[1:]:
+        out.add_(x)
+    return out.div_(len(kept)).mul_(t).add_(base, alpha=1.0 - t)  # mergekit's order: t·mean + (1 − t)·base
+
+
+@merge_method("della", ROWS)
+def della(
+    base: Tensor | None,
+    tensors: list[Tensor],
+    weights: list[float],
+    *,
+    generator: torch.Generator | np.random.Generator | list | None = None,
+    dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None,
+    row_length: int | None = None,
+    density: Fraction = 0.5,
+    epsilon: float | list[float] = 0.15,
+    lam: float = 1.0,
+    normalize: str = "count",
+) -> Tensor:
+    """DELLA-Merging (Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling"): MagPrune each τ_i (:func:`posttrain.merging.ops.magprune_`: keep probabilities
+    from density − ε for the smallest magnitude of a row to density + ε for the largest, survivors scaled by
+    1/keep probability), then TIES's sign election and disjoint mean (on w_i·τ̃_i, as :func:`ties`), and
+    θ_base + lam · τ_m. ``density`` ≥ 1 prunes nothing (no draws); ``epsilon`` 0 is DARE-TIES bit for bit.
+
+    ``row_length`` (set by the stage, which cuts slices at row boundaries): the length of the rows magnitudes
+    are ranked in; None: the last dimension of ``base`` (a 1-D tensor is one row). Parameters as mergekit's
+    ``della``, whose ``normalize: true`` is ``normalize: weights`` here.
+    """
+    check_normalize(normalize)
+    dens, eps = fractions(density, weights, "density"), per_model_values(epsilon, weights, "epsilon")
+    for d, e in zip(dens, eps):  # mergekit's condition: every keep probability in (0, 1)
+        if e < 0 or (0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0)):
+            raise ValueError(f"epsilon {e} with density {d}: density ± epsilon must lie in (0, 1)")
+    gens = generators_for(generator, weights)
+    b, taus, ws = task_vectors(base, tensors, weights, dtype, scratch)
+    row = row_length or (base.shape[-1] if base.dim() >= 2 else base.numel())
+    if row < 1 or base.numel() % row:
+        raise ValueError(f"row_length {row} does not divide the {base.numel()} entries")
+    if not taus or lam == 0:
+        return base_copy(base, dtype)
+    for tau, d, e, g in zip(taus, dens, eps, gens):
+        if d <= 0.0:
+            tau.zero_()
+        elif d < 1.0:
+            magprune_(tau, row, d, e, g, scratch)
+    return rebase(b, lam, sign_consensus(taus, ws, scratch, normalize))

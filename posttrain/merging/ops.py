@@ -8,6 +8,11 @@ A method declares at registration how the stream may cut a tensor for it (`merge
 - ``SLICES``: any slice gives the bits the whole tensor would (elementwise math, one random stream per model);
 - ``TRIM``: as SLICES once each model's trim threshold over the whole tensor (the k-th largest |τ| at the
   method's ``density``) is known; the stream computes the thresholds and passes them as ``thresholds``;
+- ``ROWS``: as SLICES, but a slice holds whole rows (the last dimension; a 1-D tensor is one row): DELLA ranks
+  magnitudes within each row. The stream passes the row length as ``row_length``;
+- ``STATS``: as SLICES once statistics of the whole tensor are known: the method's ``stats`` function (given
+  at registration) maps a slice to an array that adds up over slices; the stream sums it over the tensor in a
+  first pass and passes the sum as ``stats`` (model_stock: the Gram matrix of the task vectors);
 - ``WHOLE``: the method needs the whole tensor at once (a norm, an angle, ranks of magnitudes).
 """
 from __future__ import annotations
@@ -21,16 +26,21 @@ from torch import Tensor
 
 from posttrain.registry import MERGE_METHODS
 
-SLICES, TRIM, WHOLE = "slices", "trim", "whole"
+SLICES, TRIM, ROWS, STATS, WHOLE = "slices", "trim", "rows", "stats", "whole"
+STREAMING = (SLICES, TRIM, ROWS, STATS, WHOLE)
 
 
-def merge_method(name: str, streaming: str) -> Callable[[Callable], Callable]:
-    """Register a merge method under ``name`` with how the stream may cut its tensors (SLICES, TRIM, WHOLE)."""
-    if streaming not in (SLICES, TRIM, WHOLE):
-        raise ValueError(f"merge method {name!r}: streaming must be {SLICES}, {TRIM} or {WHOLE}, got {streaming!r}")
+def merge_method(name: str, streaming: str, stats: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Register a merge method under ``name`` with how the stream may cut its tensors (one of STREAMING);
+    a STATS method gives its ``stats(base, tensors, weights, dtype) -> np.ndarray`` function too."""
+    if streaming not in STREAMING:
+        raise ValueError(f"merge method {name!r}: streaming must be one of {', '.join(STREAMING)}, got {streaming!r}")
+    if (streaming == STATS) != (stats is not None):
+        raise ValueError(f"merge method {name!r}: a stats function goes with {STATS} streaming, and only with it")
 
     def deco(fn: Callable) -> Callable:
         fn.streaming = streaming  # type: ignore[attr-defined]
+        fn.stats = stats  # type: ignore[attr-defined]
         return MERGE_METHODS.register(name, fn)
 
     return deco
@@ -107,6 +117,18 @@ def per_model(values: list | None, weights: list[float], what: str) -> list:
         return [None] * sum(float(w) != 0.0 for w in weights)
     if len(values) != len(weights):
         raise ValueError(f"{len(values)} {what} but {len(weights)} models")
+    return [v for v, w in zip(values, weights) if float(w) != 0.0]
+
+
+def per_model_values(value: float | list[float], weights: list[float], what: str) -> list[float]:
+    """A method parameter given once (a number, for every model) or per model (a list, one value per entry of
+    ``models:``, as mergekit's per-model ``parameters:``), for the models with nonzero weight."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(weights):
+            raise ValueError(f"params.{what}: {len(value)} values but {len(weights)} models (one per model)")
+        values = [float(v) for v in value]
+    else:
+        values = [float(value)] * len(weights)
     return [v for v, w in zip(values, weights) if float(w) != 0.0]
 
 
@@ -202,6 +224,51 @@ def _uniform(like: Tensor, generator: torch.Generator | np.random.Generator | No
     return torch.rand(like.shape, generator=generator, dtype=like.dtype, out=out)
 
 
+def magprune_(tau: Tensor, row_length: int, density: float, epsilon: float, generator: Any,
+              scratch: Scratch | None) -> Tensor:
+    """DELLA's MagPrune (Deep et al. 2024), in place, in mergekit's parameters: within each row (``row_length``
+    consecutive entries) the entry of magnitude rank r (0 for the smallest, stable: ties by position) is kept
+    with probability k_r = density − ε + 2ε·r/(n − 1) (n the row length; density for a row of one entry) and
+    a kept entry is scaled by 1/k_r, so its expected value is unchanged (the paper's 1/(1 − p_i), p_i = 1 − k_r
+    the drop probability). One uniform draw per entry, in order, as DARE's (:func:`drop_`): a stream cut at
+    row boundaries draws what the whole tensor would.
+
+    Departures: the paper's ε is the width of the drop probabilities' range, mergekit's (followed here) the
+    half-width; mergekit 0.1's ``rescale`` matches the L1 norm of the kept entries instead of 1/k_r (its
+    first DELLA version, by the paper's authors, divided by k_r as here), and its ranks break ties in
+    magnitude in an unspecified order.
+    """
+    keep_p = row_ranks(tau.abs(), row_length)
+    if row_length > 1:
+        keep_p.mul_(2.0 * epsilon / (row_length - 1)).add_(density - epsilon)
+    else:
+        keep_p.fill_(density)
+    keep_p = keep_p.view(tau.shape)
+    r = _uniform(tau, generator, empty(scratch, "rand", tau, tau.dtype))
+    keep = torch.sub(keep_p, r, out=r).sign_().clamp_(min=0.0)  # 1.0 where r < k (as drop_), else 0.0
+    return tau.mul_(keep).div_(keep_p)
+
+
+def row_ranks(mag: Tensor, row_length: int) -> Tensor:
+    """The rank of each entry of ``mag`` (≥ 0) within its row of ``row_length``: 0 for the smallest, ties in
+    the order of position (a stable sort), as floats of ``mag``'s dtype, shaped [rows, row_length].
+
+    float32 sorts keys (the value's bits, which order non-negative floats as their values, above the position)
+    with numpy's vectorised int64 sort instead of a stable argsort: the same order (the keys are unique) in a
+    fifth of the time (docs/notes/merging.md)."""
+    rows = mag.reshape(-1, row_length)
+    if rows.dtype == torch.float32:
+        keys = rows.numpy().view(np.int32).astype(np.int64)
+        keys <<= 32
+        keys |= np.arange(row_length, dtype=np.int64)
+        keys.sort(axis=1)
+        order = torch.from_numpy(keys.__iand__(0xFFFFFFFF))
+    else:
+        order = torch.argsort(rows, dim=1, stable=True)
+    ranks = torch.arange(row_length, dtype=rows.dtype).expand_as(order)
+    return torch.empty_like(rows).scatter_(1, order, ranks)
+
+
 def drop_outliers(tau: Tensor, beta: float, gamma: float) -> Tensor:
     """Model Breadcrumbs mask (Davari & Belilovsky 2024): zero the ``beta`` fraction of entries with the
     largest magnitude and the ``gamma`` fraction with the smallest; keep the middle.
@@ -232,10 +299,23 @@ def weighted_sum(taus: list[Tensor], weights: list[float], scratch: Scratch | No
     return out
 
 
-def sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch | None = None) -> Tensor:
+NORMALIZE = ("count", "weights", "none")
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+
+
+def sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch | None = None,
+                   normalize: str = "count") -> Tensor:
     """TIES steps 2-3 on the weighted task vectors w_i·τ_i: elect the sign with the larger total magnitude,
     then average the entries that agree with it (zeros, i.e. trimmed or dropped entries, never count).
     Scales the given ``taus`` in place (callers pass their own).
+
+    ``normalize`` says what the sum of the agreeing w_i·τ_i is divided by: ``count``, the number of agreeing
+    models (the paper's disjoint mean, peft); ``weights``, the sum of their weights (mergekit's
+    ``normalize: true``; a sum of 0 divides by 1); ``none``, nothing (mergekit's ``normalize: false``).
 
     peft's arithmetic, model by model: Σ from a +0 accumulator is ``stacked.sum(0)`` bit for bit for up to 4
     models (checked; with 5 or more torch's reduction regroups the terms, so the stacked sum is used there).
@@ -264,12 +344,20 @@ def sign_consensus(taus: list[Tensor], weights: list[float], scratch: Scratch | 
             torch.mul(x, a, out=mixed)
         else:
             mixed.addcmul_(x, a)  # x·a is exact (a is 0 or 1): one rounding, as in mixed + x·a
-        if i > 0:
+        if normalize == "weights" and i == 0:  # count holds Σ w_i of the agreeing models (a is 0 or 1)
+            count.mul_(weights[0])
+        elif normalize == "weights":
+            count.add_(a, alpha=weights[i])
+        elif i > 0:
             count.add_(a)
     if len(xs) > 4:
         torch.sum(torch.stack(xs, dim=0), dim=0, out=mixed)
     else:  # peft sums from +0: + 0.0 turns a -0.0 (no model agrees, x0 < 0) into its +0.0; all else is equal
         mixed.add_(0.0)
+    if normalize == "none":
+        return mixed
+    if normalize == "weights":
+        return mixed.div_(count.masked_fill_(count == 0, 1.0))  # mergekit: a divisor of 0 becomes 1
     return mixed.div_(count.clamp_(min=1.0))
 
 

@@ -13,9 +13,14 @@ How a tensor is cut is what its method declared at registration (posttrain.mergi
   * ``TRIM`` (TIES): each model's trim threshold (the k-th largest |τ_i| of the whole tensor, exact) is found
     first by :func:`trim_thresholds`, then passed with every slice. That reads every slice twice, so a tensor
     whose inputs fit CACHE_BYTES is read once, whole;
+  * ``ROWS`` (DELLA): slices of whole rows (as many as fit SLICE, at least one), the row length passed as
+    ``row_length``; the generators draw as for DARE, so slicing leaves DELLA's masks alone too;
+  * ``STATS`` (model_stock): a first pass sums the method's ``stats`` over SLICE-sized slices (the Gram matrix
+    of the task vectors), then every slice is merged with the sum. Read once, whole, under CACHE_BYTES;
   * ``WHOLE`` (Breadcrumbs, SLERP): the whole tensor at once.
 
-Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it). The
+Slicing gives the same bits as merging the whole tensor at once (tests/test_merge_stage.py checks it), except
+for STATS, whose float sums over slices round as the slices fall (the same bits for a tensor of one slice). The
 measurements behind SLICE, SAMPLE and CACHE_BYTES: docs/notes/merging.md.
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor
 
 from posttrain.merging.compat import coefficients_for
-from posttrain.merging.ops import SLICES, TRIM, Scratch, count_of, kth_largest, work_dtype
+from posttrain.merging.ops import ROWS, SLICES, STATS, TRIM, Scratch, count_of, kth_largest, work_dtype
 from posttrain.merging.search import Coefficients
 from posttrain.tensor_writer import ShardedWriter
 from posttrain.tensors import INDEX_FILE, ShardedReader
@@ -138,23 +143,38 @@ def write_tensor(plan: MergePlan, name: str, weights: list[float], gens: list[np
     kwargs: dict[str, Any] = dict(generator=gens, dtype=plan.dtype, scratch=scratch, **plan.params)
     base_arg = (lambda b: b) if plan.base is not None else (lambda b: None)
     streaming = plan.fn.streaming
-    if streaming not in (SLICES, TRIM):
+    if streaming not in (SLICES, TRIM, ROWS, STATS):
         src = _Source(plan, name, weights, scratch, whole=False)
         base, tensors = src.read(0, n)
         merged = plan.fn(base_arg(base), tensors, weights, **kwargs)
         writer.add(name, merged.to(dtype).reshape(ref.shape(name)))
         return
-    density = kwargs.get("density", _default(plan.fn, "density")) if streaming == TRIM else 1.0
-    two_passes = n > SLICE and density < 1.0
-    # TRIM reads every slice twice (thresholds, then merge): a tensor that fits CACHE_BYTES is read once.
+    step = SLICE
+    if streaming == ROWS:  # whole rows per slice: the last dimension (a 1-D tensor is one row)
+        shape = ref.shape(name)
+        kwargs["row_length"] = row = shape[-1] if len(shape) >= 2 and shape[-1] > 0 else max(n, 1)
+        step = max(1, SLICE // row) * row
+    densities = _densities(plan, kwargs, len(weights)) if streaming == TRIM else [1.0]
+    two_passes = (n > SLICE and min(densities) < 1.0) or streaming == STATS
+    # TRIM and STATS read every slice twice (a first pass, then the merge): a tensor that fits CACHE_BYTES is
+    # read once, whole.
     src = _Source(plan, name, weights, scratch, whole=two_passes and src_bytes(plan, name) <= CACHE_BYTES)
-    if two_passes:
-        kwargs["thresholds"] = trim_thresholds(plan, src, density, scratch)
-    for start in range(0, n, SLICE):
-        stop = min(n, start + SLICE)
+    if two_passes and streaming == TRIM:
+        kwargs["thresholds"] = trim_thresholds(plan, src, densities, scratch)
+    if streaming == STATS and n > 0:
+        kwargs["stats"] = sum(plan.fn.stats(base_arg(b), ts, weights, plan.dtype, scratch)
+                              for b, ts in (src.slice(a, min(n, a + SLICE)) for a in range(0, n, SLICE)))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         base, tensors = src.slice(start, stop)
         merged = plan.fn(base_arg(base), tensors, weights, **kwargs)
         writer.add_flat(name, start, merged.to(dtype))
+
+
+def _densities(plan: MergePlan, kwargs: dict[str, Any], n_models: int) -> list[float]:
+    """A TRIM method's ``density``, one per model (a number given once applies to every model)."""
+    density = kwargs.get("density", _default(plan.fn, "density"))
+    return [float(d) for d in density] if isinstance(density, (list, tuple)) else [float(density)] * n_models
 
 
 def _default(fn: Callable, param: str) -> Any:
@@ -194,8 +214,9 @@ class _Source:
         """Views valid until the next call: slice buffers reused for every slice of every tensor."""
         if self.whole is not None:
             return self._views(start, stop)
+        size = (max(SLICE, stop - start),)  # ROWS slices may hold more: one row longer than SLICE
         return _base_for_missing([
-            r.read_flat(self.name, start, stop, out=self.scratch.take(f"in:{i}", (SLICE,), self.dtype))
+            r.read_flat(self.name, start, stop, out=self.scratch.take(f"in:{i}", size, self.dtype))
             if r is not None else None for i, r in enumerate(self.readers)])
 
     def _views(self, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
@@ -208,7 +229,7 @@ def _base_for_missing(got: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
     return got[0], [g if g is not None else got[0] for g in got[1:]]
 
 
-def trim_thresholds(plan: MergePlan, src: _Source, density: float, scratch: Scratch) -> list[float]:
+def trim_thresholds(plan: MergePlan, src: _Source, densities: list[float], scratch: Scratch) -> list[float]:
     """TIES's trim threshold for each model (the ``floor(density·n)``-th largest |θ_i − θ_base| of the whole
     tensor, exactly; see ``posttrain.merging.ops.trim_threshold``) without holding the tensor.
 
@@ -218,29 +239,33 @@ def trim_thresholds(plan: MergePlan, src: _Source, density: float, scratch: Scra
     the (k − above)-th largest of the window's entries. If the sample misled, the count says on which side of
     the window the k-th value lies, and a second pass keeps every entry on that side (up to 80% of the
     tensor's entries, for one model): slower, never inexact. Zero-weight models get ``inf`` (they are left
-    out before any math).
+    out before any math), and so do models with density 1 (not trimmed) or k = 0 (nothing kept).
+    ``densities``: one per model.
     """
-    k = count_of(density, src.n)
-    limits = [math.inf] * (len(src.readers) - 1)  # k == 0: nothing kept
-    if k == 0 or not src.active:
+    limits = [math.inf] * (len(src.readers) - 1)
+    ks = {i: count_of(densities[i], src.n) for i in src.active if densities[i] < 1.0}
+    todo = [i for i, k in ks.items() if k > 0]
+    if not todo:
         return limits
-    windows = _windows(src, k / src.n, plan.ref.shape(src.name)[-1] if plan.ref.shape(src.name) else 1)
-    above, inside = _count_pass(src, src.active, windows, scratch)
-    for j, i in enumerate(src.active):
-        need, cands = k - above[j], inside[j]
+    shape = plan.ref.shape(src.name)
+    windows = _windows(src, todo, [ks[i] / src.n for i in todo], shape[-1] if shape else 1)
+    above, inside = _count_pass(src, todo, windows, scratch)
+    for j, i in enumerate(todo):
+        need, cands = ks[i] - above[j], inside[j]
         if not 1 <= need <= cands.size:  # the window missed: keep every entry on the side of the k-th
             lo, hi = windows[j]
             side = (float(np.nextafter(src.np_work(hi), np.inf)), math.inf) if need < 1 else \
                 (-math.inf, float(np.nextafter(src.np_work(lo), -np.inf)))
             above_side, inside_side = _count_pass(src, [i], [side], scratch)
-            need, cands = k - above_side[0], inside_side[0]
+            need, cands = ks[i] - above_side[0], inside_side[0]
         limits[i] = float(np.partition(cands, cands.size - need)[cands.size - need])
     return limits
 
 
-def _windows(src: _Source, q: float, row: int) -> list[tuple[float, float]]:
-    """[lo, hi] per active model around the sample's q-quantile from the top, ± WINDOW_SIGMAS·sqrt(m·q·(1−q))
-    ranks (+ 0.1% of the sample and 2: slack for neighbouring entries being alike). ``row``: the row length."""
+def _windows(src: _Source, active: list[int], qs: list[float], row: int) -> list[tuple[float, float]]:
+    """[lo, hi] per model of ``active`` around the sample's q-quantile from the top (its q of ``qs``),
+    ± WINDOW_SIGMAS·sqrt(m·q·(1−q)) ranks (+ 0.1% of the sample and 2: slack for neighbouring entries being
+    alike). ``row``: the row length."""
     n = src.n
     block = 1 if src.whole is not None else min(SAMPLE_BLOCK, n)
     spacing = max(block, n // max(1, SAMPLE // block))
@@ -253,7 +278,7 @@ def _windows(src: _Source, q: float, row: int) -> list[tuple[float, float]]:
         parts = [src.read(s, s + block) for s in range(0, n - block + 1, spacing)]
     base = torch.cat([b for b, _ in parts]).to(src.work)
     out = []
-    for i in src.active:
+    for i, q in zip(active, qs):
         sample = torch.sub(torch.cat([ms[i] for _, ms in parts]), base).abs_()
         m = sample.numel()
         # Entries of one run share a row: from the files the margin doubles (a row-scale lognormal σ 1.5 missed).

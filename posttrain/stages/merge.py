@@ -13,7 +13,8 @@ merged in float32 (float64 on request), cast back to the input dtype and written
 which knows every output tensor's shape and dtype in advance and puts each slice straight into its shard
 file. The merge holds ~15 slice buffers (plus, for TIES, ~3% of one tensor per model while it finds the
 trim thresholds), whatever the model's size; breadcrumbs holds (models + 3) whole tensors
-(tests/test_merge_stage.py measures it).
+(tests/test_merge_stage.py measures it). DELLA's slices are whole rows (its magnitude ranks are per row);
+model_stock sums its angle over a tensor's slices before merging them.
 
 Work folder (``ctx.work_dir``)::
 
@@ -51,7 +52,7 @@ class MergeRefused(MergeMismatch, ModelError):
     """The inputs cannot be merged (architecture, names, shapes, dtypes, vocabulary); one line."""
 
 
-_RESERVED = ("generator", "dtype", "scratch", "thresholds")  # method arguments the stage sets itself
+_RESERVED = ("generator", "dtype", "scratch", "thresholds", "row_length", "stats")  # set by the stage itself
 
 
 class MergeInput(Strict):

@@ -102,3 +102,20 @@ def test_sigterm_while_parsing_a_config_exits(tmp_path):
     code, err, _ = _cli("run", str(path), "--run-dir", str(tmp_path / "run"), prelude=prelude)
     assert code == 143 and err.strip().splitlines()[-1] == "terminated", err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [["run", "{f}"], ["stage", "sft", "--config", "{f}"], ["merge", "--from-mergekit={f}"]])
+def test_the_command_refuses_a_hostile_file_before_importing_torch(tmp_path, args):
+    """The `posttrain` entry point (posttrain.entry) checks the files the command line names before the CLI
+    imports torch and the stages: the refusal does not wait for seconds of imports, whatever the machine's load."""
+    bomb, big = tmp_path / "bomb.yaml", tmp_path / "big.yaml"
+    bomb.write_text(BOMB)
+    big.write_bytes(b"name: big\n" + b"# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    probe = ("import sys\nfrom posttrain.entry import main\nrc = main(sys.argv[1:])\n"
+             "print(sorted(m for m in ('torch', 'posttrain.cli', 'posttrain.pipeline') if m in sys.modules))\n"
+             "sys.exit(rc)\n")
+    for path, says in ((bomb, "aliases"), (big, "over 1 MB")):
+        r = subprocess.run([sys.executable, "-c", probe, *[a.format(f=path) for a in args]], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+        assert _error_lines(r.stderr) == [r.stderr.strip()] and says in r.stderr and str(path) in r.stderr

@@ -27,7 +27,7 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path, cli):
         errors = error_lines(r.stderr)
         assert len(errors) == 1 and f"pid {holder.pid}" in errors[0] and str(run_dir) in errors[0], r.stderr
         assert "Traceback" not in r.stderr
-        assert took < 10, f"the refusal took {took:.1f}s"
+        assert took < 60, f"the refusal took {took:.1f}s"  # a hang guard: a run that waited would wait forever
         assert sorted(p.name for p in run_dir.iterdir()) == before == ["LOCK"]  # nothing written
     finally:
         os.kill(holder.pid, signal.SIGKILL)
