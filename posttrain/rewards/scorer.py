@@ -10,8 +10,8 @@ take a model for `reward_funcs`. How it departs from TRL's handling of a model r
   plain prompt is prompt + completion + the reward tokenizer's EOS (RewardTrainer appends EOS to plain rows;
   GRPOTrainer scores plain text without it, so a model trained on EOS-ended rows saw a different last token).
 * **Loaded once per process** (`_scorer`, cached by folder) and released when the stage ends
-  (`release_scorers`), not per call. It runs on the trainer's device (the first GPU, else the CPU), in
-  batches of `batch_size` rows, with gradients off.
+  (`release_scorers`), not per call. It runs on the process's GPU (else the CPU), in batches of
+  `batch_size` rows, with gradients off.
 """
 from __future__ import annotations
 
@@ -39,12 +39,14 @@ def check_scorer(folder: str) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _scorer(folder: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a sequence-classification folder, in eval mode on the first GPU or the CPU."""
+    """(model, tokenizer) of a sequence-classification folder, in eval mode on the process's GPU (under
+    `accelerate launch`, each rank's own) in the dtype it is stored in, or on the CPU in float32."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    cuda = torch.cuda.is_available()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, use_safetensors=True, dtype="auto" if cuda else torch.float32).to("cuda" if cuda else "cpu").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
