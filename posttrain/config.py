@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from evals.config import EvalConfig
 import posttrain.stages  # noqa: F401  (registers every stage kind)
-from posttrain.config_refs import model_ref_problem, stage_ref_problem
+from posttrain.config_refs import STAGE_REF, model_ref_problem, stage_ref_problem
 from posttrain.data import source_problem
 from posttrain.hub_pins import dataset_pin_problem
 from posttrain.mixture import resolve_replays
@@ -118,10 +118,30 @@ class PipelineConfig(Strict):
             problem = stage_ref_problem(stage, names[:i], names[i + 1 :], prefix=f"stages[{i}].")
             if problem:
                 raise Nested(problem)
+        problem = _scorer_input_problem(out, names)
+        if problem:
+            raise Nested(problem)
         problem = resolve_replays(out, names)
         if problem:
             raise Nested(problem)
         return out
+
+
+def _scorer_input_problem(stages: list[Any], names: list[str]) -> str | None:
+    """The one-line problem with a stage that would take a reward stage's output (a sequence classifier, not a
+    language model) as its `model:` input, by default (the stage before it) or by `${stages.<name>.model}`.
+    Another reward stage may: it trains the classifier further."""
+    scorers = {s.name for s in stages if not s.generates()}
+    for i, stage in enumerate(stages):
+        if not stage.generates() or not stage.reads_input():
+            continue
+        m = STAGE_REF.match(stage.model or "")
+        source = m.group(1) if m else (names[i - 1] if stage.model is None and i > 0 else None)
+        if source in scorers:
+            how = f"{stage.model}" if m else f"the previous stage, '{source}'"
+            return (f"stages[{i}].model: {how} is a reward model (it scores text and generates none); set "
+                    f"`model:` to a language model, e.g. ${{stages.<earlier stage>.model}} or the reward stage's input")
+    return None
 
 
 def _field_is_str(cls: type[BaseModel] | None, key: str, raw: str = "") -> bool:

@@ -10,7 +10,7 @@ continual learning (Robins 1995, "Catastrophic forgetting, rehearsal and pseudor
 2019, "Experience Replay for Continual Learning"), and what LLaMA-Factory's maintainers suggest against
 forgetting (#2611). The pool is the earlier stage's `data:` as that stage read it (its own limit and sampling
 applied), sampled again with the replay's `fraction:` or `rows:`. A stage kind takes `replay:` by deriving from
-`Replayable` (sft, dpo, kto, grpo); the earlier stage must train on rows of the same shape (sft rows, preference
+`Replayable` (sft, dpo, kto, orpo, simpo, reward, grpo, rloo); the earlier stage must train on rows of the same shape (sft rows, preference
 pairs, or prompts): a DPO stage replays a DPO or KTO stage's pairs, a GRPO stage another GRPO stage's prompts.
 Only `data:` is replayed, not a DPO stage's `rehearsal:` pairs (built from prompt/answer rows of another shape).
 """

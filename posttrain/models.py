@@ -244,8 +244,12 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
-               quantization_config: Any = None):
+               quantization_config: Any = None, scorer: bool = False):
     """Load a causal LM for training; float32 on CPU (bf16 matmuls are slow and lossy there).
+
+    `scorer`: load it as a sequence classifier with one output (a reward model: transformers'
+    `AutoModelForSequenceClassification`, `num_labels=1`); from a causal LM folder its score head is new and
+    drawn from torch's generator, so the caller seeds it.
 
     The dtype trained in is not the dtype saved: `train_and_save` writes the input's stored dtype back
     (`saved_dtype`). So a bf16 model trained in float32 on CPU comes out bf16, and a float32 model (the world
@@ -253,7 +257,7 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
     against that base (both refuse a dtype difference between a base and its fine-tune).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_weights(ref, allow_pickle)
     extra: dict[str, Any] = {} if quantization_config is None else {"quantization_config": quantization_config}
@@ -264,7 +268,10 @@ def load_model(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False
         extra["config"] = config
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return AutoModelForCausalLM.from_pretrained(
+    if scorer:
+        extra["num_labels"] = 1
+    auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    return auto.from_pretrained(
         ref,
         dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,

@@ -116,7 +116,7 @@ class Pipeline:
         # What evals.run_report reads of a run (its EvaluatedRun): records and parents above, and these.
         self.root = self.rd.root
         self.settings = cfg.eval
-        self.stage_names = [s.name for s in cfg.stages]
+        self.stage_names = [s.name for s in cfg.stages if s.generates()]  # the stages the report waits for
         self.base_ref = base_ref(cfg.stages[0])
         self.progress = PipelineProgress(len(cfg.stages))  # a line as each stage starts and ends, with the time left
 
@@ -156,7 +156,9 @@ class Pipeline:
         else:
             model = input_model if ref == stage.model and input_model else resolve_model(ref, self.log)
             first = ["base"] if model == self._base_model() else []
-        named = ANY_STAGE_REF.findall(json.dumps(stage.model_dump()))
+        # A reward stage named as a reward's scorer (`reward_model`) is an input, not an ancestor: it has no row.
+        scorers = {s.name for s in self.cfg.stages if not s.generates()}
+        named = [n for n in ANY_STAGE_REF.findall(json.dumps(stage.model_dump())) if n not in scorers]
         return list(dict.fromkeys(first + named))
 
     def _referenced_keys(self, stage: Any) -> list[str]:
@@ -247,9 +249,13 @@ class Pipeline:
         self.outputs[stage.name] = final
         self.done_keys[f"stage:{stage.name}"] = done["key"]
         self._evaluate_inputs(stage)
-        if self.cfg.eval.enabled and (final / "unmitigated" / "model").is_dir():
-            self.records.append(mitigate.unmitigated_row(self, final, stage.name))
-        self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+        if stage.generates():
+            if self.cfg.eval.enabled and (final / "unmitigated" / "model").is_dir():
+                self.records.append(mitigate.unmitigated_row(self, final, stage.name))
+            self._evaluate(stage, f"{index:02d}_{stage.name}", str(final / "model"))
+        elif self.cfg.eval.enabled:
+            self.log(f"[{index:02d} {stage.name}] eval: its model scores text and generates none; no eval row "
+                     "(its training log has the pair accuracy)")
         self.shown.add(str(final / "model"))
         self.log(self.progress.end(index, stage.name, skipped=skipped))
 

@@ -1,7 +1,7 @@
 """Class defaults are for real models: TRL's own; the embedded world's tuned values live only in its configs.
 
 Two halves. (1) Every field a stage class's default shares with TRL's config dataclass (SFTConfig, DPOConfig,
-GRPOConfig, KTOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
+GRPOConfig, KTOConfig, ORPOConfig, CPOConfig, RewardConfig, RLOOConfig as installed, trl 1.16) equals TRL's default, except the deliberate deviations listed below with
 their reasons. (2) Every world config (configs/stages/, configs/pipelines/ with claims and experiments, and the
 cached world models of posttrain/world/trained.py) resolves to the world's trainer block of its kind
 (posttrain/world/tuning.py), so that `make stage=...` and `make claims` train as they did before the defaults
@@ -22,7 +22,8 @@ from posttrain.world.tuning import WORLD_STAGE_FIELDS, WORLD_TRAINERS
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("sft", "dpo", "grpo")  # the kinds the world tunes in posttrain/world/tuning.py
-TRL_KINDS = KINDS + ("kto",)  # the kinds on a TRL trainer (kto's world values are in configs/stages/kto.yaml)
+# The kinds on a TRL trainer (the world values of the others are in configs/stages/<kind>.yaml).
+TRL_KINDS = KINDS + ("kto", "orpo", "simpo", "reward", "rloo")
 
 # Every field a default stage config shares with TRL's config, by name (trainer fields and stage fields).
 # Listed rather than computed only, so that a field added on either side is a decision, not a silent pass.
@@ -35,6 +36,11 @@ SHARED = {
     "dpo": COMMON | {"max_length", "loss_type", "beta", "loss_weights"},
     "grpo": COMMON | {"num_generations", "beta", "loss_type", "epsilon", "max_completion_length", "temperature"},
     "kto": COMMON | {"max_length", "loss_type", "beta", "desirable_weight", "undesirable_weight"},
+    "orpo": COMMON | {"max_length", "beta"},
+    "simpo": COMMON | {"max_length", "beta", "cpo_alpha", "label_smoothing"},  # CPOConfig's (loss_type: simpo)
+    "reward": COMMON | {"max_length", "center_rewards_coefficient"},
+    "rloo": COMMON | {"num_generations", "beta", "epsilon", "max_completion_length", "temperature",
+                      "normalize_advantages"},
 }
 
 # Deliberate deviations from TRL's defaults: (kind, field) -> (our value, why).
@@ -49,13 +55,23 @@ DEVIATIONS = {
     ("sft", "assistant_only_loss"): (True, "chat rows train on the assistant turns only: prompts and user turns are "
                                            "inputs, not targets (TRL's default, False, trains on them; TÜLU 3 masks "
                                            "them too). Prompt/completion rows train on the completion either way"),
+    # SimPO on TRL's CPO trainer: the SimPO paper's values (Meng et al. 2024, arXiv 2405.14734, and the authors'
+    # README), not CPO's, whose defaults TRL's CPOConfig holds.
+    ("simpo", "beta"): (2.0, "SimPO's beta scales length-averaged log-likelihoods and needs to be much larger than "
+                             "DPO's: the paper uses 2.0 to 2.5 (2.0 for its Llama-3-Base and Mistral-Base runs); "
+                             "TRL's 0.1 is CPO's"),
+    ("simpo", "cpo_alpha"): (0.0, "SimPO has no NLL term (the SimPO authors' sft_weight 0.0; TRL's docs set "
+                                  "cpo_alpha=0 for SimPO); TRL's 1.0 is CPO's behaviour-cloning weight"),
 }
 
 
 def _trl_config(kind: str) -> type:
-    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig, SFTConfig
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
 
-    return {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "kto": KTOConfig}[kind]
+    return {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "kto": KTOConfig, "orpo": ORPOConfig,
+            "simpo": CPOConfig, "reward": RewardConfig, "rloo": RLOOConfig}[kind]
 
 
 def _trl_defaults(kind: str) -> dict:

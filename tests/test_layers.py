@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "posttrain.rewards.imports": 1,
     "posttrain.rewards.namespace": 1,
     "posttrain.rewards.sandbox": 1,
+    "posttrain.rewards.scorer": 1,
     "posttrain.rewards.stats": 1,
     "posttrain.merging": 1,
     "posttrain.merging.compat": 1,

@@ -110,7 +110,8 @@ def test_config_errors_are_one_line(tmp_path, replay, source, want):
 ROWS = {"sft": lambda tag, i: {"prompt": f"{tag}{i}", "completion": f"c{i}"},
         "preference": lambda tag, i: {"prompt": f"{tag}{i}", "chosen": f"y{i}", "rejected": f"n{i}"},
         "prompt": lambda tag, i: {"prompt": f"{tag}{i}", "answer": str(i)}}
-SHAPE = {"sft": "sft", "dpo": "preference", "kto": "preference", "grpo": "prompt"}
+SHAPE = {"sft": "sft", "dpo": "preference", "kto": "preference", "grpo": "prompt", "orpo": "preference",
+         "simpo": "preference", "reward": "preference", "rloo": "prompt"}
 
 
 def _rows(tmp_path, name: str, n: int, tag: str, shape: str) -> str:
@@ -136,7 +137,8 @@ class _Seen(Exception):
 
 
 @pytest.mark.parametrize("first_kind, kind", [("dpo", "dpo"), ("kto", "kto"), ("dpo", "kto"), ("kto", "dpo"),
-                                              ("grpo", "grpo")])
+                                              ("grpo", "grpo"), ("dpo", "orpo"), ("orpo", "simpo"), ("simpo", "reward"),
+                                              ("grpo", "rloo")])
 def test_replayed_rows_reach_the_trainers_dataset(tmp_path, monkeypatch, first_kind, kind):
     """10% of the earlier stage's 40 rows (4) beside the stage's own 20, the same on a rerun; in the data hash."""
     import importlib

@@ -54,6 +54,11 @@ STAGE_FIELDS = {
     "dpo": ["loss_type", "beta", "rpo_alpha", "loss_weights", "max_prompt_length", "lora", "rehearsal"],
     "grpo": ["num_generations", "beta", "loss_type", "epsilon", "max_completion_length", "temperature", "lora"],
     "kto": ["loss_type", "beta", "desirable_weight", "undesirable_weight", "lora"],
+    "orpo": ["beta", "lora"],
+    "simpo": ["beta", "gamma_beta_ratio", "cpo_alpha", "label_smoothing", "lora"],
+    "reward": ["center_rewards_coefficient", "lora"],
+    "rloo": ["num_generations", "beta", "epsilon", "max_completion_length", "temperature", "normalize_advantages",
+             "lora"],
     "merge": ["method", "params", "per_block", "search", "dtype"],
     "transfer": ["scale", "per_block", "search", "tokenizer_from", "dtype"],
 }

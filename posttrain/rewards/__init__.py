@@ -2,7 +2,7 @@
 
 A reward is named either by a registered builtin (``exact_match``, ``numeric_match``, ``math_verify``,
 ``format_regex``, ``code_exec``, ``length_penalty``; see ``builtin.py``; ``ifeval``, ``judge``: ``ifeval.py``,
-``judge.py``) or as ``path/to/file.py:function``,
+``judge.py``; ``reward_model``, a learned reward model's score: ``scorer.py``) or as ``path/to/file.py:function``,
 a user function with TRL's signature ``f(prompts, completions, **kwargs) -> list[float | None]``.
 
 ``build_reward_funcs`` returns callables that ``trl.GRPOTrainer(reward_funcs=...)`` accepts, plus the weights
@@ -44,13 +44,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from posttrain.registry import REWARDS, RegistryError, did_you_mean
 from posttrain.rewards import builtin  # importing it registers the builtin rewards
 from posttrain.rewards import ifeval, judge  # noqa: F401  (these register ifeval and judge)
+from posttrain.rewards import scorer  # noqa: F401  (registers reward_model)
 from posttrain.rewards.imports import imported_names
 from posttrain.rewards.deadline import RewardTimeout, call_with_deadline
 from posttrain.rewards.stats import RewardStats
 from posttrain.rewards.sandbox import ERROR_KINDS, EXCEPTION, NON_FINITE, TIMEOUT, FileFunction, run_sandboxed
 
 __all__ = ["ERROR_KINDS", "MAX_ABS_REWARD", "RewardFunc", "RewardSpec", "RewardStats", "RewardsFailed", "build_reward_funcs",
-           "completion_text", "reward_file", "run_sandboxed", "validate_reward_name"]
+           "completion_text", "reward_file", "reward_models", "run_sandboxed", "validate_reward_name",
+           "with_models"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,17 @@ class RewardSpec(BaseModel):
         if not math.isfinite(self.weight):
             raise ValueError(f"reward {self.name!r}: weight must be finite")
         return self
+
+
+def reward_models(specs: Iterable[RewardSpec]) -> list[str]:
+    """The model references the rewards read (``reward_model``'s ``model``), in order: a stage's other inputs."""
+    return [s.params["model"] for s in specs if s.name == "reward_model" and isinstance(s.params.get("model"), str)]
+
+
+def with_models(specs: Iterable[RewardSpec], resolve: Callable[[str], str]) -> list[RewardSpec]:
+    """``specs`` with each ``reward_model``'s ``model`` resolved to a folder (``${stages.<name>.model}`` included)."""
+    return [s.model_copy(update={"params": {**s.params, "model": resolve(s.params["model"])}})
+            if s.name == "reward_model" and isinstance(s.params.get("model"), str) else s for s in specs]
 
 
 def _file_ref(name: str) -> tuple[str, str] | None:

@@ -72,6 +72,11 @@ class StageBase(Strict):
         `target_base:`), else None. A pipeline whose first stage sets one reports it as its base row."""
         return None
 
+    def generates(self) -> bool:
+        """False when the stage's model/ is no language model (the reward stage's sequence classifier): the
+        pipeline runs no generation evals on it, and no later stage may take it as its `model:` input."""
+        return True
+
     def reads_input(self) -> bool:
         """False when the stage never loads its `model:` input (it builds on another field: `builds_on()`), so
         that a change of the input does not rerun it."""

@@ -155,7 +155,11 @@ def metrics_callback(ctx: StageContext):
     # Fault injection for the reliability tests: SIGKILL ourselves after step N, exactly like `kill -9`.
     # With POSTTRAIN_FAULT_MID_ACCUMULATION=1 the kill lands after a micro-batch of step N+1 instead, halfway
     # through a gradient accumulation.
+    # POSTTRAIN_FAULT_KILL_STAGE=<name> limits the kill to that stage of a pipeline (the others train through).
     crash_at = int(os.environ.get("POSTTRAIN_FAULT_KILL_AT_STEP", "0"))
+    only = os.environ.get("POSTTRAIN_FAULT_KILL_STAGE")
+    if only and not ctx.run_name.endswith(f"/{only}"):
+        crash_at = 0
     mid_accum = os.environ.get("POSTTRAIN_FAULT_MID_ACCUMULATION") == "1"
 
     class _Metrics(TrainerCallback):
@@ -348,11 +352,14 @@ def _save_gathered(trainer: Any, tokenizer: Any, out: Path, dtype: str | None) -
         if dtype is not None:
             cast_saved_weights(out, dtype)
         tokenizer.save_pretrained(out)
-        trainer.model.generation_config.save_pretrained(out)
+        if getattr(trainer.model, "generation_config", None) is not None:  # a reward model has none
+            trainer.model.generation_config.save_pretrained(out)
 
 
 def _set_generation_ids(model: Any, tokenizer: Any) -> None:
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)
+    if gen is None:  # a model that does not generate (the reward stage's sequence classifier)
+        return
     gen.eos_token_id = eos_ids(tokenizer.eos_token_id, gen.eos_token_id)
     gen.pad_token_id = tokenizer.pad_token_id
 

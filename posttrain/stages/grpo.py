@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from posttrain.data import DataSource
 from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
-from posttrain.rewards import RewardSpec, RewardStats, build_reward_funcs, reward_file
+from posttrain.rewards import RewardSpec, RewardStats, reward_file, reward_models
 from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
@@ -44,6 +44,7 @@ from posttrain.stages.grpo_support import (
     failed_rewards,
     prompt_dataset,
     reward_errors_callback,
+    reward_funcs,
     rollout_session,
     trainer_class,
 )
@@ -86,6 +87,9 @@ class GRPOStageConfig(Replayable, TrainableStage):
     def data_sources(self) -> list[tuple[DataSource, str]]:
         return [(src, "prompt") for src in self.data]
 
+    def other_inputs(self) -> list[str]:
+        return reward_models(self.rewards)  # a reward_model's folder: hashed into the inputs, checked before use
+
     def input_files(self) -> list[str]:
         """The user rewards' .py files and every other .py file in their folders (not in subfolders), sorted,
         so that editing a reward or a helper module next to it reruns the stage. That is more than a reward
@@ -100,7 +104,7 @@ class GRPOStageConfig(Replayable, TrainableStage):
 def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     """GRPO with verifiable rewards on TRL's GRPOTrainer (full, LoRA, or HFT-selected parameters)."""
     stats = RewardStats()
-    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats)
+    funcs, weights = reward_funcs(cfg, ctx, stats)
     seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)
@@ -108,13 +112,13 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)
-    names = [f.__name__ for f in reward_funcs]
+    names = [f.__name__ for f in funcs]
     result = run_trl_stage(
         cfg, ctx, (GRPOConfig, trainer_class()), dataset, data_stats, tokenizer,
         args=dict(num_generations=cfg.num_generations, beta=cfg.beta, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                   max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                   reward_weights=weights, trust_remote_code=cfg.trust_remote_code, **rollout_args),
-        trainer_kwargs={"reward_funcs": reward_funcs}, callbacks=[reward_errors_callback(stats)],
+        trainer_kwargs={"reward_funcs": funcs}, callbacks=[reward_errors_callback(stats)],
         log={"rollout": backend, "rewards": names}, session=session,
     )
     result.metrics.update(stats.as_metrics())

@@ -9,7 +9,8 @@ from typing import Any
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.ranks import agree, is_main
-from posttrain.rewards import RewardsFailed, RewardStats
+from posttrain.rewards import RewardsFailed, RewardStats, build_reward_funcs, with_models
+from posttrain.rewards.scorer import check_scorer, release_scorers
 from posttrain.rollout import (
     VLLMServer,
     free_port,
@@ -20,6 +21,7 @@ from posttrain.rollout import (
     vllm_serve_command,
 )
 from posttrain.stages.base import StageContext
+from posttrain.stages.combine import resolve_ref
 
 
 def _as_chat(prompt: Any) -> list[dict[str, str]]:
@@ -77,11 +79,13 @@ def epoch_sampler(**repeat_sampler_kwargs: Any):
     return _EpochSampler(**repeat_sampler_kwargs)
 
 
-def trainer_class():
-    """GRPOTrainer with `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
-    from trl import GRPOTrainer
+def trainer_class(base: type | None = None):
+    """`base` (GRPOTrainer; the rloo stage's RLOOTrainer, whose sampler is the same RepeatSampler) with
+    `epoch_sampler` as its train sampler (only the sampler's seeding changes)."""
+    if base is None:
+        from trl import GRPOTrainer as base
 
-    class _GRPOTrainer(GRPOTrainer):
+    class _EpochTrainer(base):
         def _get_train_sampler(self, dataset=None):
             # TRL's sampler first, so its batch arithmetic (prompts per generation batch, repeats per
             # num_iterations x steps_per_generation) stays TRL's; only the class changes.
@@ -90,7 +94,27 @@ def trainer_class():
                                  batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
                                  seed=s.seed)
 
-    return _GRPOTrainer
+    return _EpochTrainer
+
+
+def group_problem(trainer: Any, num_generations: int) -> str | None:
+    """Why a batch of `trainer` (per-device size x accumulation, in completions) holds no whole number of
+    groups of `num_generations`, or None."""
+    batch = trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps
+    if batch % num_generations:
+        return (f"trainer.per_device_train_batch_size x gradient_accumulation_steps ({batch}) counts completions "
+                f"and must be a multiple of num_generations ({num_generations})")
+    return None
+
+
+def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[Any], list[float]]:
+    """`build_reward_funcs` for the stage's rewards, each `reward_model`'s `model` resolved to its folder
+    (`${stages.<name>.model}`: that earlier stage's output in the run dir) and checked to be a reward model."""
+    specs = with_models(cfg.rewards, lambda ref: resolve_ref(ref, ctx))
+    for spec in specs:
+        if spec.name == "reward_model":
+            check_scorer(spec.params["model"])
+    return build_reward_funcs(specs, stats)
 
 
 def reward_errors_callback(stats: RewardStats):
@@ -150,6 +174,14 @@ def rollout_session(cfg: Any, ctx: StageContext) -> tuple[str, dict[str, Any], A
 
     @contextlib.contextmanager
     def session():
+        try:
+            with _server() as more:
+                yield more
+        finally:
+            release_scorers()  # the reward models the rewards loaded: their memory goes back before the evals
+
+    @contextlib.contextmanager
+    def _server():
         if not (serve and is_main()):
             yield []
             return

@@ -1,6 +1,6 @@
 """The rows a stage's `replay:` entries mix into its own (posttrain.mixture says what replay is and why).
 
-Shared by every kind that takes `replay:` (sft, dpo, kto, grpo): each entry's pool is the earlier stage's `data:`
+Shared by every kind that takes `replay:` (sft, dpo, kto, orpo, simpo, reward, grpo, rloo): each entry's pool is the earlier stage's `data:`
 read as that stage read it (its limits and sampling, the same seed), then sampled with the entry's share.
 """
 from __future__ import annotations

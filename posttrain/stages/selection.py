@@ -133,8 +133,11 @@ def lora_config(model: Any, stage: Any, mask: dict[str, Any], warnings: list[str
         raise ConfigError(_NO_DROPOUT)
     if parameters and spec.use_dora:
         raise ConfigError(_NO_DORA)
+    # A reward model (sequence classifier) is SEQ_CLS: peft then trains its new score head whole
+    # (modules_to_save) beside the adapters, and merge_and_unload keeps the trained head.
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      target_parameters=parameters or None, use_dora=spec.use_dora, task_type="CAUSAL_LM")
+                      target_parameters=parameters or None, use_dora=spec.use_dora, task_type=task)
 
 
 def quantization_config(spec: Any) -> Any:

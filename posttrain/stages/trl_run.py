@@ -18,6 +18,18 @@ from posttrain.stages.common import TrainableStage, metrics_callback, select_par
 from posttrain.stages.selection import quantization_config
 
 
+@contextlib.contextmanager
+def _scorer_head(seed: int):
+    """Seed the new score head of a reward model, and keep transformers from listing the input's LM head as
+    unused and the score head as missing (TRL's own context for the same load)."""
+    from transformers import set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    set_seed(seed)
+    with suppress_seqcls_warning():
+        yield
+
+
 def run_trl_stage(
     cfg: TrainableStage,
     ctx: StageContext,
@@ -33,6 +45,7 @@ def run_trl_stage(
     callbacks: list[Any] | None = None,
     session: Callable[[], ContextManager[list[Any]]] | None = None,
     prepare: Callable[[Any], None] | None = None,
+    scorer: bool = False,
 ) -> StageResult:
     """Train `cfg` with TRL's (config class, trainer class) `trl` on `dataset`; write `ctx.work_dir/model`.
 
@@ -45,12 +58,16 @@ def run_trl_stage(
     session: a context that stays open while the trainer is built and trains and yields more callbacks
         (GRPO's vLLM server).
     prepare: called with the built trainer before training (DPO cuts long prompts in its tokenized data).
+    scorer: load the input as a one-output sequence classifier (the reward stage), its new score head drawn
+        after seeding torch with the run's seed, as TRL's RewardTrainer does when it loads a model by name.
     """
     config_cls, trainer_cls = trl
     trl_config = trl_args(config_cls, cfg, ctx, **(args or {}))
     def load(quantized: bool = False):
-        return load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
-                          quantization_config=quantization_config(cfg.lora) if quantized else None)
+        with _scorer_head(trl_config.seed) if scorer else contextlib.nullcontext():
+            return load_model(ctx.input_model, trust_remote_code=cfg.trust_remote_code,
+                              allow_pickle=cfg.allow_pickle, scorer=scorer,
+                              quantization_config=quantization_config(cfg.lora) if quantized else None)
 
     model, peft_config, trainable = select_parameters(load(quantized=True), cfg, ctx)
     extra = dict(trainer_kwargs or {})
