@@ -288,8 +288,8 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
     log(f"eval: {spec.name} ({', '.join(spec.tasks)}) on {model_dir} [{backend}, limit {limit}]")
     start = time.time()
     # lm-eval's bars: on a terminal only (posttrain.progress); its model modules are imported lazily.
-    bars = [importlib.import_module(m) for m in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models." + (
-        "vllm_causallms" if backend == "vllm" else "huggingface"))]
+    bars = _importable("lm_eval.api.task", "lm_eval.api.model",
+                       "lm_eval.models." + ("vllm_causallms" if backend == "vllm" else "huggingface"))
     with _no_git_hash(), terminal_only_bars(*bars), \
             _device_memory_freed(backend == "vllm" or model_args.get("device") == "cuda"):
         results = lm_eval.simple_evaluate(
@@ -318,6 +318,18 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
 
 
 @functools.lru_cache(maxsize=8)
+def _importable(*names: str) -> list:
+    """The modules of `names` that import; one that does not (lm-eval's vLLM model without vllm) is left to
+    lm-eval, which reports it when it loads the model."""
+    out = []
+    for name in names:
+        try:
+            out.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return out
+
+
 def _task_manager(include: str | None, tasks: tuple[str, ...]):
     """lm-eval's task index, built once per process. Indexing lm-eval's ~13,000 built-in task files takes 10-20 s
     on 2 cores, so a suite whose tasks are all under `include` (the world's) indexes only that folder."""
