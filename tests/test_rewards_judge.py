@@ -81,6 +81,8 @@ def test_parse_score():
     ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
     ({"pattern": "(unclosed"}, "bad pattern"),
     ({"device": "tpu"}, "device must be"),
+    ({"backend": "sglang"}, "backend must be"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in (0, 1]"),
 ])
 def test_bad_params_are_one_line_errors(judge_folder, params, says):
     full = params if not params or "model" in params else {"model": str(judge_folder), **params}
@@ -88,3 +90,51 @@ def test_bad_params_are_one_line_errors(judge_folder, params, says):
         RewardSpec(name="judge", params=full)
     msg = e.value.errors()[0]["msg"]
     assert says in msg and "\n" not in msg
+
+
+class _FakeVLLM:
+    """A stand-in `vllm` module: an LLM whose greedy reply is "9" to a query about paris, "0" otherwise."""
+
+    def __init__(self):
+        self.engines, self.sampling = [], []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                fake.sampling.append(kw)
+
+        class LLM:
+            def __init__(self, **kw):
+                fake.engines.append(kw)
+
+            def get_tokenizer(self):
+                from types import SimpleNamespace
+                return SimpleNamespace(chat_template=None)
+
+            def generate(self, prompts, params, use_tqdm=True):
+                from types import SimpleNamespace
+                return [SimpleNamespace(outputs=[SimpleNamespace(text="9" if "paris" in p else "0")]) for p in prompts]
+
+        self.LLM, self.SamplingParams = LLM, SamplingParams
+
+
+def test_the_vllm_backend_generates_greedily_with_one_engine(judge_folder, monkeypatch):
+    """backend: vllm builds one engine per folder with its GPU share and asks greedy replies of max_new_tokens
+    (a stand-in vllm module: no GPU here); `auto` keeps transformers without CUDA even with vllm installed."""
+    import sys
+
+    from posttrain.rewards import judge as judge_module
+
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    judge_module._load_vllm.cache_clear()
+    func, stats = _judge(judge_folder, backend="vllm", gpu_memory_utilization=0.3, max_new_tokens=4)
+    for _ in range(2):
+        assert func(prompts=["capital of france?"] * 2, completions=["paris", "london"]) == [0.9, 0.0]
+    assert fake.engines == [{"model": str(judge_folder), "gpu_memory_utilization": 0.3, "seed": 0}]
+    assert fake.sampling == [{"temperature": 0.0, "max_tokens": 4}] * 2
+    judge_module._load_vllm.cache_clear()
+    import torch
+
+    if not torch.cuda.is_available():
+        assert judge_module.use_vllm("auto") is False and judge_module.use_vllm("vllm") is True

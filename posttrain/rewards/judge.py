@@ -8,11 +8,12 @@ thinks) is searched with ``pattern``, the first group (else the whole match) rea
 (greedy, ``max_new_tokens``), not an API; the score is the number parsed from the reply, not a JSON field. A reply
 with no number, or one outside [0, max_score], scores 0 and is counted (``rewards/errors/judge/unparseable``).
 
-The judge loads once per process and model folder (``_load``), on the trainer's GPU when CUDA is there
-(``device: auto``), in inference mode; it is never trained and its memory stays held until the process ends.
-vLLM: the issue asks for vLLM on GPU. ``generate_replies`` is the one seam for it (a ``vllm.LLM`` per folder,
-``SamplingParams(temperature=0, max_tokens=max_new_tokens)``), not written yet because it cannot be tested on the
-CPU-only install (vllm is the ``gpu`` extra); until then a GPU run generates with transformers on the GPU.
+The judge loads once per process and model folder, in inference mode; it is never trained and its memory stays
+held until the process ends. ``backend``: ``vllm`` generates with a ``vllm.LLM`` engine of the folder on the
+trainer's GPU (``gpu_memory_utilization`` is its share: the trainer holds the rest), ``transformers`` with
+``generate`` (on the GPU when CUDA is there, ``device: auto``), and ``auto`` picks vLLM when CUDA and vllm (the
+``gpu`` extra) are both there. Both decode greedily; tests/test_rewards_judge.py runs the vLLM path against a
+stand-in ``vllm`` module (no GPU here), so what vLLM itself generates is checked only on a GPU.
 """
 from __future__ import annotations
 
@@ -80,9 +81,45 @@ def _load(model: str, device: str, stamp: int):
     return tok, lm
 
 
+def use_vllm(backend: str) -> bool:
+    """Whether the judge generates with vLLM: asked for, or `auto` with CUDA and vllm installed."""
+    if backend != "auto":
+        return backend == "vllm"
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vllm(model: str, gpu_memory_utilization: float, stamp: int):
+    """A vLLM engine of a judge folder, once per process (and folder version, as ``_load``)."""
+    import vllm
+
+    return vllm.LLM(model=model, gpu_memory_utilization=gpu_memory_utilization, seed=0)
+
+
+def _vllm_replies(model: str, queries: list[str], max_new_tokens: int, gpu_memory_utilization: float,
+                  chat_template: bool) -> list[str]:
+    import vllm
+
+    llm = _load_vllm(model, gpu_memory_utilization, Path(model).stat().st_mtime_ns)
+    tok = llm.get_tokenizer()
+    if chat_template and getattr(tok, "chat_template", None):
+        queries = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in queries]
+    with _lock:
+        outputs = llm.generate(queries, vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+                               use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
 def generate_replies(model: str, queries: list[str], *, max_new_tokens: int, batch_size: int, device: str,
-                     chat_template: bool) -> list[str]:
-    """The judge's greedy reply to each query (transformers ``generate``). The vLLM hook goes here."""
+                     chat_template: bool, backend: str = "auto", gpu_memory_utilization: float = 0.2) -> list[str]:
+    """The judge's greedy reply to each query: vLLM (`use_vllm`) or transformers ``generate``."""
+    if use_vllm(backend):
+        return _vllm_replies(model, queries, max_new_tokens, gpu_memory_utilization, chat_template)
     import torch
 
     tok, lm = _load(model, device, Path(model).stat().st_mtime_ns)
@@ -102,8 +139,8 @@ def generate_replies(model: str, queries: list[str], *, max_new_tokens: int, bat
 @REWARDS.register("judge")
 def judge(completions: list[str], prompts: list[Any] | None = None, *, model: str, rubric: str = DEFAULT_RUBRIC,
           pattern: str = DEFAULT_PATTERN, max_score: float = 10.0, max_new_tokens: int = 16, batch_size: int = 8,
-          device: str = "auto", chat_template: bool = True, stats: RewardStats | None = None,
-          **kwargs: Any) -> list[float]:
+          device: str = "auto", chat_template: bool = True, backend: str = "auto",
+          gpu_memory_utilization: float = 0.2, stats: RewardStats | None = None, **kwargs: Any) -> list[float]:
     """The judge's score of each completion in [0, 1]: ``rubric`` filled with the prompt and the completion,
     answered greedily by the causal LM folder ``model``, parsed with ``pattern`` and divided by ``max_score``.
     A reply without a score in [0, max_score] scores 0 (counted as unparseable)."""
@@ -111,7 +148,8 @@ def judge(completions: list[str], prompts: list[Any] | None = None, *, model: st
     queries = [rubric.replace("{prompt}", prompt_text(p)).replace("{completion}", c)  # not str.format: a
                for p, c in zip(prompts, completions, strict=True)]                  # completion may hold braces
     replies = generate_replies(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                               chat_template=chat_template)
+                               chat_template=chat_template, backend=backend,
+                               gpu_memory_utilization=gpu_memory_utilization)
     out = []
     for reply in replies:
         value = parse_score(reply, pattern, max_score)
@@ -148,6 +186,11 @@ def _check_params(params: dict[str, Any]) -> None:
             raise ValueError(f"reward 'judge': {key} must be a whole number, got {params[key]!r}")
     if params.get("device", "auto") not in ("auto", "cpu") and not str(params.get("device")).startswith("cuda"):
         raise ValueError(f"reward 'judge': device must be auto, cpu or cuda[:N], got {params['device']!r}")
+    if params.get("backend", "auto") not in ("auto", "transformers", "vllm"):
+        raise ValueError(f"reward 'judge': backend must be auto, transformers or vllm, got {params['backend']!r}")
+    share = params.get("gpu_memory_utilization", 0.2)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"reward 'judge': gpu_memory_utilization must be in (0, 1], got {share!r}")
 
 
 judge.check_params = _check_params  # builtin.check_params calls it after the generic checks
