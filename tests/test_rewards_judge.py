@@ -138,3 +138,19 @@ def test_the_vllm_backend_generates_greedily_with_one_engine(judge_folder, monke
 
     if not torch.cuda.is_available():
         assert judge_module.use_vllm("auto") is False and judge_module.use_vllm("vllm") is True
+
+
+def test_the_judge_folder_is_an_input_of_the_stage(judge_folder, tmp_path):
+    """A grpo stage names its judge among its other inputs: the pipeline hashes that folder into the stage's
+    inputs (a retrained judge reruns the stage) and checks it before the stage runs."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.config import load_pipeline
+
+    stage = {"kind": "grpo", "rewards": [{"name": "exact_match"},
+                                         {"name": "judge", "params": {"model": str(judge_folder), "rubric": RUBRIC}}]}
+    cfg = load_pipeline(None, data={"stages": [stage]})
+    assert cfg.stages[0].other_inputs() == [str(judge_folder)]
+    pipe = Pipeline(cfg, tmp_path / "r", lambda m: None)
+    before = pipe._model_identity(str(judge_folder))
+    (judge_folder / "config.json").write_text((judge_folder / "config.json").read_text() + " ")
+    assert pipe._model_identity(str(judge_folder)) != before

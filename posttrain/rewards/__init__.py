@@ -98,15 +98,19 @@ class RewardSpec(BaseModel):
         return self
 
 
+MODEL_REWARDS = ("reward_model", "judge")  # rewards whose `model` param names a model folder
+
+
 def reward_models(specs: Iterable[RewardSpec]) -> list[str]:
-    """The model references the rewards read (``reward_model``'s ``model``), in order: a stage's other inputs."""
-    return [s.params["model"] for s in specs if s.name == "reward_model" and isinstance(s.params.get("model"), str)]
+    """The model references the rewards read (``reward_model``'s and ``judge``'s ``model``), in order: a stage's
+    other inputs, so a changed scorer or judge reruns the stage."""
+    return [s.params["model"] for s in specs if s.name in MODEL_REWARDS and isinstance(s.params.get("model"), str)]
 
 
 def with_models(specs: Iterable[RewardSpec], resolve: Callable[[str], str]) -> list[RewardSpec]:
-    """``specs`` with each ``reward_model``'s ``model`` resolved to a folder (``${stages.<name>.model}`` included)."""
+    """``specs`` with each model reward's ``model`` resolved to a folder (``${stages.<name>.model}`` included)."""
     return [s.model_copy(update={"params": {**s.params, "model": resolve(s.params["model"])}})
-            if s.name == "reward_model" and isinstance(s.params.get("model"), str) else s for s in specs]
+            if s.name in MODEL_REWARDS and isinstance(s.params.get("model"), str) else s for s in specs]
 
 
 def _file_ref(name: str) -> tuple[str, str] | None:
