@@ -189,16 +189,13 @@ def check_remote_code(folder: str, trust_remote_code: bool, log: Callable[[str],
         native.append(f"{own} for {name}")
     if native and str(path) not in _NATIVE_NOTED:
         _NATIVE_NOTED.add(str(path))
-        (log or _stderr)(f"{path}: its auto_map names the model's own code, which transformers has built in: "
-                         f"loading {', '.join(native)}, not the folder's code")
+        msg = (f"{path}: its auto_map names the model's own code, which transformers has built in: loading "
+               f"{', '.join(native)}, not the folder's code")
+        log(msg) if log else print(msg, file=sys.stderr, flush=True)
     return bool(native)
 
 
 _NATIVE_NOTED: set[str] = set()  # folders check_remote_code has logged as loaded with transformers' classes
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -38,21 +38,19 @@ from evals.report import terminal_summary
 from evals.run_report import EvalGateMitigate, EvalGateStop, base_ref, keep_in_eval, reference_record
 from posttrain.config import PipelineConfig
 from posttrain.config_refs import STAGE_REF
-from posttrain.data import check_source, hub_identity
-from posttrain.hub_pins import snapshot_identity
+from posttrain.data import check_source
+from posttrain.identity import data_identity, file_identity, input_identity
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.progress import PipelineProgress
 from posttrain.push import push_after_run
 from posttrain.registry import STAGES, did_you_mean
-from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, hash_folder, input_folder, is_stage_ref,
-                              mark_run_dir, sha256_file, sha256_json)
+from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, input_folder, is_stage_ref, mark_run_dir,
+                              sha256_json)
 from posttrain.rundir_check import check_run_dir
 from posttrain.stages.base import StageContext
 from posttrain import mitigate, tracking
-from posttrain.world import VERSION, NotBuilt, only_built
-from posttrain.world.tasks import TASKS
-
+from posttrain.world import NotBuilt, only_built
 
 
 def stage_config_hash(stage: Any) -> str:
@@ -62,39 +60,6 @@ def stage_config_hash(stage: Any) -> str:
 
 class PipelineError(RuntimeError):
     """A stage failed or a gate stopped the run; one line for the user."""
-
-
-def _input_identity(ref: str, resolved: str, done_keys: dict[str, str]) -> str:
-    """What the stage's input *is*: a stage's DONE key, a hub snapshot's `hub:<name>@<commit>`, a folder's file
-    hashes, or a hub name."""
-    if ref in done_keys:
-        return done_keys[ref]
-    path = Path(resolved)
-    if not path.is_dir():
-        return f"hub:{resolved}"
-    return snapshot_identity(path) or sha256_json(hash_folder(path))
-
-
-def _file_identity(path: str) -> str:
-    """A file's sha256 (a missing one hashes as such: the stage fails on it when it runs)."""
-    p = Path(path).expanduser()
-    return sha256_file(p) if p.is_file() else f"missing:{path}"
-
-
-def _source_identity(src: Any) -> str:
-    path = Path(src.source).expanduser()
-    if src.source in TASKS:
-        return f"world-{VERSION}:{src.source}:{src.split}"
-    return sha256_file(path) if path.is_file() else hub_identity(src)
-
-
-def _data_identity(stage: Any) -> list[Any]:
-    """What the stage trains on: its sources' contents, and for each `replay:` entry the earlier stage's sources
-    with their settings (not in this stage's config, so not in its config hash). No replay: the list it always was."""
-    out: list[Any] = [_source_identity(src) for src in stage.training_data()]
-    for r in getattr(stage, "replay", None) or []:
-        out.append({"replay": r.model_dump(), "data": [[_source_identity(s), s.model_dump()] for s in r.sources()]})
-    return out
 
 
 class Pipeline:
@@ -168,7 +133,7 @@ class Pipeline:
 
     def _model_identity(self, ref: str) -> str:
         """What a model the config names (not a stage of the run) holds: its files' hashes, or its hub name."""
-        return _input_identity(ref, resolve_model(ref, self.log), {})
+        return input_identity(ref, resolve_model(ref, self.log), {})
 
     def run(self) -> Path:
         if not self.inputs_checked:
@@ -227,11 +192,11 @@ class Pipeline:
         self.parents[stage.name] = self._parents(i, stage, input_model)
         config_hash = stage_config_hash(stage)
         inputs = [
-            _input_identity(identity_ref, input_model, self.done_keys) if stage.reads_input() else None,
-            _data_identity(stage), self._referenced_keys(stage), self.cfg.seed,
+            input_identity(identity_ref, input_model, self.done_keys) if stage.reads_input() else None,
+            data_identity(stage), self._referenced_keys(stage), self.cfg.seed,
         ]
         others = [self._model_identity(r) for r in stage.other_inputs() if not is_stage_ref(r)]
-        others += [_file_identity(f) for f in stage.input_files()]
+        others += [file_identity(f) for f in stage.input_files()]
         inputs_hash = sha256_json(inputs + [others] if others else inputs)  # no others: the hash it always had
         final = self.rd.stage_dir(index, stage.name)
         self.inputs_of[stage.name] = input_model

@@ -20,7 +20,8 @@ from posttrain.config import ConfigError, load_pipeline
 from posttrain.data import DataError, DataSource, load_rows
 from posttrain.hub_pins import snapshot_identity
 from posttrain.models import ModelError, resolve_model
-from posttrain.pipeline import _data_identity, run_pipeline
+from posttrain.identity import data_identity as _data_identity
+from posttrain.pipeline import run_pipeline
 
 C1, C2, C3 = "1" * 40, "2" * 40, "3" * 40
 

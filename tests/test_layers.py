@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "posttrain.data": 1,
     "posttrain.row_checks": 1,
     "posttrain.hub_pins": 1,
+    "posttrain.identity": 1,
     "posttrain.mixture": 1,
     "posttrain.chat_mask": 1,
     "posttrain.models": 1,

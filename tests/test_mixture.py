@@ -9,7 +9,7 @@ import pytest
 from posttrain.config import load_pipeline
 from posttrain.data import DataSource, load_rows
 from posttrain.mixture import sample_rows
-from posttrain.pipeline import _data_identity
+from posttrain.identity import data_identity as _data_identity
 from posttrain.schema import ConfigError
 
 
