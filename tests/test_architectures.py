@@ -39,6 +39,10 @@ def _stage(cell: str, base: Path, reward: Path, out) -> dict:
         "sft_lora": lambda: {**sft, "lora": {"r": 2, "alpha": 4}},
         "dpo": lambda: {"kind": "dpo", "model": str(base), "data": [{"source": "style", "limit": 8}],
                         "rpo_alpha": 0.5, "trainer": world_trainer("dpo", **TRAINER)},
+        "orpo": lambda: {"kind": "orpo", "model": str(base), "data": [{"source": "style", "limit": 8}],
+                         "trainer": world_trainer("dpo", **TRAINER)},
+        "reward": lambda: {"kind": "reward", "model": str(base), "data": [{"source": "style", "limit": 8}],
+                           "trainer": world_trainer("dpo", **TRAINER)},
         "grpo": lambda: {"kind": "grpo", "model": str(base), "data": [{"source": "verifiable", "limit": 8}],
                          "rewards": [{"name": f"{reward}:spread"}], "num_generations": 2,
                          "max_completion_length": 4,
@@ -53,8 +57,8 @@ def _stage(cell: str, base: Path, reward: Path, out) -> dict:
     return stages[cell]()
 
 
-CELLS = ["sft", "sft_hft", "sft_lora", "dpo", "grpo", "merge_ta", "merge_ties", "transfer", "eval"]
-TRAINED = {"sft", "sft_hft", "sft_lora", "dpo", "grpo"}
+CELLS = ["sft", "sft_hft", "sft_lora", "dpo", "orpo", "reward", "grpo", "merge_ta", "merge_ties", "transfer", "eval"]
+TRAINED = {"sft", "sft_hft", "sft_lora", "dpo", "orpo", "grpo"}
 # Cells that fail today for a reason another change owns: (arch, cell) -> reason. strict: they must fail.
 XFAIL: dict[tuple[str, str], str] = {}
 
@@ -141,6 +145,8 @@ def test_cell(runs, sources, world_task_index, arch, cell):
     if cell == "eval":
         return _check_eval(runs.output(arch, "sft"))
     out = runs.output(arch, cell)
+    if cell == "reward":
+        return _check_reward_model(base, out)
     _check_loads_like(base, out)
     before, after = tensor_bytes(base if cell != "transfer" else runs.output(arch, "sft_lora")), tensor_bytes(out)
     assert [k for k in before if before[k] != after[k]], f"{cell} changed no weight"
@@ -168,6 +174,29 @@ def _check_loads_like(base: Path, out: Path) -> None:
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert tied == bool(cfg_in.get("tie_word_embeddings")), "the embedding tie changed"
     assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def _check_reward_model(base: Path, out: Path) -> None:
+    """A reward stage's model/ is the architecture's one-output sequence classifier: the base's body, trained,
+    and a score head in place of the LM head, which scores a chosen and a rejected reply differently."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg_in = json.loads((base / "config.json").read_text())
+    model, info = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.model_type == cfg_in["model_type"] and model.config.num_labels == 1
+    body_in, body_out = headers(base), headers(out)
+    shared = [k for k in body_out if k in body_in]
+    assert len(shared) >= len(body_in) - 2, "the body is not the base's"  # all but the LM head (and a tie)
+    before, after = tensor_bytes(base), tensor_bytes(out)
+    assert [k for k in shared if before[k] != after[k]], "reward changed no weight of the body"
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(["Certainly! 4", "4"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        scores = model(**enc).logits[:, 0]
+    assert torch.isfinite(scores).all() and scores[0] != scores[1]
 
 
 def _layout(heads: dict[str, dict]) -> dict[str, tuple]:
