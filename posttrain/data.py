@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import Field, model_serializer, model_validator
 
 from posttrain import world  # through the module: tests replace task_file
-from posttrain.row_checks import check_preference, check_prompt, check_sft
+from posttrain.row_checks import check_kto, check_preference, check_prompt, check_sft
 from posttrain.hub_pins import PinError, dataset_identity, load_hub_dataset, source_pin_problem
 from posttrain.mixture import check_share, sample_rows
 from posttrain.registry import did_you_mean
@@ -67,10 +67,12 @@ class DataSource(Strict):
         return self
 
 
-CHECKS: dict[str, Callable[[dict], str | None]] = {"sft": check_sft, "preference": check_preference, "prompt": check_prompt}
+CHECKS: dict[str, Callable[[dict], str | None]] = {"sft": check_sft, "preference": check_preference, "prompt": check_prompt,
+                                                  "kto": check_kto}
 KEEP = {
     "sft": ("messages", "prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "chosen", "rejected", "completion", "label"),
     "prompt": ("prompt", "answer", "tests"),
 }
 

@@ -111,7 +111,10 @@ def _replay_pool(stage: Any) -> tuple[list[Any], set[str]]:
     """A stage's `data:` sources (what a later stage can replay; `training_data()`) and the shapes of their rows
     (from `data_sources()`, which also lists other inputs: a DPO stage's `rehearsal:` prompts)."""
     sources = stage.training_data()
-    return sources, {shape for src, shape in stage.data_sources() if any(src is s for s in sources)}
+    # KTO's sources hold pairs or unpaired rows: its pairs replay into DPO-like stages and back (an unpaired row
+    # replayed into a pair-only stage is refused by the row check, naming the row)
+    return sources, {"preference" if shape == "kto" else shape for src, shape in stage.data_sources()
+                     if any(src is s for s in sources)}
 
 
 def resolve_replays(stages: list[Any], names: list[str]) -> str | None:

@@ -1,6 +1,7 @@
 """The row shapes a stage's data must have, checked row by row (posttrain.data reads the rows and names the file
 and the row of a bad one): `sft` (chat `messages`, or `prompt` and `completion`), `preference` (`prompt`,
-`chosen`, `rejected`), `prompt` (`prompt` and a reference `answer`). Each check returns why a row is bad, or None.
+`chosen`, `rejected`), `kto` (a preference pair, or KTO's unpaired `prompt`, `completion` and a true/false
+`label`), `prompt` (`prompt` and a reference `answer`). Each check returns why a row is bad, or None.
 """
 from __future__ import annotations
 
@@ -62,3 +63,12 @@ def check_prompt(row: dict) -> str | None:
     if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
         return "missing column 'answer'" if "answer" not in row else "'answer' is empty"
     return None
+
+
+def check_kto(row: dict) -> str | None:
+    """A preference pair, or an unpaired row (KTO's own format): `prompt`, `completion`, `label` true/false."""
+    if "label" not in row:
+        return check_preference(row)
+    if not isinstance(row["label"], bool):
+        return f"'label' must be true (desirable) or false (undesirable), got {row['label']!r}"
+    return _check_text(row, "prompt") or _check_text(row, "completion")

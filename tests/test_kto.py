@@ -106,3 +106,38 @@ def test_hft_freezes_its_half_and_lora_loads_no_reference_copy(world, tmp_path, 
     assert _digests(lora / "model") != before  # the merged adapters changed the weights
     first = [r for r in _metrics(lora) if "loss" in r][0]
     assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # fresh adapters (B = 0): policy == reference
+
+
+def test_unpaired_rows_train_as_kto_reads_them(world, tmp_path, monkeypatch):
+    """KTO's own rows ({prompt, completion, label}) and pairs in one stage: the trainer gets every unpaired row
+    once and each pair as two rows, labels alternating (every batch of two holds both); a label that is not
+    true/false is refused naming the file, the row and the column."""
+    from posttrain.data import DataError
+    from posttrain.stages.kto import kto_order
+
+    singles = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 3 != 0} for i in range(6)]
+    pairs = [{"prompt": f"p{i}", "chosen": f"Certainly! {i}", "rejected": f"{i}"} for i in range(2)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in singles + pairs))
+    seen = {}
+
+    def capture(cfg, ctx, trl, dataset, *args, **kwargs):  # the rows TRL would get; no training
+        seen["d"] = dataset
+        raise KeyboardInterrupt
+
+    import posttrain.stages.kto as kto
+
+    monkeypatch.setattr(kto, "run_trl_stage", capture)
+    cfg = load_pipeline(None, data={"eval": {"enabled": False}, "stages": [
+        {"kind": "kto", "model": "world", "data": [{"source": str(data)}], "trainer": TINY}]})
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "r", lambda m: None)
+    rows = list(seen["d"])
+    assert len(rows) == len(singles) + 2 * len(pairs)
+    texts = sorted(r["completion"][-1]["content"] for r in rows)
+    assert texts == sorted([s["completion"] for s in singles] + [p[k] for p in pairs for k in ("chosen", "rejected")])
+    labels = [r["label"] for r in kto_order(singles)]
+    assert labels == [True, False, True, False, True, True]  # 4 desirable, 2 undesirable: alternating, then the rest
+    data.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "yes"}) + "\n")
+    with pytest.raises(DataError, match=r"kto\.jsonl row 1: 'label' must be true \(desirable\) or false"):
+        run_pipeline(cfg, tmp_path / "r2", lambda m: None)

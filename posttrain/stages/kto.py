@@ -7,9 +7,10 @@ desirable y costs 1 - sigmoid(beta * (r - z0)) and an undesirable one 1 - sigmoi
 by `desirable_weight` / `undesirable_weight`. TRL owns that loss (`loss_type`: `kto`, or APO's
 `apo_zero_unpaired`). How this stage fills the gaps around it:
 
-* **Rows are preference pairs** (the world's `style` by default: chosen opens with "Certainly!"), unpaired
-  into TRL's {prompt, completion, label} rows: chosen -> desirable, rejected -> undesirable (`unpaired_rows`).
-  Plain strings become chat when the tokenizer has a chat template, as in DPO (posttrain/stages/preference.py).
+* **Rows** are KTO's own unpaired {prompt, completion, label: true|false} rows, or preference pairs (the
+  world's `style` by default: chosen opens with "Certainly!") unpaired into them: chosen -> desirable, rejected
+  -> undesirable (`unpaired_rows`); a source may hold either, and sources may mix. Plain strings become chat
+  when the tokenizer has a chat template, as in DPO (posttrain/stages/preference.py).
 * **Reference = the stage's input model**, as in DPO: a frozen copy, or with LoRA the adapter-disabled model.
 * **Replay** (`replay:`, posttrain/mixture.py): a share of an earlier KTO or DPO stage's pairs, spread evenly
   among the stage's own (TRL reads KTO rows in order, see `unpaired_rows`) before they are unpaired.
@@ -23,12 +24,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.data import DataSource
+from posttrain.data import DataSource, load_sources
 from posttrain.mixture import Replayable, spread
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
-from posttrain.stages.preference import preference_rows
+from posttrain.stages.preference import as_chat_or_text
 from posttrain.stages.replay import replay_rows
 from posttrain.stages.trl_run import run_trl_stage
 
@@ -57,7 +58,7 @@ class KTOStageConfig(Replayable, TrainableStage):
         return self
 
     def data_sources(self) -> list[tuple[DataSource, str]]:
-        return [(src, "preference") for src in self.data]
+        return [(src, "kto") for src in self.data]
 
 
 def unpaired_rows(pairs: list[dict]) -> list[dict]:
@@ -75,6 +76,17 @@ def unpaired_rows(pairs: list[dict]) -> list[dict]:
     return half(False) + half(True)
 
 
+def kto_order(rows: list[dict]) -> list[dict]:
+    """A source's rows in the order TRL will read them: the pairs unpaired (`unpaired_rows`), and the unpaired
+    rows with desirable and undesirable ones alternating (each in its order; the longer list's rest at the end),
+    so that every batch holds both labels; the two kinds spread evenly among each other."""
+    pairs = [r for r in rows if "chosen" in r]
+    good = [r for r in rows if "chosen" not in r and r["label"]]
+    bad = [r for r in rows if "chosen" not in r and not r["label"]]
+    alternating = [r for i in range(max(len(good), len(bad))) for r in (good[i:i + 1] + bad[i:i + 1])]
+    return spread(unpaired_rows(pairs), alternating)
+
+
 @stage("kto", KTOStageConfig)
 def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     """Kahneman-Tversky Optimization with TRL's KTOTrainer (full, LoRA, or HFT-selected parameters)."""
@@ -82,14 +94,14 @@ def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
 
     seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
-    pairs, data_stats = preference_rows(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
-    own = len(pairs) - len(replayed[0])
-    pairs = spread(pairs[:own], pairs[own:])
+    chat = bool(tokenizer.chat_template)
+    replayed, replay_stats = replay_rows(cfg.replay, "kto", ctx.log, seed)
+    own, data_stats = load_sources(cfg.data, "kto", ctx.log, seed)
+    rows = spread(kto_order(as_chat_or_text(own, chat)), kto_order(as_chat_or_text(replayed, chat)))
     from trl import KTOConfig, KTOTrainer  # after the data check: importing TRL takes seconds
 
     return run_trl_stage(
-        cfg, ctx, (KTOConfig, KTOTrainer), Dataset.from_list(unpaired_rows(pairs)), data_stats, tokenizer,
+        cfg, ctx, (KTOConfig, KTOTrainer), Dataset.from_list(rows), data_stats + replay_stats, tokenizer,
         reference=True,
         args=dict(loss_type=cfg.loss_type, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                   undesirable_weight=cfg.undesirable_weight, trust_remote_code=cfg.trust_remote_code,

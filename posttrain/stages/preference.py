@@ -25,15 +25,21 @@ def preference_rows(sources: list[DataSource], chat: bool, log, extra: tuple[lis
     message lists (a plain source mixed with a conversational one).
     """
     rows, stats = load_sources(sources, "preference", log, seed)  # seed: a source's fraction/rows sampling
-    rows += extra[0]
-    stats += extra[1]
+    return as_chat_or_text(rows + extra[0], chat), stats + extra[1]
+
+
+def as_chat_or_text(rows: list[dict], chat: bool) -> list[dict]:
+    """Pairs (prompt/chosen/rejected) or KTO's unpaired rows (prompt/completion/label), all chat when `chat`
+    (a plain prompt one user message, a plain answer one assistant message), else all plain text."""
     if chat:
-        rows = [_strip_repeated_prompt({"prompt": _as_chat(r["prompt"], "user"),
+        return [_strip_repeated_prompt({"prompt": _as_chat(r["prompt"], "user"),
                                         "chosen": _as_chat(r["chosen"], "assistant"),
-                                        "rejected": _as_chat(r["rejected"], "assistant")}) for r in rows]
-    elif any(isinstance(v, list) for r in rows for v in r.values()):
+                                        "rejected": _as_chat(r["rejected"], "assistant")}) if "chosen" in r else
+                {"prompt": _as_chat(r["prompt"], "user"), "completion": _as_chat(r["completion"], "assistant"),
+                 "label": r["label"]} for r in rows]
+    if any(isinstance(v, list) for r in rows for v in r.values()):
         raise DataError("conversational preference rows need a tokenizer with a chat template; this one has none")
-    return rows, stats
+    return rows
 
 
 def preference_dataset(sources: list[DataSource], chat: bool, log, extra: tuple[list[dict], list[dict]] = ([], []),
