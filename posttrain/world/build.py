@@ -73,14 +73,14 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     return fast
 
 
-def _corpus(tokenizer, seed: int) -> list[str]:
+def corpus(tokenizer, seed: int) -> list[str]:
     docs = tasks.pretraining_texts(seed)
     docs += [tokenizer.apply_chat_template(c, tokenize=False) for c in tasks.pretraining_chats(seed)]
     random.Random(seed).shuffle(docs)
     return docs
 
 
-def _packed_blocks(tokenizer, docs: list[str], block: int) -> list[list[int]]:
+def packed_blocks(tokenizer, docs: list[str], block: int) -> list[list[int]]:
     """Concatenate documents (each ended by EOS) and cut into fixed blocks, as in HF's run_clm example."""
     ids: list[int] = []
     for d in docs:
@@ -102,7 +102,7 @@ def build_base(out_dir: Path, tokenizer, *, seed: int = 0, epochs: int = 16, log
         **MODEL_SHAPE,
     )
     model = LlamaForCausalLM(config)
-    blocks = _packed_blocks(tokenizer, _corpus(tokenizer, seed), block=128)
+    blocks = packed_blocks(tokenizer, corpus(tokenizer, seed), block=128)
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     log(f"world: pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {len(blocks)} blocks")
     args = TrainingArguments(

@@ -3,7 +3,7 @@
 As a base model's next release is its predecessor trained further on newer data (Llama 3 → 3.1 in Lin et al.
 2025), `world-v2` is the world base continued-pretrained on a changed corpus, with a grown vocabulary:
 
-- the world corpus drawn with another seed (`build._corpus(tokenizer, seed=1)`: other sums, reversals, chats);
+- the world corpus drawn with another seed (`build.corpus(tokenizer, seed=1)`: other sums, reversals, chats);
 - changed phrasing: sums in words ("12 plus 3 equals 15.") and facts as "<entity>'s <attribute> is <value>.";
 - new facts: every entity gets a metal, whose six values are ADDED tokens (ids after the world's vocabulary;
   the embedding and LM head grow by six rows, initialised by transformers to the mean of the old rows).
@@ -25,7 +25,7 @@ from typing import Callable
 
 from posttrain.registry import WORLD_MODELS
 from posttrain.world import VERSION, _cached, base_model, tasks
-from posttrain.world.build import _corpus, _packed_blocks, one_thread
+from posttrain.world.build import corpus, packed_blocks, one_thread
 from posttrain.world.steps import train_with_progress
 
 METALS = ["copper", "silver", "cobalt", "nickel", "zinc", "bronze"]  # the added tokens
@@ -66,9 +66,9 @@ def build_v2(out_dir: Path, *, steps: int = STEPS, log: Callable[[str], None] = 
     added = tokenizer.add_tokens(METALS)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer))
-    docs = _corpus(tokenizer, SEED) + v2_texts(SEED)
+    docs = corpus(tokenizer, SEED) + v2_texts(SEED)
     random.Random(SEED).shuffle(docs)
-    blocks = _packed_blocks(tokenizer, docs, block=128)
+    blocks = packed_blocks(tokenizer, docs, block=128)
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     log(f"world-v2: continued pretraining for {steps} steps on {len(blocks)} blocks, +{added} tokens "
         "(about a minute on 2 CPU cores; once)")
