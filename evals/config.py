@@ -30,6 +30,15 @@ class EvalConfig(Strict):
         default_factory=lambda: [0.9, 0.75, 0.5, 0.25], min_length=1,
         description="on_drop: mitigate: the α of θ(α) = parent + α·(stage − parent) tried on the dev splits")
 
+    @field_validator("max_drop")
+    @classmethod
+    def _allowances(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: a for k, a in v.items() if a < 0}
+        if bad:
+            k = next(iter(bad))
+            raise ValueError(f"{k}: an allowed drop is 0 or more (0: no drop below the base), got {bad[k]}")
+        return v
+
     @field_validator("mitigate_alphas")
     @classmethod
     def _alphas(cls, v: list[float]) -> list[float]:

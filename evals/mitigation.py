@@ -90,6 +90,9 @@ def sections(run_dir: Path, report_dir: Path) -> list[str]:
     """The "Mitigation" section of forgetting.md (one table and trade-off plot per mitigated stage); the plots
     are written into `report_dir` as mitigation_<stage>.png."""
     found = mitigations(run_dir)
+    for old in report_dir.glob("mitigation_*.png"):  # of a mitigation since undone
+        if old.stem.removeprefix("mitigation_") not in found:
+            old.unlink(missing_ok=True)
     if not found:
         return []
     parts = ["## Mitigation\n\nA stage that broke `eval.max_drop` was replaced by θ(α) = parent + α·(stage − parent) "

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from evals.checks import check_eval_config
 from posttrain.config import load_pipeline
 from posttrain.pipeline import Pipeline
 from posttrain.rundir import open_run_dir
@@ -128,6 +129,7 @@ def stage(kind: str, run_dir: str | Path | None = None, *, config: str | Path | 
 
 
 def _execute(cfg, run_dir, overwrite: bool, log: Callable[[str], None]) -> Run:
+    check_eval_config(cfg, log)  # as the CLI: the suite, max_drop keys, mitigate's needs, before anything runs
     path, created = open_run_dir(run_dir, cfg.name)
     try:
         Pipeline(cfg, path, log, overwrite=overwrite).run()

@@ -95,7 +95,8 @@ def search(pipe: Any, final: Path, parent: str, trains_on: list[str]) -> dict[st
     """Write and score on dev the stage (α = 1) and θ(α) for each α of the grid; the mitigation record."""
     ev: EvalConfig = pipe.settings
     trials_dir = final / "mitigation"
-    trials_dir.mkdir(exist_ok=True)
+    shutil.rmtree(trials_dir, ignore_errors=True)  # a search cut short (kill -9) left its trials: start afresh
+    trials_dir.mkdir()
 
     def dev(model: Path | str, name: str) -> dict:
         return runner.evaluate_model(str(model), settings=ev, split="dev", out=trials_dir / f"{name}.dev.json",

@@ -76,7 +76,29 @@ def find_stage(run_dir: Path, name: str) -> tuple[dict, dict, Path]:
     folder = run_dir / "stages" / f"{index:02d}_{name}"
     if not (folder / "DONE").is_file() or not (folder / "model").is_dir():
         raise ConfigError(f"--stage {name}: not finished in {run_dir} (no {folder.name}/DONE); run the pipeline first")
+    _check_current(run_dir, pipe, name, names)
     return pipe, pipe["stages"][index - 1], folder / "model"
+
+
+def _finished(stage_dir: Path) -> str | None:
+    try:
+        return json.loads((stage_dir / "DONE").read_text()).get("finished")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_current(run_dir: Path, pipe: dict, name: str, names: list[str]) -> None:
+    """Refuse a stage built from an earlier version of a stage it descends from: that one finished (reran,
+    or had its mitigation undone) after this one did, so the card's lineage and scores would not be its own."""
+    report_path = run_dir / "report" / "forgetting.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    folder = lambda n: run_dir / "stages" / f"{names.index(n) + 1:02d}_{n}"  # noqa: E731
+    mine = _finished(folder(name))
+    for other in ancestors(pipe, report, name)[:-1]:
+        then = _finished(folder(other))
+        if mine and then and then > mine:
+            raise ConfigError(f"--stage {name}: built from an earlier version of `{other}` ({other} finished at "
+                              f"{then}, after {name} at {mine}); rerun the pipeline before pushing")
 
 
 def ancestors(pipe: dict, report: dict | None, name: str) -> list[str]:

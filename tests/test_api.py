@@ -260,3 +260,27 @@ def test_a_card_names_a_pinned_hub_base_without_its_revision(tmp_path):
     (run_dir / "pipeline.yaml").write_text("name: p\nstages:\n  - {name: sft, kind: sft, model: 'Qwen/Qwen2.5-0.5B@a1b2c3'}\n")
     card = render_card(run_dir, "sft", "me/model")
     assert "base_model: Qwen/Qwen2.5-0.5B\n" in card
+
+
+def test_push_refuses_a_stage_built_from_an_earlier_version_of_its_parent(tmp_path):
+    """A parent that finished after its child (it reran, or its mitigation was undone): the child is stale and
+    its card would describe a lineage it was not trained on."""
+    from posttrain.config import ConfigError
+    from posttrain.push import find_stage
+
+    run_dir = tmp_path / "run"
+    for i, (name, when) in enumerate([("a", "2026-12-05T10:00:05"), ("b", "2026-12-05T10:00:01")], start=1):
+        (run_dir / "stages" / f"0{i}_{name}" / "model").mkdir(parents=True)
+        (run_dir / "stages" / f"0{i}_{name}" / "DONE").write_text(json.dumps({"finished": when}))
+    (run_dir / "pipeline.yaml").write_text("name: p\nstages:\n  - {name: a, kind: sft}\n  - {name: b, kind: sft}\n")
+    find_stage(run_dir, "a")
+    with pytest.raises(ConfigError, match=r"--stage b: built from an earlier version of `a`"):
+        find_stage(run_dir, "b")
+
+
+def test_the_api_makes_the_clis_eval_checks_before_anything_runs(tmp_path):
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="on_drop: mitigate needs eval.max_drop"):
+        pt.run({"eval": {"on_drop": "mitigate"}, "stages": [{"kind": "sft"}]}, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -46,6 +46,8 @@ def test_mitigate_needs_limits_and_dev_splits():
         check_eval_config(load_pipeline(None, data={"eval": {"on_drop": "mitigate"}, "stages": [{"kind": "sft"}]}))
     with pytest.raises(ConfigError, match="mitigate_alphas"):
         load_pipeline(None, data={"eval": {"mitigate_alphas": [1.0]}, "stages": [{"kind": "sft"}]})
+    with pytest.raises(ConfigError, match=r"eval.max_drop.*world_facts: an allowed drop is 0 or more"):
+        load_pipeline(None, data={"eval": {"max_drop": {"world_facts": -0.1}}, "stages": [{"kind": "sft"}]})
 
 
 def _float_tensors(folder: Path) -> dict:
@@ -171,3 +173,19 @@ def test_no_passing_alpha_fails_the_stage_naming_the_best_tradeoff(mitigated, tm
             run_pipeline(load_pipeline(None, data=strict), tmp_path / "run", lambda m: None)
     msg = str(e.value)
     assert "\n" not in msg and "no interpolation" in msg and "best trade-off α=0.25" in msg
+
+
+def test_a_search_cut_short_leaves_nothing_a_rerun_trips_on(mitigated):
+    """kill -9 during the search leaves a trial folder (and a partial one): the next search starts afresh."""
+    import evals.runner
+
+    run_dir, fake, _, raw = mitigated
+    final = run_dir / "stages" / "01_sft_reversal"
+    raw2 = {**raw, "eval": {**raw["eval"], "mitigate_alphas": [0.9, 0.75, 0.5, 0.25, 0.2]}}
+    (final / "mitigation" / "alpha_0.9" / "x").mkdir(parents=True)  # what a killed search left
+    (final / "mitigation" / ".alpha_0.9.partial").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evals.runner, "_run_lm_eval", fake)
+        run_pipeline(load_pipeline(None, data=raw2), run_dir, lambda m: None)
+    assert json.loads((final / "mitigation.json").read_text())["chosen"] == 0.5
+    assert not (final / "mitigation").exists()

@@ -81,10 +81,14 @@ def test_parse_score():
     ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
     ({"pattern": "(unclosed"}, "bad pattern"),
     ({"device": "tpu"}, "device must be"),
+    ({"model": "{classifier}"}, "not a causal LM"),
     ({"backend": "sglang"}, "backend must be"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in (0, 1]"),
 ])
-def test_bad_params_are_one_line_errors(judge_folder, params, says):
+def test_bad_params_are_one_line_errors(judge_folder, params, says, tmp_path):
+    if params.get("model") == "{classifier}":  # a reward model's folder: a judge would answer with a random head
+        (tmp_path / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
+        params = {"model": str(tmp_path)}
     full = params if not params or "model" in params else {"model": str(judge_folder), **params}
     with pytest.raises(ValidationError) as e:
         RewardSpec(name="judge", params=full)

@@ -18,6 +18,7 @@ stand-in ``vllm`` module (no GPU here), so what vLLM itself generates is checked
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import re
@@ -174,6 +175,10 @@ def _check_params(params: dict[str, Any]) -> None:
                          "give the judge's folder path")
     if not (Path(model) / "config.json").is_file():
         raise ValueError(f"reward 'judge': model folder {model!r} not found (no config.json there)")
+    archs = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    if any(not str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise ValueError(f"reward 'judge': model {model!r} is a {archs[0]}, not a causal LM that can answer a "
+                         "rubric (a reward model? score with the reward_model reward)")
     rubric = params.get("rubric", DEFAULT_RUBRIC)
     if not isinstance(rubric, str) or "{completion}" not in rubric:
         raise ValueError("reward 'judge': rubric must be a string with {completion} (and usually {prompt}) in it")
