@@ -70,6 +70,7 @@ def test_parse_score():
     assert parse_score("<think>maybe 2</think> 4", r"(\d+)", 5) == 0.8
     assert parse_score("eleven", r"(\d+)", 10) is None
     assert parse_score("11", r"(\d+)", 10) is None  # outside [0, max_score]
+    assert parse_score("Score: 7 of 10", r"Score: \d+", 10) == 0.7  # no group: the number in the match
 
 
 @pytest.mark.parametrize("params, says", [

@@ -56,8 +56,12 @@ def parse_score(reply: str, pattern: str, max_score: float) -> float | None:
     found = re.search(pattern, reply, flags=re.DOTALL)
     if found is None:
         return None
+    text = found.group(1) if found.groups() else found.group(0)
+    if not found.groups():  # no group: the first number in the match ("Score: 7" for pattern "Score: \d+")
+        number = re.search(r"[-+]?\d+(?:\.\d+)?", text)
+        text = number.group(0) if number else None
     try:
-        value = float(found.group(1) if found.groups() else found.group(0))
+        value = float(text)
     except (TypeError, ValueError):
         return None
     return value / max_score if math.isfinite(value) and 0 <= value <= max_score else None
