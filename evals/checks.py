@@ -27,6 +27,9 @@ def check_eval_config(cfg: Any, warn: Callable[[str], None] = print) -> None:
     run with a custom suite).
     """
     if not cfg.eval.enabled:
+        if cfg.eval.max_drop:
+            warn(f"warning: eval.max_drop is set but evals are off (eval.enabled: false): no gate runs, "
+                 f"on_drop: {cfg.eval.on_drop} never acts")
         return
     spec = load_suite(cfg.eval.suite)
     if cfg.eval.on_drop == "mitigate":

@@ -189,3 +189,13 @@ def test_a_search_cut_short_leaves_nothing_a_rerun_trips_on(mitigated):
         run_pipeline(load_pipeline(None, data=raw2), run_dir, lambda m: None)
     assert json.loads((final / "mitigation.json").read_text())["chosen"] == 0.5
     assert not (final / "mitigation").exists()
+
+
+def test_a_gate_with_evals_off_is_warned_about():
+    from evals.checks import check_eval_config
+
+    said = []
+    check_eval_config(load_pipeline(None, data={"eval": {"enabled": False, "max_drop": {"world_facts": 0.1},
+                                                         "on_drop": "mitigate"}, "stages": [{"kind": "sft"}]}),
+                      said.append)
+    assert said and "evals are off" in said[0] and "mitigate never acts" in said[0]

@@ -159,3 +159,13 @@ def test_the_judge_folder_is_an_input_of_the_stage(judge_folder, tmp_path):
     before = pipe._model_identity(str(judge_folder))
     (judge_folder / "config.json").write_text((judge_folder / "config.json").read_text() + " ")
     assert pipe._model_identity(str(judge_folder)) != before
+
+
+def test_backend_vllm_without_vllm_is_refused_at_load(judge_folder):
+    import importlib.util
+    import sys
+
+    if "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ValidationError, match="backend vllm needs vllm"):
+        RewardSpec(name="judge", params={"model": str(judge_folder), "backend": "vllm"})

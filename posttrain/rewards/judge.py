@@ -197,6 +197,13 @@ def _check_params(params: dict[str, Any]) -> None:
         raise ValueError(f"reward 'judge': device must be auto, cpu or cuda[:N], got {params['device']!r}")
     if params.get("backend", "auto") not in ("auto", "transformers", "vllm"):
         raise ValueError(f"reward 'judge': backend must be auto, transformers or vllm, got {params['backend']!r}")
+    if params.get("backend") == "vllm":
+        import sys
+        import importlib.util
+
+        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+            raise ValueError("reward 'judge': backend vllm needs vllm (pip install .[gpu], on a CUDA machine); "
+                             "backend auto uses transformers without it")
     share = params.get("gpu_memory_utilization", 0.2)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise ValueError(f"reward 'judge': gpu_memory_utilization must be in (0, 1], got {share!r}")
