@@ -282,10 +282,10 @@ def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, ru
 def _stale_parents(stage_dir: Path, parent_dirs: list[Path], stale: set[str]) -> list[str]:
     """One phrase per parent stage (its folder) that is stale itself or finished after the stage in
     `stage_dir` (DONE's `finished`, ISO to the second: within one run a child finishes after its parent)."""
-    finished = _finished(stage_dir)
+    finished = stage_finished(stage_dir)
     out = []
     for parent_dir in parent_dirs:
-        parent, then = parent_dir.name.split("_", 1)[1], _finished(parent_dir)
+        parent, then = parent_dir.name.split("_", 1)[1], stage_finished(parent_dir)
         if parent in stale:
             out.append(f"built from `{parent}`, which is left out as built from an earlier version itself")
         elif finished and then and then > finished:
@@ -294,7 +294,7 @@ def _stale_parents(stage_dir: Path, parent_dirs: list[Path], stale: set[str]) ->
     return out
 
 
-def _finished(stage_dir: Path) -> str | None:
+def stage_finished(stage_dir: Path) -> str | None:
     """The `finished` time (ISO, seconds) in a stage folder's DONE; None without a readable one."""
     try:
         return json.loads((stage_dir / "DONE").read_text()).get("finished")

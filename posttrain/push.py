@@ -32,6 +32,7 @@ import yaml
 
 from pydantic import Field, field_validator
 
+from evals.run_report import stage_finished
 from posttrain.registry import did_you_mean
 from posttrain.schema import ConfigError, Strict, read_yaml
 
@@ -80,22 +81,15 @@ def find_stage(run_dir: Path, name: str) -> tuple[dict, dict, Path]:
     return pipe, pipe["stages"][index - 1], folder / "model"
 
 
-def _finished(stage_dir: Path) -> str | None:
-    try:
-        return json.loads((stage_dir / "DONE").read_text()).get("finished")
-    except (OSError, ValueError):
-        return None
-
-
 def _check_current(run_dir: Path, pipe: dict, name: str, names: list[str]) -> None:
     """Refuse a stage built from an earlier version of a stage it descends from: that one finished (reran,
     or had its mitigation undone) after this one did, so the card's lineage and scores would not be its own."""
     report_path = run_dir / "report" / "forgetting.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     folder = lambda n: run_dir / "stages" / f"{names.index(n) + 1:02d}_{n}"  # noqa: E731
-    mine = _finished(folder(name))
+    mine = stage_finished(folder(name))
     for other in ancestors(pipe, report, name)[:-1]:
-        then = _finished(folder(other))
+        then = stage_finished(folder(other))
         if mine and then and then > mine:
             raise ConfigError(f"--stage {name}: built from an earlier version of `{other}` ({other} finished at "
                               f"{then}, after {name} at {mine}); rerun the pipeline before pushing")
