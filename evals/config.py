@@ -23,6 +23,8 @@ class EvalConfig(Strict):
     seed: int = 0
     num_fewshot: int = Field(0, ge=0)
     max_new_tokens: int = Field(24, ge=1)
+    log_samples: bool = Field(False, description="keep each example's score in eval.json (`items`), for paired "
+                                                 "tests between models (experiments/claims.py)")
     max_drop: dict[str, float] = Field(default_factory=dict, description="task -> allowed drop below base")
     on_drop: Literal["stop", "warn", "mitigate"] = Field(
         "stop", description="a stage past max_drop: stop the run, warn, or mitigate (interpolate with its parent)")

@@ -193,7 +193,9 @@ def eval_settings(settings: EvalConfig, spec: Suite, world_hashes: dict[str, str
     return {"task_hashes": {t: world_hashes.get(t, f"lm_eval:{t}") for t in spec.tasks},
             "limit": settings.limit if settings.limit is not None else spec.limit, "seed": settings.seed,
             "num_fewshot": settings.num_fewshot, "suite": spec.model_dump(), "max_new_tokens": settings.max_new_tokens,
-            "split": split, "backend": _backend(settings.backend)}  # vLLM and transformers generate differently
+            "split": split, "backend": _backend(settings.backend),  # vLLM and transformers generate differently
+            # only when on, so the keys of evals made before the field existed still match
+            **({"log_samples": True} if settings.log_samples else {})}
 
 
 def current_eval_settings(settings: EvalConfig, split: str = "test") -> dict:
@@ -306,15 +308,36 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
             numpy_random_seed=settings.seed,
             torch_random_seed=settings.seed,
             fewshot_random_seed=settings.seed,
-            log_samples=False,
+            log_samples=settings.log_samples,
             bootstrap_iters=1000,
         )
     seconds = round(time.time() - start, 1)
     scores = scores_from_results(results)
     log("eval: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in sorted(scores.items())) + f" ({seconds}s)")
     keep = {k: results.get(k) for k in ("results", "versions", "n-samples", "higher_is_better")}
-    return {"scores": scores, "seconds": seconds, "backend": backend, "lm_eval": keep,
-            "task_configs": {t: _config_hash(c) for t, c in (results.get("configs") or {}).items()}}
+    record = {"scores": scores, "seconds": seconds, "backend": backend, "lm_eval": keep,
+              "task_configs": {t: _config_hash(c) for t, c in (results.get("configs") or {}).items()}}
+    if settings.log_samples:
+        record["items"] = items_from_samples(results.get("samples") or {}, scores)
+    return record
+
+
+def items_from_samples(samples: dict[str, list[dict]], scores: dict) -> dict[str, dict[str, list]]:
+    """lm-eval's logged samples -> {"<task>/<metric>": {"doc_id": [...], "values": [...]}}, named as in `scores`
+    (`scores_from_results`), sorted by doc_id: each example's score, so two models' evals pair item by item.
+    Prompts and replies are not kept (they are lm-eval's `--log_samples` files' job, and large)."""
+    out: dict[str, dict[str, list]] = {}
+    for task, examples in samples.items():
+        for ex in sorted(examples, key=lambda e: e["doc_id"]):
+            for metric in ex.get("metrics", []):
+                name = next((n for n in (f"{task}/{metric}", f"{task}/{metric}@{ex.get('filter')}") if n in scores),
+                            None)
+                if name is None or not isinstance(ex.get(metric), (int, float)):
+                    continue
+                slot = out.setdefault(name, {"doc_id": [], "values": []})
+                slot["doc_id"].append(ex["doc_id"])
+                slot["values"].append(float(ex[metric]))
+    return out
 
 
 @functools.lru_cache(maxsize=8)

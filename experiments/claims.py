@@ -1,113 +1,118 @@
-"""The seed claims (issue 11) reproduced on the embedded world: run their pipelines, then write claims.md.
+"""The seed claims (issues 11 and 23) on the embedded world: run their pipelines over seeds, then write claims.md.
 
-    python -m experiments.claims [--runs runs/claims] [--only NAME,...] [--no-run] [--update-readme]
+    python -m experiments.claims [--runs runs/claims] [--only NAME,...] [--seeds 0,1,2] [--jobs 2] [--no-run]
+                                 [--update-readme]
 
-Each claim names a pipeline in ``configs/pipelines/claims/`` (run into ``<runs>/<pipeline>``; a rerun skips
-the finished stages) and the comparisons that decide it, all fixed here before any outcome was seen. Every
-number in ``<runs>/claims.md`` is read from the pipeline's ``report/forgetting.json`` (``stages[].scores``),
-with its stderr; nothing is trained, tuned or recomputed here.
+Each claim names a pipeline in ``configs/pipelines/claims/``, run once per seed into ``<runs>/<pipeline>/seed<S>``
+(``--set seed=S``; an HFT stage's mask seed too; a rerun skips finished stages), and the comparisons that decide
+it, all fixed here before any outcome was seen. Every pipeline evaluates the full test split of every world task
+with ``eval.log_samples``, so each model's eval.json holds every example's score; a comparison pairs two rows
+example by example and seed by seed (experiments/claims_stats.py: the test, the matched-gain rule and the verdict
+rule). Nothing is trained, tuned or recomputed here beyond those means and standard errors.
 
-Decision rule, per comparison "row a beats row b on key" (higher is better): with d = a − b and
-se = sqrt(se_a² + se_b²), the comparison is *held* when d > 2·se, *not held* when d < −2·se, and *not
-significant* otherwise (a missing stderr counts as 0). A claim's *premises* (e.g. "the specialist learned its
-task") must all be held, or the verdict is *cannot show*: the world did not set up what the claim is about.
-Otherwise the claim is *held* when every comparison is held, *not held* when any is not held, and *not
-significant* in every other case. An exact-match comparison whose two rows both score 0 within 2 of their own
-stderr is marked *at floor* (nothing is left on either side to compare); a claim whose comparisons are all at
-floor reads *cannot show*. (This floor rule was added after the first run, where every merge lost both skills;
-it never makes a claim hold.) *Context* rows are shown beside the verdict and never decide it.
+A claim's *premises* (e.g. "the specialist learned its task", "the two methods gained the same") must all be
+held, or the verdict is *cannot show*: the world did not set up what the claim is about. Otherwise the claim is
+*held* when every comparison is held, *not held* when any is not held, and *not significant* in every other case.
+An exact-match comparison whose two rows both score 0 within 2 of their own stderr is *at floor*; a claim whose
+comparisons are all at floor reads *cannot show*. *Context* rows are shown beside the verdict and never decide it.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
+from experiments import claims_stats
+from experiments.claims_decide import (NO_REPORT, Claim, Comparison, Match, claim_section, decide, read_rows,
+                                       summary_table)
 from posttrain.rundir import replace_marked
 
 REPO = Path(__file__).resolve().parent.parent
 CLAIMS_DIR = REPO / "configs" / "pipelines" / "claims"
-HELD, NOT_HELD, NOT_SIGNIFICANT, CANNOT_SHOW, NO_REPORT = (
-    "held", "not held", "not significant", "cannot show", "no report")
-ARITH, REV, FACTS, VERIF = ("world_arithmetic/exact_match", "world_reversal/exact_match", "world_facts/acc",
-                            "world_verifiable/exact_match")
+SEEDS = (0, 1, 2)
+ARITH, REV, FACTS, VERIF, STYLE = ("world_arithmetic/exact_match", "world_reversal/exact_match", "world_facts/acc",
+                                   "world_verifiable/exact_match", "world_style/exact_match")
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """Row `a` scores higher than row `b` on `key`; rows are report row names (stage, `base`, `input:<ref>`)."""
-
-    label: str
-    key: str
-    a: str
-    b: str
+def _c(label: str, key: str, a: str, b: str, same: bool = False) -> Comparison:
+    return Comparison(label, key, a, b, same)
 
 
-@dataclass(frozen=True)
-class Claim:
-    id: str
-    pipeline: str  # a file stem in configs/pipelines/claims/ and the run folder's name
-    statement: str
-    comparisons: tuple[Comparison, ...]
-    premises: tuple[Comparison, ...] = ()
-    context: tuple[Comparison, ...] = ()
-    limits: str = ""  # what the tiny world cannot show, written before any run
-
-
-def _c(label: str, key: str, a: str, b: str) -> Comparison:
-    return Comparison(label, key, a, b)
-
-
+_FULL_RUNGS = tuple(f"full_reversal_{k}" for k in (50, 100, 200, 400, 800))
+_SFT_RUNGS = tuple(f"sft_verifiable_{k}" for k in (5, 10, 20, 40, 80, 160))
 _LINEAR_VS = tuple(
     _c(f"{m} keeps more of {who} than linear", key, m, "linear")
     for m in ("ties", "dare_linear") for who, key in (("arithmetic", ARITH), ("reversal", REV)))
 _SPECIALISTS_LEARNED = (
-    _c("arithmetic specialist learned arithmetic", ARITH, "input:world-sft-arithmetic", "base"),
-    _c("reversal specialist learned reversal", REV, "input:world-sft-reversal", "base"),
+    _c("arithmetic specialist learned arithmetic", ARITH, "spec_arithmetic", "base"),
+    _c("reversal specialist learned reversal", REV, "spec_reversal", "base"),
 )
 
 CLAIMS: tuple[Claim, ...] = (
     Claim(
         "1", "hft_vs_full",
-        "Half Fine-Tuning forgets less than full fine-tuning in sequential training (arithmetic, then reversal).",
+        "Half Fine-Tuning forgets less than full fine-tuning when a fine-tuned model learns a new task, at "
+        "matched gain (world-sft, which learned arithmetic and facts, then reversal).",
         comparisons=(
-            _c("HFT keeps more arithmetic after reversal", ARITH, "hft_reversal", "full_reversal"),
-            _c("HFT keeps more facts after reversal", FACTS, "hft_reversal", "full_reversal"),
+            _c("HFT keeps more arithmetic", ARITH, "hft_reversal", "full_matched"),
+            _c("HFT keeps more facts", FACTS, "hft_reversal", "full_matched"),
         ),
         premises=(
-            _c("full SFT learned arithmetic", ARITH, "full_arithmetic", "base"),
-            _c("HFT learned arithmetic", ARITH, "hft_arithmetic", "base"),
+            _c("HFT learned reversal", REV, "hft_reversal", "base"),
+            _c("full fine-tuning (matched rung) learned reversal", REV, "full_matched", "base"),
+            _c("the two gained the same on reversal", REV, "hft_reversal", "full_matched", same=True),
         ),
         context=(
-            _c("arithmetic before reversal (HFT - full)", ARITH, "hft_arithmetic", "full_arithmetic"),
-            _c("reversal learned (HFT - full)", REV, "hft_reversal", "full_reversal"),
+            _c("arithmetic at equal steps (800): HFT - full", ARITH, "hft_reversal", "full_reversal_800"),
+            _c("facts at equal steps (800): HFT - full", FACTS, "hft_reversal", "full_reversal_800"),
+            _c("reversal at equal steps (800): HFT - full", REV, "hft_reversal", "full_reversal_800"),
         ),
-        limits="The HFT paper measures forgetting of a 7B model's broad pretrained abilities over long task "
-               "sequences; here it is two 800-step tasks on a 1M-parameter model, one seed, and HFT's half is "
-               "drawn at random per stage, so one run cannot separate the method from the draw.",
+        matches=(Match("full_matched", _FULL_RUNGS, REV, "hft_reversal"),),
+        design="Before issue 23 this claim compared HFT and full fine-tuning at equal steps, where HFT learned far "
+               "less (less forgetting at less learning says nothing), on one seed and 100 examples. Now: both "
+               "start from world-sft (arithmetic and facts learned) and train reversal; HFT runs the world's SFT "
+               "tuning (800 steps, a fresh seeded half per seed); full fine-tuning runs the same tuning stopped at "
+               "50, 100, 200, 400 and 800 steps, and in each seed the rung whose reversal score is closest to "
+               "HFT's is compared (the HFT paper compares at matched performance on the new task). Forgetting is "
+               "read on arithmetic and facts, which reversal does not train.",
+        limits="The HFT paper measures a 7B model's broad pretrained abilities over long task sequences; here "
+               "one new task on a 1M-parameter model. A rung ends its cosine schedule early, so a matched rung "
+               "also took larger late steps than a checkpoint of the 800-step run would have.",
     ),
     Claim(
         "2", "grpo_vs_sft",
-        "GRPO forgets less of earlier tasks than SFT on the same task (verifiable, from world-sft).",
+        "GRPO forgets less of unrelated earlier tasks than SFT on the same task, at matched gain (verifiable, "
+        "from world-dpo-style, which learned arithmetic, facts and style).",
         comparisons=(
-            _c("GRPO keeps more arithmetic", ARITH, "grpo_verifiable", "sft_verifiable"),
-            _c("GRPO keeps more facts", FACTS, "grpo_verifiable", "sft_verifiable"),
+            _c("GRPO keeps more facts", FACTS, "grpo_verifiable", "sft_matched"),
+            _c("GRPO keeps more style", STYLE, "grpo_verifiable", "sft_matched"),
         ),
         premises=(
             _c("GRPO gained on verifiable", VERIF, "grpo_verifiable", "base"),
-            _c("SFT gained on verifiable", VERIF, "sft_verifiable", "base"),
+            _c("SFT (matched rung) gained on verifiable", VERIF, "sft_matched", "base"),
+            _c("the two gained the same on verifiable", VERIF, "grpo_verifiable", "sft_matched", same=True),
         ),
-        context=(_c("verifiable gained (GRPO - SFT)", VERIF, "grpo_verifiable", "sft_verifiable"),),
-        limits="The stage defaults spend different compute (GRPO: 60 steps of 8 prompts x 8 samples; SFT: 800 "
-               "steps of 32 rows) and need not reach the same verifiable score, while the papers compare "
-               "forgetting at matched new-task accuracy. Verifiable shares its numbers with arithmetic, so the "
-               "arithmetic row also measures transfer between two phrasings of one skill.",
+        context=(
+            _c("arithmetic, the same skill in another wording (GRPO - SFT)", ARITH, "grpo_verifiable",
+               "sft_matched"),
+            _c("facts against SFT's longest rung (160 steps)", FACTS, "grpo_verifiable", "sft_verifiable_160"),
+        ),
+        matches=(Match("sft_matched", _SFT_RUNGS, VERIF, "grpo_verifiable"),),
+        design="Before issue 23 this claim read forgetting on arithmetic, which is the trained skill in another "
+               "wording (SFT on verifiable lifted it to 1.00), from world-sft, at unequal gains. Now: both start "
+               "from world-dpo-style (SFT on arithmetic and facts, then DPO for style) and train verifiable; "
+               "forgetting is read on facts and style, which verifiable does not touch (the RFT papers measure "
+               "unrelated earlier tasks). GRPO runs the world's GRPO tuning (60 steps x 8 prompts x 8 samples); "
+               "SFT runs the world's SFT tuning stopped at 5, 10, 20, 40, 80 and 160 steps, and in each seed the "
+               "rung whose verifiable score is closest to GRPO's is compared.",
+        limits="world-dpo-style never learned reversal, so reversal cannot show forgetting here. GRPO's rollouts "
+               "are 8 tokens from a 1M-parameter model; the papers' RL runs are orders of magnitude longer.",
     ),
     Claim(
         "3a", "recycle_then_finetune",
@@ -115,6 +120,8 @@ CLAIMS: tuple[Claim, ...] = (
         comparisons=(_c("transfer lifts arithmetic", ARITH, "transfer", "base"),),
         premises=(_c("world-sft learned arithmetic over world-v2", ARITH, "input:world-sft", "base"),),
         context=(_c("facts after transfer (world-sft trained facts too)", FACTS, "transfer", "base"),),
+        design="Unchanged by issue 23 but for the statistics: full test splits, 3 seeds (the transfer itself "
+               "has no seed, so its seeds repeat one model; the item-level test decides).",
         limits="world-v2 is the world base continued for 100 steps on a re-drawn corpus, far closer to its "
                "predecessor than a new LLM release; the lift is read on arithmetic, the skill world-sft gained "
                "(its facts score is below the base's), one λ = 1 and no search.",
@@ -124,17 +131,21 @@ CLAIMS: tuple[Claim, ...] = (
         "Recycling-then-finetuning beats finetuning from bare world-v2 at equal steps (60 SFT steps each).",
         comparisons=(_c("recycled start ends higher on arithmetic", ARITH, "sft_recycled", "sft_from_v2"),),
         context=(_c("facts (recycled - bare)", FACTS, "sft_recycled", "sft_from_v2"),),
-        limits="One step budget (60, from recycle_then_finetune.yaml) and one seed; the paper's gain shrinks "
-               "as fine-tuning runs longer, which one budget cannot show.",
+        design="Unchanged by issue 23 but for the statistics: full test splits, 3 seeds of both SFTs.",
+        limits="One step budget (60, from recycle_then_finetune.yaml); the paper's gain shrinks as fine-tuning "
+               "runs longer, which one budget cannot show.",
     ),
     Claim(
         "4a", "merge_methods",
         "TIES and DARE keep more of each specialist than plain averaging (linear).",
         comparisons=_LINEAR_VS,
         premises=_SPECIALISTS_LEARNED,
-        limits="Two specialists of a 1M-parameter model with method defaults made for LLMs (TIES density 0.2, "
-               "DARE density 0.1, lam 1), one DARE seed; the papers' interference arguments assume many "
-               "specialists and small task vectors, which 800 high-rate SFT steps on a tiny model are not.",
+        design="Before issue 23 the specialists were full 800-step SFTs of the 1M-parameter world, and no merge "
+               "kept either skill. Now: world-large (posttrain/world/large.py, built only here), specialists "
+               "trained as stages of the pipeline with small updates by the rule in merge_methods.yaml, so "
+               "each seed draws its own specialists; every method keeps its registered defaults.",
+        limits="Two specialists, method defaults made for LLMs (TIES density 0.2, DARE density 0.1, lam 1); the "
+               "papers' interference arguments assume many specialists of a far larger model.",
     ),
     Claim(
         "4b", "merge_methods",
@@ -144,124 +155,23 @@ CLAIMS: tuple[Claim, ...] = (
             _c("breadcrumbs keeps more reversal", REV, "breadcrumbs", "task_arithmetic"),
         ),
         premises=_SPECIALISTS_LEARNED,
+        design="As 4a (same pipeline and specialists).",
         limits="Breadcrumbs' defaults (beta 0.01, gamma 0.9) keep 9% of each task vector's entries; the paper "
                "tunes them per model family and reports its gains with many tasks, not two.",
     ),
 )
 
 
-# ------------------------------------------------------------------------------------------- deciding
-
-
-def compare(a: dict, b: dict, z: float = 2.0) -> dict:
-    """{"a", "a_se", "b", "b_se", "diff", "se", "verdict"} for score dicts {"value", "stderr"} (a beats b?)."""
-    a_se, b_se = a.get("stderr") or 0.0, b.get("stderr") or 0.0
-    diff, se = a["value"] - b["value"], math.sqrt(a_se ** 2 + b_se ** 2)
-    # 1e-9: scores are counts over n examples, so a difference of exactly 2 se must not flip on float rounding.
-    verdict = NOT_SIGNIFICANT if abs(diff) <= z * se + 1e-9 else (HELD if diff > 0 else NOT_HELD)
-    return {"a": a["value"], "a_se": a_se, "b": b["value"], "b_se": b_se, "diff": diff, "se": se,
-            "verdict": verdict}
-
-
-def rows_of(report: dict) -> dict[str, dict]:
-    """Report row name -> its scores, from a forgetting.json."""
-    return {s["name"]: s["scores"] for s in report["stages"]}
-
-
-def _outcome(comp: Comparison, rows: dict[str, dict]) -> dict:
-    for row in (comp.a, comp.b):
-        if comp.key not in rows.get(row, {}):
-            return {"verdict": NO_REPORT, "missing": f"{row} {comp.key}"}
-    out = compare(rows[comp.a][comp.key], rows[comp.b][comp.key])
-    out["floor"] = comp.key.endswith("/exact_match") and all(
-        out[v] <= 2 * out[f"{v}_se"] + 1e-9 for v in ("a", "b"))  # exact match cannot go below 0
-    return out
-
-
-def decide(claim: Claim, report: dict | None) -> dict:
-    """The claim's verdict and every comparison's outcome, from its pipeline's forgetting.json (None: no run)."""
-    if report is None:
-        return {"verdict": NO_REPORT, "premises": [], "comparisons": [], "context": []}
-    rows = rows_of(report)
-    out = {part: [(c, _outcome(c, rows)) for c in getattr(claim, part)]
-           for part in ("premises", "comparisons", "context")}
-    verdicts = [o["verdict"] for _, o in out["comparisons"]]
-    if NO_REPORT in verdicts or any(o["verdict"] == NO_REPORT for _, o in out["premises"]):
-        verdict = NO_REPORT
-    elif any(o["verdict"] != HELD for _, o in out["premises"]) or all(o["floor"] for _, o in out["comparisons"]):
-        verdict = CANNOT_SHOW
-    elif all(v == HELD for v in verdicts):
-        verdict = HELD
-    elif NOT_HELD in verdicts:
-        verdict = NOT_HELD
-    else:
-        verdict = NOT_SIGNIFICANT
-    return {"verdict": verdict, **out}
-
-
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _score(value: float, se: float) -> str:
-    # World scores are counts over 100 (or 50) examples, so two decimals are the value exactly; stderr gets three.
-    return f"{value:.2f} ± {se:.3f}"
-
-
-def _comparison_row(kind: str, comp: Comparison, o: dict) -> str:
-    if o["verdict"] == NO_REPORT:
-        return f"| {kind} | {comp.label} | {comp.key} | - | - | - | - | no score ({o['missing']}) |"
-    return (f"| {kind} | {comp.label} | {comp.key} | {comp.a}: {_score(o['a'], o['a_se'])} | "
-            f"{comp.b}: {_score(o['b'], o['b_se'])} | {o['diff']:+.2f} | {2 * o['se']:.3f} | {_outcome_text(o)} |")
-
-
-def _outcome_text(o: dict) -> str:
-    return o["verdict"] + ("; both at floor" if o.get("floor") else "")
-
-
-def showed(decision: dict) -> str:
-    """One line: what the world showed, numbers as in the report (a vs b, difference, verdict)."""
-    if decision["verdict"] == NO_REPORT:
-        return "no report: the pipeline did not finish"
-    parts = decision["premises"] if decision["verdict"] == CANNOT_SHOW else decision["comparisons"]
-    if decision["verdict"] == CANNOT_SHOW and any(o["verdict"] != HELD for _, o in parts):
-        parts = [(c, o) for c, o in parts if o["verdict"] != HELD]
-    elif decision["verdict"] == CANNOT_SHOW:  # premises held: every comparison is at floor
-        parts = decision["comparisons"]
-    return "; ".join(f"{c.label}: {c.a} {_score(o['a'], o['a_se'])} vs {c.b} {_score(o['b'], o['b_se'])} "
-                     f"({_outcome_text(o)})" for c, o in parts)
-
-
-def summary_table(claims: tuple[Claim, ...], decisions: dict[str, dict], link_prefix: str = "") -> str:
-    lines = ["| claim | verdict | what the world showed (score ± stderr) | report |", "|---|---|---|---|"]
-    for claim in claims:
-        d = decisions[claim.id]
-        link = f"[{claim.pipeline}]({link_prefix}{claim.pipeline}/report/forgetting.md)"
-        lines.append(f"| {claim.id}. {claim.statement} | **{d['verdict']}** | {showed(d)} | {link} |")
-    return "\n".join(lines)
-
-
-def claim_section(claim: Claim, d: dict) -> str:
-    head = (f"## {claim.id}. {claim.statement}\n\nPipeline `configs/pipelines/claims/{claim.pipeline}.yaml`, "
-            f"report [{claim.pipeline}/report/forgetting.json]({claim.pipeline}/report/forgetting.json). "
-            f"**Verdict: {d['verdict']}.**\n")
-    if d["verdict"] == NO_REPORT and not d["comparisons"]:
-        return head + "\nNo report: the pipeline has not finished.\n"
-    table = ["| role | comparison | score | a | b | a − b | 2·se | outcome |", "|---|---|---|---|---|---|---|---|"]
-    for kind, part in (("premise", "premises"), ("claim", "comparisons"), ("context", "context")):
-        table += [_comparison_row(kind, c, o) for c, o in d[part]]
-    return "\n".join([head, f"What the world showed: {showed(d)}.", "", *table, "",
-                      f"What the tiny world cannot show: {claim.limits}", ""])
-
-
 def render(claims: tuple[Claim, ...], decisions: dict[str, dict], header: str = "") -> str:
+    rule = claims_stats.__doc__.split("\n\n", 1)[1].strip()
     intro = ("# Seed claims on the embedded world\n\n"
-             f"{header}Written by `make claims` (`python -m experiments.claims`); every score is copied from the "
-             "cited `report/forgetting.json` (value ± stderr). A comparison a > b is *held* when a − b > 2·se, "
-             "*not held* when b − a > 2·se, *not significant* otherwise (se = sqrt(se_a² + se_b²)); an exact-match "
-             "comparison is *at floor* when both rows are 0 within 2 of their own stderr. A claim is held when "
-             "all its comparisons are, not held when any is not held, not significant otherwise; it reads "
-             "*cannot show* when one of its premises is not held or all its comparisons are at floor. Context "
-             "rows never decide a verdict.\n")
+             f"{header}Written by `make claims` (`python -m experiments.claims`) from the eval.json files of each "
+             "claim's runs (one per seed), every score a mean over seeds and test examples ± the half-width of "
+             "its 95% interval (2·se). The test and the rules, fixed in experiments/claims_stats.py before any "
+             f"run:\n\n{rule}\n\n{__doc__.split(chr(10) * 2)[3].strip()}\n")
     sections = [claim_section(c, decisions[c.id]) for c in claims]
     return "\n".join([intro, "## Summary\n", summary_table(claims, decisions), "", *sections])
 
@@ -269,17 +179,32 @@ def render(claims: tuple[Claim, ...], decisions: dict[str, dict], header: str = 
 # ------------------------------------------------------------------------------------------- running
 
 
-def load_report(run: Path) -> dict | None:
-    path = run / "report" / "forgetting.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def seed_runs(name: str, runs: Path, seeds: tuple[int, ...]) -> list[dict] | None:
+    """Each seed's rows of pipeline `name` (experiments.claims_decide.read_rows); None unless every seed ran."""
+    folders = [runs / name / f"seed{s}" for s in seeds]
+    if not all((f / "report" / "forgetting.json").is_file() for f in folders):
+        return None
+    return [read_rows(f) for f in folders]
 
 
-def run_pipeline(name: str, runs: Path) -> tuple[int, float]:
-    """`posttrain run` the claim's pipeline in a fresh process, one torch thread (the machine is shared)."""
+def overrides(name: str, seed: int) -> list[str]:
+    """`--set` arguments of one seed: the pipeline's seed, and the mask seed of each HFT stage (HFT draws its
+    frozen half from `trainable.seed`, not from the pipeline's seed)."""
+    raw = yaml.safe_load((CLAIMS_DIR / f"{name}.yaml").read_text())
+    hft = [s["name"] for s in raw["stages"] if (s.get("trainable") or {}).get("mode") == "hft"]
+    return ["--set", f"seed={seed}", *[a for n in hft for a in ("--set", f"stages.{n}.trainable.seed={seed}")]]
+
+
+def run_pipeline(name: str, seed: int, runs: Path) -> tuple[int, float]:
+    """`posttrain run` one seed of a claim's pipeline in a fresh process, one torch thread (runs go in parallel)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "posttrain", "run", str(CLAIMS_DIR / f"{name}.yaml"), "--run-dir", str(runs / name)]
+    run_dir = runs / name / f"seed{seed}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "posttrain", "run", str(CLAIMS_DIR / f"{name}.yaml"), "--run-dir", str(run_dir),
+           *overrides(name, seed)]
     start = time.monotonic()
-    rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
+    with open(run_dir.parent / f"seed{seed}.log", "a") as log:
+        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     return rc, time.monotonic() - start
 
 
@@ -288,33 +213,54 @@ def update_readme(table: str, readme: Path = REPO / "README.md") -> bool:
     return replace_marked(readme, "claims", table)
 
 
+def run_all(jobs: list[tuple[str, int]], runs: Path, workers: int) -> tuple[list[str], dict[str, float]]:
+    """Run (pipeline, seed) jobs `workers` at a time; returns (failed jobs, minutes of work per pipeline)."""
+    failed, took = [], {}
+
+    def one(job: tuple[str, int]) -> None:
+        name, seed = job
+        rc, seconds = run_pipeline(name, seed, runs)
+        took[name] = took.get(name, 0.0) + seconds / 60
+        print(f"claims: {name} seed {seed} finished with exit {rc} in {seconds / 60:.1f} min "
+              f"(log: {runs / name / f'seed{seed}.log'})", file=sys.stderr, flush=True)
+        if rc:
+            failed.append(f"{name} seed {seed}")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, jobs))
+    return failed, took
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.claims", description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="runs/claims", help="one run folder per pipeline, and claims.md")
+    p.add_argument("--runs", default="runs/claims", help="one folder per pipeline (seed<S>/ run dirs), and claims.md")
     p.add_argument("--only", default="", help="comma-separated pipeline names to run (all: empty)")
-    p.add_argument("--no-run", action="store_true", help="only write claims.md from the reports there")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
+    p.add_argument("--jobs", type=int, default=2, help="pipeline runs at once (each uses one torch thread)")
+    p.add_argument("--no-run", action="store_true", help="only write claims.md from the runs there")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
-    runs = Path(args.runs)
+    runs, seeds = Path(args.runs), tuple(int(s) for s in args.seeds.split(","))
     names = list(dict.fromkeys(c.pipeline for c in CLAIMS))
     chosen = [n for n in names if not args.only or n in args.only.split(",")]
-    failed, took = [], {}
     start = time.monotonic()
-    for name in [] if args.no_run else chosen:
-        rc, took[name] = run_pipeline(name, runs)
-        print(f"claims: {name} finished with exit {rc} in {took[name] / 60:.1f} min", file=sys.stderr, flush=True)
-        if rc:
-            failed.append(name)
-    decisions = {c.id: decide(c, load_report(runs / c.pipeline)) for c in CLAIMS}
+    jobs = [] if args.no_run else [(n, s) for n in chosen for s in seeds]
+    failed, took = run_all(jobs, runs, max(1, args.jobs))
+    decisions = {c.id: decide(c, seed_runs(c.pipeline, runs, seeds)) for c in CLAIMS}
     header = ""
     if took:
-        header = (f"Run {time.strftime('%Y-%m-%d')}: " + ", ".join(f"{n} {s / 60:.1f} min" for n, s in took.items())
-                  + f"; total {(time.monotonic() - start) / 60:.1f} min (stages already done are skipped).\n\n")
+        total = (time.monotonic() - start) / 60
+        header = (f"Run {time.strftime('%Y-%m-%d')}, seeds {args.seeds}, {args.jobs} at a time: "
+                  + ", ".join(f"{n} {m:.1f} min of work" for n, m in took.items())
+                  + f"; total {total:.1f} min wall (stages already done are skipped).\n\n")
+        print(f"claims: total {total:.1f} min", file=sys.stderr)
     runs.mkdir(parents=True, exist_ok=True)
     (runs / "claims.md").write_text(render(CLAIMS, decisions, header))
     print(f"claims: wrote {runs / 'claims.md'}", file=sys.stderr)
     if args.update_readme and not update_readme(header + summary_table(CLAIMS, decisions, f"{runs}/")):
         print("README.md has no claims markers; table not written there", file=sys.stderr)
+    if failed:
+        print("claims: failed: " + ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 

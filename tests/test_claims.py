@@ -1,129 +1,178 @@
-"""experiments.claims: the claims pipelines validate, and claims.md is decided and written from hand-made reports.
+"""experiments.claims: the claims pipelines validate, the paired test and the matched-gain rule compute what they
+say, and claims.md is decided and written from hand-made per-example scores.
 
-Nothing here trains or evaluates: every forgetting.json is built in the test with the shape the pipeline writes.
+Nothing here trains or evaluates: every eval.json is built in the test with the shape evals/runner.py writes
+with `eval.log_samples`.
 """
 import json
 import math
 from pathlib import Path
+from statistics import stdev
 
 import pytest
 
 import posttrain.stages  # noqa: F401  (registers stage kinds)
 from experiments import claims as C
+from experiments import claims_decide as D
+from experiments import claims_stats as S
 from posttrain.config import load_pipeline
 
 PIPELINES = sorted({c.pipeline for c in C.CLAIMS})
 
 
-def _report(rows: dict[str, dict[str, tuple[float, float | None]]]) -> dict:
-    """A forgetting.json with one stage record per row: {name: {key: (value, stderr)}}."""
-    return {"stages": [{"name": name, "model": f"/m/{name}", "parents": [],
-                        "scores": {k: {"value": v, "stderr": se} for k, (v, se) in scores.items()}}
-                       for name, scores in rows.items()],
-            "tasks": {}, "summary": {}}
+# ------------------------------------------------------------------------------------------- the statistics
 
 
-def _write(runs: Path, name: str, report: dict) -> None:
-    folder = runs / name / "report"
-    folder.mkdir(parents=True)
-    (folder / "forgetting.json").write_text(json.dumps(report))
+def test_paired_test_by_hand():
+    a = [[1, 1, 0, 1], [1, 0, 1, 1]]
+    b = [[0, 1, 0, 0], [1, 0, 0, 0]]
+    out = S.paired(a, b)
+    # d = [[1,0,0,1],[0,0,1,1]]: seed means 0.5, 0.5 (no seed spread); item means 0.5, 0, 0.5, 1 (variance 1/6)
+    assert out["diff"] == pytest.approx(0.5) and out["per_seed"] == [0.5, 0.5]
+    assert out["se"] == pytest.approx(math.sqrt((1 / 6) / 4))
+    assert out["verdict"] == S.HELD  # 0.5 > 2 x 0.204
+    assert S.paired(b, a)["verdict"] == S.NOT_HELD
+    assert S.paired(a, a)["verdict"] == S.NOT_SIGNIFICANT and S.paired(a, a, same=True)["verdict"] == S.HELD
+
+
+def test_one_seed_is_the_usual_paired_test_and_seed_spread_widens_the_interval():
+    a, b = [[1, 0, 1, 1, 0, 1]], [[0, 0, 1, 0, 0, 1]]
+    d = [x - y for x, y in zip(a[0], b[0])]
+    assert S.paired(a, b)["se"] == pytest.approx(stdev(d) / math.sqrt(len(d)))
+    # the same items but the difference flips sign between seeds: the seed term makes it not significant
+    a2, b2 = [[1] * 6, [0] * 6], [[0] * 6, [1] * 6]
+    out = S.paired(a2, b2)
+    assert out["diff"] == 0 and out["se"] == pytest.approx(math.sqrt(2 / 2)) and out["verdict"] == S.NOT_SIGNIFICANT
+    with pytest.raises(ValueError, match="same seeds and examples"):
+        S.paired([[1, 0]], [[1, 0, 1]])
+
+
+def test_matched_rung_is_the_closest_and_ties_go_to_fewer_steps():
+    assert S.closest(0.4, [0.1, 0.35, 0.5, 0.9]) == 1
+    assert S.closest(0.3, [0.2, 0.4]) == 0  # equally close: the earlier rung
+    with pytest.raises(ValueError):
+        S.closest(0.3, [])
+
+
+# ------------------------------------------------------------------------------------------- the claims
 
 
 @pytest.mark.parametrize("name", PIPELINES)
-def test_every_claims_pipeline_validates_and_names_the_rows_its_claims_compare(name):
+def test_every_claims_pipeline_validates_scores_every_example_and_names_the_rows_its_claims_compare(name):
     cfg = load_pipeline(C.CLAIMS_DIR / f"{name}.yaml")
+    assert cfg.eval.limit is None and cfg.eval.log_samples
     rows = {"base"} | {s.name for s in cfg.stages}
     rows |= {f"input:{ref}" for s in cfg.stages for ref in s.reference_models()}
     for claim in (c for c in C.CLAIMS if c.pipeline == name):
+        for m in claim.matches:
+            assert set(m.rungs) | {m.target} <= rows, (claim.id, m.name)
+        names = rows | {m.name for m in claim.matches}
         for comp in claim.premises + claim.comparisons + claim.context:
-            assert {comp.a, comp.b} <= rows, (claim.id, comp.label)
+            assert {comp.a, comp.b} <= names, (claim.id, comp.label)
 
 
 def test_every_yaml_in_the_claims_folder_is_a_claim():
     assert sorted(p.stem for p in C.CLAIMS_DIR.glob("*.yaml")) == PIPELINES
 
 
-def test_compare_uses_twice_the_combined_stderr():
-    out = C.compare({"value": 0.9, "stderr": 0.03}, {"value": 0.7, "stderr": 0.04})
-    assert out["diff"] == pytest.approx(0.2) and out["se"] == pytest.approx(0.05)
-    assert out["verdict"] == C.HELD  # 0.2 > 2 * 0.05
-    assert C.compare({"value": 0.7, "stderr": 0.04}, {"value": 0.9, "stderr": 0.03})["verdict"] == C.NOT_HELD
-    assert C.compare({"value": 0.8, "stderr": 0.03}, {"value": 0.7, "stderr": 0.04})["verdict"] == C.NOT_SIGNIFICANT
-    # exactly 2 se apart is not significant; a missing stderr counts as 0
-    assert C.compare({"value": 0.5, "stderr": 0.0}, {"value": 0.4, "stderr": 0.05})["verdict"] == C.NOT_SIGNIFICANT
-    assert C.compare({"value": 0.0, "stderr": None}, {"value": 0.0, "stderr": 0.0})["verdict"] == C.NOT_SIGNIFICANT
-    assert C.compare({"value": 0.01, "stderr": None}, {"value": 0.0, "stderr": None})["verdict"] == C.HELD
+def test_each_seed_sets_the_pipeline_seed_and_every_hft_mask_seed():
+    args = C.overrides("hft_vs_full", 2)
+    assert args == ["--set", "seed=2", "--set", "stages.hft_reversal.trainable.seed=2"]
+    assert C.overrides("grpo_vs_sft", 1) == ["--set", "seed=1"]
 
 
-def _hft(arith_hft: float, arith_full: float, facts_hft: float = 0.5, facts_full: float = 0.5,
-         learned: float = 0.9) -> dict:
-    ar, fa = C.ARITH, C.FACTS
-    return _report({
-        "base": {ar: (0.02, 0.014), fa: (0.86, 0.049)},
-        "full_arithmetic": {ar: (learned, 0.03), fa: (0.2, 0.057)},
-        "full_reversal": {ar: (arith_full, 0.04), fa: (facts_full, 0.05), C.REV: (0.9, 0.03)},
-        "hft_arithmetic": {ar: (learned, 0.03), fa: (0.3, 0.065)},
-        "hft_reversal": {ar: (arith_hft, 0.04), fa: (facts_hft, 0.05), C.REV: (0.8, 0.04)},
-    })
+def _items(values: list[float]) -> dict[int, float]:
+    return dict(enumerate(values))
+
+
+def _claim1_seed(hft_arith: list[float], full_arith: dict[int, list[float]], rev: dict[str, float],
+                 n: int = 20) -> dict:
+    """One seed's rows for claim 1: reversal scores per row (as a share of n examples), arithmetic per row."""
+    def share(p: float) -> list[float]:
+        k = round(p * n)
+        return [1.0] * k + [0.0] * (n - k)
+
+    facts = share(0.8)
+    rows = {"base": {C.ARITH: _items(share(0.9)), C.FACTS: _items(facts), C.REV: _items(share(0.0))},
+            "hft_reversal": {C.ARITH: _items(hft_arith), C.FACTS: _items(facts), C.REV: _items(share(rev["hft"]))}}
+    for k, arith in full_arith.items():
+        rows[f"full_reversal_{k}"] = {C.ARITH: _items(arith), C.FACTS: _items(facts),
+                                      C.REV: _items(share(rev[k]))}
+    return rows
 
 
 CLAIM1 = next(c for c in C.CLAIMS if c.id == "1")
 
 
-@pytest.mark.parametrize("report, verdict", [
-    (_hft(0.7, 0.3, 0.7, 0.3), C.HELD),             # both comparisons clear 2 se
-    (_hft(0.7, 0.3), C.NOT_SIGNIFICANT),            # facts equal: one held, one not significant
-    (_hft(0.7, 0.3, 0.2, 0.6), C.NOT_HELD),         # facts go the other way
-    (_hft(0.7, 0.3, 0.7, 0.3, learned=0.03), C.CANNOT_SHOW),  # arithmetic never learned: no premise
-    (None, C.NO_REPORT),
-])
-def test_decide_combines_comparisons_and_premises(report, verdict):
-    assert C.decide(CLAIM1, report)["verdict"] == verdict
+def test_claim1_compares_hft_with_the_full_rung_matched_on_reversal_in_each_seed():
+    n = 20
+    keep, lose = [1.0] * 16 + [0.0] * 4, [1.0] * 4 + [0.0] * 16
+    rev = {"hft": 0.3, 50: 0.05, 100: 0.25, 200: 0.5, 400: 0.7, 800: 0.8}
+    seeds = [_claim1_seed(keep, {k: lose for k in (50, 100, 200, 400, 800)}, rev, n) for _ in range(3)]
+    d = D.decide(CLAIM1, seeds)
+    assert d["chosen"] == {"full_matched": ["full_reversal_100"] * 3}  # 0.25 is closest to HFT's 0.30
+    arith = next(o for c, o in d["comparisons"] if c.key == C.ARITH)
+    assert arith["diff"] == pytest.approx(0.6) and arith["verdict"] == S.HELD
+    facts = next(o for c, o in d["comparisons"] if c.key == C.FACTS)
+    assert facts["diff"] == 0 and facts["verdict"] == S.NOT_SIGNIFICANT
+    assert d["verdict"] == S.NOT_SIGNIFICANT  # one comparison held, one not significant
+    # a ladder whose closest rung is far from HFT: the "gained the same" premise fails, so it cannot show
+    far = {**rev, 50: 0.9, 100: 0.9, 200: 0.9, 400: 0.9, 800: 0.9}
+    d2 = D.decide(CLAIM1, [_claim1_seed(keep, {k: lose for k in far if k != "hft"}, far, n) for _ in range(3)])
+    assert d2["verdict"] == D.CANNOT_SHOW
+    assert "the two gained the same on reversal" in D.showed(d2)
 
 
-def test_a_missing_score_is_no_report_not_a_verdict():
-    report = _hft(0.7, 0.3, 0.7, 0.3)
-    del report["stages"][4]["scores"][C.FACTS]
-    d = C.decide(CLAIM1, report)
-    assert d["verdict"] == C.NO_REPORT
-    assert "no score (hft_reversal world_facts/acc)" in C.claim_section(CLAIM1, d)
+def test_a_missing_score_is_no_report_and_no_runs_is_no_report():
+    seeds = [_claim1_seed([1.0] * 20, {k: [0.0] * 20 for k in (50, 100, 200, 400, 800)},
+                          {"hft": 0.3, 50: 0.1, 100: 0.3, 200: 0.5, 400: 0.7, 800: 0.8})]
+    del seeds[0]["hft_reversal"][C.FACTS]
+    d = D.decide(CLAIM1, seeds)
+    assert d["verdict"] == D.NO_REPORT
+    assert "no score (hft_reversal world_facts/acc)" in D.claim_section(CLAIM1, d)
+    assert D.decide(CLAIM1, None)["verdict"] == D.NO_REPORT
 
 
-def test_claims_md_copies_the_reports_numbers_and_cites_them(tmp_path):
-    _write(tmp_path, "hft_vs_full", _hft(0.73, 0.31, 0.62, 0.18))
+def _write_run(run: Path, rows: dict, done: set[str]) -> None:
+    """A seed's run dir as the pipeline leaves it: eval.json with items per row, DONE on finished stages."""
+    for i, (name, scores) in enumerate(rows.items()):
+        folder = run / "stages" / ("00_base" if name == "base" else f"{i:02d}_{name}")
+        folder.mkdir(parents=True)
+        items = {k: {"doc_id": list(v), "values": list(v.values())} for k, v in scores.items()}
+        (folder / "eval.json").write_text(json.dumps({"scores": {}, "items": items}))
+        if name in done:
+            (folder / "DONE").write_text("{}")
+    (run / "report").mkdir()
+    (run / "report" / "forgetting.json").write_text("{}")
+
+
+def test_read_rows_takes_finished_stages_only():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "seed0"
+        _write_run(run, {"base": {C.ARITH: {0: 1.0}}, "a": {C.ARITH: {0: 0.0}}, "b": {C.ARITH: {0: 1.0}}}, {"a"})
+        assert D.read_rows(run) == {"base": {C.ARITH: {0: 1.0}}, "a": {C.ARITH: {0: 0.0}}}
+
+
+def test_claims_md_holds_the_numbers_the_runs_measured(tmp_path):
+    keep, lose = [1.0] * 16 + [0.0] * 4, [1.0] * 4 + [0.0] * 16
+    rev = {"hft": 0.3, 50: 0.05, 100: 0.25, 200: 0.5, 400: 0.7, 800: 0.8}
+    for seed in range(3):
+        rows = _claim1_seed(keep, {k: lose for k in (50, 100, 200, 400, 800)}, rev)
+        _write_run(tmp_path / "hft_vs_full" / f"seed{seed}", rows, set(rows) - {"base"})
     assert C.main(["--no-run", "--runs", str(tmp_path)]) == 0
     md = (tmp_path / "claims.md").read_text()
     summary = md.split("## 1.")[0]
-    # the claim's row in the summary: verdict, both scores with stderr as in the report, and the cited report
     row = next(line for line in summary.splitlines() if line.startswith("| 1."))
-    assert "**held**" in row and "[hft_vs_full](hft_vs_full/report/forgetting.md)" in row
-    assert "hft_reversal 0.73 ± 0.040 vs full_reversal 0.31 ± 0.040 (held)" in row
-    assert "hft_reversal 0.62 ± 0.050 vs full_reversal 0.18 ± 0.050 (held)" in row
-    # the claim's table: a − b and 2·se, from the same numbers
-    diff, two_se = 0.73 - 0.31, 2 * math.sqrt(2 * 0.04 ** 2)
-    assert f"| {diff:+.2f} | {two_se:.3f} | held |" in md
-    assert "What the tiny world cannot show:" in md.split("## 1.")[1]
-    # the claims whose pipelines never ran say so, and no number is invented for them
-    for claim in C.CLAIMS[1:]:
+    assert "**not significant**" in row and "[hft_vs_full](hft_vs_full/)" in row
+    assert "HFT keeps more arithmetic: hft_reversal 0.800 ± " in row and "vs full_matched 0.200 ± " in row
+    assert "full_matched per seed: full_reversal_100, full_reversal_100, full_reversal_100." in md
+    assert "+0.600 ±" in md and "(+0.60 / +0.60 / +0.60)" in md
+    assert "What the tiny world cannot show:" in md.split("## 1.")[1] and "Design: " in md
+    assert "se² = var_s(mean_i d[s]) / S" in md  # the rule is printed from the code that applies it
+    for claim in C.CLAIMS[1:]:  # claims whose runs are missing say so, with no number invented
         assert f"| {claim.id}. {claim.statement} | **no report** |" in summary
-
-
-def test_merge_claim_reads_the_specialists_reference_rows(tmp_path):
-    ar, rv = C.ARITH, C.REV
-    merges = {"linear": (0.2, 0.1), "task_arithmetic": (0.5, 0.4), "ties": (0.6, 0.5), "dare_linear": (0.55, 0.12),
-              "breadcrumbs": (0.5, 0.41)}
-    rows = {"base": {ar: (0.02, 0.014), rv: (0.0, 0.0)},
-            "input:world-sft-arithmetic": {ar: (0.95, 0.022), rv: (0.0, 0.0)},
-            "input:world-sft-reversal": {ar: (0.03, 0.017), rv: (0.9, 0.03)}}
-    rows |= {m: {ar: (a, 0.05), rv: (r, 0.04)} for m, (a, r) in merges.items()}
-    _write(tmp_path, "merge_methods", _report(rows))
-    C.main(["--no-run", "--runs", str(tmp_path)])
-    md = (tmp_path / "claims.md").read_text()
-    claim4a = next(c for c in C.CLAIMS if c.id == "4a")
-    assert f"| 4a. {claim4a.statement} | **not significant** |" in md
-    assert "dare_linear keeps more of reversal than linear: dare_linear 0.12 ± 0.040 vs linear 0.10 ± 0.040 " \
-           "(not significant)" in md
-    assert "| 4b. Breadcrumbs keeps more of each specialist than task arithmetic. | **not significant** |" in md
 
 
 def test_update_readme_replaces_only_between_the_markers(tmp_path):
@@ -135,26 +184,12 @@ def test_update_readme_replaces_only_between_the_markers(tmp_path):
     assert not C.update_readme("| new |", readme) and readme.read_text() == "no markers\n"
 
 
-def _merges(scores: dict[str, tuple[float, float, float, float]]) -> dict:
-    """merge_methods report: {method: (arith, arith_se, reversal, reversal_se)} plus base and specialists."""
-    ar, rv = C.ARITH, C.REV
-    rows = {"base": {ar: (0.01, 0.01), rv: (0.0, 0.0)},
-            "input:world-sft-arithmetic": {ar: (0.95, 0.022), rv: (0.0, 0.0)},
-            "input:world-sft-reversal": {ar: (0.0, 0.0), rv: (0.7, 0.046)}}
-    return _report(rows | {m: {ar: (a, a_se), rv: (r, r_se)} for m, (a, a_se, r, r_se) in scores.items()})
-
-
-def test_comparisons_all_at_floor_cannot_show_and_a_floor_never_makes_a_claim_hold():
-    floor = (0.0, 0.0, 0.0, 0.0)
-    report = _merges({"linear": (0.03, 0.017, 0.0, 0.0), "task_arithmetic": floor, "ties": (0.01, 0.01, 0.0, 0.0),
-                      "dare_linear": floor, "breadcrumbs": (0.06, 0.024, 0.0, 0.0)})
-    claim4a, claim4b = (next(c for c in C.CLAIMS if c.id == i) for i in ("4a", "4b"))
-    d4a = C.decide(claim4a, report)
-    assert d4a["verdict"] == C.CANNOT_SHOW and all(o["floor"] for _, o in d4a["comparisons"])
-    assert "| -0.02 | 0.039 | not significant; both at floor |" in C.claim_section(claim4a, d4a)
-    # 4b: breadcrumbs' arithmetic (0.06 > 2 x 0.024) is off the floor and beats task arithmetic; reversal is at
-    # floor on both sides, which stays "not significant" in the combination, so the claim is not held up by it
-    d4b = C.decide(claim4b, report)
-    assert [o["verdict"] for _, o in d4b["comparisons"]] == [C.HELD, C.NOT_SIGNIFICANT]
-    assert [o["floor"] for _, o in d4b["comparisons"]] == [False, True]
-    assert d4b["verdict"] == C.NOT_SIGNIFICANT
+def test_comparisons_all_at_floor_cannot_show():
+    claim4a = next(c for c in C.CLAIMS if c.id == "4a")
+    zero, learned = _items([0.0] * 10), _items([1.0] * 9 + [0.0])
+    rows = {"base": {C.ARITH: zero, C.REV: zero}, "spec_arithmetic": {C.ARITH: learned, C.REV: zero},
+            "spec_reversal": {C.ARITH: zero, C.REV: learned}}
+    rows |= {m: {C.ARITH: zero, C.REV: zero} for m in ("linear", "ties", "dare_linear")}
+    d = D.decide(claim4a, [rows, rows])
+    assert d["verdict"] == D.CANNOT_SHOW and all(o["floor"] for _, o in d["comparisons"])
+    assert "not significant; both at floor" in D.claim_section(claim4a, d)

@@ -43,6 +43,21 @@ def test_report_number_equals_lm_eval_command_line(world, tmp_path):
     assert float(cells[cells.index("acc") + 2]) == pytest.approx(ours["scores"]["world_facts/acc"]["value"], abs=5e-5)
 
 
+def test_log_samples_keeps_each_examples_score_and_they_average_to_the_reported_score(world):
+    """eval.log_samples: per-example scores (for the claims' paired tests) whose mean is the reported score; the
+    eval key names the setting only when it is on, so evals made before it existed are still reused."""
+    on = EvalConfig(limit=12, log_samples=True)
+    res = evaluate_model(str(world / "base"), settings=on, tasks=["world_facts", "world_arithmetic"],
+                         log=lambda m: None)
+    for name in ("world_facts/acc", "world_arithmetic/exact_match"):
+        items = res["items"][name]
+        assert items["doc_id"] == list(range(12)) and set(items["values"]) <= {0.0, 1.0}
+        assert sum(items["values"]) / 12 == pytest.approx(res["scores"][name]["value"])
+    assert res["key"]["log_samples"] is True
+    off = evaluate_model(str(world / "base"), settings=EvalConfig(limit=12), tasks=["world_facts"], log=lambda m: None)
+    assert "log_samples" not in off["key"] and "items" not in off
+
+
 def test_standard_suite_validates():
     suite = load_suite("standard")
     assert {"gsm8k", "mmlu", "arc_challenge"} <= set(suite.tasks) and suite.limit
