@@ -196,5 +196,5 @@ def claim_section(claim: Claim, d: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for kind, part in (("premise", "premises"), ("claim", "comparisons"), ("context", "context")):
         table += [comparison_row(kind, c, o) for c, o in d[part]]
-    return "\n".join([head + chosen, "", f"What the world showed ({d['seeds']} seeds): {showed(d)}.", "", *table,
+    return "\n".join([head + chosen, "", f"What the world showed ({d['seeds']} seed{'s' * (d['seeds'] > 1)}): {showed(d)}.", "", *table,
                       "", f"What the tiny world cannot show: {claim.limits}", ""])
