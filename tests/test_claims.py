@@ -107,25 +107,25 @@ CLAIM1 = next(c for c in C.CLAIMS if c.id == "1")
 def test_claim1_compares_hft_with_the_full_rung_matched_on_reversal_in_each_seed():
     n = 20
     keep, lose = [1.0] * 16 + [0.0] * 4, [1.0] * 4 + [0.0] * 16
-    rev = {"hft": 0.3, 50: 0.05, 100: 0.25, 200: 0.5, 400: 0.7, 800: 0.8}
-    seeds = [_claim1_seed(keep, {k: lose for k in (50, 100, 200, 400, 800)}, rev, n) for _ in range(3)]
+    rev = {"hft": 0.3, 100: 0.05, 200: 0.25, 300: 0.5, 400: 0.7, 800: 0.8}
+    seeds = [_claim1_seed(keep, {k: lose for k in (100, 200, 300, 400, 800)}, rev, n) for _ in range(3)]
     d = D.decide(CLAIM1, seeds)
-    assert d["chosen"] == {"full_matched": ["full_reversal_100"] * 3}  # 0.25 is closest to HFT's 0.30
+    assert d["chosen"] == {"full_matched": ["full_reversal_200"] * 3}  # 0.25 is closest to HFT's 0.30
     arith = next(o for c, o in d["comparisons"] if c.key == C.ARITH)
     assert arith["diff"] == pytest.approx(0.6) and arith["verdict"] == S.HELD
     facts = next(o for c, o in d["comparisons"] if c.key == C.FACTS)
     assert facts["diff"] == 0 and facts["verdict"] == S.NOT_SIGNIFICANT
     assert d["verdict"] == S.NOT_SIGNIFICANT  # one comparison held, one not significant
     # a ladder whose closest rung is far from HFT: the "gained the same" premise fails, so it cannot show
-    far = {**rev, 50: 0.9, 100: 0.9, 200: 0.9, 400: 0.9, 800: 0.9}
+    far = {**rev, 100: 0.9, 200: 0.9, 300: 0.9, 400: 0.9, 800: 0.9}
     d2 = D.decide(CLAIM1, [_claim1_seed(keep, {k: lose for k in far if k != "hft"}, far, n) for _ in range(3)])
     assert d2["verdict"] == D.CANNOT_SHOW
     assert "the two gained the same on reversal" in D.showed(d2)
 
 
 def test_a_missing_score_is_no_report_and_no_runs_is_no_report():
-    seeds = [_claim1_seed([1.0] * 20, {k: [0.0] * 20 for k in (50, 100, 200, 400, 800)},
-                          {"hft": 0.3, 50: 0.1, 100: 0.3, 200: 0.5, 400: 0.7, 800: 0.8})]
+    seeds = [_claim1_seed([1.0] * 20, {k: [0.0] * 20 for k in (100, 200, 300, 400, 800)},
+                          {"hft": 0.3, 100: 0.1, 200: 0.3, 300: 0.5, 400: 0.7, 800: 0.8})]
     del seeds[0]["hft_reversal"][C.FACTS]
     d = D.decide(CLAIM1, seeds)
     assert d["verdict"] == D.NO_REPORT
@@ -157,9 +157,9 @@ def test_read_rows_takes_finished_stages_only():
 
 def test_claims_md_holds_the_numbers_the_runs_measured(tmp_path):
     keep, lose = [1.0] * 16 + [0.0] * 4, [1.0] * 4 + [0.0] * 16
-    rev = {"hft": 0.3, 50: 0.05, 100: 0.25, 200: 0.5, 400: 0.7, 800: 0.8}
+    rev = {"hft": 0.3, 100: 0.05, 200: 0.25, 300: 0.5, 400: 0.7, 800: 0.8}
     for seed in range(3):
-        rows = _claim1_seed(keep, {k: lose for k in (50, 100, 200, 400, 800)}, rev)
+        rows = _claim1_seed(keep, {k: lose for k in (100, 200, 300, 400, 800)}, rev)
         _write_run(tmp_path / "hft_vs_full" / f"seed{seed}", rows, set(rows) - {"base"})
     assert C.main(["--no-run", "--runs", str(tmp_path)]) == 0
     md = (tmp_path / "claims.md").read_text()
@@ -167,7 +167,7 @@ def test_claims_md_holds_the_numbers_the_runs_measured(tmp_path):
     row = next(line for line in summary.splitlines() if line.startswith("| 1."))
     assert "**not significant**" in row and "[hft_vs_full](hft_vs_full/)" in row
     assert "HFT keeps more arithmetic: hft_reversal 0.800 ± " in row and "vs full_matched 0.200 ± " in row
-    assert "full_matched per seed: full_reversal_100, full_reversal_100, full_reversal_100." in md
+    assert "full_matched per seed: full_reversal_200, full_reversal_200, full_reversal_200." in md
     assert "+0.600 ±" in md and "(+0.60 / +0.60 / +0.60)" in md
     assert "What the tiny world cannot show:" in md.split("## 1.")[1] and "Design: " in md
     assert "se² = var_s(mean_i d[s]) / S" in md  # the rule is printed from the code that applies it

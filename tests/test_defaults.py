@@ -131,7 +131,9 @@ WORLD_CHANGES = {
     ("pipelines/claims/recycle_then_finetune.yaml", "sft_recycled"): {"max_steps": 60},
     ("pipelines/claims/recycle_then_finetune.yaml", "sft_from_v2"): {"max_steps": 60},
     # the claims' rungs: the world's SFT tuning stopped early (warmup a tenth of a short rung)
-    **{("pipelines/claims/hft_vs_full.yaml", f"full_reversal_{k}"): {"max_steps": k} for k in (50, 100, 200, 400)},
+    **{("pipelines/claims/hft_vs_full.yaml", f"full_reversal_{k}"): {"max_steps": k, "learning_rate": 5e-4}
+       for k in (100, 200, 300, 400, 800)},
+    ("pipelines/claims/hft_vs_full.yaml", "hft_reversal"): {"learning_rate": 5e-4},
     **{("pipelines/claims/grpo_vs_sft.yaml", f"sft_verifiable_{k}"): {"max_steps": k, "warmup_steps": max(1, k // 10)}
        for k in (5, 10, 20, 40, 80, 160)},
     ("pipelines/experiments/merge_regime.yaml", "sft_arithmetic"): {"learning_rate": 5e-4},
