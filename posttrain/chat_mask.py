@@ -144,8 +144,10 @@ def mask_conversations(tokenizer, dataset, row_name: Callable[[int], str]):
 def source_row_names(data_stats: list[dict]) -> Callable[[int], str]:
     """Names row `index` of the concatenated SFT data by its source and its 1-based number among that source's
     kept rows: the file's row number where no bad row was skipped and no blank line comes before it (data.py keeps
-    no row numbers past its checks)."""
+    no row numbers past its checks). A streamed mix (posttrain.data_stream) is named by the row's place in it."""
     def name(index: int) -> str:
+        if any(s["rows"] is None for s in data_stats):  # a stream: its rows' sources are not counted ahead
+            return f"row {index + 1} of the streamed data, in the order read"
         for s in data_stats:
             if index < s["rows"]:
                 kept = " among the rows kept" if s["bad_rows"] else ""
