@@ -59,15 +59,12 @@ def _stream_rows(key: str, src: DataSource, shape: str, convert: Callable[[dict]
             if src.on_bad_rows == "error":
                 raise DataError(f"{name} {err} (set on_bad_rows: skip to drop bad rows)")
             bad.append(err)
-        else:
-            kept += 1
-            yield row
-        stats["rows"] = max(stats["rows"] or 0, kept)
-        if len(bad) > stats["bad_rows"]:
+        if len(bad) > stats["bad_rows"]:  # counted before the row is handed on: a trainer may stop at any row
             stats.update(bad_rows=len(bad), bad_examples=bad[:5])
-    stats["rows"] = max(stats["rows"] or 0, kept)
-    if len(bad) > stats["bad_rows"]:
-        stats.update(bad_rows=len(bad), bad_examples=bad[:5])
+        if row is not None:
+            kept += 1
+            stats["rows"] = max(stats["rows"] or 0, kept)
+            yield row
 
 
 def _listed_rows(rows: "_Rows") -> Iterator[dict]:
@@ -116,12 +113,31 @@ def _mix(parts: list[tuple[DataSource | None, list[dict] | None, dict | None]], 
             gen, kwargs = _stream_rows, {"key": key, "src": src, "shape": shape, "convert": convert}
             sizes.append(src.limit)
         streams.append(IterableDataset.from_generator(gen, gen_kwargs=kwargs, features=features))
-    if len(streams) == 1:
-        return streams[0]
-    known = all(n is not None for n in sizes)
-    probabilities = [n / sum(sizes) for n in sizes] if known else [1 / len(sizes)] * len(sizes)
-    return interleave_datasets(streams, probabilities=probabilities, seed=seed,
-                               stopping_strategy="all_exhausted_without_replacement")
+    mixed = streams[0]
+    if len(streams) > 1:
+        known = all(n is not None for n in sizes)
+        probabilities = [n / sum(sizes) for n in sizes] if known else [1 / len(sizes)] * len(sizes)
+        mixed = interleave_datasets(streams, probabilities=probabilities, seed=seed,
+                                    stopping_strategy="all_exhausted_without_replacement")
+    return IterableDataset.from_generator(_passes, gen_kwargs={"mixed": mixed}, features=features)
+
+
+def _passes(mixed: Any) -> Iterator[dict]:
+    """`mixed` pass after pass (pass k drawn with `set_epoch(k)`), without end: the trainer stops at max_steps.
+
+    Why one endless pass: for a dataset without a length the HF Trainer counts an epoch as max_steps steps, so a
+    resume from a checkpoint past the stream's first pass would skip the wrong batches (it skips global_step
+    batches of the pass it believes it is in, and starts the next pass over). Endless, the trainer's one pass
+    is this whole sequence, and skip_first_batches(global_step) lands exactly where the checkpoint stopped.
+    """
+    for k in itertools.count():
+        mixed.set_epoch(k)
+        empty = True
+        for row in mixed:
+            empty = False
+            yield row
+        if empty:
+            raise DataError("the streamed data has no usable rows")
 
 
 class _Rows:

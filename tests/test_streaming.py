@@ -4,6 +4,7 @@ stage without `trainer.max_steps` is refused at load. Offline: the datasets cach
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def reads(monkeypatch):
         return Counted()
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
+    monkeypatch.setattr(data_module, "_CHECKED", {})  # a hub source checked by an earlier test is not read again
     return passes
 
 
@@ -47,8 +49,8 @@ def test_a_limit_bounds_every_read_of_the_stream(dscache, hub, reads):
     prepare(dscache, C1, ROWS, 1_000)
     dataset, stats, mode = sft_stream([DataSource(source="acme/toy", streaming=True, limit=3)], lambda m: None, 0)
     assert type(dataset).__name__ == "IterableDataset" and mode == "plain"
-    assert list(dataset) == ROWS[:3] and list(dataset) == ROWS[:3]  # two passes (epochs), the same rows
-    assert reads and all(len(p) <= 3 for p in reads)  # the format peek and both passes: never a fourth row
+    assert list(islice(dataset, 6)) == ROWS[:3] * 2  # pass after pass, without end: the trainer stops at max_steps
+    assert len(reads) == 3 and all(len(p) <= 3 for p in reads)  # the format peek and two passes: no fourth row
     assert stats == [{"source": "acme/toy[train]", "rows": 3, "streamed": True, "bad_rows": 0, "bad_examples": []}]
 
 
@@ -58,11 +60,11 @@ def test_streamed_bad_rows_are_skipped_and_counted_as_they_are_read(dscache, hub
     src = DataSource(source="acme/toy", streaming=True, on_bad_rows="skip")
     dataset, stats, _ = sft_stream([src], lambda m: None, 0)
     assert stats[0]["rows"] is None and stats[0]["bad_rows"] == 0  # nothing read yet
-    assert list(dataset) == ROWS[:4]
+    assert list(islice(dataset, 4)) == ROWS[:4]
     assert stats[0]["rows"] == 4 and stats[0]["bad_rows"] == 1 and "row 3: 'completion' is empty" in \
         stats[0]["bad_examples"][0]
     with pytest.raises(DataError, match=r"^acme/toy\[train\] row 3: 'completion' is empty"):
-        list(sft_stream([DataSource(source="acme/toy", streaming=True)], lambda m: None, 0)[0])
+        next(iter(sft_stream([DataSource(source="acme/toy", streaming=True)], lambda m: None, 0)[0].skip(2)))
 
 
 def test_a_stream_mixes_with_an_in_memory_source_by_seed(dscache, hub, reads, tmp_path):
@@ -75,10 +77,10 @@ def test_a_stream_mixes_with_an_in_memory_source_by_seed(dscache, hub, reads, tm
                              for i in range(2)))
     sources = [DataSource(source="acme/toy", streaming=True, limit=4), DataSource(source=str(local))]
     dataset, stats, mode = sft_stream(sources, lambda m: None, seed=5)
-    got = [r["messages"][0]["content"] for r in dataset]
+    got = [r["messages"][0]["content"] for r in islice(dataset, 6)]
     assert mode == "messages"  # a messages source turns the prompt/completion rows into messages too
     assert sorted(got) == sorted(["p0", "p1", "p2", "p3", "q0", "q1"])
-    assert got == [r["messages"][0]["content"] for r in sft_stream(sources, lambda m: None, seed=5)[0]]
+    assert got == [r["messages"][0]["content"] for r in islice(sft_stream(sources, lambda m: None, seed=5)[0], 6)]
     assert [s["source"] for s in stats] == ["acme/toy[train]", str(local)]
 
 
@@ -156,3 +158,62 @@ def test_a_streamed_sft_stage_trains_on_an_iterable_dataset(dscache, hub, reads,
     assert [e["step"] for e in events if "loss" in e and "step" in e][-1] == 3
     sources = next(e["sources"] for e in events if e.get("event") == "data")
     assert [(s["source"], s.get("streamed")) for s in sources] == [("acme/toy[train]", True), (str(local), None)]
+
+
+class _Stop(RuntimeError):
+    pass
+
+
+def _streamed_run(tmp_path: Path, run: str, stop_at: int | None, monkeypatch, steps: int,
+                  logs: list[str] | None = None) -> dict:
+    """Run a streamed SFT stage of `steps` steps (a pass of the stream is 3 batches), checkpointing every 2
+    steps; `stop_at`: fail the stage after that step. Returns the trained weights ({} when stopped)."""
+    import trl
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from posttrain.world.tuning import world_trainer
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == stop_at:
+                raise _Stop(f"stopped after step {stop_at}")
+
+    real = getattr(trl.SFTTrainer, "real", trl.SFTTrainer)  # not an earlier run's Spy
+
+    class Spy(real):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "callbacks": [*kw["callbacks"], StopAt()]})
+
+    Spy.real = real
+
+    monkeypatch.setattr(trl, "SFTTrainer", Spy)
+    trainer = world_trainer("sft", max_steps=steps, per_device_train_batch_size=2, logging_steps=1, save_steps=2,
+                            warmup_steps=0)
+    data = {"eval": {"enabled": False}, "stages": [
+        {"name": "s", "kind": "sft", "trainer": trainer, "data": [
+            {"source": "acme/toy", "streaming": True, "limit": 4}, {"source": str(tmp_path / "local.jsonl")}]}]}
+    try:
+        run_pipeline(load_pipeline(None, data=data), tmp_path / run, (logs if logs is not None else []).append)
+    except _Stop:
+        return {}
+    return load_file(str(tmp_path / run / "stages" / "01_s" / "model" / "model.safetensors"))
+
+
+def test_a_resumed_streamed_stage_trains_the_same_weights(dscache, hub, world, tmp_path, monkeypatch):
+    """The HF Trainer resumes an IterableDataset by reading and dropping the batches the checkpoint trained
+    (accelerate's skip_first_batches). The stream is one endless pass (posttrain.data_stream._passes), so a run
+    stopped after step 5 and resumed from checkpoint-4, in the stream's second pass (3 batches a pass), ends with
+    the weights of a run never stopped (without it, the trainer would start the second pass over)."""
+    import torch
+
+    prepare(dscache, C1, ROWS, 1_000)
+    (tmp_path / "local.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                                  for i in range(2)))
+    whole = _streamed_run(tmp_path, "whole", None, monkeypatch, steps=6)
+    assert _streamed_run(tmp_path, "cut", 5, monkeypatch, steps=6) == {}
+    logs: list[str] = []
+    resumed = _streamed_run(tmp_path, "cut", None, monkeypatch, steps=6, logs=logs)
+    assert any("resuming from" in line and line.endswith("checkpoint-4") for line in logs), logs
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
