@@ -47,7 +47,7 @@ class DataSource(Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
     revision: str | None = Field(None, min_length=1, description="hub dataset: branch, tag or commit (default main)")
-    streaming: bool = Field(False, description="hub dataset: read rows one at a time, only as many as are used")
+    streaming: bool = Field(False, description="hub dataset: train from a stream read row by row (needs max_steps)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:

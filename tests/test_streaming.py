@@ -82,6 +82,10 @@ def test_a_stream_mixes_with_an_in_memory_source_by_seed(dscache, hub, reads, tm
     assert sorted(got) == sorted(["p0", "p1", "p2", "p3", "q0", "q1"])
     assert got == [r["messages"][0]["content"] for r in islice(sft_stream(sources, lambda m: None, seed=5)[0], 6)]
     assert [s["source"] for s in stats] == ["acme/toy[train]", str(local)]
+    replay = ([{"prompt": "r", "completion": "s"}], [{"source": "replay:a", "rows": 1, "bad_rows": 0}])
+    dataset, stats, _ = sft_stream(sources, lambda m: None, seed=5, extra=replay)
+    assert sorted(r["messages"][0]["content"] for r in islice(dataset, 7)) == sorted(got + ["r"])
+    assert [s["source"] for s in stats] == ["acme/toy[train]", str(local), "replay:a"]
 
 
 def test_the_pre_run_check_reads_a_prefix_of_a_stream(dscache, hub, reads, monkeypatch):
@@ -120,8 +124,8 @@ def test_a_streamed_stage_needs_max_steps_and_a_kind_that_streams():
 
 
 def test_a_streamed_sft_stage_trains_on_an_iterable_dataset(dscache, hub, reads, world, tmp_path, monkeypatch):
-    """End to end: TRL's SFTTrainer gets an IterableDataset (a stream mixed with a local file), trains max_steps
-    steps on it (every parameter it trains changes) and never reads past the stream's limit."""
+    """End to end: TRL's SFTTrainer gets an IterableDataset (a stream mixed with a local chat file), trains
+    max_steps steps on it (every parameter it trains changes) and never reads past the stream's limit."""
     import datasets
     import torch
     import trl
@@ -131,7 +135,9 @@ def test_a_streamed_sft_stage_trains_on_an_iterable_dataset(dscache, hub, reads,
 
     prepare(dscache, C1, ROWS, 1_000)
     local = tmp_path / "local.jsonl"
-    local.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(2)))
+    local.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(2)))  # messages: the stream's rows become messages too
     seen: dict = {}
 
     class Spy(trl.SFTTrainer):
@@ -217,3 +223,16 @@ def test_a_resumed_streamed_stage_trains_the_same_weights(dscache, hub, world, t
     assert any("resuming from" in line and line.endswith("checkpoint-4") for line in logs), logs
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_replay_of_an_unbounded_stream_is_refused_and_of_a_bounded_one_kept():
+    def stages(limit):
+        src = {"source": "acme/toy", "streaming": True, **({"limit": limit} if limit else {})}
+        return {"eval": {"enabled": False}, "stages": [
+            {"name": "a", "kind": "sft", "data": [src], "trainer": {"max_steps": 2}},
+            {"name": "b", "kind": "sft", "replay": [{"from": "a", "rows": 2}]}]}
+
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.replay\[0\]\.from: stage 'a' streams its data\[0\] without "
+                                          r"limit, and replay reads the rows it mixes in into memory"):
+        load_pipeline(None, data=stages(None))
+    assert load_pipeline(None, data=stages(3)).stages[1].replay[0].sources()[0].limit == 3
