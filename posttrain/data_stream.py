@@ -46,7 +46,11 @@ def streamed(sources: list[DataSource]) -> bool:
     return any(src.streaming for src in sources)
 
 
-def _stream_rows(key: str, src: DataSource, shape: str, convert: Callable[[dict], dict | None]) -> Iterator[dict]:
+# A stage's row conversion: the row as its trainer takes it, or why it cannot be (a bad row, `on_bad_rows`).
+Convert = Callable[[dict], "dict | str"]
+
+
+def _stream_rows(key: str, src: DataSource, shape: str, convert: Convert) -> Iterator[dict]:
     """One pass over streamed source `src`: its usable rows up to `limit`, converted; a row `convert` refuses is a
     bad row. Counts into `_STATS[key]`: rows (the most one pass kept) and bad rows (the most one pass met)."""
     stats, bad = _STATS[key], []
@@ -54,14 +58,13 @@ def _stream_rows(key: str, src: DataSource, shape: str, convert: Callable[[dict]
     kept = 0
     for n, row, _ in it:
         row = convert(row)
-        if row is None:
-            err = f"row {n}: of another format than the stream's first rows (a streamed source keeps one)"
+        if isinstance(row, str):
             if src.on_bad_rows == "error":
-                raise DataError(f"{name} {err} (set on_bad_rows: skip to drop bad rows)")
-            bad.append(err)
+                raise DataError(f"{name} row {n}: {row} (set on_bad_rows: skip to drop bad rows)")
+            bad.append(f"row {n}: {row}")
         if len(bad) > stats["bad_rows"]:  # counted before the row is handed on: a trainer may stop at any row
             stats.update(bad_rows=len(bad), bad_examples=bad[:5])
-        if row is not None:
+        if isinstance(row, dict):
             kept += 1
             stats["rows"] = max(stats["rows"] or 0, kept)
             yield row
@@ -71,7 +74,7 @@ def _listed_rows(rows: "_Rows") -> Iterator[dict]:
     yield from rows
 
 
-def _first_rows(src: DataSource, shape: str, n: int) -> list[dict]:
+def first_rows(src: DataSource, shape: str, n: int = MODE_ROWS) -> list[dict]:
     """The first usable rows of a stream among its first `n` rows read (bad ones fail or are skipped as set)."""
     _, it = _checked_rows(src, shape, lambda m: None, [], read_at_most=n)
     return [row for _, row, _ in it]
@@ -96,16 +99,19 @@ def _parts(sources: list[DataSource], shape: str, log: Callable[[str], None], se
     return parts
 
 
-def _mix(parts: list[tuple[DataSource | None, list[dict] | None, dict | None]], shape: str,
-         convert: Callable[[dict], dict | None], features: Any, seed: int):
+def _mix(parts: list[tuple[DataSource | None, list[dict] | None, dict | None]], shape: str, convert: Convert,
+         features: Any, seed: int):
     """One IterableDataset over every part (module docstring: the mixing rule)."""
     from datasets import IterableDataset, interleave_datasets
 
     streams, sizes = [], []
     for src, rows, stats in parts:
         if src is None:
+            converted = [convert(r) for r in rows]
+            if bad := next((r for r in converted if isinstance(r, str)), None):  # as the in-memory path refuses it
+                raise DataError(bad)
             # wrapped: a list in gen_kwargs would be split into shards by datasets
-            gen, kwargs = _listed_rows, {"rows": _Rows([convert(r) for r in rows])}
+            gen, kwargs = _listed_rows, {"rows": _Rows(converted)}
             sizes.append(len(rows))
         else:
             key = f"{next(_keys)}:{src.source}"
@@ -150,24 +156,38 @@ class _Rows:
         return iter(self.rows)
 
 
-def _sft_features(mode: str):
-    from datasets import Features, List, Value
-
-    message = List({"role": Value("string"), "content": Value("string")})
-    text = message if mode == "chat" else Value("string")
-    return Features({"messages": message} if mode == "messages" else {"prompt": text, "completion": text})
-
-
-def _sft_convert(mode: str) -> Callable[[dict], dict | None]:
-    def convert(row: dict) -> dict | None:
+def _sft_convert(mode: str) -> Convert:
+    def convert(row: dict) -> dict | str:
         out = sft_row(row, mode)
-        if out is not None and mode == "messages":  # role and content only (module docstring)
-            out = {"messages": [{"role": m["role"], "content": m["content"]} for m in out["messages"]]}
-        elif out is not None:
-            out = {"prompt": out["prompt"], "completion": out["completion"]}
-        return out
+        if out is None:
+            return "of another format than the stream's first rows (a streamed SFT source keeps one)"
+        if mode == "messages":
+            return {"messages": role_and_content(out["messages"])}
+        return {"prompt": out["prompt"], "completion": out["completion"]}
 
     return convert
+
+
+def role_and_content(messages: Any) -> Any:
+    """Messages with `role` and `content` only (one Arrow type for every streamed row); a string as it is."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages] if isinstance(messages, list) else messages
+
+
+def message_features(chat: bool, *columns: str):
+    """datasets Features of `columns`, each a message list (`chat`) or a string."""
+    from datasets import Features, List, Value
+
+    kind = List({"role": Value("string"), "content": Value("string")}) if chat else Value("string")
+    return Features({c: kind for c in columns})
+
+
+def stream_dataset(sources: list[DataSource], shape: str, log: Callable[[str], None], seed: int,
+                   extra: tuple[list[dict], list[dict]], convert: Convert, features: Any) -> tuple[Any, list[dict]]:
+    """(IterableDataset, stats records) of `sources` and `extra`'s in-memory rows (replay, rehearsal) with their
+    stats, every row `convert`ed to the stage's format (`features`); module docstring: how."""
+    parts = _parts(sources, shape, log, seed, extra)
+    dataset = _mix(parts, shape, convert, features, seed)
+    return dataset, [stats for *_, stats in parts if stats is not None] + extra[1]
 
 
 def sft_stream(sources: list[DataSource], log: Callable[[str], None], seed: int,
@@ -175,9 +195,13 @@ def sft_stream(sources: list[DataSource], log: Callable[[str], None], seed: int,
     """(IterableDataset of SFT rows in one format, stats records, that format: posttrain.data.sft_mode) of
     `sources` and `extra`'s in-memory rows (replay)."""
     parts = _parts(sources, "sft", log, seed, extra)
-    sample = [row for src, rows, _ in parts for row in (rows if src is None else _first_rows(src, "sft", MODE_ROWS))]
+    sample = [row for src, rows, _ in parts for row in (rows if src is None else first_rows(src, "sft"))]
     if not sample:
         raise DataError(f"{parts[0][2]['source']}: no usable rows among the first {MODE_ROWS} of the stream")
     mode = sft_mode(sample)
-    dataset = _mix(parts, "sft", _sft_convert(mode), _sft_features(mode), seed)
+    if mode == "messages":
+        features = message_features(True, "messages")
+    else:
+        features = message_features(mode == "chat", "prompt", "completion")
+    dataset = _mix(parts, "sft", _sft_convert(mode), features, seed)
     return dataset, [stats for *_, stats in parts if stats is not None] + extra[1], mode

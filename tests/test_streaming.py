@@ -120,7 +120,11 @@ def test_a_streamed_stage_needs_max_steps_and_a_kind_that_streams():
     with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: a kto stage cannot train on a "
                                           r"stream \(it reorders all its rows"):
         load_pipeline(None, data=_sft(src, "kto", max_steps=2))
+    with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: a orpo stage cannot train on a "
+                                          r"stream \(TRL's ORPOTrainer cannot prepare an IterableDataset\)"):
+        load_pipeline(None, data=_sft(src, "orpo", max_steps=2))
     load_pipeline(None, data=_sft(src, max_steps=2))
+    load_pipeline(None, data=_sft(src, "dpo", max_steps=2))
 
 
 def test_a_streamed_sft_stage_trains_on_an_iterable_dataset(dscache, hub, reads, world, tmp_path, monkeypatch):
@@ -236,3 +240,33 @@ def test_replay_of_an_unbounded_stream_is_refused_and_of_a_bounded_one_kept():
                                           r"limit, and replay reads the rows it mixes in into memory"):
         load_pipeline(None, data=stages(None))
     assert load_pipeline(None, data=stages(3)).stages[1].replay[0].sources()[0].limit == 3
+
+
+def test_a_streamed_dpo_stage_trains_on_an_iterable_dataset(dscache, hub, reads, world, tmp_path, monkeypatch):
+    """DPO takes the same stream (pairs converted row by row as posttrain.stages.preference converts them)."""
+    import datasets
+    import trl
+
+    from posttrain.world.tuning import world_trainer
+
+    pairs = [{"prompt": f"{i} + 1 =", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(8)]
+    prepare(dscache, C1, pairs, 1_000)
+    seen: dict = {}
+
+    class Spy(trl.DPOTrainer):
+        def __init__(self, *args, **kw):
+            seen["dataset"] = kw["train_dataset"]
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Spy)
+    trainer = world_trainer("dpo", max_steps=2, per_device_train_batch_size=2, logging_steps=1, save_steps=100)
+    data = {"eval": {"enabled": False}, "stages": [
+        {"name": "d", "kind": "dpo", "trainer": trainer, "max_prompt_length": 8,
+         "data": [{"source": "acme/toy", "streaming": True, "limit": 3}]}]}
+    logs: list[str] = []
+    run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
+    assert isinstance(seen["dataset"], datasets.IterableDataset)
+    assert reads and all(len(p) <= 3 for p in reads)
+    assert any("keeping the last 8 tokens of longer prompts as the stream is read" in line for line in logs)
+    events = [json.loads(x) for x in (tmp_path / "r" / "stages" / "01_d" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "loss" in e and "step" in e][-1] == 2

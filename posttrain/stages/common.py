@@ -66,8 +66,8 @@ class TrainableStage(StageBase):
     report_to: list[str] | str | None = Field(None, description="trackers for this stage; None: the pipeline's")
 
     # Why this kind cannot train on a `streaming: true` source (posttrain.data_stream), refused at load; "" where
-    # it can (sft).
-    no_stream: ClassVar[str] = "posttrain builds its rows in memory (only sft streams yet)"
+    # it can (sft, dpo).
+    no_stream: ClassVar[str] = "posttrain builds its rows in memory (sft and dpo stream)"
 
     def training_data(self) -> list[Any]:
         return list(self.data)  # every trainable kind declares `data:`, with its own default and row shape
