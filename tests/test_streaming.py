@@ -117,10 +117,10 @@ def test_a_streamed_stage_needs_max_steps_and_a_kind_that_streams():
     with pytest.raises(ConfigError, match=r"stages\[0\]: trainer\.max_steps: data\[0\] streams, and a stream has "
                                           r"no length to count epochs in; set trainer\.max_steps"):
         load_pipeline(None, data=_sft(src))
-    with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: a kto stage cannot train on a "
+    with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: the kto kind cannot train on a "
                                           r"stream \(it reorders all its rows"):
         load_pipeline(None, data=_sft(src, "kto", max_steps=2))
-    with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: a orpo stage cannot train on a "
+    with pytest.raises(ConfigError, match=r"stages\[0\]: data\[0\]\.streaming: the orpo kind cannot train on a "
                                           r"stream \(TRL's ORPOTrainer cannot prepare an IterableDataset\)"):
         load_pipeline(None, data=_sft(src, "orpo", max_steps=2))
     load_pipeline(None, data=_sft(src, max_steps=2))

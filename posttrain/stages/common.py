@@ -80,7 +80,7 @@ class TrainableStage(StageBase):
         if not streams:
             return self
         if self.no_stream:
-            raise ValueError(f"data[{streams[0]}].streaming: a {self.kind} stage cannot train on a stream "
+            raise ValueError(f"data[{streams[0]}].streaming: the {self.kind} kind cannot train on a stream "
                              f"({self.no_stream}); drop streaming: true")
         if self.trainer.max_steps <= 0:
             raise ValueError(f"trainer.max_steps: data[{streams[0]}] streams, and a stream has no length to count "
