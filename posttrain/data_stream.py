@@ -9,8 +9,9 @@ bounded prefix) and the rows of `replay:` are read into memory as before and str
 Several parts are mixed with datasets' `interleave_datasets`, drawing with the stage's seed: each part in
 proportion to its row count where every count is known before training (an in-memory part's rows, a stream's
 `limit`), else in equal shares; `all_exhausted_without_replacement` reads every row of every part once per pass
-and repeats none. The draw depends on (seed, epoch) only (datasets reseeds it with `set_epoch`, which the HF
-Trainer calls each epoch), so a rerun reads the same rows in the same order.
+and repeats none. The stage gets the passes one after another as one endless stream (`_passes`: pass k drawn
+with `set_epoch(k)`), so the order depends on (seed, pass) only: a rerun reads the same rows in the same order,
+and a resume skips exactly the batches its checkpoint trained.
 
 How this departs from the in-memory path:
 * A stream's SFT format (posttrain.data.sft_mode) is decided from the first MODE_ROWS rows of each stream and
