@@ -120,7 +120,7 @@ def assistant_tokens_mask(tokenizer, messages: list[dict]) -> tuple[list[int], l
 
 
 def mask_conversations(tokenizer, dataset, row_name: Callable[[int], str]):
-    """`dataset` (a `datasets.Dataset` with a `messages` column) tokenized as TRL takes it ready-made: `input_ids`
+    """`dataset` (a `datasets.Dataset` or IterableDataset with a `messages` column) tokenized as TRL takes it ready-made: `input_ids`
     and `assistant_masks` (TRL turns them into labels, -100 off the mask, then truncates to max_length). A row whose
     template rewrites an earlier turn is a DataError naming the row (`row_name(index)`) and the turn."""
     from jinja2 import TemplateError
@@ -138,14 +138,21 @@ def mask_conversations(tokenizer, dataset, row_name: Callable[[int], str]):
                             f"one of its assistant turns ({e})") from None
         return {"input_ids": ids, "assistant_masks": mask}
 
-    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, desc="Assistant masks")
+    from datasets import Dataset
+
+    # An IterableDataset (a streamed stage: posttrain.data_stream) maps lazily, as the trainer reads; its map()
+    # takes no `desc`.
+    shown = {"desc": "Assistant masks"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, **shown)
 
 
 def source_row_names(data_stats: list[dict]) -> Callable[[int], str]:
     """Names row `index` of the concatenated SFT data by its source and its 1-based number among that source's
     kept rows: the file's row number where no bad row was skipped and no blank line comes before it (data.py keeps
-    no row numbers past its checks)."""
+    no row numbers past its checks). A streamed mix (posttrain.data_stream) is named by the row's place in it."""
     def name(index: int) -> str:
+        if any(s["rows"] is None for s in data_stats):  # a stream: its rows' sources are not counted ahead
+            return f"row {index + 1} of the streamed data, in the order read"
         for s in data_stats:
             if index < s["rows"]:
                 kept = " among the rows kept" if s["bad_rows"] else ""

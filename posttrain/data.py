@@ -12,6 +12,7 @@ Shapes:
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -46,7 +47,7 @@ class DataSource(Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="a row with more text (UTF-8 bytes) is a bad row")
     revision: str | None = Field(None, min_length=1, description="hub dataset: branch, tag or commit (default main)")
-    streaming: bool = Field(False, description="hub dataset: read rows one at a time, only as many as are used")
+    streaming: bool = Field(False, description="hub dataset: train from a stream read row by row (needs max_steps)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
@@ -190,13 +191,16 @@ def text_bytes(value: Any) -> int:
     return 0 if value is None else len(str(value))
 
 
-def _checked_rows(src: DataSource, shape: str, log: Callable[[str], None],
-                  bad: list[str]) -> tuple[str, Iterator[tuple[int, dict, int]]]:
+def _checked_rows(src: DataSource, shape: str, log: Callable[[str], None], bad: list[str],
+                  read_at_most: int | None = None) -> tuple[str, Iterator[tuple[int, dict, int]]]:
     """(name for messages, iterator of (row number, kept row, its text bytes)) over the usable rows of `src`, up
-    to `limit`; a bad row (`CHECKS[shape]`, or more text than `max_row_bytes`) raises DataError naming the file
-    and the row, or with `on_bad_rows: skip` is described in `bad` and left out."""
+    to `limit` (and among the first `read_at_most` rows read, bad ones included); a bad row (`CHECKS[shape]`, or
+    more text than `max_row_bytes`) raises DataError naming the file and the row, or with `on_bad_rows: skip` is
+    described in `bad` and left out."""
     check = CHECKS[shape]
     name, it = _open_source(src, log)
+    if read_at_most is not None:
+        it = islice(it, read_at_most)  # stops the underlying iterator: a stream reads no row past the prefix
 
     def rows() -> Iterator[tuple[int, dict, int]]:
         kept = 0
@@ -252,10 +256,16 @@ _CHECKED: dict[tuple, dict] = {}
 FAR_BYTES_PER_TOKEN = 8
 
 
+# A streamed source is checked on this many rows at most before training (its `limit` if smaller): a stream can be
+# far larger than the run reads of it, and the stage checks every row it reads as it goes (posttrain.data_stream).
+PREFIX_ROWS = 1000
+
+
 def check_source(src: DataSource, shape: str, log: Callable[[str], None] = print,
                  max_length: int | None = None) -> dict:
     """Read every row of `src` as a stage would (the same checks, `limit` and `on_bad_rows`), keeping none, so
-    bad data is refused before a run dir exists or any model loads; returns the stats `load_rows` would. With
+    bad data is refused before a run dir exists or any model loads; returns the stats `load_rows` would. A
+    streamed source is read only to its first PREFIX_ROWS rows (or `limit`), and the line says so. With
     `max_length` (tokens), counts the rows far longer than that (more than FAR_BYTES_PER_TOKEN bytes of text a
     token), which the trainer cuts without a word, and warns. A local file or world task already checked
     unchanged in this process is not read again."""
@@ -263,7 +273,8 @@ def check_source(src: DataSource, shape: str, log: Callable[[str], None] = print
     if key in _CHECKED:
         return _CHECKED[key]
     bad: list[str] = []
-    name, it = _checked_rows(src, shape, lambda m: None, bad)
+    prefix = min(src.limit or PREFIX_ROWS, PREFIX_ROWS) if src.streaming else None
+    name, it = _checked_rows(src, shape, lambda m: None, bad, read_at_most=prefix)
     kept, long_rows = 0, []
     far = FAR_BYTES_PER_TOKEN * max_length if max_length else None
     for n, _, size in it:
@@ -272,7 +283,8 @@ def check_source(src: DataSource, shape: str, log: Callable[[str], None] = print
             long_rows.append((n, size))
     stats = _stats(name, kept, bad)
     skipped = f"; {len(bad)} bad rows will be skipped (first: {bad[0]})" if bad else ""
-    log(f"data: checked {name}: {kept:,} rows{skipped}")
+    what = f"{kept:,} rows" if prefix is None else f"{kept:,} rows of a prefix (streamed: its first {prefix:,} read)"
+    log(f"data: checked {name}: {what}{skipped}")
     if long_rows:
         n, size = long_rows[0]
         log(f"data: warning: {len(long_rows):,} rows of {name} have over {far:,} bytes of text, far more than "
@@ -318,23 +330,41 @@ def load_dataset_rows(sources: list[DataSource], shape: str, log: Callable[[str]
 
 
 def sft_rows(rows: list[dict]) -> list[dict]:
-    """Checked SFT rows in one format TRL accepts, since one Arrow column cannot hold both strings and message
-    lists, and TRL adds a prompt to its completion (a message list plus a string is a TypeError there).
+    """Checked SFT rows in one format TRL accepts (`sft_mode` says which), since one Arrow column cannot hold both
+    strings and message lists, and TRL adds a prompt to its completion (a message list plus a string is a
+    TypeError there)."""
+    mode = sft_mode(rows)
+    return [sft_row(r, mode) for r in rows]
 
-    * any `messages` row: every prompt/completion row becomes `messages` (prompt + completion), so one collator
-      serves all, and a `messages` row keeps only `messages` (world task rows also carry their `prompt`, which
-      TRL would otherwise read as a prompt/completion row);
-    * else any conversational prompt or completion: every string prompt becomes one user message and every string
-      completion one assistant message (TRL's conversational prompt-completion: loss on the completion only, and
-      no `{% generation %}` markers needed);
-    * else plain prompt/completion rows, unchanged.
+
+def sft_mode(rows: list[dict]) -> str:
+    """The one format `rows` become (posttrain.data_stream decides it from a stream's first rows):
+
+    * `messages` if any row has `messages`: every prompt/completion row becomes `messages` (prompt + completion),
+      so one collator serves all, and a `messages` row keeps only `messages` (world task rows also carry their
+      `prompt`, which TRL would otherwise read as a prompt/completion row);
+    * else `chat` if any prompt or completion is conversational: every string prompt becomes one user message and
+      every string completion one assistant message (TRL's conversational prompt-completion: loss on the
+      completion only, and no `{% generation %}` markers needed);
+    * else `plain`: prompt/completion rows, unchanged.
     """
     if any("messages" in r for r in rows):
-        return [{"messages": r["messages"]} if "messages" in r else _to_messages(r) for r in rows]
+        return "messages"
     if any(isinstance(r[k], list) for r in rows for k in ("prompt", "completion")):
-        return [{"prompt": _as_chat(r["prompt"], "user"), "completion": _as_chat(r["completion"], "assistant")}
-                for r in rows]
-    return rows
+        return "chat"
+    return "plain"
+
+
+def sft_row(row: dict, mode: str) -> dict | None:
+    """One checked SFT row in format `mode` (`sft_mode`); None when it cannot be (a `messages` row, or outside
+    `messages` a conversational one, among rows of a plainer format: met only in a stream)."""
+    if mode == "messages":
+        return {"messages": row["messages"]} if "messages" in row else _to_messages(row)
+    if "messages" in row:
+        return None
+    if mode == "chat":
+        return {"prompt": _as_chat(row["prompt"], "user"), "completion": _as_chat(row["completion"], "assistant")}
+    return None if any(isinstance(row[k], list) for k in ("prompt", "completion")) else row
 
 
 def is_conversational(rows: Any) -> bool:

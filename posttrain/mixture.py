@@ -133,6 +133,10 @@ def resolve_replays(stages: list[Any], names: list[str]) -> str | None:
             sources, theirs = _replay_pool(earlier)
             if not sources:
                 return f"{where}: stage {r.from_!r} ({earlier.kind}) trains on no data to replay"
+            unbounded = [k for k, s in enumerate(sources) if getattr(s, "streaming", False) and s.limit is None]
+            if unbounded:  # replay holds its pool in memory (posttrain.stages.replay): a whole stream would not fit
+                return (f"{where}: stage {r.from_!r} streams its data[{unbounded[0]}] without limit, and replay reads "
+                        "the rows it mixes in into memory; set limit on that source")
             if theirs != shapes:
                 return (f"{where}: stage {r.from_!r} ({earlier.kind}) trains on {'/'.join(sorted(theirs))} rows, "
                         f"stage {names[i]!r} ({stage.kind}) on {'/'.join(sorted(shapes))} rows; a {stage.kind} "

@@ -142,6 +142,18 @@ def test_mask_conversations_names_the_row_and_the_turn(qwen3):
         mask_conversations(qwen3, rows_dataset([good, bad]), lambda i: f"d.jsonl row {i + 1}")
 
 
+def test_a_stream_is_masked_row_by_row_and_its_rows_named_by_their_place(qwen3):
+    """The SFT stage masks a streamed mix (posttrain.data_stream) lazily: the same tokens as the in-memory path."""
+    good = {"messages": CHAT}
+    bad = {"messages": [CHAT[0], {"role": "assistant", "content": "<think>\nx\n</think>\n\nHello!"}] + CHAT[2:]}
+    names = source_row_names([{"source": "org/d[train]", "rows": None, "streamed": True, "bad_rows": 0}])
+    stream = mask_conversations(qwen3, rows_dataset([good, bad]).to_iterable_dataset(), names)
+    rows = iter(stream)
+    assert tuple(next(rows).values()) == assistant_tokens_mask(qwen3, CHAT)
+    with pytest.raises(DataError, match=r"^row 2 of the streamed data, in the order read: messages\[1\]: "):
+        next(rows)
+
+
 def test_rows_are_named_by_their_source():
     name = source_row_names([{"source": "a.jsonl", "rows": 2, "bad_rows": 0},
                              {"source": "b.jsonl", "rows": 3, "bad_rows": 1}])

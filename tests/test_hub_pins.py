@@ -221,7 +221,9 @@ def test_streaming_and_revision_refusals_name_the_field():
         load_pipeline(None, data=_sft({"source": "arithmetic", "streaming": True}))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.data\[0\]: revision: only hub datasets have it"):
         load_pipeline(None, data=_sft({"source": "arithmetic", "revision": "main"}))
-    load_pipeline(None, data=_sft({"source": "acme/toy", "streaming": True, "rows": 9, "limit": 4}))
+    ok = _sft({"source": "acme/toy", "streaming": True, "rows": 9, "limit": 4})
+    ok["stages"][0]["trainer"] = {"max_steps": 2}  # a streamed stage needs it (tests/test_streaming.py)
+    load_pipeline(None, data=ok)
     # Unset, the new fields stay out of the dump, so DONE's config hash of every finished stage is unchanged.
     assert set(DataSource(source="acme/toy").model_dump()) == {"source", "split", "subset", "columns", "limit",
                                                                "on_bad_rows"}
@@ -270,7 +272,7 @@ def test_a_streamed_hub_dataset_trains_and_a_new_version_reruns_the_stage(dscach
     run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
     events = [json.loads(x) for x in (tmp_path / "r" / "stages" / "01_s" / "metrics.jsonl").read_text().splitlines()]
     sources = next(e["sources"] for e in events if e.get("event") == "data")
-    assert [(s["source"], s["rows"]) for s in sources] == [("acme/toy[train]", 4)]
+    assert [(s["source"], s["rows"], s["streamed"]) for s in sources] == [("acme/toy[train]", None, True)]
     run_pipeline(load_pipeline(None, data=data), tmp_path / "r", logs.append)
     assert any("[01 s] done already" in line for line in logs)
     prepare(dscache, C2, ROWS[::-1], 2_000)

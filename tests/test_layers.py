@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     # L1 components
     "posttrain.config_refs": 1,
     "posttrain.data": 1,
+    "posttrain.data_stream": 1,
     "posttrain.row_checks": 1,
     "posttrain.hub_pins": 1,
     "posttrain.identity": 1,

@@ -13,9 +13,9 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from posttrain.schema import ConfigError, Strict
 from posttrain.hft import TrainableConfig, frozen_slices
@@ -65,8 +65,27 @@ class TrainableStage(StageBase):
     trainable: TrainableConfig = Field(default_factory=TrainableConfig)
     report_to: list[str] | str | None = Field(None, description="trackers for this stage; None: the pipeline's")
 
+    # Why this kind cannot train on a `streaming: true` source (posttrain.data_stream), refused at load; "" where
+    # it can (sft, dpo).
+    no_stream: ClassVar[str] = "posttrain builds its rows in memory (sft and dpo stream)"
+
     def training_data(self) -> list[Any]:
         return list(self.data)  # every trainable kind declares `data:`, with its own default and row shape
+
+    @model_validator(mode="after")
+    def _stream_needs_max_steps(self) -> "TrainableStage":
+        """A stage whose data streams gets an IterableDataset, which has no length: the kind must take one, and
+        TRL's trainers then need `max_steps` (they cannot count epochs)."""
+        streams = [i for i, src in enumerate(self.training_data()) if getattr(src, "streaming", False)]
+        if not streams:
+            return self
+        if self.no_stream:
+            raise ValueError(f"data[{streams[0]}].streaming: the {self.kind} kind cannot train on a stream "
+                             f"({self.no_stream}); drop streaming: true")
+        if self.trainer.max_steps <= 0:
+            raise ValueError(f"trainer.max_steps: data[{streams[0]}] streams, and a stream has no length to count "
+                             "epochs in; set trainer.max_steps to a number of steps")
+        return self
 
     @field_validator("trainer", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ term). The world's tuning (SGD, RPO, rehearsal) and what was tried: docs/notes/d
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.data import DataSource
@@ -49,6 +51,7 @@ def _trl_trainer() -> TrainerConfig:
 
 class DPOStageConfig(Replayable, TrainableStage):
     """DPO (or a TRL variant) on preference pairs."""
+    no_stream: ClassVar[str] = ""  # a streamed source trains from an IterableDataset (posttrain.data_stream)
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)

@@ -29,7 +29,7 @@ How this stage departs from, or adds to, the paper and TRL (the parts: posttrain
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -61,6 +61,8 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class GRPOStageConfig(Replayable, TrainableStage):
+    # TRL takes a stream, but epoch_sampler (its RepeatSampler, reseeded per epoch) draws from the length
+    no_stream: ClassVar[str] = "its prompt sampler draws from the dataset's length"
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)

@@ -20,7 +20,7 @@ tuned values are stated in configs/stages/kto.yaml.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,6 +40,7 @@ def _trl_trainer() -> TrainerConfig:
 
 class KTOStageConfig(Replayable, TrainableStage):
     """KTO (or TRL's unpaired APO-zero) on desirable and undesirable completions."""
+    no_stream: ClassVar[str] = "it reorders all its rows so that every batch holds both labels"
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)

@@ -15,6 +15,8 @@ its Mistral runs); the world's tuned values are stated in configs/stages/orpo.ya
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import warnings
 
 from pydantic import Field
@@ -35,6 +37,8 @@ def _trl_trainer() -> TrainerConfig:
 
 class ORPOStageConfig(Replayable, TrainableStage):
     """ORPO on preference pairs: SFT on the chosen answer plus an odds-ratio term against the rejected one."""
+    # TRL's experimental ORPOTrainer maps the data with num_proc, which IterableDataset.map does not take
+    no_stream: ClassVar[str] = "TRL's ORPOTrainer cannot prepare an IterableDataset"
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.data import DataError, DataSource, load_rows, load_sources
+from posttrain.data_stream import message_features, role_and_content, stream_dataset, streamed
 
 
 def _as_chat(value: Any, role: str) -> list[dict]:
@@ -44,11 +45,26 @@ def as_chat_or_text(rows: list[dict], chat: bool) -> list[dict]:
 
 def preference_dataset(sources: list[DataSource], chat: bool, log, extra: tuple[list[dict], list[dict]] = ([], []),
                        seed: int = 0) -> tuple[Any, list[dict]]:
-    """`preference_rows` as one `datasets.Dataset` (DPOTrainer's input), plus per-source stats."""
+    """`preference_rows` as one `datasets.Dataset` (DPOTrainer's input), plus per-source stats; an IterableDataset
+    read row by row when a source streams (posttrain.data_stream; the kinds that take one: DPO)."""
     from datasets import Dataset
 
+    if streamed(sources):
+        return stream_dataset(sources, "preference", log, seed, extra, _pair_convert(chat),
+                              message_features(chat, "prompt", "chosen", "rejected"))
     rows, stats = preference_rows(sources, chat, log, extra, seed)
     return Dataset.from_list(rows), stats
+
+
+def _pair_convert(chat: bool):
+    """One streamed pair as `as_chat_or_text` makes it, or why it cannot be (a bad row)."""
+    def convert(row: dict) -> dict | str:
+        if not chat and any(isinstance(v, list) for v in row.values()):
+            return "conversational, and the tokenizer has no chat template"
+        out = as_chat_or_text([row], chat)[0]
+        return {k: role_and_content(out[k]) for k in ("prompt", "chosen", "rejected")}
+
+    return convert
 
 
 def _strip_repeated_prompt(row: dict) -> dict:
@@ -104,6 +120,13 @@ def prompt_cutter(max_prompt_length: int | None, log):
         return None
 
     def cut_prompts(trainer: Any) -> None:
+        from datasets import Dataset
+
+        if not isinstance(trainer.train_dataset, Dataset):  # a stream: cut as it is read, so not counted ahead
+            trainer.train_dataset = trainer.train_dataset.map(
+                lambda ex: {"prompt_ids": ex["prompt_ids"][-max_prompt_length:]})
+            log(f"dpo: keeping the last {max_prompt_length} tokens of longer prompts as the stream is read")
+            return
         trainer.train_dataset, cut = truncate_prompts(trainer.train_dataset, max_prompt_length)
         if cut:
             log(f"dpo: kept the last {max_prompt_length} tokens of {cut} longer prompts")

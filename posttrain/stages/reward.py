@@ -22,6 +22,8 @@ tuned values are stated in configs/stages/reward.yaml.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from posttrain.data import DataSource
@@ -40,6 +42,7 @@ def _trl_trainer() -> TrainerConfig:
 
 class RewardStageConfig(Replayable, TrainableStage):
     """A reward model (one-output sequence classifier) trained on preference pairs."""
+    no_stream: ClassVar[str] = "it counts the pairs TRL drops against the dataset's length"
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)

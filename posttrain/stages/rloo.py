@@ -18,6 +18,8 @@ completion tokens); the world's tuned values are stated in configs/stages/rloo.y
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
 from posttrain.data import DataSource
@@ -47,6 +49,8 @@ def _trl_trainer() -> TrainerConfig:
 
 
 class RLOOStageConfig(Replayable, TrainableStage):
+    # TRL takes a stream, but epoch_sampler (its RepeatSampler, reseeded per epoch) draws from the length
+    no_stream: ClassVar[str] = "its prompt sampler draws from the dataset's length"
     model: str | None = Field("world-sft", description="input model; in a pipeline, ${stages.<name>.model} "
                                                        "to start from an earlier stage")
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="verifiable")], min_length=1)

@@ -9,12 +9,13 @@ earlier turn (naming the row and the turn).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_serializer
 
 from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_sources, rows_dataset, sft_rows
+from posttrain.data_stream import sft_stream, streamed
 from posttrain.mixture import Replayable
 from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
@@ -37,6 +38,7 @@ class SFTStageConfig(Replayable, TrainableStage):
     # (flash attention, or transformers' packed-sequence mask for sdpa/eager).
     packing: bool = Field(False, description="pack rows into max_length sequences (TRL's best-fit decreasing)")
     padding_free: bool = Field(False, description="flatten each batch into one unpadded sequence (implied by packing)")
+    no_stream: ClassVar[str] = ""  # a streamed source trains from an IterableDataset (posttrain.data_stream)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict:
@@ -81,13 +83,19 @@ def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised fine-tuning with TRL's SFTTrainer (full, LoRA, or HFT-selected parameters)."""
     seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
-    rows, data_stats = load_sources(cfg.data, "sft", ctx.log, seed)
-    replayed, replay_stats = replay_rows(cfg.replay, "sft", ctx.log, seed)
-    rows, data_stats = rows + replayed, data_stats + replay_stats
-    dataset = rows_dataset(sft_rows(rows))
-    assistant_only = cfg.assistant_only_loss and "messages" in dataset.column_names
+    if streamed(cfg.data):  # an IterableDataset read row by row while training (posttrain.data_stream)
+        replayed = replay_rows(cfg.replay, "sft", ctx.log, seed)  # in memory, mixed into the stream
+        dataset, data_stats, mode = sft_stream(cfg.data, ctx.log, seed, replayed)
+        conversational, messages = mode != "plain", mode == "messages"
+    else:
+        rows, data_stats = load_sources(cfg.data, "sft", ctx.log, seed)
+        replayed, replay_stats = replay_rows(cfg.replay, "sft", ctx.log, seed)
+        rows, data_stats = rows + replayed, data_stats + replay_stats
+        dataset = rows_dataset(sft_rows(rows))
+        conversational, messages = is_conversational(dataset), "messages" in dataset.column_names
+    assistant_only = cfg.assistant_only_loss and messages
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    own_masks = check_chat_template(tokenizer, is_conversational(dataset), assistant_only)
+    own_masks = check_chat_template(tokenizer, conversational, assistant_only)
     if own_masks:  # TRL takes tokenized rows as they are and trains on their assistant_masks (-100 labels off them)
         dataset = mask_conversations(tokenizer, dataset, source_row_names(data_stats))
     from trl import SFTConfig, SFTTrainer  # after the data check: importing TRL takes seconds

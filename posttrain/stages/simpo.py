@@ -19,6 +19,8 @@ the world's tuned values are stated in configs/stages/simpo.yaml.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import warnings
 
 from pydantic import Field
@@ -39,6 +41,8 @@ def _trl_trainer() -> TrainerConfig:
 
 class SimPOStageConfig(Replayable, TrainableStage):
     """SimPO on preference pairs: length-normalised likelihood margins, no reference model."""
+    # TRL's experimental CPOTrainer maps the data with num_proc, which IterableDataset.map does not take
+    no_stream: ClassVar[str] = "TRL's CPOTrainer cannot prepare an IterableDataset"
 
     data: list[DataSource] = Field(default_factory=lambda: [DataSource(source="style")], min_length=1)
     trainer: TrainerConfig = Field(default_factory=_trl_trainer)
