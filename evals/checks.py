@@ -34,6 +34,9 @@ def check_eval_config(cfg: Any, warn: Callable[[str], None] = print) -> None:
     spec = load_suite(cfg.eval.suite)
     if cfg.eval.on_drop == "mitigate":
         _check_mitigate(cfg, spec)
+        for stage in (s for s in cfg.stages if not s.reads_input()):  # a linear merge, a merge with `base:`
+            warn(f"warning: stages.{stage.name} reads no input model: should it break eval.max_drop, on_drop: "
+                 "mitigate has no parent to interpolate it with, and the run stops there")
     for name in cfg.eval.max_drop:
         problem = _unknown_gate_key(name, spec)
         if problem:

@@ -130,3 +130,10 @@ def test_packed_labels_equal_unpacked_on_chat_rows(world, tmp_path, monkeypatch,
     assert _pieces(packed) == _pieces(plain)
     masked = [lab for _, labels in _pieces(plain) for lab in labels]
     assert -100 in masked and any(lab != -100 for lab in masked)  # the assistant mask is there to keep
+
+
+def test_packing_without_a_max_length_is_refused_when_the_config_loads():
+    from posttrain.config import ConfigError, load_pipeline
+
+    with pytest.raises(ConfigError, match=r"packing: rows are packed into trainer.max_length"):
+        load_pipeline(None, data={"stages": [{"kind": "sft", "packing": True, "trainer": {"max_length": None}}]})

@@ -199,3 +199,16 @@ def test_a_gate_with_evals_off_is_warned_about():
                                                          "on_drop": "mitigate"}, "stages": [{"kind": "sft"}]}),
                       said.append)
     assert said and "evals are off" in said[0] and "mitigate never acts" in said[0]
+
+
+def test_a_stage_without_an_input_model_is_warned_about_before_the_run():
+    """A linear merge reads no input model: mitigation could not interpolate it, which the user hears at load."""
+    from evals.checks import check_eval_config
+
+    said = []
+    models = [{"model": "world-sft-arithmetic"}, {"model": "world-sft-reversal"}]
+    check_eval_config(load_pipeline(None, data={
+        "eval": {"max_drop": {"world_facts": 0.1}, "on_drop": "mitigate"},
+        "stages": [{"kind": "sft", "name": "a"}, {"kind": "merge", "name": "m", "method": "linear", "models": models},
+                   {"kind": "merge", "name": "t", "method": "task_arithmetic", "models": models}]}), said.append)
+    assert len(said) == 1 and said[0].startswith("warning: stages.m reads no input model")

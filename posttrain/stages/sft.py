@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 
 from posttrain.chat_mask import mask_conversations, source_row_names
 from posttrain.data import DataError, DataSource, is_conversational, load_sources, rows_dataset, sft_rows
@@ -50,6 +50,14 @@ class SFTStageConfig(Replayable, TrainableStage):
             if not out.get(key):
                 out.pop(key, None)
         return out
+
+    @model_validator(mode="after")
+    def _packing_needs_a_length(self) -> "SFTStageConfig":
+        # TRL packs into max_length-token sequences and fails at trainer start (after the model loaded) without one
+        if self.packing and self.trainer.max_length is None:
+            raise ValueError("packing: rows are packed into trainer.max_length tokens; set trainer.max_length "
+                             "(e.g. 1024) or drop packing")
+        return self
 
     def data_sources(self) -> list[tuple[DataSource, str]]:
         return [(src, "sft") for src in self.data]
