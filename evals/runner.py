@@ -156,6 +156,8 @@ def evaluate_model(
         # lm-eval scores its own tasks on their test split whatever is asked: a "dev" score would be a test one
         raise ConfigError(f"a {split}-split eval needs world tasks; suite {spec.name!r} has "
                           f"{', '.join(t for t in spec.tasks if not t.startswith('world_'))}")
+    if split != "test":  # a dev-split score must not read as a test score in the log
+        log = functools.partial(_split_line, log, split)
     world_tasks = any(t.startswith("world_") for t in spec.tasks)
     include, task_hashes = render_world_tasks(log, split) if world_tasks else (None, {})
     model_path = Path(model_dir)
@@ -183,6 +185,10 @@ def evaluate_model(
     if out:
         atomic_write_json(Path(out), record)
     return record
+
+
+def _split_line(log: Callable[[str], None], split: str, line: str) -> None:
+    log(line.replace("eval: ", f"eval ({split} split): ", 1) if line.startswith("eval: ") else line)
 
 
 def eval_settings(settings: EvalConfig, spec: Suite, world_hashes: dict[str, str], split: str = "test") -> dict:

@@ -58,6 +58,14 @@ def test_log_samples_keeps_each_examples_score_and_they_average_to_the_reported_
     assert "log_samples" not in off["key"] and "items" not in off
 
 
+def test_a_dev_split_eval_says_so_in_every_eval_line(world):
+    logs: list[str] = []
+    evaluate_model(str(world / "base"), settings=EvalConfig(limit=4), tasks=["world_facts"], log=logs.append,
+                   split="dev")
+    lines = [line for line in logs if line.startswith("eval")]
+    assert lines and all(line.startswith("eval (dev split): ") for line in lines), lines
+
+
 def test_standard_suite_validates():
     suite = load_suite("standard")
     assert {"gsm8k", "mmlu", "arc_challenge"} <= set(suite.tasks) and suite.limit
