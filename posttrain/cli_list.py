@@ -78,4 +78,4 @@ def _optional_config(annotation):
 
 
 def _one_line(cfg) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in cfg.model_dump().items())
+    return ", ".join(f"{k}={v!r}" for k, v in _every_field(cfg).items())

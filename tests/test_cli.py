@@ -92,7 +92,7 @@ def test_list_shows_every_key_a_pipeline_can_hold(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for expected in ["pipeline (top level):", "  push: None  (when set: {repo: org/name", "    max_drop: {}", "    on_drop: 'stop'", "\nsft: ", "\ntransfer: ",
-                     "'on_bad_rows': 'error'", "'timeout_s': 5.0", "lora: None  (when set: r=16",
+                     "'on_bad_rows': 'error'", "'timeout_s': 5.0", "lora: None  (when set: r=16", "use_dora=False, quantize=None)",
                      "  format_regex: params pattern", "  length_penalty: params target_len, scale=0.001",
                      "merge methods (merge `method:`): breadcrumbs,"]:
         assert expected in out, expected
