@@ -97,6 +97,7 @@ def test_mergekit_defaults_are_written_out_and_breadcrumbs_names_are_mapped(tmp_
     ({"models": [{"model": "a+lora"}]}, r"models\[0\].model: 'a\+lora': a model\+LoRA reference is not mapped"),
     ({"merge_method": "task_arithmetic", "parameters": {"normalize": True}},
      "parameters.normalize: posttrain's task_arithmetic does not divide by the summed weights"),
+    ({"base_model": None}, "base_model: ties merges task vectors against a base: name it"),
 ])
 def test_what_cannot_be_mapped_is_refused_in_one_line_naming_the_key(tmp_path, doc, message):
     full = {"merge_method": "ties", "base_model": "x", "models": [{"model": "a"}], **doc}

@@ -93,6 +93,8 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
                      refuse)
     if method == "linear" and base is not None:
         raise refuse("base_model", "linear averages `models:` only; list the base among them to include it")
+    if method != "linear" and base is None:  # mergekit requires one too; the stage would fall back to its default
+        raise refuse("base_model", f"{method} merges task vectors against a base: name it (base_model: org/base)")
     settings = {**MERGEKIT_DEFAULTS[method], **{k: v for k, v in glob.items() if k in _GLOBAL}}
     params = _params(method, settings, models, refuse)
     dtype = doc.get("dtype", "float32")
