@@ -259,8 +259,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     """`posttrain merge --from-mergekit cfg.yml`: the mergekit YAML as a merge stage, printed or run."""
-    if args.print:
-        print(yaml.safe_dump(from_mergekit(args.from_mergekit), sort_keys=False), end="")
+    if args.print:  # the stage `posttrain merge` would run: --set applied, validated (refused as a run is)
+        stage = _load(args).stages[0]
+        print(yaml.safe_dump(stage.model_dump(mode="json", exclude_unset=True), sort_keys=False), end="")
         return 0
     return _run(args)
 

@@ -110,9 +110,14 @@ def test_what_cannot_be_mapped_is_refused_in_one_line_naming_the_key(tmp_path, d
 def test_cli_prints_the_stage_and_exits_2_on_a_refused_key(tmp_path, capsys):
     path = write(tmp_path, {"merge_method": "task_arithmetic", "base_model": "x", "models": [{"model": "a"}]})
     assert main(["merge", "--from-mergekit", str(path), "--print"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out) == {"kind": "merge", "method": "task_arithmetic", "base": "x",
-                                                       "models": [{"model": "a", "weight": 1.0}],
-                                                       "params": {"lam": 1.0}, "dtype": "float32"}
+    printed = {"name": "merge", "kind": "merge", "method": "task_arithmetic", "base": "x",
+               "models": [{"model": "a", "weight": 1.0}], "params": {"lam": 1.0}, "dtype": "float32"}
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    # --print shows the stage with --set applied, and refuses what a run would refuse
+    assert main(["merge", "--from-mergekit", str(path), "--print", "--set", "params.lam=0.5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {**printed, "params": {"lam": 0.5}}
+    assert main(["merge", "--from-mergekit", str(path), "--print", "--set", "params.lamb=0.5"]) == 2
+    assert "did you mean 'lam'" in capsys.readouterr().err
     args = build_parser().parse_args(["merge", "--from-mergekit", str(path), "--set", "params.lam=0.5"])
     stage = _load(args).stages[0]  # what `posttrain merge` runs: the stage, with --set applied on top
     assert (stage.kind, stage.method, stage.base, stage.params) == ("merge", "task_arithmetic", "x", {"lam": 0.5})
