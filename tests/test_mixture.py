@@ -153,7 +153,10 @@ def test_replayed_rows_reach_the_trainers_dataset(tmp_path, monkeypatch, first_k
         seen.append(([r["prompt"] for r in dataset.to_list()], stats))
         raise _Seen  # before any model loads
 
-    monkeypatch.setattr(module, "load_tokenizer", lambda *a: types.SimpleNamespace(chat_template=None))
+    # the pairwise kinds read their tokenizer through stages.preference.preference_inputs
+    owner = importlib.import_module("posttrain.stages.preference") if kind in ("dpo", "orpo", "simpo", "reward") \
+        else module
+    monkeypatch.setattr(owner, "load_tokenizer", lambda *a: types.SimpleNamespace(chat_template=None))
     monkeypatch.setattr(module, "run_trl_stage", trainer)
     stage = _kind_pipe(tmp_path, first_kind, kind, replay=[{"from": "first", "fraction": 0.1}]).stages[1]
     ctx = StageContext(run_dir=tmp_path, work_dir=tmp_path, index=2, seed=0, input_model="m", resolve=str)

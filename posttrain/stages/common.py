@@ -72,6 +72,10 @@ class TrainableStage(StageBase):
     def training_data(self) -> list[Any]:
         return list(self.data)  # every trainable kind declares `data:`, with its own default and row shape
 
+    def seed_in(self, ctx: Any) -> int:
+        """The stage's seed: `trainer.seed` when set, else the pipeline's."""
+        return ctx.seed if self.trainer.seed is None else self.trainer.seed
+
     @model_validator(mode="after")
     def _stream_needs_max_steps(self) -> "TrainableStage":
         """A stage whose data streams gets an IterableDataset, which has no length: the kind must take one, and

@@ -30,12 +30,10 @@ from pydantic import Field, field_validator, model_validator
 
 from posttrain.data import DataSource
 from posttrain.mixture import Replayable
-from posttrain.models import load_tokenizer
 from posttrain.registry import did_you_mean
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
-from posttrain.stages.preference import near_miss_pairs, preference_dataset, prompt_cutter
-from posttrain.stages.replay import replay_rows
+from posttrain.stages.preference import near_miss_pairs, preference_inputs, prompt_cutter
 from posttrain.stages.trl_run import run_trl_stage
 
 # TRL 1.16's DPOConfig.loss_type values. Importing TRL takes seconds, too slow for config validation (which
@@ -106,12 +104,8 @@ class DPOStageConfig(Replayable, TrainableStage):
 @stage("dpo", DPOStageConfig)
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     """Direct Preference Optimization with TRL's DPOTrainer (full, LoRA, or HFT-selected parameters)."""
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
-    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    rehearsal = near_miss_pairs(cfg.rehearsal, ctx.log)
-    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
-    extra = (rehearsal[0] + replayed[0], rehearsal[1] + replayed[1])
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, extra, seed)
+    rehearsal = near_miss_pairs(cfg.rehearsal, ctx.log)  # mixed in beside the `replay:` pairs
+    tokenizer, seed, dataset, data_stats = preference_inputs(cfg, ctx, rehearsal)
     from trl import DPOConfig, DPOTrainer  # after the data check: importing TRL takes seconds
 
     loss_type, loss_weights = cfg.trl_losses()

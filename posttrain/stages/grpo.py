@@ -107,7 +107,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     """GRPO with verifiable rewards on TRL's GRPOTrainer (full, LoRA, or HFT-selected parameters)."""
     stats = RewardStats()
     funcs, weights = reward_funcs(cfg, ctx, stats)
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
+    seed = cfg.seed_in(ctx)
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)

@@ -93,7 +93,7 @@ def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     """Kahneman-Tversky Optimization with TRL's KTOTrainer (full, LoRA, or HFT-selected parameters)."""
     from datasets import Dataset
 
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
+    seed = cfg.seed_in(ctx)
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     chat = bool(tokenizer.chat_template)
     replayed, replay_stats = replay_rows(cfg.replay, "kto", ctx.log, seed)

@@ -23,11 +23,9 @@ from pydantic import Field
 
 from posttrain.data import DataSource
 from posttrain.mixture import Replayable
-from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
-from posttrain.stages.preference import preference_dataset
-from posttrain.stages.replay import replay_rows
+from posttrain.stages.preference import preference_inputs
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -51,10 +49,7 @@ class ORPOStageConfig(Replayable, TrainableStage):
 @stage("orpo", ORPOStageConfig)
 def run(cfg: ORPOStageConfig, ctx: StageContext) -> StageResult:
     """Odds Ratio Preference Optimization with TRL's ORPOTrainer (full, LoRA, or HFT-selected parameters)."""
-    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
-    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)  # earlier stages' pairs (`replay:`)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
+    tokenizer, seed, dataset, data_stats = preference_inputs(cfg, ctx)  # pairs and `replay:` pairs
     with warnings.catch_warnings():  # TRL warns that trl.experimental may change; pyproject pins TRL
         warnings.simplefilter("ignore")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # after the data check: importing TRL takes seconds

@@ -11,6 +11,8 @@ from typing import Any
 
 from posttrain.data import DataError, DataSource, load_rows, load_sources
 from posttrain.data_stream import message_features, role_and_content, stream_dataset, streamed
+from posttrain.models import load_tokenizer
+from posttrain.stages.replay import replay_rows
 
 
 def _as_chat(value: Any, role: str) -> list[dict]:
@@ -54,6 +56,17 @@ def preference_dataset(sources: list[DataSource], chat: bool, log, extra: tuple[
                               message_features(chat, "prompt", "chosen", "rejected"))
     rows, stats = preference_rows(sources, chat, log, extra, seed)
     return Dataset.from_list(rows), stats
+
+
+def preference_inputs(cfg: Any, ctx: Any, extra: tuple[list[dict], list[dict]] = ([], [])):
+    """(tokenizer, seed, dataset, data stats) of a pairwise stage (dpo, orpo, simpo, reward): its `data:` pairs,
+    the `replay:` pairs of earlier stages and `extra` (DPO's rehearsal), mixed with the stage's seed."""
+    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
+    seed = cfg.seed_in(ctx)
+    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
+    pairs = (extra[0] + replayed[0], extra[1] + replayed[1])
+    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, pairs, seed)
+    return tokenizer, seed, dataset, data_stats
 
 
 def _pair_convert(chat: bool):

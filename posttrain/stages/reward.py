@@ -28,11 +28,9 @@ from pydantic import Field
 
 from posttrain.data import DataSource
 from posttrain.mixture import Replayable
-from posttrain.models import load_tokenizer
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
-from posttrain.stages.preference import preference_dataset
-from posttrain.stages.replay import replay_rows
+from posttrain.stages.preference import preference_inputs
 from posttrain.stages.trl_run import run_trl_stage
 
 
@@ -59,10 +57,7 @@ class RewardStageConfig(Replayable, TrainableStage):
 @stage("reward", RewardStageConfig)
 def run(cfg: RewardStageConfig, ctx: StageContext) -> StageResult:
     """A reward model trained on preference pairs with TRL's RewardTrainer (full, LoRA, or HFT-selected)."""
-    tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
-    replayed = replay_rows(cfg.replay, "preference", ctx.log, seed)
-    dataset, data_stats = preference_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, replayed, seed)
+    tokenizer, seed, dataset, data_stats = preference_inputs(cfg, ctx)  # pairs and `replay:` pairs
     from trl import RewardConfig, RewardTrainer  # after the data check: importing TRL takes seconds
 
     def count_dropped(trainer) -> None:

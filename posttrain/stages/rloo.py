@@ -84,7 +84,7 @@ def run(cfg: RLOOStageConfig, ctx: StageContext) -> StageResult:
     """REINFORCE Leave-One-Out on TRL's RLOOTrainer (full, LoRA, or HFT-selected parameters)."""
     stats = RewardStats()
     funcs, weights = reward_funcs(cfg, ctx, stats)
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
+    seed = cfg.seed_in(ctx)
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)  # earlier stages' prompts (`replay:`)
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)

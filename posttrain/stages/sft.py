@@ -90,7 +90,7 @@ def check_chat_template(tokenizer, conversational: bool, assistant_only: bool) -
 @stage("sft", SFTStageConfig)
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised fine-tuning with TRL's SFTTrainer (full, LoRA, or HFT-selected parameters)."""
-    seed = ctx.seed if cfg.trainer.seed is None else cfg.trainer.seed
+    seed = cfg.seed_in(ctx)
     if streamed(cfg.data):  # an IterableDataset read row by row while training (posttrain.data_stream)
         replayed = replay_rows(cfg.replay, "sft", ctx.log, seed)  # in memory, mixed into the stream
         dataset, data_stats, mode = sft_stream(cfg.data, ctx.log, seed, replayed)
