@@ -75,10 +75,7 @@ def trainer_env(report_to: list[str], stage_dir: Path, run_dir: Path, run_name: 
     run = None
     try:
         if "wandb" in report_to and is_main():
-            import wandb
-
-            run = wandb.init(group=run_dir.name, name=run_name or stage_dir.name, job_type="train",
-                             dir=os.environ.get("WANDB_DIR") or str(run_dir), reinit="finish_previous")
+            run = _wandb_init(run_dir, run_name or stage_dir.name, "train")
         yield
     finally:
         if run is not None:
@@ -108,12 +105,17 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _wandb_run(run_dir: Path, name: str, job_type: str, values: dict[str, Any], table: Any = None) -> None:
-    """One finished wandb run in the run dir's group holding `values` (and `table` as report/forgetting)."""
+def _wandb_init(run_dir: Path, name: str, job_type: str):
+    """A wandb run in the run dir's group, kept in the run dir (or $WANDB_DIR); the one before it is finished."""
     import wandb
 
-    run = wandb.init(group=run_dir.name, name=name, job_type=job_type, dir=os.environ.get("WANDB_DIR") or str(run_dir),
-                     reinit="finish_previous")
+    return wandb.init(group=run_dir.name, name=name, job_type=job_type, dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                      reinit="finish_previous")
+
+
+def _wandb_run(run_dir: Path, name: str, job_type: str, values: dict[str, Any], table: Any = None) -> None:
+    """One finished wandb run in the run dir's group holding `values` (and `table` as report/forgetting)."""
+    run = _wandb_init(run_dir, name, job_type)
     try:
         if table is not None:
             run.log({"report/forgetting": table})
