@@ -282,15 +282,28 @@ def not_comparable_rows(records: list[dict], keys: list[Any], expected: dict, ru
 def _stale_parents(stage_dir: Path, parent_dirs: list[Path], stale: set[str]) -> list[str]:
     """One phrase per parent stage (its folder) that is stale itself or finished after the stage in
     `stage_dir` (DONE's `finished`, ISO to the second: within one run a child finishes after its parent)."""
-    finished = stage_finished(stage_dir)
+    newer = {parent: (then, finished) for parent, then, finished in finished_after(stage_dir, parent_dirs)}
     out = []
-    for parent_dir in parent_dirs:
-        parent, then = parent_dir.name.split("_", 1)[1], stage_finished(parent_dir)
+    for parent in (d.name.split("_", 1)[1] for d in parent_dirs):
         if parent in stale:
             out.append(f"built from `{parent}`, which is left out as built from an earlier version itself")
-        elif finished and then and then > finished:
+        elif parent in newer:
+            then, finished = newer[parent]
             out.append(f"built from an earlier `{parent}` (that stage reran, finishing at {then}, after this one "
                        f"finished at {finished})")
+    return out
+
+
+def finished_after(stage_dir: Path, parent_dirs: list[Path]) -> list[tuple[str, str, str]]:
+    """(parent stage, its finished time, this stage's) for each parent folder whose DONE is newer than the DONE
+    in `stage_dir`: the stage was built from an earlier version of that parent (the report and `posttrain push`
+    both refuse such a stage)."""
+    mine = stage_finished(stage_dir)
+    out = []
+    for parent_dir in parent_dirs:
+        then = stage_finished(parent_dir)
+        if mine and then and then > mine:
+            out.append((parent_dir.name.split("_", 1)[1], then, mine))
     return out
 
 

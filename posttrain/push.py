@@ -32,7 +32,7 @@ import yaml
 
 from pydantic import Field, field_validator
 
-from evals.run_report import stage_finished
+from evals.run_report import finished_after
 from posttrain.registry import did_you_mean
 from posttrain.schema import ConfigError, Strict, read_yaml
 
@@ -87,12 +87,9 @@ def _check_current(run_dir: Path, pipe: dict, name: str, names: list[str]) -> No
     report_path = run_dir / "report" / "forgetting.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     folder = lambda n: run_dir / "stages" / f"{names.index(n) + 1:02d}_{n}"  # noqa: E731
-    mine = stage_finished(folder(name))
-    for other in ancestors(pipe, report, name)[:-1]:
-        then = stage_finished(folder(other))
-        if mine and then and then > mine:
-            raise ConfigError(f"--stage {name}: built from an earlier version of `{other}` ({other} finished at "
-                              f"{then}, after {name} at {mine}); rerun the pipeline before pushing")
+    for other, then, mine in finished_after(folder(name), [folder(o) for o in ancestors(pipe, report, name)[:-1]]):
+        raise ConfigError(f"--stage {name}: built from an earlier version of `{other}` ({other} finished at "
+                          f"{then}, after {name} at {mine}); rerun the pipeline before pushing")
 
 
 def ancestors(pipe: dict, report: dict | None, name: str) -> list[str]:
