@@ -19,6 +19,7 @@ from typing import Any, Callable
 from evals.checks import check_eval_config
 from posttrain.config import load_pipeline
 from posttrain.pipeline import Pipeline
+from posttrain.progress import library_bars_off_unless_shown
 from posttrain.rundir import open_run_dir
 from posttrain.schema import ConfigError, read_yaml
 
@@ -132,7 +133,8 @@ def _execute(cfg, run_dir, overwrite: bool, log: Callable[[str], None]) -> Run:
     check_eval_config(cfg, log)  # as the CLI: the suite, max_drop keys, mitigate's needs, before anything runs
     path, created = open_run_dir(run_dir, cfg.name)
     try:
-        Pipeline(cfg, path, log, overwrite=overwrite).run()
+        with library_bars_off_unless_shown():
+            Pipeline(cfg, path, log, overwrite=overwrite).run()
     except BaseException:
         if created is not None and not (path / "pipeline.yaml").exists():
             created.undo()  # nothing ran: leave no empty run dir behind, as the CLI does

@@ -134,3 +134,32 @@ def terminal_only_bars(*modules: Any) -> Iterator[None]:
     finally:
         for module, original in swapped:
             module.tqdm = original
+
+
+@contextlib.contextmanager
+def library_bars_off_unless_shown() -> Iterator[None]:
+    """While inside, the progress bars of transformers (model loading), datasets (map) and huggingface_hub are off
+    unless stderr is a terminal or a notebook draws them (ipykernel): a script logging to a file got each bar's
+    every redraw as text. The CLI turns them off through their environment variables before they are imported;
+    a Python API caller has imported them already, so their runtime switches are used, and put back after."""
+    import sys
+
+    if verbose() or sys.stderr.isatty() or "ipykernel" in sys.modules:
+        yield
+        return
+    import datasets.utils.logging as ds_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as tf_logging
+
+    was = (tf_logging.is_progress_bar_enabled(), ds_logging.is_progress_bar_enabled(),
+           not hub_utils.are_progress_bars_disabled())
+    tf_logging.disable_progress_bar()
+    ds_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for on, enable in zip(was, (tf_logging.enable_progress_bar, ds_logging.enable_progress_bar,
+                                    hub_utils.enable_progress_bars)):
+            if on:
+                enable()

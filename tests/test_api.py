@@ -86,9 +86,11 @@ def test_run_from_python_gives_the_report_as_records(two_tasks):
     assert list(frame["value"]) == [r["value"] for r in records]
 
 
-def test_stage_from_python_runs_one_stage(world, tmp_path):
+def test_stage_from_python_runs_one_stage(world, tmp_path, capfd):
     run = pt.stage("sft", model="world", data="arithmetic", trainer=dict(TINY), eval={"enabled": False},
                    run_dir=tmp_path / "one", log=lambda m: None)
+    # stderr is no terminal here: no library's bar (model loading, dataset maps) is drawn into it
+    assert "%|" not in capfd.readouterr().err
     assert list(run.models) == ["sft"] and (run.models["sft"] / "config.json").is_file()
     assert run.config["stages"][0]["data"][0]["source"] == "arithmetic" and run.report is None
     assert run.config["stages"][0]["trainer"]["max_steps"] == 3
