@@ -27,7 +27,7 @@ from posttrain.config import load_pipeline, stage_pipeline
 from posttrain.data import DataError
 from posttrain.merging.mergekit import from_mergekit
 from posttrain.model_files import check_folder_files
-from posttrain.models import ModelError, resolve_model
+from posttrain.models import ModelError, is_sequence_classifier, resolve_model
 from posttrain.pipeline import Pipeline, check_inputs
 from posttrain.push import add_parser as add_push_parser, push_command
 from posttrain.progress import VERBOSE_ENV
@@ -241,6 +241,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         _check_writable_parent(Path(args.out), "--out")
     model = resolve_model(args.model, _log)  # world names and local folders as stages take them
+    if is_sequence_classifier(model):  # lm-eval would score it with a random LM head, without a word
+        raise ConfigError(f"{args.model}: a sequence classifier (a reward model) scores text and does not generate; "
+                          "evaluate the language model it was trained from, or use it as a reward (reward_model)")
     check_folder_files(model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, log=_log)
     import jinja2
 

@@ -228,6 +228,13 @@ def _transformers_class(folder: Path, name: str, auto_map: dict) -> str | None:
     return found.__name__ if found is not None and found.__module__.startswith("transformers.") else None
 
 
+def is_sequence_classifier(folder: str) -> bool:
+    """True for a local folder whose config.json names only `*ForSequenceClassification` architectures (a reward
+    stage's output): loaded as a causal LM it would get a new, random LM head."""
+    archs = _read_json(Path(folder) / "config.json").get("architectures") or []
+    return bool(archs) and all(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

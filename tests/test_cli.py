@@ -67,6 +67,12 @@ def test_eval_refuses_a_missing_folder_and_a_bad_limit_in_one_line(tmp_path, cli
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
     r = cli("eval", "world", "--limit", "0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --limit must be at least 1, got 0"
+    reward = tmp_path / "reward"  # a reward stage's output: lm-eval would give it a random LM head
+    reward.mkdir()
+    (reward / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}')
+    r = cli("eval", str(reward))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "a sequence classifier (a reward model) scores text and does not generate" in r.stderr
 
 
 def test_a_successful_run_removes_an_earlier_failures_error_log(merge_trio, tmp_path, cli):
