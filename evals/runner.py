@@ -20,6 +20,7 @@ from pydantic import Field
 
 from evals import cache
 from evals.config import EvalConfig
+from evals.scores import items_from_samples, scores_from_results  # noqa: F401 (tests import them here)
 from posttrain import rollout
 from posttrain import world as _world  # through the module: tests replace world_dir
 from posttrain.hub_pins import snapshot_identity
@@ -94,22 +95,6 @@ def _backend(requested: str) -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
-
-
-def scores_from_results(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """lm-eval's {"task": {"metric,filter": v, "metric_stderr,filter": se}} -> {"task/metric": {value, stderr}}."""
-    scores = {}
-    for task, metrics in results.get("results", {}).items():
-        keys = [k for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
-        for key in keys:
-            value = metrics[key]
-            metric, flt = key.split(",", 1)
-            stderr = metrics.get(f"{metric}_stderr,{flt}")
-            # A metric under one filter is named plainly; several filters of one metric keep "@filter".
-            alone = sum(k.split(",", 1)[0] == metric for k in keys) == 1
-            name = f"{task}/{metric}" if alone else f"{task}/{metric}@{flt}"
-            scores[name] = {"value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
-    return scores
 
 
 def _versions() -> dict[str, str]:
@@ -326,24 +311,6 @@ def _run_lm_eval(model_dir, spec: Suite, include, limit, settings: EvalConfig, l
     if settings.log_samples:
         record["items"] = items_from_samples(results.get("samples") or {}, scores)
     return record
-
-
-def items_from_samples(samples: dict[str, list[dict]], scores: dict) -> dict[str, dict[str, list]]:
-    """lm-eval's logged samples -> {"<task>/<metric>": {"doc_id": [...], "values": [...]}}, named as in `scores`
-    (`scores_from_results`), sorted by doc_id: each example's score, so two models' evals pair item by item.
-    Prompts and replies are not kept (they are lm-eval's `--log_samples` files' job, and large)."""
-    out: dict[str, dict[str, list]] = {}
-    for task, examples in samples.items():
-        for ex in sorted(examples, key=lambda e: e["doc_id"]):
-            for metric in ex.get("metrics", []):
-                name = next((n for n in (f"{task}/{metric}", f"{task}/{metric}@{ex.get('filter')}") if n in scores),
-                            None)
-                if name is None or not isinstance(ex.get(metric), (int, float)):
-                    continue
-                slot = out.setdefault(name, {"doc_id": [], "values": []})
-                slot["doc_id"].append(ex["doc_id"])
-                slot["values"].append(float(ex[metric]))
-    return out
 
 
 @functools.lru_cache(maxsize=8)

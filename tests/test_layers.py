@@ -84,6 +84,7 @@ LAYERS: dict[str, int] = {
     "evals.report": 2,
     "evals.run_report": 2,
     "evals.runner": 2,
+    "evals.scores": 2,
     "evals.summary": 2,
     "evals.mitigation": 2,
     # L3 stages
