@@ -115,7 +115,11 @@ CLAIMS: tuple[Claim, ...] = (
                "SFT runs the world's SFT tuning stopped at 5, 10, 20, 40, 80 and 160 steps, and in each seed the "
                "rung whose verifiable score is closest to GRPO's is compared.",
         limits="world-dpo-style never learned reversal, so reversal cannot show forgetting here. GRPO's rollouts "
-               "are 8 tokens from a 1M-parameter model; the papers' RL runs are orders of magnitude longer.",
+               "are 8 tokens from a 1M-parameter model; the papers' RL runs are orders of magnitude longer. "
+               "(Added after the first run:) the world's facts test split holds 50 facts, so its interval stays "
+               "near ±0.12 whatever the seeds; style is an answer format (an opening phrase) that SFT's bare-number "
+               "answers overwrite directly while GRPO's reward reads only the number, so it is the clearest case "
+               "of the papers' argument and the least general one.",
     ),
     Claim(
         "3a", "recycle_then_finetune",
