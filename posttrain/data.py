@@ -191,7 +191,7 @@ def text_bytes(value: Any) -> int:
     return 0 if value is None else len(str(value))
 
 
-def _checked_rows(src: DataSource, shape: str, log: Callable[[str], None], bad: list[str],
+def checked_rows(src: DataSource, shape: str, log: Callable[[str], None], bad: list[str],
                   read_at_most: int | None = None) -> tuple[str, Iterator[tuple[int, dict, int]]]:
     """(name for messages, iterator of (row number, kept row, its text bytes)) over the usable rows of `src`, up
     to `limit` (and among the first `read_at_most` rows read, bad ones included); a bad row (`CHECKS[shape]`, or
@@ -239,7 +239,7 @@ def load_rows(src: DataSource, shape: str, log: Callable[[str], None] = print,
     """Read, rename (`columns`), check and trim (`limit`) rows, then sample them (`fraction`/`rows`, with `seed`:
     posttrain.mixture); returns (rows, stats with bad-row counts)."""
     bad: list[str] = []
-    name, it = _checked_rows(src, shape, log, bad)
+    name, it = checked_rows(src, shape, log, bad)
     rows = [row for _, row, _ in it]
     stats = _stats(name, len(rows), bad)
     rows = sample_rows(rows, src.fraction, src.rows, seed, f"{src.source}:{src.subset}:{src.split}")
@@ -274,7 +274,7 @@ def check_source(src: DataSource, shape: str, log: Callable[[str], None] = print
         return _CHECKED[key]
     bad: list[str] = []
     prefix = min(src.limit or PREFIX_ROWS, PREFIX_ROWS) if src.streaming else None
-    name, it = _checked_rows(src, shape, lambda m: None, bad, read_at_most=prefix)
+    name, it = checked_rows(src, shape, lambda m: None, bad, read_at_most=prefix)
     kept, long_rows = 0, []
     far = FAR_BYTES_PER_TOKEN * max_length if max_length else None
     for n, _, size in it:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from posttrain.data import DataError, DataSource, _checked_rows, load_rows, sft_mode, sft_row
+from posttrain.data import DataError, DataSource, checked_rows, load_rows, sft_mode, sft_row
 
 # How many rows of each stream decide its SFT format (see the module docstring).
 MODE_ROWS = 100
@@ -55,7 +55,7 @@ def _stream_rows(key: str, src: DataSource, shape: str, convert: Convert) -> Ite
     """One pass over streamed source `src`: its usable rows up to `limit`, converted; a row `convert` refuses is a
     bad row. Counts into `_STATS[key]`: rows (the most one pass kept) and bad rows (the most one pass met)."""
     stats, bad = _STATS[key], []
-    name, it = _checked_rows(src, shape, lambda m: None, bad)
+    name, it = checked_rows(src, shape, lambda m: None, bad)
     kept = 0
     for n, row, _ in it:
         row = convert(row)
@@ -77,7 +77,7 @@ def _listed_rows(rows: "_Rows") -> Iterator[dict]:
 
 def first_rows(src: DataSource, shape: str, n: int = MODE_ROWS) -> list[dict]:
     """The first usable rows of a stream among its first `n` rows read (bad ones fail or are skipped as set)."""
-    _, it = _checked_rows(src, shape, lambda m: None, [], read_at_most=n)
+    _, it = checked_rows(src, shape, lambda m: None, [], read_at_most=n)
     return [row for _, row, _ in it]
 
 
