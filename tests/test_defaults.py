@@ -132,6 +132,10 @@ WORLD_CHANGES = {
     ("pipelines/claims/recycle_then_finetune.yaml", "sft_from_v2"): {"max_steps": 60},
     ("pipelines/experiments/merge_regime.yaml", "sft_arithmetic"): {"learning_rate": 5e-4},
     ("pipelines/experiments/merge_regime.yaml", "sft_reversal"): {"learning_rate": 5e-4},
+    # Claim 4's specialists of world-large (11M): small updates by a rule fixed before any merge was run.
+    **{("pipelines/claims/merge_methods.yaml", name): {"learning_rate": 3e-4, "max_steps": 150, "logging_steps": 10,
+                                                      "save_steps": 50}
+       for name in ("spec_arithmetic", "spec_reversal")},
 }
 
 
