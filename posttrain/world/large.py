@@ -45,7 +45,7 @@ SEED = 0  # the world base's seed: the same corpus draw
 # help; why the wider model does not take the facts in was not found (docs/notes/world_large.md).
 EPOCHS = 10
 BATCH = 8
-LEARNING_RATE = 3e-3  # the 1M world's rate
+LEARNING_RATE = 1e-3  # the 1M world's 3e-3 x 128/384 (its width over ours), as muP scales Adam's rate
 # One torch thread, as the 1M world (build.one_thread): two are 1.7x faster on a quiet machine, but beside two
 # other sessions' pipelines (load ~5 on 2 cores) two threads ran 6.8 s a step, one thread ~2.5.
 THREADS = 1
