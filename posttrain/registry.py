@@ -107,6 +107,7 @@ REWARDS: Registry[Callable[..., Any]] = Registry("reward")
 WORLD_MODELS: Registry[Callable[..., Path]] = Registry("world model")
 WORLD_MODELS.lazy("world", "posttrain.world")
 WORLD_MODELS.lazy("world-v2", "posttrain.world.v2")
+WORLD_MODELS.lazy("world-large", "posttrain.world.large")  # claims only (issue 23): ~11M, built by `make claims`
 for _name in ("world-sft", "world-sft-arithmetic", "world-sft-reversal", "world-dpo-style",
               "world-grpo-verifiable"):  # world.trained.RECIPES (a test checks the two lists agree)
     WORLD_MODELS.lazy(_name, "posttrain.world.trained")

@@ -138,6 +138,9 @@ WORLD_CHANGES = {
        for k in (5, 10, 20, 40, 80, 160)},
     ("pipelines/experiments/merge_regime.yaml", "sft_arithmetic"): {"learning_rate": 5e-4},
     ("pipelines/experiments/merge_regime.yaml", "sft_reversal"): {"learning_rate": 5e-4},
+    # Claim 4's specialists of world-large (11M): small updates by a rule fixed before any merge was run.
+    **{("pipelines/claims/merge_methods.yaml", name): {"learning_rate": 1e-3, "max_steps": 400}
+       for name in ("spec_arithmetic", "spec_reversal")},
 }
 
 

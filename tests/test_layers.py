@@ -72,6 +72,7 @@ LAYERS: dict[str, int] = {
     "posttrain.world.tasks": 1,
     "posttrain.world.tuning": 1,
     "posttrain.world.v2": 1,
+    "posttrain.world.large": 1,
     "posttrain.tracking": 1,
     # L2 evals
     "evals": 2,

@@ -89,6 +89,6 @@ def test_every_world_model_name_is_registered_by_its_module():
     from posttrain.registry import WORLD_MODELS
     from posttrain.world.trained import RECIPES
 
-    assert set(WORLD_MODELS.names()) == {"world", "world-v2", *RECIPES}
+    assert set(WORLD_MODELS.names()) == {"world", "world-v2", "world-large", *RECIPES}
     for name in WORLD_MODELS.names():
         assert callable(WORLD_MODELS.get(name))  # imports the module; builds nothing
