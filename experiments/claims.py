@@ -152,9 +152,12 @@ CLAIMS: tuple[Claim, ...] = (
         comparisons=_LINEAR_VS,
         premises=_SPECIALISTS_LEARNED,
         design="Before issue 23 the specialists were full 800-step SFTs of the 1M-parameter world, and no merge "
-               "kept either skill. Now: world-large (posttrain/world/large.py, built only here), specialists "
-               "trained as stages of the pipeline with small updates by the rule in merge_methods.yaml, so "
-               "each seed draws its own specialists; every method keeps its registered defaults.",
+               "kept either skill. Now: world-large (posttrain/world/large.py: 8.6M parameters, the world's "
+               "tokenizer and corpus, built only by `make claims`), specialists trained as stages of the pipeline "
+               "(so each seed draws its own) by the rule fixed in merge_methods.yaml before any merge was run: "
+               "full fine-tuning at lr 1e-3 for 400 steps. The issue asked for small updates (LoRA or a low rate); "
+               "probes of those taught neither task within the time budget (docs/notes/world_large.md), so they "
+               "were not used. Every method keeps its registered defaults.",
         limits="Two specialists, method defaults made for LLMs (TIES density 0.2, DARE density 0.1, lam 1); the "
                "papers' interference arguments assume many specialists of a far larger model.",
     ),
