@@ -131,6 +131,8 @@ def test_spec_is_strict():
         RewardSpec(name="length_penalty", params={"target_length": 5})
     with pytest.raises(ValidationError, match="bad pattern"):
         RewardSpec(name="format_regex", params={"pattern": "(unclosed"})
+    with pytest.raises(ValidationError, match="batch_size must be a whole number of at least 1, got 0"):
+        RewardSpec(name="reward_model", params={"model": "some/folder", "batch_size": 0})
     with pytest.raises(ValidationError, match="sandbox applies to user rewards"):
         RewardSpec(name="exact_match", sandbox=True)
     assert RewardSpec(name="code_exec").model_dump() == {

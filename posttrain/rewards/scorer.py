@@ -83,8 +83,8 @@ def reward_model(completions: list[str], prompts: list[Any] | None = None, *, mo
     rows = [scored_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
     out: list[float] = []
     device = next(net.parameters()).device
-    for start in range(0, len(rows), max(int(batch_size), 1)):
-        batch = rows[start:start + max(int(batch_size), 1)]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
         width = max(len(r) for r in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -95,3 +95,13 @@ def reward_model(completions: list[str], prompts: list[Any] | None = None, *, mo
             logits = net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out += logits[:, 0].float().cpu().tolist()
     return out
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Refuse at load what the first scoring would trip on: a batch size that is no positive whole number."""
+    size = params.get("batch_size", 8)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"reward 'reward_model': batch_size must be a whole number of at least 1, got {size!r}")
+
+
+reward_model.check_params = _check_params  # builtin.check_params calls it after the generic checks
