@@ -168,3 +168,16 @@ def test_bad_params_are_one_line_errors(params, says):
         RewardSpec(name="ifeval", params=params)
     msg = e.value.errors()[0]["msg"]
     assert says in msg and "\n" not in msg
+
+
+def test_a_spec_column_the_data_lacks_is_refused_before_training():
+    """GRPO and RLOO check the rewards' columns once the prompts are read: a missing ifeval column failed at
+    every batch, one traceback per call."""
+    from posttrain.data import DataError
+    from posttrain.rewards import RewardSpec
+    from posttrain.stages.grpo_support import check_reward_columns
+
+    with pytest.raises(DataError, match=r"rewards: ifeval reads column 'answer', which the data does not have"):
+        check_reward_columns([RewardSpec(name="ifeval")], ["prompt", "constraint"])
+    check_reward_columns([RewardSpec(name="ifeval", params={"column": "constraint"}),
+                          RewardSpec(name="numeric_match")], ["prompt", "constraint"])

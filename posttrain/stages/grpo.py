@@ -41,6 +41,7 @@ from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.grpo_support import (
+    check_reward_columns,
     failed_rewards,
     prompt_dataset,
     reward_errors_callback,
@@ -111,6 +112,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)
+    check_reward_columns(cfg.rewards, dataset.column_names)
     from trl import GRPOConfig  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)

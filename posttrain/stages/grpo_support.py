@@ -117,6 +117,23 @@ def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[
     return build_reward_funcs(specs, stats)
 
 
+def check_reward_columns(rewards: list[Any], columns: list[str]) -> None:
+    """Refuse (DataError, before the model loads) a built-in reward that reads a data column the rows lack
+    (ifeval's `column`): it would fail at every batch, as a traceback per call."""
+    import inspect
+
+    from posttrain.registry import REWARDS
+
+    for spec in rewards:
+        if spec.name not in REWARDS.names():  # a user reward file: its columns are its own business
+            continue
+        param = inspect.signature(REWARDS.get(spec.name)).parameters.get("column")
+        column = spec.params.get("column", None if param is None else param.default)
+        if column is not None and column not in columns:
+            raise DataError(f"rewards: {spec.name} reads column {column!r}, which the data does not have (columns: "
+                            f"{', '.join(columns)}); set its params.column")
+
+
 def reward_errors_callback(stats: RewardStats):
     """A TrainerCallback that adds the reward error counts to each log record (before metrics_callback)."""
     from transformers import TrainerCallback

@@ -31,6 +31,7 @@ from posttrain.stages.base import StageContext, StageResult, stage
 from posttrain.stages.common import TrainableStage, TrainerConfig
 from posttrain.stages.grpo import GRPOStageConfig
 from posttrain.stages.grpo_support import (
+    check_reward_columns,
     failed_rewards,
     group_problem,
     prompt_dataset,
@@ -88,6 +89,7 @@ def run(cfg: RLOOStageConfig, ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(ctx.input_model, cfg.trust_remote_code)
     replayed = replay_rows(cfg.replay, "prompt", ctx.log, seed)  # earlier stages' prompts (`replay:`)
     dataset, data_stats = prompt_dataset(cfg.data, bool(tokenizer.chat_template), ctx.log, seed, replayed)
+    check_reward_columns(cfg.rewards, dataset.column_names)
     from trl import RLOOConfig, RLOOTrainer  # after the data check: importing TRL takes seconds
 
     backend, rollout_args, session = rollout_session(cfg, ctx)
