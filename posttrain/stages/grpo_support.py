@@ -5,10 +5,12 @@ scored, and the vLLM server the stage starts for its rollouts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 from posttrain.data import DataError, DataSource, load_sources, rows_dataset
 from posttrain.ranks import agree, is_main
+from posttrain.registry import REWARDS
 from posttrain.rewards import RewardsFailed, RewardStats, build_reward_funcs, with_models
 from posttrain.rewards.scorer import check_scorer, release_scorers
 from posttrain.rollout import (
@@ -120,10 +122,6 @@ def reward_funcs(cfg: Any, ctx: StageContext, stats: RewardStats) -> tuple[list[
 def check_reward_columns(rewards: list[Any], columns: list[str]) -> None:
     """Refuse (DataError, before the model loads) a built-in reward that reads a data column the rows lack
     (ifeval's `column`): it would fail at every batch, as a traceback per call."""
-    import inspect
-
-    from posttrain.registry import REWARDS
-
     for spec in rewards:
         if spec.name not in REWARDS.names():  # a user reward file: its columns are its own business
             continue
