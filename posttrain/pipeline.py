@@ -43,8 +43,9 @@ from posttrain.identity import data_identity, file_identity, input_identity
 from posttrain.model_check import check_model, existing_model
 from posttrain.models import resolve_model
 from posttrain.progress import PipelineProgress
-from posttrain.push import push_after_run
+from posttrain.push import hub_problem, push_after_run
 from posttrain.registry import STAGES, did_you_mean
+from posttrain.schema import ConfigError
 from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, input_folder, is_stage_ref, mark_run_dir,
                               sha256_json)
 from posttrain.rundir_check import check_run_dir
@@ -326,6 +327,7 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_di
     The first stages of `run_dir` whose DONE records their config as it is now are left out: a rerun of a
     finished pipeline skips them and reads none of their inputs, so reading them here would only cost time
     (should one of their inputs have changed, the stage reruns and its loader and input check run then)."""
+    check_services(cfg)
     done = _done_by_config(cfg, run_dir)
     if done:
         log(f"inputs: not read for {', '.join(done)}, finished with this config (read if it reruns)")
@@ -345,6 +347,19 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_di
             if folder:
                 check_model(folder, allow_pickle=stage.allow_pickle, trust_remote_code=stage.trust_remote_code,
                             log=log)
+
+
+def check_services(cfg: PipelineConfig) -> None:
+    """The outside services the run will call, asked before it starts: wandb (in any stage's `report_to`) needs
+    credentials or offline mode, a `push:` block needs the hub online and a token. Without this they fail after
+    the base eval (wandb at the first stage) or after the whole run (the upload)."""
+    trackers = set(cfg.report_to).union(*(getattr(s, "report_to", None) or [] for s in cfg.stages))
+    problem = tracking.wandb_problem() if "wandb" in trackers else None
+    if problem:
+        raise ConfigError(problem)
+    problem = hub_problem() if cfg.push is not None else None
+    if problem:
+        raise ConfigError(f"push.repo {cfg.push.repo}: {problem}, or remove the `push:` block")
 
 
 def _done_by_config(cfg: PipelineConfig, run_dir: Path | None) -> list[str]:

@@ -214,12 +214,33 @@ def stage_folder(run_dir: Path, name: str, repo: str, dest: Path) -> Path:
     return dest
 
 
+def hub_problem() -> str | None:
+    """Why an upload would be refused before it starts, or None: HF_HUB_OFFLINE is set (huggingface_hub then
+    refuses every call), or no token is found (HF_TOKEN, the token file of `hf auth login`). A `push:` block is
+    checked before the run (pipeline.check_services), not after hours of training; `posttrain push` before it
+    stages the folder. A token the hub refuses still fails at the upload, in one line."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it to push"
+    if os.environ.get("HF_OIDC_RESOURCE"):  # a token exchanged at the upload (trusted publishing)
+        return None
+    try:
+        token = get_token()
+    except Exception:  # noqa: BLE001 - a refresh that failed: the upload says why, in one line
+        return None
+    return None if token else "no Hugging Face token: run `hf auth login` or set HF_TOKEN"
+
+
 def push(run_dir: Path, name: str, repo: str, private: bool = False,
          log: Callable[[str], None] = print) -> str:
     """Render, stage and upload; returns the repository's URL."""
     if not _REPO.match(repo):
         raise ConfigError(f"--repo {repo}: expected org/name")
     find_stage(run_dir, name)  # bad input fails before huggingface_hub is imported
+    problem = hub_problem()
+    if problem:
+        raise ConfigError(f"push: {problem}")
     from huggingface_hub import HfApi
 
     api = HfApi()

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import netrc
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from posttrain.ranks import is_main
 from posttrain.registry import did_you_mean
@@ -58,6 +60,31 @@ def check_report_to(value: Any) -> list[str]:
                                                              and importlib.util.find_spec("tensorboardX")):
             raise ValueError(f"tracker '{name}' needs its package: pip install {package}")
     return list(dict.fromkeys(names))
+
+
+def wandb_problem() -> str | None:
+    """Why wandb would refuse its first run here, or None: it is online (WANDB_MODE not offline/disabled) and no
+    credentials are found where wandb.init looks (WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, then the netrc entry
+    of its host, then an `api_key` in its settings files). Without them wandb.init fails in a non-interactive run,
+    or waits at a login prompt in a terminal, at the first stage, after the base eval: the pipeline asks this before
+    the run (pipeline.check_services). Read by hand, not by wandb's own lookup: that is private API (wbauth)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
+    try:
+        if netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    for settings in (config_dir / "settings", Path("wandb") / "settings"):
+        with contextlib.suppress(OSError):
+            if any(line.split("=")[0].strip() == "api_key" for line in settings.read_text().splitlines()):
+                return None
+    return (f"report_to: wandb has no credentials for {host} here: run `wandb login`, set WANDB_API_KEY, or set "
+            "WANDB_MODE=offline to log locally (`wandb sync` uploads later)")
 
 
 @contextlib.contextmanager

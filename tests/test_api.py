@@ -106,10 +106,19 @@ def _table(card: str, title: str) -> dict[str, list[float]]:
     return out
 
 
+def _hub_reachable(monkeypatch) -> None:
+    """The hub as a logged-in, online user has it (the suite runs with HF_HUB_OFFLINE=1); its calls are stubbed."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+
+
 def test_push_uploads_the_model_with_a_card_of_the_report(two_tasks, monkeypatch, capsys):
     import huggingface_hub
 
     _, run_dir = two_tasks
+    _hub_reachable(monkeypatch)
     calls = {}
 
     def create_repo(self, repo_id, **kw):
@@ -162,6 +171,7 @@ def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_t
     import huggingface_hub
 
     _, run_dir = two_tasks
+    _hub_reachable(monkeypatch)
 
     def create_repo(self, repo_id, **kw):
         raise RuntimeError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header")
@@ -174,6 +184,8 @@ def test_a_refused_upload_exits_1_in_one_line_and_leaves_no_staging_folder(two_t
 
 def _stub_hub(monkeypatch, calls: dict, refuse: bool = False) -> None:
     import huggingface_hub
+
+    _hub_reachable(monkeypatch)
 
     def create_repo(self, repo_id, **kw):
         if refuse:
@@ -286,3 +298,36 @@ def test_the_api_makes_the_clis_eval_checks_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="on_drop: mitigate needs eval.max_drop"):
         pt.run({"eval": {"on_drop": "mitigate"}, "stages": [{"kind": "sft"}]}, run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("offline, token, message", [
+    (True, "hf_test", "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it to push"),
+    (False, None, "no Hugging Face token: run `hf auth login` or set HF_TOKEN"),
+])
+def test_push_without_the_hub_is_refused_before_anything_is_staged(two_tasks, tmp_path, monkeypatch, capsys,
+                                                                    offline, token, message):
+    """Offline or logged out, `posttrain push` exits 2 before staging or calling the hub, and a `push:` block is
+    refused before the run starts (not after every stage has trained): one line each."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from posttrain.schema import ConfigError
+
+    _, run_dir = two_tasks
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    called = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda *a, **k: called.append(a))
+    assert main(["push", str(run_dir), "--stage", "reversal", "--repo", "org/x"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: push: {message}"
+    assert not called and not list(run_dir.glob(".push-*"))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError) as e:
+        pt.run({**PIPE, "push": {"repo": "org/x"}}, run_dir=fresh, log=lambda m: None)
+    assert str(e.value) == f"push.repo org/x: {message}, or remove the `push:` block"
+    assert not fresh.exists()

@@ -193,3 +193,49 @@ def test_wandb_offline_holds_training_eval_and_report_runs(world, tmp_path, monk
     assert runs["wb/b", "eval"]["summary"]["eval/world_reversal/exact_match"] == 0.75
     report = json.loads((run_dir / "report" / "forgetting.json").read_text())
     assert runs["wb/report", "report"]["summary"]["report/bwt"] == pytest.approx(report["summary"]["backward_transfer"])
+
+
+def _no_wandb_credentials(monkeypatch, tmp_path) -> None:
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_wandb_without_credentials_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Online and logged out, wandb.init would fail (or prompt) at the first stage, after the base eval: the
+    pipeline refuses before any run dir or eval, in one line; a stage's own `report_to: wandb` counts too."""
+    from posttrain.pipeline import check_services
+
+    _no_wandb_credentials(monkeypatch, tmp_path)
+    cfg = load_pipeline(None, data={"name": "wb", "stages": _stages(report_b=["tensorboard", "wandb"])})
+    run_dir = tmp_path / "r"
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(cfg, run_dir, lambda m: None)
+    assert str(e.value) == ("report_to: wandb has no credentials for api.wandb.ai here: run `wandb login`, set "
+                            "WANDB_API_KEY, or set WANDB_MODE=offline to log locally (`wandb sync` uploads later)")
+    assert not run_dir.exists()
+    check_services(load_pipeline(None, data={"name": "tb", "stages": _stages(report_b="tensorboard")}))  # no wandb
+
+
+@pytest.mark.parametrize("found_by", ["offline", "api_key", "netrc", "netrc_other_host", "settings"])
+def test_wandb_credentials_are_found_where_wandb_looks(tmp_path, monkeypatch, found_by):
+    from posttrain.tracking import wandb_problem
+
+    _no_wandb_credentials(monkeypatch, tmp_path)
+    assert wandb_problem() is not None
+    if found_by == "offline":
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    elif found_by == "api_key":
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    elif found_by.startswith("netrc"):
+        host = "wandb.example.org" if found_by == "netrc_other_host" else "api.wandb.ai"
+        (tmp_path / "netrc").write_text(f"machine {host}\n  login user\n  password {'x' * 40}\n")
+        if found_by == "netrc_other_host":  # an entry for another host is no login for api.wandb.ai ...
+            assert wandb_problem() is not None
+            monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # ... but is for that server
+    else:
+        (tmp_path / "wandb-config").mkdir()
+        (tmp_path / "wandb-config" / "settings").write_text("[default]\napi_key = " + "x" * 40 + "\n")
+    assert wandb_problem() is None
