@@ -130,9 +130,14 @@ class PipelineConfig(Strict):
 def _scorer_input_problem(stages: list[Any], names: list[str]) -> str | None:
     """The one-line problem with a stage that would take a reward stage's output (a sequence classifier, not a
     language model) as its `model:` input, by default (the stage before it) or by `${stages.<name>.model}`.
-    Another reward stage may: it trains the classifier further."""
+    Another reward stage may: it trains the classifier further. Nor may a merge or a transfer read its weights."""
     scorers = {s.name for s in stages if not s.generates()}
     for i, stage in enumerate(stages):
+        weights = [r for r in stage.other_inputs() if r not in stage.scorers()]
+        ref = next((r for r in weights if (m := STAGE_REF.match(r or "")) and m.group(1) in scorers), None)
+        if stage.generates() and ref:
+            return (f"stages[{i}] ({stage.name}): {ref} is a reward model (it scores text and generates none); a "
+                    f"{stage.kind} stage combines language models' weights")
         if not stage.generates() or not stage.reads_input():
             continue
         m = STAGE_REF.match(stage.model or "")

@@ -41,7 +41,7 @@ from posttrain.config_refs import STAGE_REF
 from posttrain.data import check_source
 from posttrain.identity import data_identity, file_identity, input_identity
 from posttrain.model_check import check_model, existing_model
-from posttrain.models import resolve_model
+from posttrain.models import is_sequence_classifier, resolve_model
 from posttrain.progress import PipelineProgress
 from posttrain.push import hub_problem, push_after_run
 from posttrain.registry import STAGES, did_you_mean
@@ -344,6 +344,9 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_di
         refs = [stage.model or ("world" if i == 0 else "")] if stage.reads_input() else []
         for ref in dict.fromkeys(refs + list(stage.other_inputs())):
             folder = existing_model(ref) if ref and not is_stage_ref(ref) else None
+            if folder and stage.generates() and ref not in stage.scorers() and is_sequence_classifier(folder):
+                raise ConfigError(f"stages[{i}] ({stage.name}): {ref} is a reward model (a sequence classifier: it "
+                                  f"scores text and generates none); a {stage.kind} stage needs a language model")
             if folder:
                 check_model(folder, allow_pickle=stage.allow_pickle, trust_remote_code=stage.trust_remote_code,
                             log=log)

@@ -46,6 +46,18 @@ def test_a_language_model_stage_on_a_reward_models_output_is_refused(second):
     load_pipeline(None, data={"stages": [stages[0], {"kind": "reward"}]})  # a reward stage may train it further
 
 
+@pytest.mark.parametrize("second, field", [
+    ({"kind": "merge", "method": "linear", "models": [{"model": "${stages.rm.model}"}, {"model": "world"}]}, "merge"),
+    ({"kind": "transfer", "source_base": "world", "source_finetuned": "${stages.rm.model}", "target_base": "world"},
+     "transfer")])
+def test_a_merge_or_transfer_of_a_reward_models_weights_is_refused_at_load(second, field):
+    stages = [{"name": "rm", "kind": "reward"}, {"name": "next", **second}]
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(None, data={"stages": stages})
+    assert str(e.value).endswith(f"stages[1] (next): ${{stages.rm.model}} is a reward model (it scores text and "
+                                 f"generates none); a {field} stage combines language models' weights")
+
+
 @pytest.fixture(scope="module")
 def reward_run(world, tmp_path_factory):
     """One pipeline: a reward model with HFT (30 steps: it learns to rank the style pairs), one with LoRA, and
@@ -174,3 +186,17 @@ def test_a_language_model_as_reward_model_is_refused_before_training(world, tmp_
     err = capsys.readouterr().err
     assert "is not a sequence-classification model (architectures: LlamaForCausalLM)" in err
     assert not list((tmp_path / "r" / "stages").glob(".01_rloo.tmp/checkpoints/*"))
+
+
+def test_a_reward_model_folder_as_a_merges_model_is_refused_before_the_run(reward_run, tmp_path):
+    """A reward model given by its folder (no stage ref to see at load): refused by the pre-run input check,
+    before a run dir or the base eval; as a GRPO reward's scorer (above) the same folder is taken."""
+    run_dir, *_ = reward_run
+    folder = str(run_dir / "stages" / "01_rm" / "model")
+    cfg = load_pipeline(None, data={"stages": [{"name": "m", "kind": "merge", "method": "linear",
+                                                "models": [{"model": folder}, {"model": "world"}]}]})
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(cfg, tmp_path / "r", lambda m: None)
+    assert str(e.value) == (f"stages[0] (m): {folder} is a reward model (a sequence classifier: it scores text and "
+                            "generates none); a merge stage needs a language model")
+    assert not (tmp_path / "r").exists()

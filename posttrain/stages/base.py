@@ -87,6 +87,11 @@ class StageBase(Strict):
         pipeline hashes what they hold into the stage's inputs, so a model retrained in place reruns it."""
         return []
 
+    def scorers(self) -> list[str]:
+        """The refs among `other_inputs()` that score text (a GRPO reward's `reward_model`), not models whose
+        weights the stage reads: those may be reward stages' sequence classifiers, the others may not."""
+        return []
+
     def training_data(self) -> list[Any]:
         """The data sources the stage trains on (its `data:`): the pipeline checks that their local files exist
         and hashes them into the stage's inputs, and the report counts the world tasks among them as trained on."""

@@ -93,6 +93,9 @@ class GRPOStageConfig(Replayable, TrainableStage):
     def other_inputs(self) -> list[str]:
         return reward_models(self.rewards)  # a reward_model's folder: hashed into the inputs, checked before use
 
+    def scorers(self) -> list[str]:
+        return reward_models(self.rewards)
+
     def input_files(self) -> list[str]:
         """The user rewards' .py files and every other .py file in their folders (not in subfolders), sorted,
         so that editing a reward or a helper module next to it reruns the stage. That is more than a reward

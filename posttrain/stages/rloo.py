@@ -77,6 +77,7 @@ class RLOOStageConfig(Replayable, TrainableStage):
         return [(src, "prompt") for src in self.data]
 
     other_inputs = GRPOStageConfig.other_inputs  # the reward models' folders
+    scorers = GRPOStageConfig.scorers
     input_files = GRPOStageConfig.input_files  # the user rewards' .py files and their neighbours
 
 
