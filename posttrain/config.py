@@ -133,7 +133,8 @@ def _scorer_input_problem(stages: list[Any], names: list[str]) -> str | None:
     Another reward stage may: it trains the classifier further. Nor may a merge or a transfer read its weights."""
     scorers = {s.name for s in stages if not s.generates()}
     for i, stage in enumerate(stages):
-        weights = [r for r in stage.other_inputs() if r not in stage.scorers()]
+        scoring = set(stage.scorers())
+        weights = [r for r in stage.other_inputs() if r not in scoring]
         ref = next((r for r in weights if (m := STAGE_REF.match(r or "")) and m.group(1) in scorers), None)
         if stage.generates() and ref:
             return (f"stages[{i}] ({stage.name}): {ref} is a reward model (it scores text and generates none); a "

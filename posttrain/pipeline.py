@@ -45,10 +45,10 @@ from posttrain.models import is_sequence_classifier, resolve_model
 from posttrain.progress import PipelineProgress
 from posttrain.push import hub_problem, push_after_run
 from posttrain.registry import STAGES, did_you_mean
-from posttrain.schema import ConfigError
 from posttrain.rundir import (ANY_STAGE_REF, RunDir, atomic_write_text, input_folder, is_stage_ref, mark_run_dir,
                               sha256_json)
 from posttrain.rundir_check import check_run_dir
+from posttrain.schema import ConfigError
 from posttrain.stages.base import StageContext
 from posttrain import mitigate, tracking
 from posttrain.world import NotBuilt, only_built
@@ -342,9 +342,10 @@ def check_inputs(cfg: PipelineConfig, log: Callable[[str], None] = print, run_di
                     pass
     for i, stage in enumerate(stages, start=len(done)):
         refs = [stage.model or ("world" if i == 0 else "")] if stage.reads_input() else []
+        scoring = set(stage.scorers())
         for ref in dict.fromkeys(refs + list(stage.other_inputs())):
             folder = existing_model(ref) if ref and not is_stage_ref(ref) else None
-            if folder and stage.generates() and ref not in stage.scorers() and is_sequence_classifier(folder):
+            if folder and stage.generates() and ref not in scoring and is_sequence_classifier(folder):
                 raise ConfigError(f"stages[{i}] ({stage.name}): {ref} is a reward model (a sequence classifier: it "
                                   f"scores text and generates none); a {stage.kind} stage needs a language model")
             if folder:

@@ -91,7 +91,7 @@ class GRPOStageConfig(Replayable, TrainableStage):
         return [(src, "prompt") for src in self.data]
 
     def other_inputs(self) -> list[str]:
-        return reward_models(self.rewards)  # a reward_model's folder: hashed into the inputs, checked before use
+        return self.scorers()  # a reward_model's folder: hashed into the inputs, checked before use
 
     def scorers(self) -> list[str]:
         return reward_models(self.rewards)
